@@ -1,0 +1,219 @@
+//! The alphabet of the specification: the ops a sequence is made of, and the callbacks a
+//! delegate hears.
+
+use std::fmt;
+
+/// A session, named by the sequence that creates it (`s0`, `s1`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SessionId(pub u32);
+
+/// A task, named by the sequence that creates it (`t0`, `t1`, ...). Ids are global across
+/// sessions so a sequence can name a task without its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TaskId(pub u32);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s{}", self.0)
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "t{}", self.0)
+    }
+}
+
+/// How a session is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionKind {
+    /// `Session::new(config, None)`: no delegate, so no callbacks; every response is allowed.
+    Plain,
+    /// `Session::new(config, Some(delegate))`: the delegate hears every callback.
+    Delegated,
+    /// `Session::shared()`: no delegate, and it ignores invalidation (R9).
+    Shared,
+}
+
+/// The kinds of task. Stream and websocket tasks join this enum with their own lifecycles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskKind {
+    /// The body is delivered to the delegate as `did_receive_data`.
+    Data,
+    /// The body is written to a temp file, handed over by `did_finish_downloading`, then removed.
+    Download,
+    /// A request body is sent; the response is handled as a data task's.
+    Upload,
+}
+
+/// The delegate's answer to `did_receive_response`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Disposition {
+    /// Go on and read the body.
+    Allow,
+    /// Cancel the task: `did_complete(cancelled)`.
+    Cancel,
+    /// Turn a data task into a download task (`did_become_download`); any other kind of task
+    /// completes with `InvalidDisposition`.
+    BecomeDownload,
+}
+
+/// The two timeouts of a task (R12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Timer {
+    /// Idle time between bytes while a response is awaited or read.
+    Request,
+    /// The whole task, from resume to completion.
+    Resource,
+}
+
+/// How the server can break an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fault {
+    /// The TCP connection is reset (or closed without a response).
+    Reset,
+    /// The bytes are not HTTP: a bad status line or chunk size.
+    Malformed,
+}
+
+/// One step of a sequence: something the user does, or something the server or the clock does.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Op {
+    // The user's ops on sessions.
+    /// Create a session.
+    CreateSession {
+        session: SessionId,
+        kind: SessionKind,
+    },
+    /// `finish_tasks_and_invalidate`: no new tasks; invalidate once running ones complete.
+    FinishTasksAndInvalidate(SessionId),
+    /// `invalidate_and_cancel`: cancel every task, then invalidate.
+    InvalidateAndCancel(SessionId),
+    /// Drop the last `Session` handle (R10).
+    DropSession(SessionId),
+
+    // The user's ops on tasks.
+    /// Create a task (`Suspended`), or be refused with `SessionInvalidated` (R8).
+    CreateTask {
+        session: SessionId,
+        task: TaskId,
+        kind: TaskKind,
+    },
+    /// Run the task; the first resume sends the request.
+    Resume(TaskId),
+    /// Stop reading; timers stop too (R7).
+    Suspend(TaskId),
+    /// Cancel the task.
+    Cancel(TaskId),
+    /// Drop the task's handle; a `Suspended` task can then never run, so it is cancelled (R10).
+    DropTask(TaskId),
+
+    // The environment: the server and the clock.
+    /// The server sends the response head; the delegate will answer `answer`.
+    ServerHeaders { task: TaskId, answer: Disposition },
+    /// The server sends `bytes` bytes of body.
+    ServerSends { task: TaskId, bytes: u32 },
+    /// The server ends the body; `reusable` says whether the connection may be kept alive.
+    ServerEnds { task: TaskId, reusable: bool },
+    /// The server breaks the exchange.
+    ServerFails { task: TaskId, fault: Fault },
+    /// The server stalls until `timer` fires for the task.
+    TimePasses { task: TaskId, timer: Timer },
+    /// The pool's idle timeout passes for the session's idle connections (R9).
+    IdleTimeoutPasses(SessionId),
+}
+
+impl Op {
+    /// The task this op is about, if any.
+    pub fn task(&self) -> Option<TaskId> {
+        match *self {
+            Op::CreateTask { task, .. }
+            | Op::Resume(task)
+            | Op::Suspend(task)
+            | Op::Cancel(task)
+            | Op::DropTask(task)
+            | Op::ServerHeaders { task, .. }
+            | Op::ServerSends { task, .. }
+            | Op::ServerEnds { task, .. }
+            | Op::ServerFails { task, .. }
+            | Op::TimePasses { task, .. } => Some(task),
+            Op::CreateSession { .. }
+            | Op::FinishTasksAndInvalidate(_)
+            | Op::InvalidateAndCancel(_)
+            | Op::DropSession(_)
+            | Op::IdleTimeoutPasses(_) => None,
+        }
+    }
+
+    /// Whether the op comes from the environment (server or clock) rather than the user.
+    pub fn is_environment(&self) -> bool {
+        matches!(
+            self,
+            Op::ServerHeaders { .. }
+                | Op::ServerSends { .. }
+                | Op::ServerEnds { .. }
+                | Op::ServerFails { .. }
+                | Op::TimePasses { .. }
+                | Op::IdleTimeoutPasses(_)
+        )
+    }
+}
+
+/// How a task ended: the argument of `did_complete`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Success,
+    Cancelled,
+    TimedOut(Timer),
+    Reset,
+    Malformed,
+    InvalidDisposition,
+}
+
+/// What a delegate hears. Callbacks of one session are delivered serially, in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Callback {
+    ReceiveResponse {
+        task: TaskId,
+    },
+    /// `bytes` bytes of body. Consecutive ones for a task may be split or merged by the
+    /// transport; compare traces with [`crate::rules::coalesce`].
+    ReceiveData {
+        task: TaskId,
+        bytes: u64,
+    },
+    BecomeDownload {
+        task: TaskId,
+    },
+    FinishDownloading {
+        task: TaskId,
+    },
+    Complete {
+        task: TaskId,
+        outcome: Outcome,
+    },
+    BecomeInvalid {
+        session: SessionId,
+    },
+}
+
+impl Callback {
+    /// The task the callback is about; `None` for `BecomeInvalid`.
+    pub fn task(&self) -> Option<TaskId> {
+        match *self {
+            Callback::ReceiveResponse { task }
+            | Callback::ReceiveData { task, .. }
+            | Callback::BecomeDownload { task }
+            | Callback::FinishDownloading { task }
+            | Callback::Complete { task, .. } => Some(task),
+            Callback::BecomeInvalid { .. } => None,
+        }
+    }
+}
+
+/// Why the model refuses an op that was allowed to be tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// R8: a task was created after invalidation began.
+    SessionInvalidated,
+}

@@ -1,0 +1,71 @@
+//! # leakproof-model: the lifecycle specification
+//!
+//! This crate is the specification of leakproof's session and task lifecycles, written as a
+//! pure, deterministic state machine. It has no dependencies and does no IO. The engine
+//! (`leakproof-core`) and the client (`leakproof`) are checked against it op by op: for every op
+//! of a sequence, [`Model::apply`] says what the delegates must hear ([`Step::callbacks`]),
+//! whether the op is refused ([`Step::refused`]), and [`Model::resources`] says what each
+//! session may hold afterwards.
+//!
+//! ## The lifecycle in one page
+//!
+//! A **session** starts `Active`. `finish_tasks_and_invalidate` (or dropping its last handle,
+//! R10) makes it `Finishing`: no new tasks, running ones go on. `invalidate_and_cancel` makes it
+//! `Cancelling`: every task is cancelled. Once a finishing or cancelling session has no live
+//! task it is `Invalidated`: its delegate hears `did_become_invalid` and is dropped, its pooled
+//! connections are closed, and it holds nothing ([`SessionState`]).
+//!
+//! A **task** starts `Suspended`. `resume` runs it: the first resume takes a pooled connection
+//! or opens one and sends the request. `suspend` stops it reading and stops its timers.
+//! `cancel`, a `Cancel` disposition, an error, a timeout, or the end of the body completes it:
+//! exactly one `did_complete`, then nothing more about it ([`TaskState`]).
+//!
+//! The **environment** is part of the alphabet ([`Op`]): the server sends a head, body bytes,
+//! an end, or breaks the exchange; time passes until a timer fires. A suspended task does not
+//! read, so what the server sends meanwhile waits in the network and is read on resume.
+//!
+//! ## Choices the rules leave open, and what this model decides
+//!
+//! - The delegate answers `did_receive_response` synchronously, so the answer travels with the
+//!   server's head ([`Op::ServerHeaders`]).
+//! - Dropping the handle of a `Suspended` task cancels it at once, whatever the session's
+//!   state: nothing can resume it any more, so waiting would only hold its session open. R10's
+//!   "cancelled then" (at the session's last handle) follows.
+//! - A session without a delegate hears nothing and allows every response.
+//! - A `BecomeDownload` answer to anything but a data task completes it with
+//!   [`Outcome::InvalidDisposition`]: a typed error, not a panic.
+//! - Suspending stops both timers; resuming re-arms them in full (R7).
+//!
+//! ## Rules and the code that encodes them
+//!
+//! | rule | what it says | where the model encodes it |
+//! |---|---|---|
+//! | R1 | one `did_complete` per task, nothing after | `Model::complete` is the only way to `Completed`; every op on a completed task is a no-op (`Model::network`, `Model::resume`); checked on traces by [`rules::check_trace`] |
+//! | R2 | `did_become_invalid` once, after every `did_complete` | `Model::invalidate_if_done`, reached only from `complete` and the invalidation ops; `Model::invalidate_and_cancel` completes tasks first; [`rules::check_trace`] |
+//! | R3 | the delegate is dropped right after `did_become_invalid` | [`Model::resources`]: `delegate_held` is false from `Invalidated` on |
+//! | R4 | nothing held at `Invalidated` | `Model::invalidate_if_done` empties the pool; [`rules::check_model`] checks the zero ledger |
+//! | R5 | a completed task holds nothing; its connection is pooled only if read whole and reusable | `Model::complete` and `Model::complete_success` |
+//! | R7 | a suspended task reads nothing and has no timers | `Model::network` queues what a suspended task would read; [`Task::timers_armed`]; [`Model::allows`] lets no timer fire then |
+//! | R8 | no task after invalidation begins, nothing allocated | `Op::CreateTask` in [`Model::apply`] returns [`Refusal::SessionInvalidated`] |
+//! | R9 | the shared session ignores invalidation; idle connections still expire | `Model::finish_tasks_and_invalidate`, `Model::invalidate_and_cancel`, `Op::IdleTimeoutPasses` |
+//! | R10 | the last session handle dropped is finish_tasks_and_invalidate; unreachable suspended tasks are cancelled | `Op::DropSession` and `Op::DropTask` in [`Model::apply`] |
+//! | R12 | timeouts and network errors end a task with a typed outcome and release as R5 | `Op::TimePasses`, `Model::read` for faults, both through `Model::complete` |
+//!
+//! R6 (stream read-ahead) and R11 (websocket close deadline) arrive with stream and websocket
+//! tasks: [`TaskKind`], [`TaskState::Canceling`] and [`Resources::buffered_bytes`] are where
+//! they go.
+
+mod alphabet;
+mod machine;
+mod resources;
+pub mod rules;
+
+pub use alphabet::{
+    Callback, Disposition, Fault, Op, Outcome, Refusal, SessionId, SessionKind, TaskId, TaskKind,
+    Timer,
+};
+pub use machine::{Exchange, Model, ServerPhase, Session, SessionState, Step, Task, TaskState};
+pub use resources::Resources;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,167 @@
+//! The rules as checks: properties of a callback trace (R1, R2) and of a model state (R4, R5,
+//! R7), usable on any implementation's trace and on the model itself.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use crate::alphabet::{Callback, TaskId};
+use crate::machine::{Model, SessionState, TaskState};
+
+/// A broken rule, with the rule's number from DESIGN.md and what was seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub rule: Rule,
+    pub detail: String,
+}
+
+/// The rules of DESIGN.md that a trace or a state can break.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Rule {
+    R1,
+    R2,
+    R3,
+    R4,
+    R5,
+    R6,
+    R7,
+    R8,
+    R9,
+    R10,
+    R11,
+    R12,
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} broken: {}", self.rule, self.detail)
+    }
+}
+
+impl std::error::Error for Violation {}
+
+fn broken(rule: Rule, detail: String) -> Result<(), Violation> {
+    Err(Violation { rule, detail })
+}
+
+/// Check one session's callback trace, as delivered so far, against R1 and R2:
+/// at most one `did_complete` per task and nothing about a task after it (R1); at most one
+/// `did_become_invalid`, after every task's `did_complete`, and nothing after it (R2).
+///
+/// A trace that is complete (the session is invalidated) must also have a `did_complete` for
+/// every task it mentions: pass `finished = true`.
+pub fn check_trace(trace: &[Callback], finished: bool) -> Result<(), Violation> {
+    let mut completed = BTreeSet::new();
+    let mut mentioned = BTreeSet::new();
+    let mut invalid = false;
+    for (i, callback) in trace.iter().enumerate() {
+        if invalid {
+            return broken(
+                Rule::R2,
+                format!("callback #{i} {callback:?} after did_become_invalid"),
+            );
+        }
+        match *callback {
+            Callback::BecomeInvalid { .. } => {
+                if let Some(t) = mentioned.difference(&completed).next() {
+                    return broken(
+                        Rule::R2,
+                        format!("did_become_invalid (#{i}) before {t}'s did_complete"),
+                    );
+                }
+                invalid = true;
+            }
+            Callback::Complete { task, .. } => {
+                if !completed.insert(task) {
+                    return broken(Rule::R1, format!("second did_complete for {task} (#{i})"));
+                }
+                mentioned.insert(task);
+            }
+            _ => {
+                let task = callback.task().expect("task callback");
+                if completed.contains(&task) {
+                    return broken(
+                        Rule::R1,
+                        format!("{callback:?} (#{i}) after {task}'s did_complete"),
+                    );
+                }
+                mentioned.insert(task);
+            }
+        }
+    }
+    if finished {
+        if !invalid {
+            return broken(Rule::R2, "no did_become_invalid".into());
+        }
+        if let Some(t) = mentioned.difference(&completed).next() {
+            return broken(Rule::R1, format!("{t} never got did_complete"));
+        }
+    }
+    Ok(())
+}
+
+/// Merge consecutive `ReceiveData` of the same task: a transport may split or join body
+/// chunks, and the rules speak of bytes, not of chunks.
+pub fn coalesce(trace: &[Callback]) -> Vec<Callback> {
+    let mut out: Vec<Callback> = Vec::with_capacity(trace.len());
+    for callback in trace {
+        if let (
+            Some(Callback::ReceiveData { task: last, bytes }),
+            Callback::ReceiveData { task, bytes: more },
+        ) = (out.last_mut(), callback)
+            && *last == *task
+        {
+            *bytes += more;
+            continue;
+        }
+        out.push(*callback);
+    }
+    out
+}
+
+/// Check the model's own state invariants. The model is the specification, so these are
+/// checked at every state the exhaustive search reaches: a violation is a bug in the spec.
+pub fn check_model(model: &Model) -> Result<(), Violation> {
+    for (id, task) in model.tasks() {
+        if task.state == TaskState::Completed && (task.connection || task.temp_file) {
+            return broken(Rule::R5, format!("completed {id} still holds {task:?}"));
+        }
+        if task.state == TaskState::Suspended && task.timers_armed() {
+            return broken(Rule::R7, format!("suspended {id} has timers armed"));
+        }
+    }
+    for (id, session) in model.sessions() {
+        let held = model.resources(id);
+        let live: Vec<TaskId> = session
+            .tasks
+            .iter()
+            .copied()
+            .filter(|t| model.task(*t).is_some_and(|t| t.is_live()))
+            .collect();
+        if session.state == SessionState::Invalidated && !held.is_zero() {
+            return broken(Rule::R4, format!("invalidated {id} still holds {held:?}"));
+        }
+        if session.state != SessionState::Active
+            && session.state != SessionState::Invalidated
+            && live.is_empty()
+        {
+            return broken(
+                Rule::R2,
+                format!("{id} is {:?} with no live task", session.state),
+            );
+        }
+        if session.state == SessionState::Cancelling
+            && live
+                .iter()
+                .all(|t| model.task(*t).unwrap().state != TaskState::Canceling)
+        {
+            return broken(Rule::R2, format!("{id} is cancelling but no task is"));
+        }
+    }
+    Ok(())
+}
