@@ -1,1 +1,207 @@
+//! # leakproof-core: the sans-IO lifecycle engine
+//!
+//! One session's lifecycle as an engine that does no IO and reads no clock. Inputs are method
+//! calls: the user's (resume, suspend, cancel, invalidate, a handle dropped), the driver's
+//! (a response head, body bytes, the end, an error, a timer fired) and the delivery's
+//! acknowledgements (the delegate's disposition). Outputs are two ordered queues:
+//! - [`Action`]s the driver must carry out: start an exchange on a new or pooled connection,
+//!   pause or resume reading, read the body (into a file for downloads), abort a task's IO,
+//!   close a connection, arm or disarm a timer, remove a temp file;
+//! - [`Callback`]s the [`Delivery`] hands to the delegate, serially and in order.
+//!
+//! Both queues are pushed under the engine's one lock, so their order is the order the
+//! transitions happened in, whichever threads raced to cause them: a resume's `Start` can never
+//! be carried out after a concurrent cancel's `Abort`. The [`Ledger`] says what the session
+//! holds.
+//!
+//! Everything that synchronizes goes through `sync`, which is `std::sync` or, under
+//! `RUSTFLAGS="--cfg loom"`, loom's: `tests/loom.rs` explores the races between the user, the
+//! driver and the delivery. This crate's whole dependency graph is free of tokio and hyper so
+//! that the loom build works.
+//!
+//! ## Rules and the code that enforces them
+//!
+//! | rule | where |
+//! |---|---|
+//! | R1 | `Engine::complete` is the only way out of a cell, and removes it; every input on a missing cell is a no-op |
+//! | R2 | `Engine::invalidate_if_done` queues `BecomeInvalid` behind every `Complete`; `Engine::invalidate_and_cancel` completes tasks first |
+//! | R3 | [`Delivery`] drops the delegate right after delivering `BecomeInvalid`, or in its own `Drop` |
+//! | R4 | `Engine::invalidate_if_done` closes the pool; [`Core::poll_action`] ends only when released |
+//! | R5 | `Engine::complete` aborts the IO (closing its connection) and removes temp files; `Engine::body_end` pools only read-whole, reusable connections |
+//! | R7 | `Engine::suspend` pauses reading and disarms both timers |
+//! | R8 | `Engine::create_task` refuses before allocating |
+//! | R9 | `Config::shared` makes the invalidation inputs no-ops; `Core::idle_expired` |
+//! | R10 | `Drop for SessionHandle` and `Drop for TaskHandle` |
+//! | R12 | `Engine::timer_fired` (stale generations ignored) and `Engine::failed` |
 
+mod engine;
+mod error;
+mod session;
+mod sync;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+pub use engine::{Config, SessionState, TaskState};
+pub use error::{Error, Timeout};
+pub use session::{Core, Delivered, Delivery, SessionHandle, TaskHandle, session};
+
+/// A task of one session, numbered from 0 in creation order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TaskId(pub u64);
+
+/// A connection of one session, numbered from 1 in opening order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnId(pub u64);
+
+/// One arming of one timer. A fire whose generation is no longer armed is stale and ignored,
+/// so a driver need not win the race between a timer firing and its disarming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TimerId {
+    pub task: TaskId,
+    pub timeout: Timeout,
+    pub generation: u64,
+}
+
+/// The kinds of task. Stream and websocket tasks will join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskKind {
+    Data,
+    Download,
+    Upload,
+}
+
+/// The delegate's answer to `did_receive_response`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Disposition {
+    Allow,
+    Cancel,
+    /// Only for data tasks; any other kind completes with [`Error::InvalidDisposition`].
+    BecomeDownload,
+}
+
+/// What the driver must do, in queue order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send the task's request on `conn`: the pooled connection `conn` if `reused`, else a new
+    /// connection the driver opens now.
+    Start {
+        task: TaskId,
+        conn: ConnId,
+        reused: bool,
+    },
+    /// Stop reading for the task (R7).
+    Pause { task: TaskId },
+    /// Read again.
+    Unpause { task: TaskId },
+    /// The response was allowed: read the body, into the file `into` for a download.
+    ReadBody {
+        task: TaskId,
+        into: Option<PathBuf>,
+    },
+    /// Tear the task's IO down; the connection it holds is closed, not pooled (R5).
+    Abort {
+        task: TaskId,
+        conn: Option<ConnId>,
+    },
+    /// Close an idle connection (the session's pool is closing, R4).
+    Close { conn: ConnId },
+    /// Start `timer`; when it fires, report it with [`Core::timer_fired`]. Replaces the
+    /// task's previous timer of the same kind.
+    ArmTimer { timer: TimerId, after: Duration },
+    /// Stop `timer`.
+    DisarmTimer { timer: TimerId },
+    /// Remove a download's temp file (missing is fine: the delegate may have moved it).
+    RemoveTempFile { task: TaskId, path: PathBuf },
+}
+
+/// What the IO that read a body to its end must do with its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Release {
+    /// Keep it alive in the session's pool.
+    Pool,
+    /// Close it.
+    Close,
+}
+
+/// What the delegate hears, in queue order.
+#[derive(Debug)]
+pub enum Callback {
+    ReceiveResponse {
+        task: TaskId,
+        response: http::Response<()>,
+    },
+    ReceiveData {
+        task: TaskId,
+        data: Bytes,
+    },
+    BecomeDownload {
+        task: TaskId,
+    },
+    /// The file at `location` is the delegate's until the callback returns; then it is removed
+    /// unless the delegate moved it.
+    FinishDownloading {
+        task: TaskId,
+        location: PathBuf,
+    },
+    Complete {
+        task: TaskId,
+        result: Result<(), Error>,
+    },
+    BecomeInvalid,
+}
+
+impl Callback {
+    /// The task the callback is about; `None` for `BecomeInvalid`.
+    pub fn task(&self) -> Option<TaskId> {
+        match self {
+            Callback::ReceiveResponse { task, .. }
+            | Callback::ReceiveData { task, .. }
+            | Callback::BecomeDownload { task }
+            | Callback::FinishDownloading { task, .. }
+            | Callback::Complete { task, .. } => Some(*task),
+            Callback::BecomeInvalid => None,
+        }
+    }
+}
+
+/// What a session holds, by its own account. The suite never trusts it alone: witnesses
+/// outside the implementation confirm every release.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Ledger {
+    /// Connections held by tasks.
+    pub open_connections: u32,
+    /// Connections in the pool.
+    pub idle_connections: u32,
+    /// Body bytes queued for the delegate.
+    pub buffered_bytes: u64,
+    /// The most `buffered_bytes` has ever been.
+    pub peak_buffered_bytes: u64,
+    /// Tasks not completed.
+    pub live_tasks: u32,
+    /// Armed timers.
+    pub timers: u32,
+    /// Download files not yet removed.
+    pub temp_files: u32,
+    pub delegate_held: bool,
+    /// Actions the driver has not taken yet.
+    pub pending_actions: u32,
+    /// Callbacks not delivered yet.
+    pub pending_callbacks: u32,
+}
+
+impl Ledger {
+    /// Nothing held and nothing pending (the peak is history, not a holding).
+    pub fn is_zero(&self) -> bool {
+        Ledger {
+            peak_buffered_bytes: 0,
+            ..*self
+        } == Ledger::default()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests;

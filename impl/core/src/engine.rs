@@ -1,0 +1,563 @@
+//! The engine of one session: its task cells, its pool of idle connections, the two output
+//! queues (actions for the driver, callbacks for the delegate) and the ledger. Plain data, no
+//! locks, no IO, no clock: `crate::session` wraps it in the sync seam.
+//!
+//! Methods are grouped as quinn-proto groups its `Connection`: getters, the user's inputs, the
+//! driver's inputs, the delivery's acknowledgements, then the internal transitions.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::task::Waker;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::error::{Error, Timeout};
+use crate::{Action, Callback, ConnId, Disposition, Ledger, Release, TaskId, TaskKind, TimerId};
+
+/// What the engine needs to know about its session. Durations are data: the engine never
+/// reads a clock, it asks the driver to arm timers.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The session has a delegate: callbacks are queued for it. Without one, nothing is queued
+    /// and every response is allowed.
+    pub delegated: bool,
+    /// The process-wide shared session: it ignores invalidation (R9).
+    pub shared: bool,
+    /// Idle time allowed between bytes (R12).
+    pub request_timeout: Duration,
+    /// Time allowed for a whole task (R12).
+    pub resource_timeout: Duration,
+    /// Where download tasks write their temp files.
+    pub download_dir: PathBuf,
+    /// A name unique in the process, used to name temp files.
+    pub name: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            delegated: true,
+            shared: false,
+            request_timeout: Duration::from_secs(60),
+            resource_timeout: Duration::from_secs(7 * 24 * 3600),
+            download_dir: std::env::temp_dir(),
+            name: "leakproof".into(),
+        }
+    }
+}
+
+/// A session's lifecycle (DESIGN.md, "Session states").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionState {
+    Active,
+    Finishing,
+    Cancelling,
+    Invalidated,
+}
+
+/// A task's lifecycle (DESIGN.md, "Task states").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskState {
+    Suspended,
+    Running,
+    /// Reserved for tasks whose teardown must wait on the peer (a websocket's close, R11);
+    /// data, download and upload tasks pass through it within one transition.
+    Canceling,
+    Completed,
+}
+
+/// How far a task's exchange has gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exchange {
+    NotStarted,
+    AwaitingResponse,
+    /// The head arrived; the delegate's disposition is awaited.
+    AwaitingDisposition,
+    ReceivingBody,
+}
+
+/// Who ends a task: its own IO (which then closes or pools its connection itself) or anyone
+/// else (then the driver must abort the IO).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndedBy {
+    Io,
+    Other,
+}
+
+/// One task's cell in the session's registry. It exists from creation to completion, then it
+/// is removed: a completed task holds nothing (R5).
+#[derive(Debug)]
+struct Cell {
+    kind: TaskKind,
+    origin: String,
+    state: TaskState,
+    handle: bool,
+    exchange: Exchange,
+    conn: Option<ConnId>,
+    temp_file: Option<PathBuf>,
+    /// The armed generation of each timer, by `Timeout as usize`.
+    timers: [Option<u64>; 2],
+}
+
+const TIMEOUTS: [Timeout; 2] = [Timeout::Request, Timeout::Resource];
+
+#[derive(Debug)]
+pub(crate) struct Engine {
+    config: Config,
+    state: SessionState,
+    tasks: BTreeMap<TaskId, Cell>,
+    next_task: u64,
+    next_conn: u64,
+    next_timer: u64,
+    /// Kept-alive connections, most recently pooled last.
+    idle: Vec<(String, ConnId)>,
+    /// What the driver must do, in order.
+    actions: VecDeque<Action>,
+    pub(crate) action_waker: Option<Waker>,
+    /// What the delegate must hear, in order.
+    callbacks: VecDeque<Callback>,
+    pub(crate) callback_waker: Option<Waker>,
+    /// Waiting for the session to be released.
+    pub(crate) release_wakers: Vec<Waker>,
+    /// Bytes in `callbacks` not yet handed to the delegate.
+    buffered: u64,
+    peak_buffered: u64,
+    /// Completed downloads whose file is with the delegate until did_finish_downloading returns.
+    handed_over: Vec<(TaskId, PathBuf)>,
+    delegate_held: bool,
+}
+
+impl Engine {
+    pub(crate) fn new(config: Config) -> Self {
+        Self {
+            delegate_held: config.delegated,
+            config,
+            state: SessionState::Active,
+            tasks: BTreeMap::new(),
+            next_task: 0,
+            next_conn: 0,
+            next_timer: 0,
+            idle: Vec::new(),
+            actions: VecDeque::new(),
+            action_waker: None,
+            callbacks: VecDeque::new(),
+            callback_waker: None,
+            release_wakers: Vec::new(),
+            buffered: 0,
+            peak_buffered: 0,
+            handed_over: Vec::new(),
+        }
+    }
+
+    // ---- getters ----
+
+    pub(crate) fn state(&self) -> SessionState {
+        self.state
+    }
+
+    pub(crate) fn task_state(&self, task: TaskId) -> TaskState {
+        self.tasks
+            .get(&task)
+            .map_or(TaskState::Completed, |cell| cell.state)
+    }
+
+    pub(crate) fn ledger(&self) -> Ledger {
+        let count = |f: fn(&Cell) -> bool| self.tasks.values().filter(|c| f(c)).count() as u32;
+        Ledger {
+            open_connections: count(|c| c.conn.is_some()),
+            idle_connections: self.idle.len() as u32,
+            buffered_bytes: self.buffered,
+            peak_buffered_bytes: self.peak_buffered,
+            live_tasks: self.tasks.len() as u32,
+            timers: self
+                .tasks
+                .values()
+                .map(|c| c.timers.iter().flatten().count() as u32)
+                .sum(),
+            temp_files: count(|c| c.temp_file.is_some()) + self.handed_over.len() as u32,
+            delegate_held: self.delegate_held,
+            pending_actions: self.actions.len() as u32,
+            pending_callbacks: self.callbacks.len() as u32,
+        }
+    }
+
+    /// Invalidated, every callback delivered, the delegate dropped and nothing left for the
+    /// driver: the session's background work may end (R4).
+    pub(crate) fn is_released(&self) -> bool {
+        self.state == SessionState::Invalidated
+            && self.callbacks.is_empty()
+            && self.actions.is_empty()
+            && !self.delegate_held
+            && self.handed_over.is_empty()
+    }
+
+    pub(crate) fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
+    }
+
+    pub(crate) fn has_callbacks(&self) -> bool {
+        !self.callbacks.is_empty()
+    }
+
+    pub(crate) fn next_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    pub(crate) fn next_callback(&mut self) -> Option<Callback> {
+        let callback = self.callbacks.pop_front()?;
+        if let Callback::ReceiveData { data, .. } = &callback {
+            self.buffered -= data.len() as u64;
+        }
+        Some(callback)
+    }
+
+    // ---- the user's inputs ----
+
+    pub(crate) fn create_task(&mut self, kind: TaskKind, origin: &str) -> Result<TaskId, Error> {
+        // R8: refused before anything is allocated.
+        if self.state != SessionState::Active {
+            return Err(Error::SessionInvalidated);
+        }
+        let id = TaskId(self.next_task);
+        self.next_task += 1;
+        self.tasks.insert(
+            id,
+            Cell {
+                kind,
+                origin: origin.to_owned(),
+                state: TaskState::Suspended,
+                handle: true,
+                exchange: Exchange::NotStarted,
+                conn: None,
+                temp_file: None,
+                timers: [None; 2],
+            },
+        );
+        Ok(id)
+    }
+
+    pub(crate) fn resume(&mut self, task: TaskId) {
+        let Some(cell) = self.tasks.get_mut(&task) else {
+            return; // Completed: a no-op.
+        };
+        if cell.state != TaskState::Suspended {
+            return; // Resumes do not nest.
+        }
+        cell.state = TaskState::Running;
+        if cell.exchange == Exchange::NotStarted {
+            // A kept-alive connection to the same origin is reused before one is opened.
+            let pooled = self.idle.iter().rposition(|(o, _)| *o == cell.origin);
+            let (conn, reused) = match pooled {
+                Some(i) => (self.idle.remove(i).1, true),
+                None => {
+                    self.next_conn += 1;
+                    (ConnId(self.next_conn), false)
+                }
+            };
+            cell.conn = Some(conn);
+            cell.exchange = Exchange::AwaitingResponse;
+            self.actions.push_back(Action::Start {
+                task,
+                conn,
+                reused,
+            });
+        } else {
+            self.actions.push_back(Action::Unpause { task });
+        }
+        self.arm(task, Timeout::Request);
+        self.arm(task, Timeout::Resource);
+    }
+
+    pub(crate) fn suspend(&mut self, task: TaskId) {
+        let Some(cell) = self.tasks.get_mut(&task) else {
+            return;
+        };
+        if cell.state != TaskState::Running {
+            return;
+        }
+        cell.state = TaskState::Suspended;
+        // R7: a suspended task reads nothing and no timer runs for it.
+        self.actions.push_back(Action::Pause { task });
+        self.disarm_all(task);
+    }
+
+    pub(crate) fn cancel(&mut self, task: TaskId) {
+        if self.tasks.contains_key(&task) {
+            self.complete(task, Err(Error::Cancelled), EndedBy::Other);
+        }
+    }
+
+    pub(crate) fn task_handle_dropped(&mut self, task: TaskId) {
+        let Some(cell) = self.tasks.get_mut(&task) else {
+            return;
+        };
+        cell.handle = false;
+        // Nothing can resume it any more: waiting would hold the session open (R10).
+        if cell.state == TaskState::Suspended {
+            self.complete(task, Err(Error::Cancelled), EndedBy::Other);
+        }
+    }
+
+    pub(crate) fn finish_tasks_and_invalidate(&mut self) {
+        // R9: the shared session ignores invalidation.
+        if self.config.shared || self.state != SessionState::Active {
+            return;
+        }
+        self.state = SessionState::Finishing;
+        self.invalidate_if_done();
+    }
+
+    pub(crate) fn invalidate_and_cancel(&mut self) {
+        if self.config.shared
+            || !matches!(
+                self.state,
+                SessionState::Active | SessionState::Finishing
+            )
+        {
+            return;
+        }
+        self.state = SessionState::Cancelling;
+        // R2: each cancelled task's did_complete is queued before did_become_invalid.
+        let live: Vec<TaskId> = self.tasks.keys().copied().collect();
+        for task in live {
+            self.complete(task, Err(Error::Cancelled), EndedBy::Other);
+        }
+        self.invalidate_if_done();
+    }
+
+    /// R10: the last handle dropped is finish_tasks_and_invalidate. Suspended tasks whose
+    /// handle is gone were cancelled when it went.
+    pub(crate) fn session_handle_dropped(&mut self) {
+        self.finish_tasks_and_invalidate();
+    }
+
+    // ---- the driver's inputs ----
+
+    pub(crate) fn response(&mut self, task: TaskId, response: http::Response<()>) {
+        let delegated = self.config.delegated;
+        let Some(cell) = self.tasks.get_mut(&task) else {
+            return;
+        };
+        if cell.exchange != Exchange::AwaitingResponse {
+            return;
+        }
+        cell.exchange = Exchange::AwaitingDisposition;
+        self.rearm(task, Timeout::Request);
+        if delegated {
+            self.callbacks
+                .push_back(Callback::ReceiveResponse { task, response });
+        } else {
+            self.answer(task, Disposition::Allow);
+        }
+    }
+
+    pub(crate) fn body_data(&mut self, task: TaskId, data: Bytes) {
+        let Some(cell) = self.tasks.get(&task) else {
+            return; // Completed: the bytes are dropped with the IO.
+        };
+        if cell.exchange != Exchange::ReceivingBody {
+            return;
+        }
+        let to_delegate = cell.kind != TaskKind::Download && self.config.delegated;
+        self.rearm(task, Timeout::Request);
+        // A chunk read just before a suspend took effect is still delivered: it was read.
+        if to_delegate && !data.is_empty() {
+            self.buffered += data.len() as u64;
+            self.peak_buffered = self.peak_buffered.max(self.buffered);
+            self.callbacks
+                .push_back(Callback::ReceiveData { task, data });
+        }
+    }
+
+    pub(crate) fn body_end(&mut self, task: TaskId, reusable: bool) -> Release {
+        let Some(cell) = self.tasks.get_mut(&task) else {
+            return Release::Close;
+        };
+        if cell.exchange != Exchange::ReceivingBody {
+            return Release::Close;
+        }
+        // R5: pooled only when read whole and kept alive by the server.
+        let release = match (reusable, cell.conn.take()) {
+            (true, Some(conn)) => {
+                self.idle.push((cell.origin.clone(), conn));
+                Release::Pool
+            }
+            _ => Release::Close,
+        };
+        self.complete(task, Ok(()), EndedBy::Io);
+        release
+    }
+
+    pub(crate) fn failed(&mut self, task: TaskId, error: Error) {
+        if self.tasks.contains_key(&task) {
+            self.complete(task, Err(error), EndedBy::Io);
+        }
+    }
+
+    pub(crate) fn timer_fired(&mut self, timer: TimerId) {
+        let Some(cell) = self.tasks.get(&timer.task) else {
+            return;
+        };
+        // A timer disarmed or re-armed after it fired is stale: ignore it.
+        if cell.timers[timer.timeout as usize] == Some(timer.generation) {
+            self.complete(
+                timer.task,
+                Err(Error::TimedOut(timer.timeout)),
+                EndedBy::Other,
+            );
+        }
+    }
+
+    /// The driver closed an idle connection whose idle timeout passed (R9).
+    pub(crate) fn idle_expired(&mut self, conn: ConnId) {
+        self.idle.retain(|(_, c)| *c != conn);
+    }
+
+    // ---- the delivery's acknowledgements ----
+
+    /// The delegate's answer to did_receive_response.
+    pub(crate) fn answer(&mut self, task: TaskId, disposition: Disposition) {
+        let Some(cell) = self.tasks.get_mut(&task) else {
+            return;
+        };
+        if cell.exchange != Exchange::AwaitingDisposition {
+            return;
+        }
+        match (disposition, cell.kind) {
+            (Disposition::Allow, _) => self.receive_body(task),
+            (Disposition::BecomeDownload, TaskKind::Data) => {
+                cell.kind = TaskKind::Download;
+                self.callbacks.push_back(Callback::BecomeDownload { task });
+                self.receive_body(task);
+            }
+            (Disposition::BecomeDownload, kind) => {
+                let error = Error::InvalidDisposition { disposition, kind };
+                self.complete(task, Err(error), EndedBy::Other);
+            }
+            (Disposition::Cancel, _) => self.complete(task, Err(Error::Cancelled), EndedBy::Other),
+        }
+    }
+
+    /// did_finish_downloading returned: the file is removed unless the delegate moved it.
+    pub(crate) fn file_handed_over(&mut self, task: TaskId) {
+        if let Some(i) = self.handed_over.iter().position(|(t, _)| *t == task) {
+            let (task, path) = self.handed_over.remove(i);
+            self.actions
+                .push_back(Action::RemoveTempFile { task, path });
+        }
+    }
+
+    /// R3: the delegate is dropped (after did_become_invalid, or with the delivery).
+    pub(crate) fn delegate_released(&mut self) {
+        self.delegate_held = false;
+        self.buffered = 0;
+        self.callbacks.clear();
+        for (task, path) in std::mem::take(&mut self.handed_over) {
+            self.actions
+                .push_back(Action::RemoveTempFile { task, path });
+        }
+    }
+
+    // ---- transitions ----
+
+    fn receive_body(&mut self, task: TaskId) {
+        let cell = self.tasks.get_mut(&task).expect("live task");
+        cell.exchange = Exchange::ReceivingBody;
+        let into = (cell.kind == TaskKind::Download).then(|| {
+            self.config
+                .download_dir
+                .join(format!("{}-{}.download", self.config.name, task.0))
+        });
+        cell.temp_file.clone_from(&into);
+        self.actions.push_back(Action::ReadBody { task, into });
+    }
+
+    fn arm(&mut self, task: TaskId, timeout: Timeout) {
+        let cell = self.tasks.get_mut(&task).expect("live task");
+        self.next_timer += 1;
+        cell.timers[timeout as usize] = Some(self.next_timer);
+        let after = match timeout {
+            Timeout::Request => self.config.request_timeout,
+            Timeout::Resource => self.config.resource_timeout,
+        };
+        let timer = TimerId {
+            task,
+            timeout,
+            generation: self.next_timer,
+        };
+        self.actions.push_back(Action::ArmTimer { timer, after });
+    }
+
+    /// Restart an armed timer (the request timeout restarts with every byte).
+    fn rearm(&mut self, task: TaskId, timeout: Timeout) {
+        if self.tasks[&task].timers[timeout as usize].is_some() {
+            self.arm(task, timeout);
+        }
+    }
+
+    fn disarm_all(&mut self, task: TaskId) {
+        let cell = self.tasks.get_mut(&task).expect("live task");
+        for timeout in TIMEOUTS {
+            if let Some(generation) = cell.timers[timeout as usize].take() {
+                let timer = TimerId {
+                    task,
+                    timeout,
+                    generation,
+                };
+                self.actions.push_back(Action::DisarmTimer { timer });
+            }
+        }
+    }
+
+    /// The one way a task completes (R1): its cell goes, with everything it held (R5).
+    fn complete(&mut self, task: TaskId, result: Result<(), Error>, ended_by: EndedBy) {
+        self.disarm_all(task);
+        let cell = self.tasks.remove(&task).expect("live task");
+        let started = cell.exchange != Exchange::NotStarted;
+        // The IO that ended the task closes its own connection (or pooled it in body_end);
+        // any other ending must abort the IO, which closes the connection it holds.
+        if started && ended_by == EndedBy::Other {
+            self.actions.push_back(Action::Abort {
+                task,
+                conn: cell.conn,
+            });
+        }
+        if let Some(path) = cell.temp_file {
+            if result.is_ok() && self.config.delegated {
+                self.callbacks.push_back(Callback::FinishDownloading {
+                    task,
+                    location: path.clone(),
+                });
+                self.handed_over.push((task, path));
+            } else {
+                self.actions
+                    .push_back(Action::RemoveTempFile { task, path });
+            }
+        }
+        if self.config.delegated {
+            self.callbacks.push_back(Callback::Complete { task, result });
+        }
+        if matches!(
+            self.state,
+            SessionState::Finishing | SessionState::Cancelling
+        ) {
+            self.invalidate_if_done();
+        }
+    }
+
+    fn invalidate_if_done(&mut self) {
+        if self.state == SessionState::Invalidated || !self.tasks.is_empty() {
+            return;
+        }
+        self.state = SessionState::Invalidated;
+        // R4: the pool closes with the session.
+        for (_, conn) in std::mem::take(&mut self.idle) {
+            self.actions.push_back(Action::Close { conn });
+        }
+        if self.config.delegated {
+            // R2: after every did_complete already queued; R3 follows its delivery.
+            self.callbacks.push_back(Callback::BecomeInvalid);
+        }
+    }
+}

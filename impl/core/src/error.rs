@@ -1,0 +1,64 @@
+//! How a task can end other than by success, and why an op can be refused.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+use crate::{Disposition, TaskKind};
+
+/// Which of a task's two timers fired (R12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Timeout {
+    /// Nothing arrived for the request timeout while a response was awaited or read.
+    Request,
+    /// The whole task outlived the resource timeout.
+    Resource,
+}
+
+impl fmt::Display for Timeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Timeout::Request => "request timeout (idle time between bytes)",
+            Timeout::Resource => "resource timeout (whole task)",
+        })
+    }
+}
+
+/// Every way a task or an op can fail. Cheap to clone: a completed task keeps its error and
+/// the delegate gets a copy.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("the task was cancelled")]
+    Cancelled,
+    #[error("timed out: the {0} elapsed; raise it in the Configuration if the server is slow")]
+    TimedOut(Timeout),
+    #[error("connection to {addr} refused: is the server running and listening there?")]
+    ConnectionRefused { addr: String },
+    #[error("the server reset or closed the connection before the response was complete")]
+    ConnectionReset,
+    #[error("malformed response from the server: {0}")]
+    MalformedResponse(String),
+    #[error("invalid URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error(
+        "the delegate answered {disposition:?} for a {kind:?} task, which cannot do that; \
+         only data tasks can become downloads"
+    )]
+    InvalidDisposition {
+        disposition: Disposition,
+        kind: TaskKind,
+    },
+    #[error(
+        "the session is invalidated (or invalidation has begun): create a new Session for new tasks"
+    )]
+    SessionInvalidated,
+    #[error("I/O error: {0}")]
+    Io(Arc<io::Error>),
+}
+
+impl From<io::Error> for Error {
+    fn from(error: io::Error) -> Self {
+        Error::Io(Arc::new(error))
+    }
+}

@@ -1,0 +1,371 @@
+//! The engine behind the sync seam, and the handles that own its inputs.
+//!
+//! Three kinds of owner share one locked [`Engine`]:
+//! - the user holds a [`SessionHandle`] and [`TaskHandle`]s; dropping them is an input (R10);
+//! - the driver holds a [`Core`]: it reports what the network did and carries out the
+//!   [`Action`]s, in order, from [`Core::poll_action`];
+//! - the [`Delivery`] owns the delegate and hands it the [`Callback`]s, serially and in order;
+//!   it drops the delegate right after `did_become_invalid` returns (R3).
+//!
+//! No lock is held while user code runs: the delegate is called with the lock released, and
+//! wakers are woken after it is released.
+
+use std::fmt;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+
+use crate::engine::{Config, Engine, SessionState, TaskState};
+use crate::error::Error;
+use crate::sync::{Arc, Mutex, lock};
+use crate::{Action, Callback, ConnId, Disposition, Ledger, Release, TaskId, TaskKind, TimerId};
+
+/// Create a session's engine. `delegate` decides whether callbacks are queued at all
+/// (`config.delegated` is set from it).
+pub fn session<D>(mut config: Config, delegate: Option<D>) -> (SessionHandle, Core, Delivery<D>) {
+    config.delegated = delegate.is_some();
+    let core = Core {
+        engine: Arc::new(Mutex::new(Engine::new(config))),
+    };
+    let handle = SessionHandle { core: core.clone() };
+    let delivery = Delivery {
+        core: core.clone(),
+        delegate,
+        done: false,
+    };
+    (handle, core, delivery)
+}
+
+/// The driver's side of a session: report what the network did, carry out the actions.
+/// Cloning it does not keep the session from finishing; only user handles do (R10).
+#[derive(Clone)]
+pub struct Core {
+    engine: Arc<Mutex<Engine>>,
+}
+
+impl fmt::Debug for Core {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Core")
+            .field("state", &self.state())
+            .field("ledger", &self.ledger())
+            .finish()
+    }
+}
+
+impl Core {
+    /// Run one input, then wake whoever has something new to see.
+    fn update<R>(&self, input: impl FnOnce(&mut Engine) -> R) -> R {
+        let mut wake: Vec<Waker> = Vec::new();
+        let result = {
+            let mut engine = lock(&self.engine);
+            let result = input(&mut engine);
+            let released = engine.is_released();
+            if engine.has_actions() || released {
+                wake.extend(engine.action_waker.take());
+            }
+            if engine.has_callbacks() || engine.state() == SessionState::Invalidated {
+                wake.extend(engine.callback_waker.take());
+            }
+            if released {
+                wake.append(&mut engine.release_wakers);
+            }
+            result
+        };
+        wake.into_iter().for_each(Waker::wake);
+        result
+    }
+
+    fn read<R>(&self, getter: impl FnOnce(&Engine) -> R) -> R {
+        getter(&lock(&self.engine))
+    }
+
+    // ---- getters ----
+
+    pub fn state(&self) -> SessionState {
+        self.read(Engine::state)
+    }
+
+    pub fn task_state(&self, task: TaskId) -> TaskState {
+        self.read(|e| e.task_state(task))
+    }
+
+    /// What the session holds now, by its own account.
+    pub fn ledger(&self) -> Ledger {
+        self.read(Engine::ledger)
+    }
+
+    /// Invalidated, delivered, delegate dropped, no action left (R4).
+    pub fn is_released(&self) -> bool {
+        self.read(Engine::is_released)
+    }
+
+    /// Ready once the session is released.
+    pub fn poll_released(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut engine = lock(&self.engine);
+        if engine.is_released() {
+            return Poll::Ready(());
+        }
+        if !engine.release_wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            engine.release_wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    // ---- the driver's outputs ----
+
+    /// The next thing the driver must do; `None` once the session is released and nothing
+    /// will ever come again.
+    pub fn poll_action(&self, cx: &mut Context<'_>) -> Poll<Option<Action>> {
+        let mut engine = lock(&self.engine);
+        if let Some(action) = engine.next_action() {
+            return Poll::Ready(Some(action));
+        }
+        if engine.is_released() {
+            return Poll::Ready(None);
+        }
+        engine.action_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// The next action if there is one now.
+    pub fn try_action(&self) -> Option<Action> {
+        lock(&self.engine).next_action()
+    }
+
+    // ---- the driver's inputs ----
+
+    /// The response head arrived.
+    pub fn response(&self, task: TaskId, response: http::Response<()>) {
+        self.update(|e| e.response(task, response));
+    }
+
+    /// Body bytes arrived (for a download, after they were written to its file).
+    pub fn body_data(&self, task: TaskId, data: Bytes) {
+        self.update(|e| e.body_data(task, data));
+    }
+
+    /// The body ended; the answer says what the caller must do with its connection.
+    #[must_use = "the connection must be pooled or closed as the engine says"]
+    pub fn body_end(&self, task: TaskId, reusable: bool) -> Release {
+        self.update(|e| e.body_end(task, reusable))
+    }
+
+    /// The task's IO failed; it closes its own connection.
+    pub fn failed(&self, task: TaskId, error: Error) {
+        self.update(|e| e.failed(task, error));
+    }
+
+    /// An armed timer fired. Stale timers are ignored.
+    pub fn timer_fired(&self, timer: TimerId) {
+        self.update(|e| e.timer_fired(timer));
+    }
+
+    /// The driver closed an idle connection whose idle timeout passed.
+    pub fn idle_expired(&self, conn: ConnId) {
+        self.update(|e| e.idle_expired(conn));
+    }
+}
+
+/// The user's handle on a session. Dropping it is `finish_tasks_and_invalidate` (R10); a
+/// client that wants cheap clones keeps it in an `Arc`.
+pub struct SessionHandle {
+    core: Core,
+}
+
+impl fmt::Debug for SessionHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SessionHandle").field(&self.core).finish()
+    }
+}
+
+impl SessionHandle {
+    /// Create a `Suspended` task; refused once invalidation has begun (R8).
+    pub fn create_task(&self, kind: TaskKind, origin: &str) -> Result<TaskHandle, Error> {
+        let id = self.core.update(|e| e.create_task(kind, origin))?;
+        Ok(TaskHandle {
+            core: self.core.clone(),
+            id,
+        })
+    }
+
+    pub fn finish_tasks_and_invalidate(&self) {
+        self.core.update(Engine::finish_tasks_and_invalidate);
+    }
+
+    pub fn invalidate_and_cancel(&self) {
+        self.core.update(Engine::invalidate_and_cancel);
+    }
+
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+}
+
+impl Drop for SessionHandle {
+    fn drop(&mut self) {
+        self.core.update(Engine::session_handle_dropped);
+    }
+}
+
+/// The user's handle on a task. Dropping it cancels a `Suspended` task, which nothing could
+/// resume any more (R10); a running task runs on.
+pub struct TaskHandle {
+    core: Core,
+    id: TaskId,
+}
+
+impl fmt::Debug for TaskHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskHandle")
+            .field("id", &self.id)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl TaskHandle {
+    pub fn id(&self) -> TaskId {
+        self.id
+    }
+
+    pub fn state(&self) -> TaskState {
+        self.core.task_state(self.id)
+    }
+
+    pub fn resume(&self) {
+        self.core.update(|e| e.resume(self.id));
+    }
+
+    pub fn suspend(&self) {
+        self.core.update(|e| e.suspend(self.id));
+    }
+
+    pub fn cancel(&self) {
+        self.core.update(|e| e.cancel(self.id));
+    }
+}
+
+impl Drop for TaskHandle {
+    fn drop(&mut self) {
+        self.core.update(|e| e.task_handle_dropped(self.id));
+    }
+}
+
+/// What one delivery step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// One callback was handed to the delegate.
+    One,
+    /// The session is invalidated and the delegate dropped: nothing will come again.
+    Done,
+}
+
+/// The sole owner of the delegate and the sole consumer of the callback queue. It calls the
+/// delegate serially, in queue order, with no lock held; it drops the delegate right after
+/// `did_become_invalid` returns (R3), or when it is dropped itself.
+pub struct Delivery<D> {
+    core: Core,
+    delegate: Option<D>,
+    done: bool,
+}
+
+impl<D> fmt::Debug for Delivery<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("delegate_held", &self.delegate.is_some())
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+/// What the delivery must tell the engine once the delegate has returned.
+enum Ack {
+    None,
+    Answer(TaskId),
+    FileHandedOver(TaskId),
+    Invalid,
+}
+
+impl<D> Delivery<D> {
+    /// Hand the next callback to the delegate through `deliver`, which returns the delegate's
+    /// disposition for `ReceiveResponse` (`None` means allow) and is ignored otherwise.
+    pub fn poll_deliver<F>(&mut self, cx: &mut Context<'_>, deliver: F) -> Poll<Delivered>
+    where
+        F: FnOnce(&D, Callback) -> Option<Disposition>,
+    {
+        self.step(Some(cx.waker()), deliver)
+            .map_or(Poll::Pending, Poll::Ready)
+    }
+
+    /// Deliver the next callback if there is one now.
+    pub fn try_deliver<F>(&mut self, deliver: F) -> Option<Delivered>
+    where
+        F: FnOnce(&D, Callback) -> Option<Disposition>,
+    {
+        self.step(None, deliver)
+    }
+
+    fn step<F>(&mut self, waker: Option<&Waker>, deliver: F) -> Option<Delivered>
+    where
+        F: FnOnce(&D, Callback) -> Option<Disposition>,
+    {
+        if self.done {
+            return Some(Delivered::Done);
+        }
+        let callback = {
+            let mut engine = lock(&self.core.engine);
+            match engine.next_callback() {
+                Some(callback) => callback,
+                None if self.delegate.is_none()
+                    && engine.state() == SessionState::Invalidated =>
+                {
+                    self.done = true;
+                    return Some(Delivered::Done);
+                }
+                None => {
+                    if let Some(waker) = waker {
+                        engine.callback_waker = Some(waker.clone());
+                    }
+                    return None;
+                }
+            }
+        };
+        let ack = match callback {
+            Callback::ReceiveResponse { task, .. } => Ack::Answer(task),
+            Callback::FinishDownloading { task, .. } => Ack::FileHandedOver(task),
+            Callback::BecomeInvalid => Ack::Invalid,
+            _ => Ack::None,
+        };
+        let delegate = self
+            .delegate
+            .as_ref()
+            .expect("callbacks are queued only for a delegate");
+        let disposition = deliver(delegate, callback).unwrap_or(Disposition::Allow);
+        match ack {
+            Ack::None => {}
+            Ack::Answer(task) => self.core.update(|e| e.answer(task, disposition)),
+            Ack::FileHandedOver(task) => self.core.update(|e| e.file_handed_over(task)),
+            Ack::Invalid => {
+                self.release();
+                return Some(Delivered::Done);
+            }
+        }
+        Some(Delivered::One)
+    }
+
+    /// R3: drop the delegate, then let the engine know (so no one sees it counted as held
+    /// after it is gone).
+    fn release(&mut self) {
+        drop(self.delegate.take());
+        self.done = true;
+        self.core.update(Engine::delegate_released);
+    }
+}
+
+impl<D> Drop for Delivery<D> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.release();
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Unit tests of single transitions; the whole lifecycle is checked against the model by the
+//! suite's proptest, and the races by `tests/loom.rs`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::*;
+
+struct Recorder;
+
+fn delegated() -> (SessionHandle, Core, Delivery<Recorder>) {
+    session(Config::default(), Some(Recorder))
+}
+
+fn actions(core: &Core) -> Vec<Action> {
+    std::iter::from_fn(|| core.try_action()).collect()
+}
+
+/// Deliver everything queued, answering `answer` to responses; return what was heard.
+fn deliver(delivery: &mut Delivery<Recorder>, answer: Disposition) -> Vec<String> {
+    let mut heard = Vec::new();
+    let mut hear = |_: &Recorder, callback: Callback| {
+        heard.push(format!("{callback:?}"));
+        Some(answer)
+    };
+    while delivery.try_deliver(&mut hear) == Some(Delivered::One) {}
+    heard
+}
+
+fn ok_response() -> http::Response<()> {
+    http::Response::new(())
+}
+
+#[test]
+fn resume_starts_on_a_new_connection_with_both_timers() {
+    let (session, core, _delivery) = delegated();
+    let task = session.create_task(TaskKind::Data, "a").unwrap();
+    task.resume();
+    let got = actions(&core);
+    assert!(matches!(
+        got[0],
+        Action::Start {
+            reused: false,
+            conn: ConnId(1),
+            ..
+        }
+    ));
+    assert_eq!(got.len(), 3);
+    assert_eq!(core.ledger().timers, 2);
+    assert_eq!(core.ledger().open_connections, 1);
+}
+
+#[test]
+fn a_pooled_connection_is_reused_for_the_same_origin_only() {
+    let (session, core, mut delivery) = delegated();
+    let first = session.create_task(TaskKind::Data, "a").unwrap();
+    first.resume();
+    core.response(first.id(), ok_response());
+    deliver(&mut delivery, Disposition::Allow);
+    assert_eq!(core.body_end(first.id(), true), Release::Pool);
+    let other = session.create_task(TaskKind::Data, "b").unwrap();
+    let same = session.create_task(TaskKind::Data, "a").unwrap();
+    actions(&core);
+    other.resume();
+    same.resume();
+    let starts: Vec<_> = actions(&core)
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Start { conn, reused, .. } => Some((conn, reused)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(starts, [(ConnId(2), false), (ConnId(1), true)]);
+}
+
+#[test]
+fn a_stale_timer_is_ignored() {
+    let (session, core, _delivery) = delegated();
+    let task = session.create_task(TaskKind::Data, "a").unwrap();
+    task.resume();
+    let timer = actions(&core)
+        .into_iter()
+        .find_map(|a| match a {
+            Action::ArmTimer { timer, .. } if timer.timeout == Timeout::Request => Some(timer),
+            _ => None,
+        })
+        .unwrap();
+    core.response(task.id(), ok_response()); // re-arms the request timer
+    core.timer_fired(timer);
+    assert_eq!(task.state(), TaskState::Running);
+}
+
+#[test]
+fn suspend_disarms_and_pauses_resume_rearms_and_unpauses() {
+    let (session, core, _delivery) = delegated();
+    let task = session.create_task(TaskKind::Upload, "a").unwrap();
+    task.resume();
+    actions(&core);
+    task.suspend();
+    task.suspend();
+    let got = actions(&core);
+    assert!(matches!(got[0], Action::Pause { .. }));
+    assert_eq!(got.len(), 3, "pause and two disarms, once: {got:?}");
+    assert_eq!(core.ledger().timers, 0);
+    task.resume();
+    assert!(matches!(actions(&core)[0], Action::Unpause { .. }));
+    assert_eq!(core.ledger().timers, 2);
+}
+
+#[test]
+fn cancel_aborts_a_started_task_and_completes_it_once() {
+    let (session, core, mut delivery) = delegated();
+    let task = session.create_task(TaskKind::Data, "a").unwrap();
+    task.resume();
+    actions(&core);
+    task.cancel();
+    task.cancel();
+    core.failed(task.id(), Error::ConnectionReset);
+    let got = actions(&core);
+    assert!(got.contains(&Action::Abort {
+        task: task.id(),
+        conn: Some(ConnId(1))
+    }));
+    let heard = deliver(&mut delivery, Disposition::Allow);
+    assert_eq!(heard.len(), 1, "{heard:?}");
+    assert!(heard[0].contains("Cancelled"));
+}
+
+#[test]
+fn a_download_file_is_removed_after_the_delegate_returns() {
+    let (session, core, mut delivery) = delegated();
+    let task = session.create_task(TaskKind::Data, "a").unwrap();
+    task.resume();
+    core.response(task.id(), ok_response());
+    deliver(&mut delivery, Disposition::BecomeDownload);
+    let path = actions(&core)
+        .into_iter()
+        .find_map(|a| match a {
+            Action::ReadBody { into, .. } => into,
+            _ => None,
+        })
+        .expect("a download reads into a file");
+    core.body_data(task.id(), Bytes::from_static(b"abc"));
+    assert_eq!(core.ledger().buffered_bytes, 0, "a download buffers nothing");
+    let _ = core.body_end(task.id(), false);
+    actions(&core);
+    assert_eq!(core.ledger().temp_files, 1, "with the delegate until it returns");
+    let heard = deliver(&mut delivery, Disposition::Allow);
+    assert!(heard[0].starts_with("FinishDownloading"));
+    assert_eq!(
+        actions(&core),
+        [Action::RemoveTempFile {
+            task: task.id(),
+            path
+        }]
+    );
+    assert_eq!(core.ledger().temp_files, 0);
+}
+
+#[test]
+fn no_task_once_invalidation_began() {
+    let (session, core, _delivery) = delegated();
+    let running = session.create_task(TaskKind::Data, "a").unwrap();
+    running.resume();
+    session.finish_tasks_and_invalidate();
+    let refused = session.create_task(TaskKind::Data, "a");
+    assert!(matches!(refused, Err(Error::SessionInvalidated)));
+    assert_eq!(core.ledger().live_tasks, 1);
+}
+
+#[test]
+fn the_delegate_is_dropped_right_after_did_become_invalid() {
+    let delegate = std::sync::Arc::new(());
+    let weak = std::sync::Arc::downgrade(&delegate);
+    let (session, core, mut delivery) = session(Config::default(), Some(delegate));
+    drop(session);
+    let mut alive_during_callback = false;
+    let done = delivery.try_deliver(|_, callback| {
+        assert!(matches!(callback, Callback::BecomeInvalid));
+        alive_during_callback = weak.upgrade().is_some();
+        None
+    });
+    assert_eq!(done, Some(Delivered::Done));
+    assert!(alive_during_callback);
+    assert!(weak.upgrade().is_none(), "R3");
+    assert!(core.is_released());
+    assert!(core.ledger().is_zero());
+}
+
+#[test]
+fn timeouts_come_from_the_config() {
+    let config = Config {
+        request_timeout: Duration::from_secs(3),
+        ..Config::default()
+    };
+    let (session, core, _delivery) = session(config, Some(Recorder));
+    let task = session.create_task(TaskKind::Data, "a").unwrap();
+    task.resume();
+    assert!(actions(&core).contains(&Action::ArmTimer {
+        timer: TimerId {
+            task: task.id(),
+            timeout: Timeout::Request,
+            generation: 1
+        },
+        after: Duration::from_secs(3)
+    }));
+}
