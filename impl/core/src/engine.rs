@@ -257,11 +257,7 @@ impl Engine {
             };
             cell.conn = Some(conn);
             cell.exchange = Exchange::AwaitingResponse;
-            self.actions.push_back(Action::Start {
-                task,
-                conn,
-                reused,
-            });
+            self.actions.push_back(Action::Start { task, conn, reused });
         } else {
             self.actions.push_back(Action::Unpause { task });
         }
@@ -310,10 +306,7 @@ impl Engine {
 
     pub(crate) fn invalidate_and_cancel(&mut self) {
         if self.config.shared
-            || !matches!(
-                self.state,
-                SessionState::Active | SessionState::Finishing
-            )
+            || !matches!(self.state, SessionState::Active | SessionState::Finishing)
         {
             return;
         }
@@ -536,7 +529,8 @@ impl Engine {
             }
         }
         if self.config.delegated {
-            self.callbacks.push_back(Callback::Complete { task, result });
+            self.callbacks
+                .push_back(Callback::Complete { task, result });
         }
         if matches!(
             self.state,

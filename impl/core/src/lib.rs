@@ -97,15 +97,10 @@ pub enum Action {
     /// Read again.
     Unpause { task: TaskId },
     /// The response was allowed: read the body, into the file `into` for a download.
-    ReadBody {
-        task: TaskId,
-        into: Option<PathBuf>,
-    },
-    /// Tear the task's IO down; the connection it holds is closed, not pooled (R5).
-    Abort {
-        task: TaskId,
-        conn: Option<ConnId>,
-    },
+    ReadBody { task: TaskId, into: Option<PathBuf> },
+    /// Tear the task's IO down; the connection it holds (or has parked, see
+    /// [`Core::body_end`]) is closed, not pooled (R5).
+    Abort { task: TaskId, conn: Option<ConnId> },
     /// Close an idle connection (the session's pool is closing, R4).
     Close { conn: ConnId },
     /// Start `timer`; when it fires, report it with [`Core::timer_fired`]. Replaces the

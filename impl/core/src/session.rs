@@ -105,7 +105,11 @@ impl Core {
         if engine.is_released() {
             return Poll::Ready(());
         }
-        if !engine.release_wakers.iter().any(|w| w.will_wake(cx.waker())) {
+        if !engine
+            .release_wakers
+            .iter()
+            .any(|w| w.will_wake(cx.waker()))
+        {
             engine.release_wakers.push(cx.waker().clone());
         }
         Poll::Pending
@@ -145,6 +149,12 @@ impl Core {
     }
 
     /// The body ended; the answer says what the caller must do with its connection.
+    ///
+    /// Park the connection where the driver keeps idle connections *before* calling this, and
+    /// take it back out and drop it if the answer is [`Release::Close`]. Once the engine has
+    /// pooled it, a concurrent invalidation may queue [`Action::Close`] for it at once; a
+    /// connection parked only after this returns could miss that close and leak (found by
+    /// `tests/loom.rs`, `finish_tasks_and_invalidate_vs_the_last_task_completing`).
     #[must_use = "the connection must be pooled or closed as the engine says"]
     pub fn body_end(&self, task: TaskId, reusable: bool) -> Release {
         self.update(|e| e.body_end(task, reusable))
@@ -316,9 +326,7 @@ impl<D> Delivery<D> {
             let mut engine = lock(&self.core.engine);
             match engine.next_callback() {
                 Some(callback) => callback,
-                None if self.delegate.is_none()
-                    && engine.state() == SessionState::Invalidated =>
-                {
+                None if self.delegate.is_none() && engine.state() == SessionState::Invalidated => {
                     self.done = true;
                     return Some(Delivered::Done);
                 }

@@ -9,5 +9,7 @@ pub(crate) use std::sync::{Arc, Mutex, MutexGuard};
 /// Lock, ignoring poison: no code runs user callbacks under an engine lock, so a panic
 /// elsewhere cannot leave the engine half-updated.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

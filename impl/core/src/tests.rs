@@ -142,10 +142,18 @@ fn a_download_file_is_removed_after_the_delegate_returns() {
         })
         .expect("a download reads into a file");
     core.body_data(task.id(), Bytes::from_static(b"abc"));
-    assert_eq!(core.ledger().buffered_bytes, 0, "a download buffers nothing");
+    assert_eq!(
+        core.ledger().buffered_bytes,
+        0,
+        "a download buffers nothing"
+    );
     let _ = core.body_end(task.id(), false);
     actions(&core);
-    assert_eq!(core.ledger().temp_files, 1, "with the delegate until it returns");
+    assert_eq!(
+        core.ledger().temp_files,
+        1,
+        "with the delegate until it returns"
+    );
     let heard = deliver(&mut delivery, Disposition::Allow);
     assert!(heard[0].starts_with("FinishDownloading"));
     assert_eq!(

@@ -1,0 +1,363 @@
+//! The engine's races, explored by loom. Each test races two inputs, then drives the session
+//! to release and checks R1 and R2 on the delivered trace, R3 with a `Weak` to the delegate,
+//! a zero ledger, and the driver's own account of connections and timers.
+//!
+//! Run: `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 cargo test -p leakproof-core --release --test loom`
+#![cfg(loom)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use leakproof_core::{
+    Action, Callback, Config, ConnId, Core, Delivered, Delivery, Release, SessionHandle,
+    TaskHandle, TaskId, TaskKind,
+};
+use leakproof_model as model;
+use loom::thread;
+
+type Delegate = Arc<()>;
+
+/// `loom::model`, printing how many interleavings it explored and how long that took.
+fn explore(name: &str, race: impl Fn() + Sync + Send + 'static) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counter = runs.clone();
+    let started = Instant::now();
+    loom::model(move || {
+        counter.fetch_add(1, Ordering::Relaxed);
+        race();
+    });
+    println!(
+        "loom: {name}: {} interleavings in {:.2?}",
+        runs.load(Ordering::Relaxed),
+        started.elapsed()
+    );
+}
+
+/// What the delegate heard, in the model's words, so the model's rule checks apply.
+fn shape(callback: &Callback) -> model::Callback {
+    let task = |t: &TaskId| model::TaskId(t.0 as u32);
+    match callback {
+        Callback::ReceiveResponse { task: t, .. } => {
+            model::Callback::ReceiveResponse { task: task(t) }
+        }
+        Callback::ReceiveData { task: t, data } => model::Callback::ReceiveData {
+            task: task(t),
+            bytes: data.len() as u64,
+        },
+        Callback::BecomeDownload { task: t } => model::Callback::BecomeDownload { task: task(t) },
+        Callback::FinishDownloading { task: t, .. } => {
+            model::Callback::FinishDownloading { task: task(t) }
+        }
+        Callback::Complete { task: t, result } => model::Callback::Complete {
+            task: task(t),
+            outcome: if result.is_ok() {
+                model::Outcome::Success
+            } else {
+                model::Outcome::Cancelled
+            },
+        },
+        Callback::BecomeInvalid => model::Callback::BecomeInvalid {
+            session: model::SessionId(0),
+        },
+    }
+}
+
+/// Deliver until nothing is queued now; `Done` ends it.
+fn deliver_now(delivery: &mut Delivery<Delegate>, trace: &mut Vec<model::Callback>) {
+    let mut hear = |_: &Delegate, callback: Callback| {
+        trace.push(shape(&callback));
+        None
+    };
+    while delivery.try_deliver(&mut hear) == Some(Delivered::One) {}
+}
+
+/// Deliver, blocking on the engine's waker, until the delegate is released.
+fn deliver_to_the_end(mut delivery: Delivery<Delegate>) -> Vec<model::Callback> {
+    let mut trace = Vec::new();
+    loom::future::block_on(poll_fn(|cx| {
+        loop {
+            let step = delivery.poll_deliver(cx, |_, callback| {
+                trace.push(shape(&callback));
+                None
+            });
+            match step {
+                std::task::Poll::Ready(Delivered::One) => continue,
+                other => return other.map(|_| ()),
+            }
+        }
+    }));
+    trace
+}
+
+/// The driver's own account: which connections are open or pooled and which timers are
+/// armed, kept from the actions alone. It also checks their order makes sense.
+#[derive(Default)]
+struct Driver {
+    conn_of: BTreeMap<TaskId, ConnId>,
+    open: BTreeSet<ConnId>,
+    idle: BTreeSet<ConnId>,
+    timers: BTreeSet<(TaskId, u8)>,
+    aborted: BTreeSet<TaskId>,
+}
+
+impl Driver {
+    fn run(&mut self, core: &Core) {
+        while let Some(action) = core.try_action() {
+            match action {
+                Action::Start { task, conn, reused } => {
+                    assert!(
+                        !self.aborted.contains(&task),
+                        "Start after Abort for {task:?}"
+                    );
+                    if reused {
+                        assert!(self.idle.remove(&conn), "reused {conn:?} was not idle");
+                    }
+                    self.open.insert(conn);
+                    self.conn_of.insert(task, conn);
+                }
+                Action::Abort { task, conn } => {
+                    self.aborted.insert(task);
+                    if let Some(conn) = conn {
+                        // Held by the IO, or parked by it for body_end.
+                        let _ = self.open.remove(&conn) || self.idle.remove(&conn);
+                    }
+                }
+                Action::ReadBody { task, .. } | Action::Unpause { task } => {
+                    assert!(!self.aborted.contains(&task), "{task:?} read after Abort");
+                }
+                Action::Close { conn } => assert!(self.idle.remove(&conn), "closed non-idle"),
+                Action::ArmTimer { timer, .. } => {
+                    self.timers.insert((timer.task, timer.timeout as u8));
+                }
+                Action::DisarmTimer { timer } => {
+                    self.timers.remove(&(timer.task, timer.timeout as u8));
+                }
+                Action::Pause { .. } | Action::RemoveTempFile { .. } => {}
+            }
+        }
+    }
+
+    /// The task's IO read its body to the end: it parks its connection with the idle ones,
+    /// as `Core::body_end` requires, before asking the engine.
+    fn park(&mut self, task: TaskId) {
+        let conn = self.conn_of[&task];
+        if self.open.remove(&conn) {
+            self.idle.insert(conn);
+        }
+    }
+
+    /// ... and takes it back out to close it if the engine says so.
+    fn io_ended(&mut self, task: TaskId, release: Release) {
+        if release == Release::Close {
+            self.idle.remove(&self.conn_of[&task]);
+        }
+    }
+
+    fn holds_nothing(&self) -> bool {
+        self.open.is_empty() && self.idle.is_empty() && self.timers.is_empty()
+    }
+}
+
+struct World {
+    session: SessionHandle,
+    core: Core,
+    delivery: Option<Delivery<Delegate>>,
+    delegate: Weak<()>,
+    driver: Driver,
+    trace: Vec<model::Callback>,
+}
+
+fn world() -> World {
+    let delegate = Arc::new(());
+    let weak = Arc::downgrade(&delegate);
+    let (session, core, delivery) = leakproof_core::session(Config::default(), Some(delegate));
+    World {
+        session,
+        core,
+        delivery: Some(delivery),
+        delegate: weak,
+        driver: Driver::default(),
+        trace: Vec::new(),
+    }
+}
+
+type Deliverer = thread::JoinHandle<Vec<model::Callback>>;
+
+impl World {
+    /// A resumed task whose response was allowed: its body is being read.
+    fn reading_task(&mut self) -> TaskHandle {
+        let task = self.session.create_task(TaskKind::Data, "origin").unwrap();
+        task.resume();
+        self.core.response(task.id(), http::Response::new(()));
+        self.driver.run(&self.core);
+        let delivery = self.delivery.as_mut().unwrap();
+        deliver_now(delivery, &mut self.trace);
+        self.driver.run(&self.core);
+        task
+    }
+
+    /// From here on the delegate is called on a thread of its own, racing everything else.
+    fn deliver_in_background(&mut self) -> Deliverer {
+        let delivery = self.delivery.take().unwrap();
+        thread::spawn(move || deliver_to_the_end(delivery))
+    }
+
+    /// Drop every user handle, let the session finish, and check every rule on the way out.
+    fn finish(self, deliverer: Deliverer, tasks: Vec<TaskHandle>) {
+        let World {
+            session,
+            core,
+            delegate,
+            mut driver,
+            mut trace,
+            ..
+        } = self;
+        drop(tasks);
+        drop(session);
+        trace.extend(deliverer.join().unwrap());
+        driver.run(&core);
+        assert_released(&core, &delegate, &driver, &trace);
+    }
+}
+
+fn assert_released(core: &Core, delegate: &Weak<()>, driver: &Driver, trace: &[model::Callback]) {
+    // R1 (one did_complete per task, nothing after) and R2 (did_become_invalid last, once).
+    model::rules::check_trace(trace, true).unwrap_or_else(|v| panic!("{v}: {trace:?}"));
+    assert!(
+        delegate.upgrade().is_none(),
+        "R3: the delegate outlived did_become_invalid"
+    );
+    assert!(core.is_released(), "not released: {core:?}");
+    assert!(core.ledger().is_zero(), "R4: {:?}", core.ledger());
+    assert!(
+        driver.holds_nothing(),
+        "R4: the driver still holds something"
+    );
+}
+
+#[test]
+fn cancel_vs_completion() {
+    explore("cancel_vs_completion", || {
+        let mut w = world();
+        let task = w.reading_task();
+        let id = task.id();
+        let deliverer = w.deliver_in_background();
+        let canceller = thread::spawn(move || {
+            task.cancel();
+            task
+        });
+        w.driver.park(id);
+        let release = w.core.body_end(id, true);
+        let task = canceller.join().unwrap();
+        w.driver.io_ended(id, release);
+        w.finish(deliverer, vec![task]);
+    });
+}
+
+#[test]
+fn two_concurrent_cancels() {
+    explore("two_concurrent_cancels", || {
+        let mut w = world();
+        let task = Arc::new(w.reading_task());
+        let deliverer = w.deliver_in_background();
+        let other = task.clone();
+        let canceller = thread::spawn(move || other.cancel());
+        task.cancel();
+        canceller.join().unwrap();
+        let task = Arc::into_inner(task).unwrap();
+        w.finish(deliverer, vec![task]);
+    });
+}
+
+#[test]
+fn resume_vs_invalidate_and_cancel() {
+    explore("resume_vs_invalidate_and_cancel", || {
+        let mut w = world();
+        let task = w.session.create_task(TaskKind::Upload, "origin").unwrap();
+        let deliverer = w.deliver_in_background();
+        let resumer = thread::spawn(move || {
+            task.resume();
+            task
+        });
+        w.session.invalidate_and_cancel();
+        let task = resumer.join().unwrap();
+        // The driver checks that no Start or read comes after the Abort.
+        w.finish(deliverer, vec![task]);
+    });
+}
+
+#[test]
+fn finish_tasks_and_invalidate_vs_the_last_task_completing() {
+    explore(
+        "finish_tasks_and_invalidate_vs_the_last_task_completing",
+        || {
+            let mut w = world();
+            let task = w.reading_task();
+            let id = task.id();
+            let deliverer = w.deliver_in_background();
+            let session = std::mem::replace(&mut w.session, dummy_session());
+            let finisher = thread::spawn(move || {
+                session.finish_tasks_and_invalidate();
+                session
+            });
+            w.driver.park(id);
+            let release = w.core.body_end(id, true);
+            drop(std::mem::replace(&mut w.session, finisher.join().unwrap()));
+            w.driver.io_ended(id, release);
+            w.finish(deliverer, vec![task]);
+        },
+    );
+}
+
+#[test]
+fn last_session_handle_dropped_vs_delivery() {
+    explore("last_session_handle_dropped_vs_delivery", || {
+        let mut w = world();
+        let task = w.reading_task();
+        w.driver.park(task.id());
+        let release = w.core.body_end(task.id(), true); // did_complete queued, not delivered
+        w.driver.io_ended(task.id(), release);
+        let deliverer = w.deliver_in_background();
+        // `finish` drops the last handles while the delegate hears did_complete.
+        w.finish(deliverer, vec![task]);
+    });
+}
+
+#[test]
+fn task_handle_dropped_vs_session_finishing() {
+    explore("task_handle_dropped_vs_session_finishing", || {
+        let mut w = world();
+        let task = w.session.create_task(TaskKind::Download, "origin").unwrap();
+        let deliverer = w.deliver_in_background();
+        let dropper = thread::spawn(move || drop(task));
+        w.session.finish_tasks_and_invalidate();
+        dropper.join().unwrap();
+        // R10: the suspended, unreachable task was cancelled, so the session is invalidated.
+        assert_eq!(w.core.state(), leakproof_core::SessionState::Invalidated);
+        w.finish(deliverer, vec![]);
+    });
+}
+
+#[test]
+fn disposition_vs_cancel() {
+    explore("disposition_vs_cancel", || {
+        let mut w = world();
+        let task = w.session.create_task(TaskKind::Data, "origin").unwrap();
+        task.resume();
+        w.core.response(task.id(), http::Response::new(()));
+        w.driver.run(&w.core);
+        // The delegate answers Allow while the user cancels; the driver checks that no
+        // ReadBody comes after the Abort, whichever wins.
+        let deliverer = w.deliver_in_background();
+        task.cancel();
+        w.finish(deliverer, vec![task]);
+    });
+}
+
+/// A stand-in handle, so a test can move the real one into a thread and back.
+fn dummy_session() -> SessionHandle {
+    leakproof_core::session::<Delegate>(Config::default(), None).0
+}
