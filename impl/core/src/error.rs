@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::{Disposition, TaskKind};
 
 /// Which of a task's two timers fired (R12).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Timeout {
     /// Nothing arrived for the request timeout while a response was awaited or read.
     Request,

@@ -83,6 +83,12 @@ pub enum Disposition {
 }
 
 /// What the driver must do, in queue order.
+///
+/// The task's IO runs concurrently with the driver, so an action addressed to a task's IO
+/// (`Pause`, `Unpause`, `ReadBody`, `Abort`) can arrive after that IO has ended by itself (it
+/// read an error, or the end, and told the engine): such an action is moot and the driver
+/// drops it. Found by the suite: a plain session's engine allows a response inside
+/// [`Core::response`], and the IO went on to read a reset before the driver took `ReadBody`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Send the task's request on `conn`: the pooled connection `conn` if `reused`, else a new

@@ -138,7 +138,8 @@ impl Core {
 
     // ---- the driver's inputs ----
 
-    /// The response head arrived.
+    /// The response head arrived. The IO then reads nothing more, errors included, until the
+    /// driver gets [`Action::ReadBody`]: the delegate decides first.
     pub fn response(&self, task: TaskId, response: http::Response<()>) {
         self.update(|e| e.response(task, response));
     }

@@ -1,0 +1,209 @@
+//! What a system under test showed after an op, and its comparison with the model. Each
+//! difference is reported as the rule it breaks.
+
+use std::collections::BTreeMap;
+
+use leakproof_model::rules::{Rule, Violation, check_trace, coalesce};
+use leakproof_model::{
+    Callback, Model, Refusal, Resources, SessionId, SessionKind, SessionState, Step, TaskId,
+    TaskState,
+};
+
+/// What one session showed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionView {
+    pub state: SessionState,
+    /// The implementation's own ledger.
+    pub ledger: Resources,
+    /// Callbacks or actions still queued: after settling there must be none.
+    pub pending: u32,
+    /// The witnesses' account, kept outside the implementation: connections the driver holds
+    /// open or idle, timers it has armed, files that exist, and whether a `Weak` to the
+    /// delegate still upgrades.
+    pub witness: Resources,
+    /// Every callback the delegate has heard so far.
+    pub heard: Vec<Callback>,
+}
+
+/// What the whole system showed after one op.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    pub refused: Option<Refusal>,
+    /// Callbacks heard during this op, all sessions, in delivery order.
+    pub callbacks: Vec<Callback>,
+    pub tasks: BTreeMap<TaskId, TaskState>,
+    pub sessions: BTreeMap<SessionId, SessionView>,
+}
+
+fn broken(rule: Rule, detail: String) -> Result<(), Violation> {
+    Err(Violation { rule, detail })
+}
+
+/// Compare the system with the model after an op whose step was `step`.
+pub fn compare(view: &View, model: &Model, step: &Step) -> Result<(), Violation> {
+    if view.refused != step.refused {
+        return broken(
+            Rule::R8,
+            format!("refused {:?}, the model {:?}", view.refused, step.refused),
+        );
+    }
+    for (id, session) in &view.sessions {
+        // Only a delegate hears did_become_invalid.
+        let finished = model.session(*id).is_some_and(|s| {
+            s.state == SessionState::Invalidated && s.kind == SessionKind::Delegated
+        });
+        check_trace(&session.heard, finished && session.pending == 0)
+            .map_err(|v| in_session(*id, v))?;
+    }
+    let (heard, expected) = (coalesce(&view.callbacks), coalesce(&step.callbacks));
+    if heard != expected {
+        let rule = callback_rule(&heard, &expected, model);
+        return broken(
+            rule,
+            format!("delegates heard {heard:?}, the model says {expected:?}"),
+        );
+    }
+    for (id, task) in model.tasks() {
+        let shown = view.tasks.get(&id).copied();
+        if shown != Some(task.state) {
+            let rule = match (shown, task.state) {
+                (_, TaskState::Completed) if !task.handle => Rule::R10,
+                (Some(TaskState::Completed), _) | (_, TaskState::Completed) => Rule::R1,
+                _ => Rule::R7,
+            };
+            return broken(
+                rule,
+                format!("{id} is {shown:?}, the model {:?}", task.state),
+            );
+        }
+    }
+    for (id, session) in model.sessions() {
+        let Some(shown) = view.sessions.get(&id) else {
+            return broken(Rule::R4, format!("{id} is missing from the system"));
+        };
+        if shown.state != session.state {
+            return broken(
+                Rule::R2,
+                format!("{id} is {:?}, the model {:?}", shown.state, session.state),
+            );
+        }
+        if shown.pending != 0 {
+            return broken(
+                Rule::R4,
+                format!(
+                    "{id} has {} callbacks or actions left after settling",
+                    shown.pending
+                ),
+            );
+        }
+        let held = model.resources(id);
+        compare_resources(id, "ledger", &shown.ledger, &held, session.state)?;
+        compare_resources(id, "witness", &shown.witness, &held, session.state)?;
+    }
+    Ok(())
+}
+
+fn in_session(id: SessionId, v: Violation) -> Violation {
+    Violation {
+        rule: v.rule,
+        detail: format!("{id}: {}", v.detail),
+    }
+}
+
+/// The rule a divergent trace breaks, judged by the first callback that differs.
+fn callback_rule(heard: &[Callback], expected: &[Callback], model: &Model) -> Rule {
+    let first = heard
+        .iter()
+        .zip(expected)
+        .find(|(a, b)| a != b)
+        .map(|(a, b)| (Some(*a), Some(*b)))
+        .unwrap_or_else(|| {
+            (
+                heard.get(expected.len()).copied(),
+                expected.get(heard.len()).copied(),
+            )
+        });
+    let suspended = |c: &Callback| {
+        c.task()
+            .and_then(|t| model.task(t))
+            .is_some_and(|t| t.state == TaskState::Suspended)
+    };
+    let unreachable = |c: &Callback| {
+        c.task()
+            .and_then(|t| model.task(t))
+            .is_some_and(|t| !t.handle)
+    };
+    match first {
+        (Some(Callback::Complete { .. }), Some(Callback::Complete { .. })) => Rule::R12,
+        (_, Some(c @ Callback::Complete { .. })) if unreachable(&c) => Rule::R10,
+        (Some(Callback::BecomeInvalid { .. }), _) | (_, Some(Callback::BecomeInvalid { .. })) => {
+            Rule::R2
+        }
+        (Some(Callback::FinishDownloading { .. }), _)
+        | (_, Some(Callback::FinishDownloading { .. })) => Rule::R5,
+        (Some(c), _) if suspended(&c) => Rule::R7,
+        _ => Rule::R1,
+    }
+}
+
+fn compare_resources(
+    id: SessionId,
+    source: &str,
+    shown: &Resources,
+    held: &Resources,
+    state: SessionState,
+) -> Result<(), Violation> {
+    let connections = if state == SessionState::Invalidated {
+        Rule::R4
+    } else {
+        Rule::R5
+    };
+    let fields: [(&str, u64, u64, Rule); 7] = [
+        (
+            "open connections",
+            shown.open_connections.into(),
+            held.open_connections.into(),
+            connections,
+        ),
+        (
+            "idle connections",
+            shown.idle_connections.into(),
+            held.idle_connections.into(),
+            connections,
+        ),
+        (
+            "buffered bytes",
+            shown.buffered_bytes,
+            held.buffered_bytes,
+            Rule::R5,
+        ),
+        (
+            "live tasks",
+            shown.live_tasks.into(),
+            held.live_tasks.into(),
+            Rule::R1,
+        ),
+        ("timers", shown.timers.into(), held.timers.into(), Rule::R7),
+        (
+            "temp files",
+            shown.temp_files.into(),
+            held.temp_files.into(),
+            Rule::R5,
+        ),
+        (
+            "delegate held",
+            shown.delegate_held.into(),
+            held.delegate_held.into(),
+            Rule::R3,
+        ),
+    ];
+    for (name, shown, expected, rule) in fields {
+        if shown != expected {
+            return broken(
+                rule,
+                format!("{id} {source}: {name} {shown}, the model says {expected}"),
+            );
+        }
+    }
+    Ok(())
+}

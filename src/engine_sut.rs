@@ -1,0 +1,578 @@
+//! The engine as the system under test: `leakproof-core` sessions driven by a simulated
+//! network. The simulated driver carries out every action the engine asks for and keeps its
+//! own account of connections, timers and files: that account, the delegate's `Weak` and the
+//! bytes fed versus heard are the witnesses the engine's ledger is checked against.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+use leakproof_core as core;
+use leakproof_core::{Action, ConnId, Core, Delivered, Delivery, Release, Timeout, TimerId};
+use leakproof_model::{
+    Callback, Disposition, Fault, Op, Outcome, Refusal, Resources, SessionId, SessionKind,
+    SessionState, TaskId, TaskKind, TaskState, Timer,
+};
+
+use crate::assertions::{SessionView, View};
+use crate::machine::System;
+
+/// The whole world: every session the sequence created.
+#[derive(Debug, Default)]
+pub struct EngineWorld {
+    sessions: BTreeMap<SessionId, Sim>,
+    session_of: BTreeMap<TaskId, SessionId>,
+}
+
+/// The delegate: what it hears is recorded by the delivery closure; the test keeps a `Weak`.
+#[derive(Debug)]
+struct Delegate;
+
+#[derive(Debug)]
+struct Sim {
+    id: SessionId,
+    handle: Option<core::SessionHandle>,
+    core: Core,
+    delivery: Delivery<Arc<Delegate>>,
+    delivery_done: bool,
+    delegate: Option<Weak<Delegate>>,
+    tasks: BTreeMap<TaskId, SimTask>,
+    model_id: BTreeMap<core::TaskId, TaskId>,
+    net: Network,
+    heard: Vec<Callback>,
+}
+
+#[derive(Debug)]
+struct SimTask {
+    engine: core::TaskId,
+    handle: Option<core::TaskHandle>,
+    /// What the delegate answers to this task's response head.
+    answer: Disposition,
+}
+
+/// The far side of every connection, and the driver's own account of what it holds.
+#[derive(Debug, Default)]
+struct Network {
+    /// Exchanges that ended, by their own IO or by an abort: actions still addressed to them
+    /// are moot (see `leakproof_core::Action`).
+    ended: BTreeSet<core::TaskId>,
+    /// Only a delegate hears body bytes; without one the engine must drop them.
+    delegated: bool,
+    exchanges: BTreeMap<core::TaskId, Exchange>,
+    open: BTreeSet<ConnId>,
+    idle: BTreeSet<ConnId>,
+    timers: BTreeMap<(core::TaskId, Timeout), TimerId>,
+    files: BTreeSet<PathBuf>,
+    /// Body bytes handed to the engine for the delegate, and bytes the delegate heard.
+    bytes_fed: u64,
+    bytes_heard: u64,
+}
+
+/// One exchange in flight on a connection.
+#[derive(Debug)]
+struct Exchange {
+    conn: ConnId,
+    paused: bool,
+    phase: Phase,
+    /// What the server sent that the driver has not read yet.
+    unread: VecDeque<Sent>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitingHead,
+    AwaitingDisposition,
+    ReadingBody { into_file: bool },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    Head,
+    Bytes(u32),
+    End { reusable: bool },
+    Fault(Fault),
+}
+
+impl System for EngineWorld {
+    fn apply(&mut self, op: &Op) -> View {
+        let mut refused = None;
+        let touched = match *op {
+            Op::CreateSession { session, kind } => {
+                self.sessions.insert(session, Sim::new(session, kind));
+                session
+            }
+            Op::FinishTasksAndInvalidate(s) => {
+                self.user_session(s).finish_tasks_and_invalidate();
+                s
+            }
+            Op::InvalidateAndCancel(s) => {
+                self.user_session(s).invalidate_and_cancel();
+                s
+            }
+            Op::DropSession(s) => {
+                self.sim(s).handle = None;
+                s
+            }
+            Op::IdleTimeoutPasses(s) => {
+                let sim = self.sim(s);
+                for conn in std::mem::take(&mut sim.net.idle) {
+                    sim.core.idle_expired(conn);
+                }
+                s
+            }
+            Op::CreateTask {
+                session,
+                task,
+                kind,
+            } => {
+                let sim = self.sim(session);
+                let handle = sim.handle.as_ref().expect("the user holds the session");
+                match handle.create_task(engine_kind(kind), "stage") {
+                    Ok(handle) => {
+                        sim.model_id.insert(handle.id(), task);
+                        sim.tasks.insert(
+                            task,
+                            SimTask {
+                                engine: handle.id(),
+                                handle: Some(handle),
+                                answer: Disposition::Allow,
+                            },
+                        );
+                        self.session_of.insert(task, session);
+                    }
+                    Err(core::Error::SessionInvalidated) => {
+                        refused = Some(Refusal::SessionInvalidated);
+                    }
+                    Err(other) => panic!("R8: create_task failed with {other}"),
+                }
+                session
+            }
+            Op::Resume(t) => self.user_task(t, core::TaskHandle::resume),
+            Op::Suspend(t) => self.user_task(t, core::TaskHandle::suspend),
+            Op::Cancel(t) => self.user_task(t, core::TaskHandle::cancel),
+            Op::DropTask(t) => {
+                let s = self.session_of[&t];
+                self.sim(s).tasks.get_mut(&t).expect("task").handle = None;
+                s
+            }
+            Op::ServerHeaders { task, answer } => {
+                let s = self.session_of[&task];
+                self.sim(s).tasks.get_mut(&task).expect("task").answer = answer;
+                self.server(task, Sent::Head)
+            }
+            Op::ServerSends { task, bytes } => self.server(task, Sent::Bytes(bytes)),
+            Op::ServerEnds { task, reusable } => self.server(task, Sent::End { reusable }),
+            Op::ServerFails { task, fault } => self.server(task, Sent::Fault(fault)),
+            Op::TimePasses { task, timer } => {
+                let s = self.session_of[&task];
+                let sim = self.sim(s);
+                let engine = sim.tasks[&task].engine;
+                let timeout = match timer {
+                    Timer::Request => Timeout::Request,
+                    Timer::Resource => Timeout::Resource,
+                };
+                let armed = sim.net.timers.get(&(engine, timeout)).copied();
+                let armed = armed.unwrap_or_else(|| panic!("R12: no {timer:?} timer armed"));
+                sim.core.timer_fired(armed);
+                s
+            }
+        };
+        let callbacks = self.sim(touched).settle();
+        self.view(refused, callbacks)
+    }
+}
+
+impl EngineWorld {
+    fn sim(&mut self, s: SessionId) -> &mut Sim {
+        self.sessions.get_mut(&s).expect("session exists")
+    }
+
+    fn user_session(&mut self, s: SessionId) -> &core::SessionHandle {
+        self.sim(s)
+            .handle
+            .as_ref()
+            .expect("the user holds the session")
+    }
+
+    fn user_task(&mut self, t: TaskId, op: fn(&core::TaskHandle)) -> SessionId {
+        let s = self.session_of[&t];
+        let task = &self.sim(s).tasks[&t];
+        op(task.handle.as_ref().expect("the user holds the task"));
+        s
+    }
+
+    /// The server does something on the task's connection.
+    fn server(&mut self, task: TaskId, sent: Sent) -> SessionId {
+        let s = self.session_of[&task];
+        let sim = self.sim(s);
+        let engine = sim.tasks[&task].engine;
+        // Sent to a connection that is gone: nobody reads it.
+        if let Some(exchange) = sim.net.exchanges.get_mut(&engine) {
+            exchange.unread.push_back(sent);
+            sim.net.read(&sim.core, engine);
+        }
+        s
+    }
+
+    fn view(&self, refused: Option<Refusal>, callbacks: Vec<Callback>) -> View {
+        let mut view = View {
+            refused,
+            callbacks,
+            ..View::default()
+        };
+        for (id, sim) in &self.sessions {
+            for (t, task) in &sim.tasks {
+                let state = match &task.handle {
+                    Some(handle) => handle.state(),
+                    None => sim.core.task_state(task.engine),
+                };
+                view.tasks.insert(*t, model_task_state(state));
+            }
+            view.sessions.insert(*id, sim.view());
+        }
+        view
+    }
+}
+
+impl Sim {
+    fn new(id: SessionId, kind: SessionKind) -> Self {
+        let config = core::Config {
+            shared: kind == SessionKind::Shared,
+            name: format!("engine-check-{id}"),
+            ..core::Config::default()
+        };
+        let delegate = (kind == SessionKind::Delegated).then(|| Arc::new(Delegate));
+        let weak = delegate.as_ref().map(Arc::downgrade);
+        let (handle, core, delivery) = core::session(config, delegate);
+        Sim {
+            id,
+            handle: Some(handle),
+            core,
+            delivery,
+            delivery_done: false,
+            delegate: weak,
+            tasks: BTreeMap::new(),
+            model_id: BTreeMap::new(),
+            net: Network {
+                delegated: kind == SessionKind::Delegated,
+                ..Network::default()
+            },
+            heard: Vec::new(),
+        }
+    }
+
+    /// Carry out actions and deliver callbacks until neither queue has anything; return what
+    /// the delegate heard.
+    fn settle(&mut self) -> Vec<Callback> {
+        let before = self.heard.len();
+        loop {
+            let mut progressed = false;
+            while let Some(action) = self.core.try_action() {
+                self.net.carry_out(&self.core, action);
+                progressed = true;
+            }
+            let Sim {
+                id,
+                delivery,
+                tasks,
+                model_id,
+                heard,
+                net,
+                ..
+            } = self;
+            let mut hear = |_: &Arc<Delegate>, callback: core::Callback| {
+                if let core::Callback::ReceiveData { data, .. } = &callback {
+                    net.bytes_heard += data.len() as u64;
+                }
+                let shape = model_callback(&callback, model_id, *id);
+                heard.push(shape);
+                match callback {
+                    core::Callback::ReceiveResponse { task, .. } => {
+                        Some(engine_disposition(tasks[&model_id[&task]].answer))
+                    }
+                    _ => None,
+                }
+            };
+            while !self.delivery_done {
+                match delivery.try_deliver(&mut hear) {
+                    Some(Delivered::One) => progressed = true,
+                    Some(Delivered::Done) => {
+                        self.delivery_done = true;
+                        progressed = true;
+                    }
+                    None => break,
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        self.heard[before..].to_vec()
+    }
+
+    fn view(&self) -> SessionView {
+        let ledger = self.core.ledger();
+        let delegated = self.delegate.is_some();
+        let delegate_alive = self
+            .delegate
+            .as_ref()
+            .is_some_and(|w| w.upgrade().is_some());
+        let net = &self.net;
+        let completed: BTreeSet<TaskId> = self
+            .heard
+            .iter()
+            .filter_map(|c| match c {
+                Callback::Complete { task, .. } => Some(*task),
+                _ => None,
+            })
+            .collect();
+        SessionView {
+            state: model_session_state(self.core.state()),
+            ledger: Resources {
+                open_connections: ledger.open_connections,
+                idle_connections: ledger.idle_connections,
+                buffered_bytes: ledger.buffered_bytes,
+                live_tasks: ledger.live_tasks,
+                timers: ledger.timers,
+                temp_files: ledger.temp_files,
+                delegate_held: ledger.delegate_held,
+            },
+            pending: ledger.pending_actions + ledger.pending_callbacks,
+            witness: Resources {
+                open_connections: net.open.len() as u32,
+                idle_connections: net.idle.len() as u32,
+                // Without a delegate nothing is ever heard, so bytes and completions can only
+                // be witnessed for delegated sessions; the others take the ledger's word.
+                buffered_bytes: if delegated {
+                    net.bytes_fed - net.bytes_heard
+                } else {
+                    ledger.buffered_bytes
+                },
+                live_tasks: if delegated {
+                    (self.tasks.len() - completed.len()) as u32
+                } else {
+                    ledger.live_tasks
+                },
+                timers: net.timers.len() as u32,
+                temp_files: net.files.len() as u32,
+                delegate_held: delegate_alive,
+            },
+            heard: self.heard.clone(),
+        }
+    }
+}
+
+impl Network {
+    /// Do what the engine asks, checking that each request makes sense for what the driver
+    /// holds. A nonsensical action is a bug in the engine: panic with the rule it breaks.
+    fn carry_out(&mut self, core: &Core, action: Action) {
+        match action {
+            Action::Start { task, conn, reused } => {
+                if reused {
+                    assert!(
+                        self.idle.remove(&conn),
+                        "R5: reused {conn:?}, which is not idle"
+                    );
+                }
+                assert!(self.open.insert(conn), "R5: {conn:?} started twice");
+                let exchange = Exchange {
+                    conn,
+                    paused: false,
+                    phase: Phase::AwaitingHead,
+                    unread: VecDeque::new(),
+                };
+                assert!(
+                    self.exchanges.insert(task, exchange).is_none() && !self.ended.contains(&task),
+                    "R1: {task:?} started twice"
+                );
+            }
+            Action::Pause { task } => {
+                if let Some(exchange) = self.exchanges.get_mut(&task) {
+                    exchange.paused = true;
+                }
+            }
+            Action::Unpause { task } => {
+                if let Some(exchange) = self.exchanges.get_mut(&task) {
+                    exchange.paused = false;
+                }
+                self.read(core, task);
+            }
+            Action::ReadBody { task, into } => {
+                let Some(exchange) = self.exchanges.get_mut(&task) else {
+                    assert!(
+                        self.ended.contains(&task),
+                        "R1: ReadBody for {task:?}, never started"
+                    );
+                    return;
+                };
+                assert_eq!(exchange.phase, Phase::AwaitingDisposition, "ReadBody twice");
+                exchange.phase = Phase::ReadingBody {
+                    into_file: into.is_some(),
+                };
+                if let Some(path) = into {
+                    assert!(self.files.insert(path), "R5: a temp file made twice");
+                }
+                self.read(core, task);
+            }
+            Action::Abort { task, conn } => {
+                self.end(task);
+                if let Some(conn) = conn {
+                    // Held by the IO, or parked by it for body_end.
+                    let held = self.open.remove(&conn) || self.idle.remove(&conn);
+                    assert!(held, "R5: aborted {task:?} on {conn:?}, which is not held");
+                }
+            }
+            Action::Close { conn } => {
+                assert!(
+                    self.idle.remove(&conn),
+                    "R4: closed {conn:?}, which is not idle"
+                );
+            }
+            Action::ArmTimer { timer, .. } => {
+                self.timers.insert((timer.task, timer.timeout), timer);
+            }
+            Action::DisarmTimer { timer } => {
+                let key = (timer.task, timer.timeout);
+                if self.timers.get(&key) == Some(&timer) {
+                    self.timers.remove(&key);
+                }
+            }
+            Action::RemoveTempFile { path, .. } => {
+                // Missing is fine: the IO may have ended before it made the file.
+                self.files.remove(&path);
+            }
+        }
+    }
+
+    fn end(&mut self, task: core::TaskId) {
+        self.exchanges.remove(&task);
+        self.ended.insert(task);
+    }
+
+    /// Read what the server sent, as far as the exchange can go without the engine.
+    fn read(&mut self, core: &Core, task: core::TaskId) {
+        loop {
+            let Some(exchange) = self.exchanges.get_mut(&task) else {
+                return;
+            };
+            let Some(&sent) = exchange.unread.front() else {
+                return;
+            };
+            if exchange.paused {
+                return; // R7: a paused exchange reads nothing.
+            }
+            let conn = exchange.conn;
+            match (sent, exchange.phase) {
+                (Sent::Head, Phase::AwaitingHead) => {
+                    exchange.unread.pop_front();
+                    exchange.phase = Phase::AwaitingDisposition;
+                    core.response(task, http::Response::new(()));
+                }
+                (Sent::Bytes(n), Phase::ReadingBody { into_file }) => {
+                    exchange.unread.pop_front();
+                    if !into_file && self.delegated {
+                        self.bytes_fed += u64::from(n);
+                    }
+                    core.body_data(task, Bytes::from(vec![0u8; n as usize]));
+                }
+                (Sent::End { reusable }, Phase::ReadingBody { .. }) => {
+                    self.end(task);
+                    // Park the connection before asking, as Core::body_end requires.
+                    self.open.remove(&conn);
+                    self.idle.insert(conn);
+                    if core.body_end(task, reusable) == Release::Close {
+                        self.idle.remove(&conn);
+                    }
+                }
+                // Between the head and ReadBody the IO reads nothing: it waits for the delegate.
+                (Sent::Fault(fault), Phase::AwaitingHead | Phase::ReadingBody { .. }) => {
+                    self.end(task);
+                    self.open.remove(&conn);
+                    let error = match fault {
+                        Fault::Reset => core::Error::ConnectionReset,
+                        Fault::Malformed => {
+                            core::Error::MalformedResponse("bad status line".into())
+                        }
+                    };
+                    core.failed(task, error);
+                }
+                // Waiting on the engine: the delegate's disposition.
+                _ => return,
+            }
+        }
+    }
+}
+
+fn engine_kind(kind: TaskKind) -> core::TaskKind {
+    match kind {
+        TaskKind::Data => core::TaskKind::Data,
+        TaskKind::Download => core::TaskKind::Download,
+        TaskKind::Upload => core::TaskKind::Upload,
+    }
+}
+
+fn engine_disposition(answer: Disposition) -> core::Disposition {
+    match answer {
+        Disposition::Allow => core::Disposition::Allow,
+        Disposition::Cancel => core::Disposition::Cancel,
+        Disposition::BecomeDownload => core::Disposition::BecomeDownload,
+    }
+}
+
+fn model_task_state(state: core::TaskState) -> TaskState {
+    match state {
+        core::TaskState::Suspended => TaskState::Suspended,
+        core::TaskState::Running => TaskState::Running,
+        core::TaskState::Canceling => TaskState::Canceling,
+        core::TaskState::Completed => TaskState::Completed,
+    }
+}
+
+fn model_session_state(state: core::SessionState) -> SessionState {
+    match state {
+        core::SessionState::Active => SessionState::Active,
+        core::SessionState::Finishing => SessionState::Finishing,
+        core::SessionState::Cancelling => SessionState::Cancelling,
+        core::SessionState::Invalidated => SessionState::Invalidated,
+    }
+}
+
+/// The model's outcome for an engine result.
+pub fn model_outcome(result: &Result<(), core::Error>) -> Outcome {
+    match result {
+        Ok(()) => Outcome::Success,
+        Err(core::Error::Cancelled) => Outcome::Cancelled,
+        Err(core::Error::TimedOut(Timeout::Request)) => Outcome::TimedOut(Timer::Request),
+        Err(core::Error::TimedOut(Timeout::Resource)) => Outcome::TimedOut(Timer::Resource),
+        Err(core::Error::MalformedResponse(_)) => Outcome::Malformed,
+        Err(core::Error::InvalidDisposition { .. }) => Outcome::InvalidDisposition,
+        Err(_) => Outcome::Reset,
+    }
+}
+
+fn model_callback(
+    callback: &core::Callback,
+    model_id: &BTreeMap<core::TaskId, TaskId>,
+    session: SessionId,
+) -> Callback {
+    let id = |t: &core::TaskId| model_id[t];
+    match callback {
+        core::Callback::ReceiveResponse { task, .. } => {
+            Callback::ReceiveResponse { task: id(task) }
+        }
+        core::Callback::ReceiveData { task, data } => Callback::ReceiveData {
+            task: id(task),
+            bytes: data.len() as u64,
+        },
+        core::Callback::BecomeDownload { task } => Callback::BecomeDownload { task: id(task) },
+        core::Callback::FinishDownloading { task, .. } => {
+            Callback::FinishDownloading { task: id(task) }
+        }
+        core::Callback::Complete { task, result } => Callback::Complete {
+            task: id(task),
+            outcome: model_outcome(result),
+        },
+        core::Callback::BecomeInvalid => Callback::BecomeInvalid { session },
+    }
+}

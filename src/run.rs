@@ -1,0 +1,143 @@
+//! Running the conformance test for a number of cases from a seed, and the report.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use proptest::test_runner::{
+    Config, FailurePersistence, FileFailurePersistence, RngAlgorithm, TestError, TestRng,
+    TestRunner,
+};
+use proptest_state_machine::{ReferenceStateMachine, StateMachineTest};
+
+use leakproof_model::Op;
+
+use crate::machine::{Conformance, OPS_APPLIED, System};
+use crate::reference::Reference;
+
+/// How much to explore.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub cases: u32,
+    /// The same seed generates the same sequences; `None` picks one and reports it.
+    pub seed: Option<u64>,
+    /// The longest generated sequence, before teardown.
+    pub max_ops: usize,
+    /// A file of proptest regression seeds to replay first and to record failures in.
+    pub regressions: Option<&'static str>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            cases: 256,
+            seed: None,
+            max_ops: 48,
+            regressions: None,
+        }
+    }
+}
+
+/// What a run found.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub target: &'static str,
+    pub cases: u32,
+    pub seed: u64,
+    pub ops: u64,
+    pub elapsed: Duration,
+    pub failure: Option<Failure>,
+}
+
+/// The shrunk, minimal failing sequence and what broke.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub message: String,
+    pub ops: Vec<Op>,
+}
+
+/// Check `S` against the model.
+pub fn check<S: System>(target: &'static str, options: &Options) -> Report {
+    let seed = options.seed.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let mut seed_bytes = [0u8; 32];
+    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let config = Config {
+        cases: options.cases,
+        failure_persistence: options.regressions.map(|path| {
+            Box::new(FileFailurePersistence::Direct(path)) as Box<dyn FailurePersistence>
+        }),
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new_with_rng(
+        config.clone(),
+        TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
+    );
+    let strategy = Reference::sequential_strategy(1..=options.max_ops);
+
+    // Shrinking panics many times on purpose; the report says what the last one was.
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let ops_before = OPS_APPLIED.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let result = runner.run(&strategy, |(initial, ops, seen)| {
+        Conformance::<S>::test_sequential(config.clone(), initial, ops, seen);
+        Ok(())
+    });
+    let elapsed = started.elapsed();
+    std::panic::set_hook(quiet);
+
+    let failure = match result {
+        Ok(()) => None,
+        Err(TestError::Fail(reason, (_, ops, _))) => Some(Failure {
+            message: reason.message().to_string(),
+            ops,
+        }),
+        Err(TestError::Abort(reason)) => Some(Failure {
+            message: format!("aborted: {}", reason.message()),
+            ops: Vec::new(),
+        }),
+    };
+    Report {
+        target,
+        cases: options.cases,
+        seed,
+        ops: OPS_APPLIED.load(Ordering::Relaxed) - ops_before,
+        elapsed,
+        failure,
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        writeln!(f, "model vs {}", self.target)?;
+        writeln!(f, "  cases   {} (seed {})", self.cases, self.seed)?;
+        writeln!(
+            f,
+            "  ops     {} (teardown included, shrinking too)",
+            self.ops
+        )?;
+        writeln!(
+            f,
+            "  time    {:.2?} ({:.0} cases/s, {:.0} ops/s)",
+            self.elapsed,
+            f64::from(self.cases) / secs,
+            self.ops as f64 / secs
+        )?;
+        match &self.failure {
+            None => writeln!(f, "  result  all rules held"),
+            Some(failure) => {
+                writeln!(f, "  result  FAILED: {}", failure.message)?;
+                writeln!(f, "  minimal sequence ({} ops):", failure.ops.len())?;
+                for op in &failure.ops {
+                    writeln!(f, "    {op:?}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
