@@ -9,7 +9,9 @@ use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use leakproof_core as core;
-use leakproof_core::{Action, ConnId, Core, Delivered, Delivery, Release, Timeout, TimerId};
+use leakproof_core::{
+    Action, ConnId, Core, Delivered, Delivery, Proceed, Release, Timeout, TimerId,
+};
 use leakproof_model::{
     Callback, Disposition, Fault, Op, Outcome, Refusal, Resources, SessionId, SessionKind,
     SessionState, TaskId, TaskKind, TaskState, Timer,
@@ -128,7 +130,7 @@ impl System for EngineWorld {
             } => {
                 let sim = self.sim(session);
                 let handle = sim.handle.as_ref().expect("the user holds the session");
-                match handle.create_task(engine_kind(kind), "stage") {
+                match handle.create_task(engine_kind(kind), "stage", core::Route::Delegate) {
                     Ok(handle) => {
                         sim.model_id.insert(handle.id(), task);
                         sim.tasks.insert(
@@ -399,20 +401,14 @@ impl Network {
                 self.read(core, task);
             }
             Action::ReadBody { task, into } => {
-                let Some(exchange) = self.exchanges.get_mut(&task) else {
+                if !self.exchanges.contains_key(&task) {
                     assert!(
                         self.ended.contains(&task),
                         "R1: ReadBody for {task:?}, never started"
                     );
                     return;
-                };
-                assert_eq!(exchange.phase, Phase::AwaitingDisposition, "ReadBody twice");
-                exchange.phase = Phase::ReadingBody {
-                    into_file: into.is_some(),
-                };
-                if let Some(path) = into {
-                    assert!(self.files.insert(path), "R5: a temp file made twice");
                 }
+                self.read_body(task, into);
                 self.read(core, task);
             }
             Action::Abort { task, conn } => {
@@ -445,6 +441,22 @@ impl Network {
         }
     }
 
+    /// The body may be read now: the delegate allowed it, or nobody had to.
+    fn read_body(&mut self, task: core::TaskId, into: Option<PathBuf>) {
+        let exchange = self.exchanges.get_mut(&task).expect("a live exchange");
+        assert_eq!(
+            exchange.phase,
+            Phase::AwaitingDisposition,
+            "the body allowed twice"
+        );
+        exchange.phase = Phase::ReadingBody {
+            into_file: into.is_some(),
+        };
+        if let Some(path) = into {
+            assert!(self.files.insert(path), "R5: a temp file made twice");
+        }
+    }
+
     fn end(&mut self, task: core::TaskId) {
         self.exchanges.remove(&task);
         self.ended.insert(task);
@@ -467,7 +479,11 @@ impl Network {
                 (Sent::Head, Phase::AwaitingHead) => {
                     exchange.unread.pop_front();
                     exchange.phase = Phase::AwaitingDisposition;
-                    core.response(task, http::Response::new(()));
+                    match core.response(task, http::Response::new(())) {
+                        Proceed::Read { into } => self.read_body(task, into),
+                        Proceed::Wait => {}
+                        Proceed::Stop => self.end(task),
+                    }
                 }
                 (Sent::Bytes(n), Phase::ReadingBody { into_file }) => {
                     exchange.unread.pop_front();

@@ -13,7 +13,10 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::error::{Error, Timeout};
-use crate::{Action, Callback, ConnId, Disposition, Ledger, Release, TaskId, TaskKind, TimerId};
+use crate::{
+    Action, Callback, ConnId, Disposition, Ledger, Proceed, Release, Route, Start, TaskId,
+    TaskKind, TimerId,
+};
 
 /// What the engine needs to know about its session. Durations are data: the engine never
 /// reads a clock, it asks the driver to arm timers.
@@ -32,6 +35,8 @@ pub struct Config {
     pub download_dir: PathBuf,
     /// A name unique in the process, used to name temp files.
     pub name: String,
+    /// At most this many kept-alive connections per origin; more are closed, not pooled.
+    pub max_idle_per_origin: usize,
 }
 
 impl Default for Config {
@@ -43,6 +48,7 @@ impl Default for Config {
             resource_timeout: Duration::from_secs(7 * 24 * 3600),
             download_dir: std::env::temp_dir(),
             name: "leakproof".into(),
+            max_idle_per_origin: usize::MAX,
         }
     }
 }
@@ -90,6 +96,7 @@ enum EndedBy {
 #[derive(Debug)]
 struct Cell {
     kind: TaskKind,
+    route: Route,
     origin: String,
     state: TaskState,
     handle: bool,
@@ -126,6 +133,8 @@ pub(crate) struct Engine {
     /// Completed downloads whose file is with the delegate until did_finish_downloading returns.
     handed_over: Vec<(TaskId, PathBuf)>,
     delegate_held: bool,
+    /// How handler-routed tasks ended, kept until their handler takes it.
+    outcomes: BTreeMap<TaskId, Result<(), Error>>,
 }
 
 impl Engine {
@@ -147,6 +156,7 @@ impl Engine {
             buffered: 0,
             peak_buffered: 0,
             handed_over: Vec::new(),
+            outcomes: BTreeMap::new(),
         }
     }
 
@@ -214,7 +224,12 @@ impl Engine {
 
     // ---- the user's inputs ----
 
-    pub(crate) fn create_task(&mut self, kind: TaskKind, origin: &str) -> Result<TaskId, Error> {
+    pub(crate) fn create_task(
+        &mut self,
+        kind: TaskKind,
+        origin: &str,
+        route: Route,
+    ) -> Result<TaskId, Error> {
         // R8: refused before anything is allocated.
         if self.state != SessionState::Active {
             return Err(Error::SessionInvalidated);
@@ -225,6 +240,7 @@ impl Engine {
             id,
             Cell {
                 kind,
+                route,
                 origin: origin.to_owned(),
                 state: TaskState::Suspended,
                 handle: true,
@@ -238,12 +254,19 @@ impl Engine {
     }
 
     pub(crate) fn resume(&mut self, task: TaskId) {
+        self.resume_and_start(task);
+    }
+
+    /// Resume; for a handler-routed task that was never started, return where to start it
+    /// instead of asking the driver: the handler runs the exchange itself.
+    pub(crate) fn resume_and_start(&mut self, task: TaskId) -> Option<Start> {
         let Some(cell) = self.tasks.get_mut(&task) else {
-            return; // Completed: a no-op.
+            return None; // Completed: a no-op.
         };
         if cell.state != TaskState::Suspended {
-            return; // Resumes do not nest.
+            return None; // Resumes do not nest.
         }
+        let mut inline = None;
         cell.state = TaskState::Running;
         if cell.exchange == Exchange::NotStarted {
             // A kept-alive connection to the same origin is reused before one is opened.
@@ -257,12 +280,16 @@ impl Engine {
             };
             cell.conn = Some(conn);
             cell.exchange = Exchange::AwaitingResponse;
-            self.actions.push_back(Action::Start { task, conn, reused });
+            match cell.route {
+                Route::Delegate => self.actions.push_back(Action::Start { task, conn, reused }),
+                Route::Handler => inline = Some(Start { conn, reused }),
+            }
         } else {
             self.actions.push_back(Action::Unpause { task });
         }
         self.arm(task, Timeout::Request);
         self.arm(task, Timeout::Resource);
+        inline
     }
 
     pub(crate) fn suspend(&mut self, task: TaskId) {
@@ -284,7 +311,13 @@ impl Engine {
         }
     }
 
+    /// How a handler-routed task ended, once.
+    pub(crate) fn take_outcome(&mut self, task: TaskId) -> Option<Result<(), Error>> {
+        self.outcomes.remove(&task)
+    }
+
     pub(crate) fn task_handle_dropped(&mut self, task: TaskId) {
+        self.outcomes.remove(&task);
         let Some(cell) = self.tasks.get_mut(&task) else {
             return;
         };
@@ -327,21 +360,26 @@ impl Engine {
 
     // ---- the driver's inputs ----
 
-    pub(crate) fn response(&mut self, task: TaskId, response: http::Response<()>) {
+    pub(crate) fn response(&mut self, task: TaskId, response: http::Response<()>) -> Proceed {
         let delegated = self.config.delegated;
         let Some(cell) = self.tasks.get_mut(&task) else {
-            return;
+            return Proceed::Stop;
         };
         if cell.exchange != Exchange::AwaitingResponse {
-            return;
+            return Proceed::Stop;
         }
         cell.exchange = Exchange::AwaitingDisposition;
+        let asks_delegate = delegated && cell.route == Route::Delegate;
         self.rearm(task, Timeout::Request);
-        if delegated {
+        if asks_delegate {
             self.callbacks
                 .push_back(Callback::ReceiveResponse { task, response });
+            Proceed::Wait
         } else {
-            self.answer(task, Disposition::Allow);
+            // Nobody else decides: allowed at once, and the IO is told so directly.
+            Proceed::Read {
+                into: self.receive_body(task),
+            }
         }
     }
 
@@ -352,7 +390,9 @@ impl Engine {
         if cell.exchange != Exchange::ReceivingBody {
             return;
         }
-        let to_delegate = cell.kind != TaskKind::Download && self.config.delegated;
+        let to_delegate = cell.kind != TaskKind::Download
+            && self.config.delegated
+            && cell.route == Route::Delegate;
         self.rearm(task, Timeout::Request);
         // A chunk read just before a suspend took effect is still delivered: it was read.
         if to_delegate && !data.is_empty() {
@@ -371,7 +411,9 @@ impl Engine {
             return Release::Close;
         }
         // R5: pooled only when read whole and kept alive by the server.
-        let release = match (reusable, cell.conn.take()) {
+        let pooled_here = self.idle.iter().filter(|(o, _)| *o == cell.origin).count();
+        let room = pooled_here < self.config.max_idle_per_origin;
+        let release = match (reusable && room, cell.conn.take()) {
             (true, Some(conn)) => {
                 self.idle.push((cell.origin.clone(), conn));
                 Release::Pool
@@ -418,11 +460,11 @@ impl Engine {
             return;
         }
         match (disposition, cell.kind) {
-            (Disposition::Allow, _) => self.receive_body(task),
+            (Disposition::Allow, _) => self.read_body(task),
             (Disposition::BecomeDownload, TaskKind::Data) => {
                 cell.kind = TaskKind::Download;
                 self.callbacks.push_back(Callback::BecomeDownload { task });
-                self.receive_body(task);
+                self.read_body(task);
             }
             (Disposition::BecomeDownload, kind) => {
                 let error = Error::InvalidDisposition { disposition, kind };
@@ -454,7 +496,14 @@ impl Engine {
 
     // ---- transitions ----
 
-    fn receive_body(&mut self, task: TaskId) {
+    /// The delegate allowed the body: tell the driver.
+    fn read_body(&mut self, task: TaskId) {
+        let into = self.receive_body(task);
+        self.actions.push_back(Action::ReadBody { task, into });
+    }
+
+    /// The body may be read; a download's goes into the returned file.
+    fn receive_body(&mut self, task: TaskId) -> Option<PathBuf> {
         let cell = self.tasks.get_mut(&task).expect("live task");
         cell.exchange = Exchange::ReceivingBody;
         let into = (cell.kind == TaskKind::Download).then(|| {
@@ -463,7 +512,7 @@ impl Engine {
                 .join(format!("{}-{}.download", self.config.name, task.0))
         });
         cell.temp_file.clone_from(&into);
-        self.actions.push_back(Action::ReadBody { task, into });
+        into
     }
 
     fn arm(&mut self, task: TaskId, timeout: Timeout) {
@@ -516,8 +565,11 @@ impl Engine {
                 conn: cell.conn,
             });
         }
+        let handler = cell.route == Route::Handler;
         if let Some(path) = cell.temp_file {
-            if result.is_ok() && self.config.delegated {
+            if result.is_ok() && handler {
+                // The handler owns the finished file now (its guard removes it).
+            } else if result.is_ok() && self.config.delegated {
                 self.callbacks.push_back(Callback::FinishDownloading {
                     task,
                     location: path.clone(),
@@ -528,7 +580,12 @@ impl Engine {
                     .push_back(Action::RemoveTempFile { task, path });
             }
         }
-        if self.config.delegated {
+        if handler {
+            // Kept for the handler while it can still ask; nobody else will.
+            if cell.handle {
+                self.outcomes.insert(task, result);
+            }
+        } else if self.config.delegated {
             self.callbacks
                 .push_back(Callback::Complete { task, result });
         }

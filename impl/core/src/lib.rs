@@ -87,8 +87,9 @@ pub enum Disposition {
 /// The task's IO runs concurrently with the driver, so an action addressed to a task's IO
 /// (`Pause`, `Unpause`, `ReadBody`, `Abort`) can arrive after that IO has ended by itself (it
 /// read an error, or the end, and told the engine): such an action is moot and the driver
-/// drops it. Found by the suite: a plain session's engine allows a response inside
-/// [`Core::response`], and the IO went on to read a reset before the driver took `ReadBody`.
+/// drops it. The suite found this when a plain session's responses were allowed by queueing
+/// `ReadBody`, and the IO read a reset before the driver took it; [`Proceed`] now tells the IO
+/// directly, but the other actions can still arrive late.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Send the task's request on `conn`: the pooled connection `conn` if `reused`, else a new
@@ -116,6 +117,38 @@ pub enum Action {
     DisarmTimer { timer: TimerId },
     /// Remove a download's temp file (missing is fine: the delegate may have moved it).
     RemoveTempFile { task: TaskId, path: PathBuf },
+}
+
+/// Who hears about a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// The session's delegate hears its callbacks; the driver runs its IO.
+    Delegate,
+    /// Its handler (an awaiting future, say) runs its IO and learns everything itself: no
+    /// callback is queued, every response is allowed, a finished download's file is handed
+    /// to it, and its outcome is kept for [`Core::take_outcome`].
+    Handler,
+}
+
+/// Where a handler-routed task's exchange starts (see [`TaskHandle::resume_inline`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Start {
+    /// The connection: pooled if `reused`, else one to open now.
+    pub conn: ConnId,
+    pub reused: bool,
+}
+
+/// What the IO does after reporting the response head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum Proceed {
+    /// Read the body now, into the file `into` for a download.
+    Read { into: Option<PathBuf> },
+    /// Wait: the delegate decides, and the driver gets [`Action::ReadBody`] or
+    /// [`Action::Abort`].
+    Wait,
+    /// The task is over; drop the exchange.
+    Stop,
 }
 
 /// What the IO that read a body to its end must do with its connection.

@@ -18,7 +18,10 @@ use bytes::Bytes;
 use crate::engine::{Config, Engine, SessionState, TaskState};
 use crate::error::Error;
 use crate::sync::{Arc, Mutex, lock};
-use crate::{Action, Callback, ConnId, Disposition, Ledger, Release, TaskId, TaskKind, TimerId};
+use crate::{
+    Action, Callback, ConnId, Disposition, Ledger, Proceed, Release, Route, Start, TaskId,
+    TaskKind, TimerId,
+};
 
 /// Create a session's engine. `delegate` decides whether callbacks are queued at all
 /// (`config.delegated` is set from it).
@@ -138,10 +141,15 @@ impl Core {
 
     // ---- the driver's inputs ----
 
-    /// The response head arrived. The IO then reads nothing more, errors included, until the
-    /// driver gets [`Action::ReadBody`]: the delegate decides first.
-    pub fn response(&self, task: TaskId, response: http::Response<()>) {
-        self.update(|e| e.response(task, response));
+    /// The response head arrived. On [`Proceed::Wait`] the IO reads nothing more, errors
+    /// included, until the driver gets [`Action::ReadBody`]: the delegate decides first.
+    pub fn response(&self, task: TaskId, response: http::Response<()>) -> Proceed {
+        self.update(|e| e.response(task, response))
+    }
+
+    /// How a handler-routed task ended; `None` while it runs, or once taken.
+    pub fn take_outcome(&self, task: TaskId) -> Option<Result<(), Error>> {
+        self.update(|e| e.take_outcome(task))
     }
 
     /// Body bytes arrived (for a download, after they were written to its file).
@@ -191,8 +199,13 @@ impl fmt::Debug for SessionHandle {
 
 impl SessionHandle {
     /// Create a `Suspended` task; refused once invalidation has begun (R8).
-    pub fn create_task(&self, kind: TaskKind, origin: &str) -> Result<TaskHandle, Error> {
-        let id = self.core.update(|e| e.create_task(kind, origin))?;
+    pub fn create_task(
+        &self,
+        kind: TaskKind,
+        origin: &str,
+        route: Route,
+    ) -> Result<TaskHandle, Error> {
+        let id = self.core.update(|e| e.create_task(kind, origin, route))?;
         Ok(TaskHandle {
             core: self.core.clone(),
             id,
@@ -245,6 +258,12 @@ impl TaskHandle {
 
     pub fn resume(&self) {
         self.core.update(|e| e.resume(self.id));
+    }
+
+    /// Resume a handler-routed task and return where its handler starts the exchange (the
+    /// first time only; `None` otherwise).
+    pub fn resume_inline(&self) -> Option<Start> {
+        self.core.update(|e| e.resume_and_start(self.id))
     }
 
     pub fn suspend(&self) {

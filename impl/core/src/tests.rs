@@ -35,7 +35,9 @@ fn ok_response() -> http::Response<()> {
 #[test]
 fn resume_starts_on_a_new_connection_with_both_timers() {
     let (session, core, _delivery) = delegated();
-    let task = session.create_task(TaskKind::Data, "a").unwrap();
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
     task.resume();
     let got = actions(&core);
     assert!(matches!(
@@ -54,13 +56,19 @@ fn resume_starts_on_a_new_connection_with_both_timers() {
 #[test]
 fn a_pooled_connection_is_reused_for_the_same_origin_only() {
     let (session, core, mut delivery) = delegated();
-    let first = session.create_task(TaskKind::Data, "a").unwrap();
+    let first = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
     first.resume();
-    core.response(first.id(), ok_response());
+    let _ = core.response(first.id(), ok_response());
     deliver(&mut delivery, Disposition::Allow);
     assert_eq!(core.body_end(first.id(), true), Release::Pool);
-    let other = session.create_task(TaskKind::Data, "b").unwrap();
-    let same = session.create_task(TaskKind::Data, "a").unwrap();
+    let other = session
+        .create_task(TaskKind::Data, "b", Route::Delegate)
+        .unwrap();
+    let same = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
     actions(&core);
     other.resume();
     same.resume();
@@ -77,7 +85,9 @@ fn a_pooled_connection_is_reused_for_the_same_origin_only() {
 #[test]
 fn a_stale_timer_is_ignored() {
     let (session, core, _delivery) = delegated();
-    let task = session.create_task(TaskKind::Data, "a").unwrap();
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
     task.resume();
     let timer = actions(&core)
         .into_iter()
@@ -86,7 +96,7 @@ fn a_stale_timer_is_ignored() {
             _ => None,
         })
         .unwrap();
-    core.response(task.id(), ok_response()); // re-arms the request timer
+    let _ = core.response(task.id(), ok_response()); // re-arms the request timer
     core.timer_fired(timer);
     assert_eq!(task.state(), TaskState::Running);
 }
@@ -94,7 +104,9 @@ fn a_stale_timer_is_ignored() {
 #[test]
 fn suspend_disarms_and_pauses_resume_rearms_and_unpauses() {
     let (session, core, _delivery) = delegated();
-    let task = session.create_task(TaskKind::Upload, "a").unwrap();
+    let task = session
+        .create_task(TaskKind::Upload, "a", Route::Delegate)
+        .unwrap();
     task.resume();
     actions(&core);
     task.suspend();
@@ -111,7 +123,9 @@ fn suspend_disarms_and_pauses_resume_rearms_and_unpauses() {
 #[test]
 fn cancel_aborts_a_started_task_and_completes_it_once() {
     let (session, core, mut delivery) = delegated();
-    let task = session.create_task(TaskKind::Data, "a").unwrap();
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
     task.resume();
     actions(&core);
     task.cancel();
@@ -130,9 +144,11 @@ fn cancel_aborts_a_started_task_and_completes_it_once() {
 #[test]
 fn a_download_file_is_removed_after_the_delegate_returns() {
     let (session, core, mut delivery) = delegated();
-    let task = session.create_task(TaskKind::Data, "a").unwrap();
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
     task.resume();
-    core.response(task.id(), ok_response());
+    let _ = core.response(task.id(), ok_response());
     deliver(&mut delivery, Disposition::BecomeDownload);
     let path = actions(&core)
         .into_iter()
@@ -169,10 +185,12 @@ fn a_download_file_is_removed_after_the_delegate_returns() {
 #[test]
 fn no_task_once_invalidation_began() {
     let (session, core, _delivery) = delegated();
-    let running = session.create_task(TaskKind::Data, "a").unwrap();
+    let running = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
     running.resume();
     session.finish_tasks_and_invalidate();
-    let refused = session.create_task(TaskKind::Data, "a");
+    let refused = session.create_task(TaskKind::Data, "a", Route::Delegate);
     assert!(matches!(refused, Err(Error::SessionInvalidated)));
     assert_eq!(core.ledger().live_tasks, 1);
 }
@@ -203,7 +221,9 @@ fn timeouts_come_from_the_config() {
         ..Config::default()
     };
     let (session, core, _delivery) = session(config, Some(Recorder));
-    let task = session.create_task(TaskKind::Data, "a").unwrap();
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
     task.resume();
     assert!(actions(&core).contains(&Action::ArmTimer {
         timer: TimerId {
@@ -213,4 +233,98 @@ fn timeouts_come_from_the_config() {
         },
         after: Duration::from_secs(3)
     }));
+}
+
+#[test]
+fn a_handler_task_runs_inline_and_keeps_its_outcome_for_the_handler() {
+    let (session, core, mut delivery) = delegated();
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Handler)
+        .unwrap();
+    let start = task.resume_inline().expect("the handler starts it");
+    assert_eq!(
+        start,
+        Start {
+            conn: ConnId(1),
+            reused: false
+        }
+    );
+    assert!(
+        !actions(&core)
+            .iter()
+            .any(|a| matches!(a, Action::Start { .. })),
+        "the driver is not asked to start it"
+    );
+    assert_eq!(task.resume_inline(), None, "resumes do not nest");
+    assert_eq!(
+        core.response(task.id(), ok_response()),
+        Proceed::Read { into: None },
+        "allowed at once: no delegate round trip"
+    );
+    core.body_data(task.id(), Bytes::from_static(b"body"));
+    assert_eq!(core.ledger().buffered_bytes, 0);
+    assert_eq!(core.take_outcome(task.id()).map(|r| r.is_ok()), None);
+    assert_eq!(core.body_end(task.id(), true), Release::Pool);
+    assert_eq!(core.take_outcome(task.id()).map(|r| r.is_ok()), Some(true));
+    assert!(
+        deliver(&mut delivery, Disposition::Allow).is_empty(),
+        "the delegate hears nothing"
+    );
+}
+
+#[test]
+fn a_handler_download_hands_its_file_to_the_handler() {
+    let (session, core, _delivery) = delegated();
+    let task = session
+        .create_task(TaskKind::Download, "a", Route::Handler)
+        .unwrap();
+    task.resume_inline();
+    let Proceed::Read { into: Some(path) } = core.response(task.id(), ok_response()) else {
+        panic!("a download reads into a file");
+    };
+    let _ = core.body_end(task.id(), true);
+    assert!(
+        !actions(&core).contains(&Action::RemoveTempFile {
+            task: task.id(),
+            path
+        }),
+        "the handler's guard owns the file now"
+    );
+    assert_eq!(core.ledger().temp_files, 0);
+}
+
+#[test]
+fn a_dropped_handler_leaves_no_outcome_behind() {
+    let (session, core, _delivery) = delegated();
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Handler)
+        .unwrap();
+    task.resume_inline();
+    let id = task.id();
+    drop(task);
+    core.failed(id, Error::ConnectionReset);
+    assert_eq!(core.take_outcome(id).map(|r| r.is_ok()), None);
+}
+
+#[test]
+fn a_full_pool_closes_the_connection_instead() {
+    let config = Config {
+        max_idle_per_origin: 1,
+        ..Config::default()
+    };
+    let (session, core, _delivery) = session(config, None::<Recorder>);
+    let tasks: Vec<_> = (0..2)
+        .map(|_| {
+            session
+                .create_task(TaskKind::Data, "a", Route::Delegate)
+                .unwrap()
+        })
+        .collect();
+    for task in &tasks {
+        task.resume();
+        let _ = core.response(task.id(), ok_response());
+    }
+    assert_eq!(core.body_end(tasks[0].id(), true), Release::Pool);
+    assert_eq!(core.body_end(tasks[1].id(), true), Release::Close);
+    assert_eq!(core.ledger().idle_connections, 1);
 }

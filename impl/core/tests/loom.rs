@@ -12,7 +12,7 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use leakproof_core::{
-    Action, Callback, Config, ConnId, Core, Delivered, Delivery, Release, SessionHandle,
+    Action, Callback, Config, ConnId, Core, Delivered, Delivery, Release, Route, SessionHandle,
     TaskHandle, TaskId, TaskKind,
 };
 use leakproof_model as model;
@@ -189,9 +189,12 @@ type Deliverer = thread::JoinHandle<Vec<model::Callback>>;
 impl World {
     /// A resumed task whose response was allowed: its body is being read.
     fn reading_task(&mut self) -> TaskHandle {
-        let task = self.session.create_task(TaskKind::Data, "origin").unwrap();
+        let task = self
+            .session
+            .create_task(TaskKind::Data, "origin", Route::Delegate)
+            .unwrap();
         task.resume();
-        self.core.response(task.id(), http::Response::new(()));
+        let _ = self.core.response(task.id(), http::Response::new(()));
         self.driver.run(&self.core);
         let delivery = self.delivery.as_mut().unwrap();
         deliver_now(delivery, &mut self.trace);
@@ -276,7 +279,10 @@ fn two_concurrent_cancels() {
 fn resume_vs_invalidate_and_cancel() {
     explore("resume_vs_invalidate_and_cancel", || {
         let mut w = world();
-        let task = w.session.create_task(TaskKind::Upload, "origin").unwrap();
+        let task = w
+            .session
+            .create_task(TaskKind::Upload, "origin", Route::Delegate)
+            .unwrap();
         let deliverer = w.deliver_in_background();
         let resumer = thread::spawn(move || {
             task.resume();
@@ -330,7 +336,10 @@ fn last_session_handle_dropped_vs_delivery() {
 fn task_handle_dropped_vs_session_finishing() {
     explore("task_handle_dropped_vs_session_finishing", || {
         let mut w = world();
-        let task = w.session.create_task(TaskKind::Download, "origin").unwrap();
+        let task = w
+            .session
+            .create_task(TaskKind::Download, "origin", Route::Delegate)
+            .unwrap();
         let deliverer = w.deliver_in_background();
         let dropper = thread::spawn(move || drop(task));
         w.session.finish_tasks_and_invalidate();
@@ -345,9 +354,12 @@ fn task_handle_dropped_vs_session_finishing() {
 fn disposition_vs_cancel() {
     explore("disposition_vs_cancel", || {
         let mut w = world();
-        let task = w.session.create_task(TaskKind::Data, "origin").unwrap();
+        let task = w
+            .session
+            .create_task(TaskKind::Data, "origin", Route::Delegate)
+            .unwrap();
         task.resume();
-        w.core.response(task.id(), http::Response::new(()));
+        let _ = w.core.response(task.id(), http::Response::new(()));
         w.driver.run(&w.core);
         // The delegate answers Allow while the user cancels; the driver checks that no
         // ReadBody comes after the Abort, whichever wins.
