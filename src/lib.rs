@@ -2,7 +2,7 @@
 //!
 //! The harness that checks leakproof's implementations against its specification
 //! (`leakproof-model`):
-//! - [`reference`]: the model as a proptest-state-machine reference;
+//! - [`reference`](mod@reference): the model as a proptest-state-machine reference;
 //! - [`strategies`]: generators of op sequences;
 //! - [`machine`]: the state machine test, generic over the [`machine::System`] under test,
 //!   with the teardown that lets go of everything and checks the release;
@@ -10,11 +10,18 @@
 //!   the rule it breaks;
 //! - [`engine_sut`]: `leakproof-core` driven by a simulated network and driver whose own
 //!   account is the witness;
-//! - [`run`]: seeded runs and their report, used by `cargo test` and `leakproof-check check`.
+//! - [`run`]: seeded runs and their report, used by `cargo test` and `leakproof-check check`;
+//! - [`scenario`]: one terminal path of one kind of task against the stage, and the witnesses;
+//! - [`stage`]: the loopback HTTP/1.1 server the client is tested against, scriptable per
+//!   request, counting the sockets it accepts and sees closed;
+//! - [`witness`]: the counting global allocator, for heap-baseline tests.
 
 pub mod assertions;
 pub mod engine_sut;
 pub mod machine;
 pub mod reference;
 pub mod run;
+pub mod scenario;
+pub mod stage;
 pub mod strategies;
+pub mod witness;

@@ -1,8 +1,47 @@
-//! # leakproof: the client
+//! # leakproof: an HTTP client that cannot leak
 //!
-//! The tokio + hyper client with a URLSession-style API (sessions, configurations, a
-//! delegate, data / download / upload tasks, a connection pool) drives `leakproof-core`, the
-//! sans-IO lifecycle engine, and re-exports its error type. The client itself is being built
-//! now; until it lands, this crate offers the engine's vocabulary.
+//! A URLSession-style HTTP/1.1 client on tokio and hyper: [`Session`]s with a
+//! [`Configuration`] and an optional [`Delegate`]; data, download and upload tasks that start
+//! suspended; async conveniences ([`Session::data`], [`Session::download`],
+//! [`Session::upload`]); a connection pool per session.
+//!
+//! Its lifecycle is `leakproof-core`'s engine, checked against the specification in
+//! `leakproof-model`: every terminal path of a task or a session releases its connections,
+//! buffered bytes, temp files and delegate. Forgetting to invalidate is harmless: dropping the
+//! last [`Session`] clone finishes its tasks and releases everything (R10).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), leakproof::Error> {
+//! use leakproof::{Configuration, Session};
+//!
+//! let session = Session::new(Configuration::default(), None);
+//! let response = session
+//!     .data(http::Request::get("http://127.0.0.1:8080/").body(()).unwrap())
+//!     .await?;
+//! println!("{} bytes", response.body().len());
+//! session.finish_tasks_and_invalidate();
+//! session.invalidated().await; // every socket closed, every byte released
+//! # Ok(()) }
+//! ```
 
-pub use leakproof_core::{Error, Ledger, SessionState, TaskState, Timeout};
+mod config;
+mod delegate;
+mod delivery;
+mod driver;
+mod exchange;
+mod pool;
+mod session;
+mod task;
+
+pub use config::{Configuration, ConfigurationBuilder};
+pub use delegate::{Delegate, TaskInfo};
+pub use leakproof_core::{
+    Disposition, Error, Ledger, SessionState, TaskId, TaskKind, TaskState, Timeout,
+};
+pub use session::{DownloadedFile, Observer, Session, SessionBuilder, UploadBody};
+pub use task::{DataTask, DownloadTask, UploadTask};
+
+use leakproof_core::{
+    Action, Callback, Config, ConnId, Core, Delivered, Delivery, Proceed, Release, Route,
+    SessionHandle, Start, TaskHandle, TimerId, session,
+};

@@ -53,6 +53,8 @@ pub enum Error {
         "the session is invalidated (or invalidation has begun): create a new Session for new tasks"
     )]
     SessionInvalidated,
+    #[error("invalid configuration: {0}")]
+    InvalidConfiguration(String),
     #[error("I/O error: {0}")]
     Io(Arc<io::Error>),
 }

@@ -1,0 +1,96 @@
+//! Delivery of a delegated session's callbacks: a thread of the session's own calls the
+//! delegate, one callback at a time, in order. A slow delegate delays its own session's
+//! callbacks and nothing else; the thread ends right after `did_become_invalid`, having
+//! dropped the delegate (R3).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::{self, Thread};
+
+use crate::delegate::{Delegate, TaskInfo};
+use crate::{Callback, Delivered, Delivery, TaskId};
+
+/// What a callback needs to say which task it is about.
+pub(crate) type Infos = Arc<Mutex<HashMap<TaskId, Arc<TaskInfo>>>>;
+
+struct Unpark(Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Start the session's delivery thread.
+pub(crate) fn spawn(
+    name: &str,
+    mut delivery: Delivery<Arc<dyn Delegate>>,
+    infos: Infos,
+) -> std::io::Result<()> {
+    thread::Builder::new()
+        .name(format!("{name}-delegate"))
+        .spawn(move || {
+            let waker = Waker::from(Arc::new(Unpark(thread::current())));
+            let mut cx = Context::from_waker(&waker);
+            loop {
+                match delivery.poll_deliver(&mut cx, |delegate, callback| {
+                    hand_over(delegate.as_ref(), callback, &infos)
+                }) {
+                    Poll::Ready(Delivered::One) => {}
+                    Poll::Ready(Delivered::Done) => break,
+                    Poll::Pending => thread::park(),
+                }
+            }
+        })
+        .map(drop)
+}
+
+/// Call the delegate method for `callback`; return its disposition for a response head.
+fn hand_over(
+    delegate: &dyn Delegate,
+    callback: Callback,
+    infos: &Infos,
+) -> Option<crate::Disposition> {
+    let info = |task: TaskId| {
+        infos
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&task)
+            .cloned()
+    };
+    match callback {
+        Callback::ReceiveResponse { task, response } => {
+            let info = info(task)?;
+            Some(delegate.did_receive_response(&info, &response))
+        }
+        Callback::ReceiveData { task, data } => {
+            delegate.did_receive_data(&*info(task)?, &data);
+            None
+        }
+        Callback::BecomeDownload { task } => {
+            delegate.did_become_download(&*info(task)?);
+            None
+        }
+        Callback::FinishDownloading { task, location } => {
+            delegate.did_finish_downloading(&*info(task)?, &location);
+            None
+        }
+        Callback::Complete { task, result } => {
+            // R1: nothing comes about a task after this, so its info can go.
+            let info = infos
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&task)?;
+            delegate.did_complete(&info, result);
+            None
+        }
+        Callback::BecomeInvalid => {
+            delegate.did_become_invalid();
+            None
+        }
+    }
+}

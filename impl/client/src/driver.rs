@@ -1,0 +1,151 @@
+//! The session's driver: one tokio task that carries out the engine's actions, in order, and
+//! runs the session's clock (task timers and idle expiry). It ends when the engine says the
+//! session is released, so an invalidated session leaves no background future (R4).
+
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::time::DelayQueue;
+use tokio_util::time::delay_queue::Key;
+
+use crate::exchange::Exchange;
+use crate::session::Shared;
+use crate::{Action, ConnId, TaskId, Timeout, TimerId};
+
+/// What the driver's clock is waiting for.
+#[derive(Debug)]
+enum Due {
+    Timer(TimerId),
+    Idle(ConnId),
+}
+
+pub(crate) struct Driver {
+    shared: Arc<Shared>,
+    parked: mpsc::UnboundedReceiver<ConnId>,
+    clock: DelayQueue<Due>,
+    timers: HashMap<(TaskId, Timeout), (Key, TimerId)>,
+    idle: HashMap<ConnId, Key>,
+    idle_timeout: Duration,
+}
+
+impl Driver {
+    pub fn new(shared: Arc<Shared>, parked: mpsc::UnboundedReceiver<ConnId>) -> Self {
+        let idle_timeout = shared.config.idle_timeout;
+        Self {
+            shared,
+            parked,
+            clock: DelayQueue::new(),
+            timers: HashMap::new(),
+            idle: HashMap::new(),
+            idle_timeout,
+        }
+    }
+
+    pub async fn run(mut self) {
+        loop {
+            tokio::select! {
+                action = poll_fn(|cx| self.shared.core.poll_action(cx)) => match action {
+                    Some(action) => self.carry_out(action),
+                    None => break,
+                },
+                Some(due) = poll_fn(|cx| self.clock.poll_expired(cx)) => {
+                    self.due(due.into_inner());
+                }
+                Some(conn) = self.parked.recv() => {
+                    let key = self.clock.insert(Due::Idle(conn), self.idle_timeout);
+                    if let Some(old) = self.idle.insert(conn, key) {
+                        self.clock.try_remove(&old);
+                    }
+                }
+            }
+        }
+        // Released: by the engine's account nothing is pooled; make sure of it.
+        self.shared.pool.close_all();
+    }
+
+    fn carry_out(&mut self, action: Action) {
+        let shared = &self.shared;
+        match action {
+            Action::Start { task, conn, reused } => {
+                if reused && let Some(key) = self.idle.remove(&conn) {
+                    self.clock.try_remove(&key);
+                }
+                let Some((request, origin, control)) = shared.take_request(task) else {
+                    return; // Its handle went and the engine has it cancelled already.
+                };
+                let exchange = Exchange {
+                    shared: shared.clone(),
+                    task,
+                    start: crate::Start { conn, reused },
+                    origin,
+                    request,
+                    control,
+                    collect: false,
+                };
+                let shared = shared.clone();
+                shared.runtime.clone().spawn(async move {
+                    exchange.run().await;
+                    shared.forget(task);
+                });
+            }
+            Action::Pause { task } => shared.control(task, |c| c.paused = true),
+            Action::Unpause { task } => shared.control(task, |c| c.paused = false),
+            Action::ReadBody { task, into } => shared.control(task, |c| c.body = Some(into)),
+            Action::Abort { task, conn } => {
+                shared.control(task, |c| c.aborted = true);
+                // The exchange may have parked its connection already (see Core::body_end).
+                if let Some(conn) = conn {
+                    shared.pool.close(conn);
+                }
+            }
+            Action::Close { conn } => {
+                if let Some(key) = self.idle.remove(&conn) {
+                    self.clock.try_remove(&key);
+                }
+                shared.pool.close(conn);
+            }
+            Action::ArmTimer { timer, after } => {
+                let key = self.clock.insert(Due::Timer(timer), after);
+                if let Some((old, _)) = self
+                    .timers
+                    .insert((timer.task, timer.timeout), (key, timer))
+                {
+                    self.clock.try_remove(&old);
+                }
+            }
+            Action::DisarmTimer { timer } => {
+                let slot = (timer.task, timer.timeout);
+                if self
+                    .timers
+                    .get(&slot)
+                    .is_some_and(|(_, armed)| *armed == timer)
+                {
+                    let (key, _) = self.timers.remove(&slot).expect("armed");
+                    self.clock.try_remove(&key);
+                }
+            }
+            Action::RemoveTempFile { path, .. } => {
+                // Missing is fine: the delegate may have moved it.
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
+    fn due(&mut self, due: Due) {
+        match due {
+            Due::Timer(timer) => {
+                self.timers.remove(&(timer.task, timer.timeout));
+                self.shared.core.timer_fired(timer);
+            }
+            Due::Idle(conn) => {
+                self.idle.remove(&conn);
+                if self.shared.pool.close(conn) {
+                    self.shared.core.idle_expired(conn);
+                }
+            }
+        }
+    }
+}

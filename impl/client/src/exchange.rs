@@ -1,0 +1,307 @@
+//! One task's HTTP exchange: take or open a connection, send the request, report the head,
+//! read the body as the engine allows, then pool or close the connection as it says.
+//!
+//! An exchange owns its connection, so whatever way it ends, dropping it closes the socket
+//! unless the engine pooled it (R5). It stops at once when its [`Control`] says so: every
+//! await races the control.
+
+use std::error::Error as _;
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+
+use crate::pool::{Body, Connection, Origin};
+use crate::session::Shared;
+use crate::{Error, Proceed, Release, Start, TaskId};
+
+/// What the driver tells a running exchange. Kept as state, not messages: the exchange always
+/// acts on the latest word.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Control {
+    pub paused: bool,
+    /// The delegate allowed the body: read it, into this file for a download.
+    pub body: Option<Option<PathBuf>>,
+    /// The task is over (cancelled, timed out, invalidated): stop and drop everything.
+    pub aborted: bool,
+}
+
+/// What a handler-routed exchange brings back to its handler.
+#[derive(Debug)]
+pub(crate) struct Collected {
+    pub head: Option<http::response::Parts>,
+    pub body: Bytes,
+    pub file: Option<PathBuf>,
+}
+
+pub(crate) struct Exchange {
+    pub shared: Arc<Shared>,
+    pub task: TaskId,
+    pub start: Start,
+    pub origin: Origin,
+    pub request: http::Request<Body>,
+    pub control: watch::Receiver<Control>,
+    /// Keep the body for the handler (handler-routed data and upload tasks).
+    pub collect: bool,
+}
+
+/// Why an exchange stopped short.
+enum Stop {
+    /// Told to stop (or its driver is gone): the engine has already ended the task.
+    Aborted,
+    /// It failed: the engine must hear why.
+    Failed(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(error: Error) -> Self {
+        Stop::Failed(error)
+    }
+}
+
+impl From<io::Error> for Stop {
+    fn from(error: io::Error) -> Self {
+        Stop::Failed(error.into())
+    }
+}
+
+impl Exchange {
+    /// Run to the end. Failures are reported to the engine here; the caller learns the outcome
+    /// from the engine.
+    pub async fn run(mut self) -> Collected {
+        let mut collected = Collected {
+            head: None,
+            body: Bytes::new(),
+            file: None,
+        };
+        if let Err(Stop::Failed(error)) = self.exchange(&mut collected).await {
+            self.shared.core.failed(self.task, error);
+        }
+        collected
+    }
+
+    async fn exchange(&mut self, out: &mut Collected) -> Result<(), Stop> {
+        let request = std::mem::replace(&mut self.request, http::Request::new(empty()));
+        let (connection, response) = self.send(request).await?;
+        let (parts, mut body) = response.into_parts();
+        // R7: a suspended task reports nothing until it is resumed.
+        self.unpaused().await?;
+        let reusable = keeps_alive(&parts);
+        let head = head_of(&parts);
+        out.head = Some(parts);
+        let into = match self.shared.core.response(self.task, head) {
+            Proceed::Read { into } => into,
+            Proceed::Stop => return Err(Stop::Aborted),
+            Proceed::Wait => self.allowed().await?,
+        };
+        let mut file = match &into {
+            Some(path) => Some(self.create(path)?),
+            None => None,
+        };
+        let mut kept = BytesMut::new();
+        loop {
+            self.unpaused().await?;
+            let frame = self.or_abort(body.frame()).await?;
+            match frame {
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue; // trailers
+                    };
+                    if let Some(file) = &mut file {
+                        file.write_all(&data).await?;
+                    }
+                    if self.collect {
+                        kept.extend_from_slice(&data);
+                    }
+                    self.shared.core.body_data(self.task, data);
+                }
+                Some(Err(error)) => return Err(body_error(&error).into()),
+                None => break,
+            }
+        }
+        if let Some(mut file) = file {
+            file.flush().await?;
+        }
+        out.body = kept.freeze();
+        out.file = into;
+        drop(body);
+        self.finish(connection, reusable);
+        Ok(())
+    }
+
+    /// Get a connection and send the request on it. A pooled connection the server has
+    /// closed meanwhile is replaced once by a new one, with the request unsent.
+    async fn send(
+        &mut self,
+        mut request: http::Request<Body>,
+    ) -> Result<(Connection, http::Response<Incoming>), Stop> {
+        let pooled = if self.start.reused {
+            self.shared.pool.take(self.start.conn)
+        } else {
+            None
+        };
+        let mut retried = pooled.is_none();
+        let mut connection = match pooled {
+            Some(connection) => connection,
+            None => self.connect().await?,
+        };
+        loop {
+            if self.or_abort(connection.sender.ready()).await?.is_err() && !retried {
+                retried = true;
+                connection = self.connect().await?;
+                continue;
+            }
+            match self
+                .or_abort(connection.sender.try_send_request(request))
+                .await?
+            {
+                Ok(response) => return Ok((connection, response)),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if !retried => {
+                        retried = true;
+                        request = unsent;
+                        connection = self.connect().await?;
+                    }
+                    _ => return Err(send_error(error.error()).into()),
+                },
+            }
+        }
+    }
+
+    /// Create the download's file. Synchronously, with no await between the engine's word and
+    /// the file existing, then check for an abort: the engine queues `Abort` before
+    /// `RemoveTempFile`, so if no abort is seen yet the driver's removal comes later and finds
+    /// the file; if one is, the driver's removal may have come too early and this removes it.
+    /// (The stage's empty-directory witness caught the file an async create left behind.)
+    fn create(&self, path: &std::path::Path) -> Result<tokio::fs::File, Stop> {
+        let file = std::fs::File::create(path)?;
+        if self.control.borrow().aborted {
+            drop(file);
+            let _ = std::fs::remove_file(path);
+            return Err(Stop::Aborted);
+        }
+        Ok(tokio::fs::File::from_std(file))
+    }
+
+    async fn connect(&mut self) -> Result<Connection, Stop> {
+        let shared = self.shared.clone();
+        let origin = self.origin.clone();
+        Ok(self
+            .or_abort(async move { shared.pool.connect(&origin).await })
+            .await??)
+    }
+
+    /// The body is read whole: park the connection, then let the engine say whether it stays
+    /// (see `leakproof_core::Core::body_end`).
+    fn finish(&self, connection: Connection, reusable: bool) {
+        let reusable = reusable && !connection.sender.is_closed();
+        let id = self.start.conn;
+        self.shared.pool.park(id, connection);
+        match self.shared.core.body_end(self.task, reusable) {
+            Release::Pool => self.shared.parked(id),
+            Release::Close => {
+                self.shared.pool.close(id);
+            }
+        }
+    }
+
+    async fn unpaused(&mut self) -> Result<(), Stop> {
+        match self.control.wait_for(|c| !c.paused || c.aborted).await {
+            Ok(c) if !c.aborted => Ok(()),
+            _ => Err(Stop::Aborted),
+        }
+    }
+
+    async fn allowed(&mut self) -> Result<Option<PathBuf>, Stop> {
+        match self
+            .control
+            .wait_for(|c| c.body.is_some() || c.aborted)
+            .await
+        {
+            Ok(c) if !c.aborted => Ok(c.body.clone().flatten()),
+            _ => Err(Stop::Aborted),
+        }
+    }
+
+    /// Run `work` unless the control says stop first.
+    async fn or_abort<F: Future>(&mut self, work: F) -> Result<F::Output, Stop> {
+        let mut control = self.control.clone();
+        tokio::select! {
+            biased;
+            _ = control.wait_for(|c| c.aborted) => Err(Stop::Aborted),
+            out = work => Ok(out),
+        }
+    }
+}
+
+fn empty() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// The head the engine and the delegate see.
+fn head_of(parts: &http::response::Parts) -> http::Response<()> {
+    let mut head = http::Response::new(());
+    *head.status_mut() = parts.status;
+    *head.version_mut() = parts.version;
+    *head.headers_mut() = parts.headers.clone();
+    head
+}
+
+fn keeps_alive(parts: &http::response::Parts) -> bool {
+    let close = parts
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    parts.version == http::Version::HTTP_11 && !close
+}
+
+/// An error sending the request or reading the head.
+fn send_error(error: &hyper::Error) -> Error {
+    if error.is_parse() || error.is_parse_status() {
+        Error::MalformedResponse(error.to_string())
+    } else if error.is_incomplete_message() || error.is_closed() || error.is_canceled() {
+        Error::ConnectionReset
+    } else {
+        io_or_reset(error)
+    }
+}
+
+/// An error reading the body.
+fn body_error(error: &hyper::Error) -> Error {
+    if error.is_parse() {
+        Error::MalformedResponse(error.to_string())
+    } else if error.is_incomplete_message() {
+        Error::ConnectionReset
+    } else {
+        io_or_reset(error)
+    }
+}
+
+fn io_or_reset(error: &hyper::Error) -> Error {
+    let io = error
+        .source()
+        .and_then(|s| s.downcast_ref::<io::Error>())
+        .map(io::Error::kind);
+    match io {
+        Some(
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof,
+        ) => Error::ConnectionReset,
+        // A chunk-size line that is not hex surfaces as an invalid-data IO error.
+        Some(io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput) => {
+            Error::MalformedResponse(error.to_string())
+        }
+        _ => Error::Io(Arc::new(io::Error::other(error.to_string()))),
+    }
+}

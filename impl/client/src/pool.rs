@@ -1,0 +1,148 @@
+//! Connections: opening them (within per-host limits) and keeping the idle ones.
+//!
+//! Why a pool of our own on `hyper::client::conn` rather than hyper-util's legacy client:
+//! the lifecycle rules need control hyper-util does not give. Invalidation must close every
+//! idle connection at once (R4), and the legacy client closes them only when the whole client
+//! is dropped. A response abandoned mid-body must close its connection, not pool it (R5),
+//! and each connection must be accounted for by id in the engine's ledger. The legacy client
+//! can also finish a connect in the background after its checkout lost a race, leaving a
+//! socket no one accounts for. Here every connection is a [`Connection`] owned by exactly one
+//! thing (an exchange, or the idle map), and dropping it closes the socket.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::runtime::Handle;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::{ConnId, Error};
+
+/// A request body: bytes or a file, streamed.
+pub(crate) type Body = BoxBody<Bytes, io::Error>;
+
+/// Where connections go: host and port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Origin {
+    pub host: String,
+    pub port: u16,
+}
+
+impl Origin {
+    pub fn key(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// One HTTP/1.1 connection. Dropping it closes the socket: the task running hyper's
+/// connection future is aborted, and the per-host permit is returned.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    pub sender: http1::SendRequest<Body>,
+    /// Held for its Drop: aborting hyper's connection future closes the socket.
+    _io: AbortOnDrop,
+    _permit: OwnedSemaphorePermit,
+}
+
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The session's connections that are not carrying an exchange, and the per-host limits.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    idle: Mutex<HashMap<ConnId, Connection>>,
+    hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
+    max_per_host: usize,
+    read_buffer: usize,
+    runtime: Handle,
+}
+
+impl Pool {
+    pub fn new(max_per_host: usize, read_buffer: usize, runtime: Handle) -> Self {
+        Self {
+            idle: Mutex::new(HashMap::new()),
+            hosts: Mutex::new(HashMap::new()),
+            max_per_host,
+            read_buffer,
+            runtime,
+        }
+    }
+
+    /// Keep `connection` as `id` (an exchange parks it before asking the engine, see
+    /// `leakproof_core::Core::body_end`).
+    pub fn park(&self, id: ConnId, connection: Connection) {
+        lock(&self.idle).insert(id, connection);
+    }
+
+    /// Take the pooled connection `id`, if it is still there and still open.
+    pub fn take(&self, id: ConnId) -> Option<Connection> {
+        lock(&self.idle)
+            .remove(&id)
+            .filter(|c| !c.sender.is_closed())
+    }
+
+    /// Close the pooled connection `id`; whether it was there.
+    pub fn close(&self, id: ConnId) -> bool {
+        let connection = lock(&self.idle).remove(&id);
+        connection.is_some() // dropped here, outside the lock
+    }
+
+    pub fn close_all(&self) {
+        let all: Vec<Connection> = lock(&self.idle).drain().map(|(_, c)| c).collect();
+        drop(all);
+    }
+
+    /// Open a connection to `origin`, waiting for a per-host permit first.
+    pub async fn connect(&self, origin: &Origin) -> Result<Connection, Error> {
+        let limit = lock(&self.hosts)
+            .entry(origin.key())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.max_per_host)))
+            .clone();
+        let permit = limit
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Io(Arc::new(io::Error::other("connection limit closed"))))?;
+        let stream = TcpStream::connect((origin.host.as_str(), origin.port))
+            .await
+            .map_err(|e| connect_error(origin, e))?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) = http1::Builder::new()
+            .max_buf_size(self.read_buffer)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| Error::Io(Arc::new(io::Error::other(e))))?;
+        let io = self.runtime.spawn(async move {
+            // Ends when the socket closes, the sender is dropped while idle, or it is aborted.
+            let _ = connection.await;
+        });
+        Ok(Connection {
+            sender,
+            _io: AbortOnDrop(io.abort_handle()),
+            _permit: permit,
+        })
+    }
+}
+
+fn connect_error(origin: &Origin, error: io::Error) -> Error {
+    match error.kind() {
+        io::ErrorKind::ConnectionRefused => Error::ConnectionRefused { addr: origin.key() },
+        _ => Error::Io(Arc::new(error)),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,583 @@
+//! Sessions: where tasks are made, and what they share (engine, pool, driver, delegate).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::poll_fn;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http_body_util::{BodyExt, Full, StreamBody};
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Configuration;
+use crate::delegate::{Delegate, TaskInfo};
+use crate::delivery::{self, Infos};
+use crate::driver::Driver;
+use crate::exchange::{Collected, Control, Exchange};
+use crate::pool::{Body, Origin, Pool};
+use crate::task::{DataTask, DownloadTask, Task, UploadTask};
+use crate::{ConnId, Core, Error, Ledger, Route, SessionState, TaskId, TaskKind};
+
+/// A request body for an upload.
+#[derive(Debug, Clone)]
+pub enum UploadBody {
+    Bytes(Bytes),
+    /// Streamed from the file, which must exist when the task is made.
+    File(PathBuf),
+}
+
+/// A URLSession-style session: it makes tasks, keeps their connections in a pool, and tells
+/// its delegate what happens.
+///
+/// Cheap to clone. Dropping the last clone is `finish_tasks_and_invalidate` (R10): running
+/// tasks finish, then everything is released, whether or not anyone remembered to invalidate.
+///
+/// # Panics
+/// [`Session::new`] and [`SessionBuilder::build`] must be called within a tokio runtime: the
+/// session's driver and connections run on it.
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<Inner>,
+}
+
+/// The user's side: dropping the last one drops the engine's session handle (R10).
+struct Inner {
+    handle: crate::SessionHandle,
+    shared: Arc<Shared>,
+}
+
+/// What the session's parts share. It holds no task or future: exchanges and the driver hold
+/// it, so it lives exactly as long as something of the session still runs.
+pub(crate) struct Shared {
+    pub core: Core,
+    pub config: Configuration,
+    pub pool: Pool,
+    pub runtime: Handle,
+    name: String,
+    records: Mutex<HashMap<TaskId, Record>>,
+    infos: Option<Infos>,
+    parked: mpsc::UnboundedSender<ConnId>,
+}
+
+/// A task's request until its exchange starts, and the control its exchange listens to.
+struct Record {
+    request: Option<(http::Request<Body>, Origin)>,
+    control: watch::Sender<Control>,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("name", &self.inner.shared.name)
+            .field("state", &self.state())
+            .field("resources", &self.resources())
+            .finish()
+    }
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared").field("name", &self.name).finish()
+    }
+}
+
+/// Builds a [`Session`].
+#[derive(Default)]
+pub struct SessionBuilder {
+    config: Configuration,
+    delegate: Option<Arc<dyn Delegate>>,
+}
+
+impl fmt::Debug for SessionBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionBuilder")
+            .field("config", &self.config)
+            .field("delegate", &self.delegate.is_some())
+            .finish()
+    }
+}
+
+impl SessionBuilder {
+    pub fn configuration(mut self, config: Configuration) -> Self {
+        self.config = config;
+        self
+    }
+
+    pub fn delegate(mut self, delegate: Arc<dyn Delegate>) -> Self {
+        self.delegate = Some(delegate);
+        self
+    }
+
+    pub fn build(self) -> Session {
+        Session::create(self.config, self.delegate, false, Handle::current())
+    }
+}
+
+static SESSIONS: AtomicU64 = AtomicU64::new(0);
+static SHARED: OnceLock<Session> = OnceLock::new();
+
+impl Session {
+    /// A session with `config`, and `delegate` to hear its callbacks (none: no callbacks).
+    pub fn new(config: Configuration, delegate: Option<Arc<dyn Delegate>>) -> Session {
+        Session::create(config, delegate, false, Handle::current())
+    }
+
+    pub fn builder() -> SessionBuilder {
+        SessionBuilder::default()
+    }
+
+    /// The process-wide session: no delegate, the default configuration, and it ignores
+    /// invalidation (R9); its idle connections still close after the idle timeout. It runs on a
+    /// runtime thread of its own, so it serves any runtime and outlives them.
+    ///
+    /// # Panics
+    /// If the process cannot start a thread or a tokio runtime.
+    pub fn shared() -> Session {
+        SHARED
+            .get_or_init(|| {
+                let (runtime_tx, runtime_rx) = std::sync::mpsc::channel();
+                std::thread::Builder::new()
+                    .name("leakproof-shared".into())
+                    .spawn(move || {
+                        let runtime = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .expect("leakproof: cannot start the shared session's runtime");
+                        runtime.block_on(async {
+                            let _ = runtime_tx.send(Handle::current());
+                            std::future::pending::<()>().await;
+                        });
+                    })
+                    .expect("leakproof: cannot start the shared session's thread");
+                let runtime = runtime_rx
+                    .recv()
+                    .expect("leakproof: the shared session's runtime did not start");
+                Session::create(Configuration::default(), None, true, runtime)
+            })
+            .clone()
+    }
+
+    fn create(
+        config: Configuration,
+        delegate: Option<Arc<dyn Delegate>>,
+        shared: bool,
+        runtime: Handle,
+    ) -> Session {
+        let name = format!(
+            "leakproof-{}-{}",
+            std::process::id(),
+            SESSIONS.fetch_add(1, Ordering::Relaxed)
+        );
+        let engine_config = crate::Config {
+            delegated: delegate.is_some(),
+            shared,
+            request_timeout: config.request_timeout,
+            resource_timeout: config.resource_timeout,
+            download_dir: config.download_dir.clone(),
+            name: name.clone(),
+            max_idle_per_origin: config.max_idle_per_host,
+        };
+        let delegated = delegate.is_some();
+        let (handle, core, delivery) = crate::session(engine_config, delegate);
+        let (parked, parked_rx) = mpsc::unbounded_channel();
+        let infos: Option<Infos> = delegated.then(Default::default);
+        let shared = Arc::new(Shared {
+            core,
+            pool: Pool::new(
+                config.max_connections_per_host,
+                config.read_buffer,
+                runtime.clone(),
+            ),
+            config,
+            runtime: runtime.clone(),
+            name: name.clone(),
+            records: Mutex::new(HashMap::new()),
+            infos: infos.clone(),
+            parked,
+        });
+        runtime.spawn(Driver::new(shared.clone(), parked_rx).run());
+        match infos {
+            Some(infos) => {
+                if let Err(error) = delivery::spawn(&name, delivery, infos) {
+                    // The delivery (and with it the delegate) is dropped: no callbacks, but
+                    // nothing leaks either.
+                    tracing::error!(%error, "leakproof: cannot start the delegate's thread");
+                }
+            }
+            None => drop(delivery),
+        }
+        Session {
+            inner: Arc::new(Inner { handle, shared }),
+        }
+    }
+
+    // ---- tasks ----
+
+    /// A data task: the body goes to the delegate as `did_receive_data`. Starts suspended.
+    pub fn data_task(&self, request: http::Request<()>) -> Result<DataTask, Error> {
+        self.task(TaskKind::Data, request.map(|()| empty()))
+            .map(DataTask)
+    }
+
+    /// A download task: the body goes to a temp file handed to `did_finish_downloading`.
+    pub fn download_task(&self, request: http::Request<()>) -> Result<DownloadTask, Error> {
+        self.task(TaskKind::Download, request.map(|()| empty()))
+            .map(DownloadTask)
+    }
+
+    /// An upload task: `body` is sent as the request body.
+    pub fn upload_task(
+        &self,
+        request: http::Request<()>,
+        body: UploadBody,
+    ) -> Result<UploadTask, Error> {
+        let request = with_body(request, body)?;
+        self.task(TaskKind::Upload, request).map(UploadTask)
+    }
+
+    fn task(&self, kind: TaskKind, request: http::Request<Body>) -> Result<Task, Error> {
+        let shared = &self.inner.shared;
+        let (request, origin) = prepare(request, &shared.config)?;
+        let info = TaskInfo {
+            id: TaskId(0),
+            kind,
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+        };
+        // R8: refused here, and whatever was built is dropped.
+        let handle = self
+            .inner
+            .handle
+            .create_task(kind, &origin.key(), Route::Delegate)?;
+        let id = handle.id();
+        let (control, _) = watch::channel(Control::default());
+        lock(&shared.records).insert(
+            id,
+            Record {
+                request: Some((request, origin)),
+                control,
+            },
+        );
+        if let Some(infos) = &shared.infos {
+            lock(infos).insert(id, Arc::new(TaskInfo { id, ..info }));
+        }
+        Ok(Task::new(handle, shared.clone()))
+    }
+
+    // ---- conveniences ----
+
+    /// Fetch `request`'s response and body. Dropping the future cancels the task.
+    pub async fn data(&self, request: http::Request<()>) -> Result<http::Response<Bytes>, Error> {
+        let collected = self
+            .inline(TaskKind::Data, request.map(|()| empty()))
+            .await?;
+        Ok(http::Response::from_parts(
+            collected.head.expect("a completed exchange has a head"),
+            collected.body,
+        ))
+    }
+
+    /// Fetch `request`'s body into a temp file in the download directory. The returned file
+    /// is removed when it is dropped unless [`DownloadedFile::persist`]ed. Dropping the future
+    /// cancels the task and removes the partial file.
+    pub async fn download(
+        &self,
+        request: http::Request<()>,
+    ) -> Result<http::Response<DownloadedFile>, Error> {
+        let collected = self
+            .inline(TaskKind::Download, request.map(|()| empty()))
+            .await?;
+        let file = DownloadedFile {
+            path: collected.file,
+        };
+        Ok(http::Response::from_parts(
+            collected.head.expect("a completed exchange has a head"),
+            file,
+        ))
+    }
+
+    /// Send `body` with `request`; return the response and its body.
+    pub async fn upload(
+        &self,
+        request: http::Request<()>,
+        body: UploadBody,
+    ) -> Result<http::Response<Bytes>, Error> {
+        let request = with_body(request, body)?;
+        let collected = self.inline(TaskKind::Upload, request).await?;
+        Ok(http::Response::from_parts(
+            collected.head.expect("a completed exchange has a head"),
+            collected.body,
+        ))
+    }
+
+    /// Run a handler-routed task in this future: no callbacks, no driver on the way.
+    async fn inline(
+        &self,
+        kind: TaskKind,
+        request: http::Request<Body>,
+    ) -> Result<Collected, Error> {
+        let shared = &self.inner.shared;
+        let (request, origin) = prepare(request, &shared.config)?;
+        let handle = self
+            .inner
+            .handle
+            .create_task(kind, &origin.key(), Route::Handler)?;
+        let id = handle.id();
+        let (control, receiver) = watch::channel(Control::default());
+        lock(&shared.records).insert(
+            id,
+            Record {
+                request: None,
+                control,
+            },
+        );
+        // Dropped with this future: cancels the task if it is still running (and forgets it).
+        let task = Task::new(handle, shared.clone());
+        let start = task
+            .handle()
+            .resume_inline()
+            .expect("a new handler task starts on its first resume");
+        let collected = Exchange {
+            shared: shared.clone(),
+            task: id,
+            start,
+            origin,
+            request,
+            control: receiver,
+            collect: kind != TaskKind::Download,
+        }
+        .run()
+        .await;
+        let file_guard = DownloadedFile {
+            path: collected.file.clone(),
+        };
+        match shared.core.take_outcome(id) {
+            Some(Ok(())) => {
+                std::mem::forget(file_guard);
+                Ok(collected)
+            }
+            Some(Err(error)) => Err(error),
+            None => Err(Error::Cancelled),
+        }
+    }
+
+    // ---- invalidation and observation ----
+
+    /// No new tasks; once the running ones complete the session is invalidated and releases
+    /// everything. A no-op on the shared session (R9).
+    pub fn finish_tasks_and_invalidate(&self) {
+        self.inner.handle.finish_tasks_and_invalidate();
+    }
+
+    /// Cancel every task, then invalidate. A no-op on the shared session (R9).
+    pub fn invalidate_and_cancel(&self) {
+        self.inner.handle.invalidate_and_cancel();
+    }
+
+    /// Resolves once the session is invalidated, `did_become_invalid` has returned, the
+    /// delegate is dropped (R3) and the driver has closed everything (R4). Never resolves for
+    /// the shared session.
+    pub async fn invalidated(&self) {
+        self.observer().invalidated().await;
+    }
+
+    pub fn state(&self) -> SessionState {
+        self.inner.shared.core.state()
+    }
+
+    /// What the session holds now, by its own account.
+    pub fn resources(&self) -> Ledger {
+        self.inner.shared.core.ledger()
+    }
+
+    /// The session's name, unique in the process; download temp files start with it.
+    pub fn name(&self) -> &str {
+        &self.inner.shared.name
+    }
+
+    pub fn configuration(&self) -> &Configuration {
+        &self.inner.shared.config
+    }
+
+    /// A view of the session that does not keep it alive: dropping every [`Session`] clone
+    /// still invalidates it (R10) while an observer waits for that.
+    pub fn observer(&self) -> Observer {
+        Observer {
+            shared: self.inner.shared.clone(),
+        }
+    }
+}
+
+/// Watches a session without owning it (see [`Session::observer`]).
+#[derive(Debug, Clone)]
+pub struct Observer {
+    shared: Arc<Shared>,
+}
+
+impl Observer {
+    /// As [`Session::invalidated`].
+    pub async fn invalidated(&self) {
+        let core = self.shared.core.clone();
+        poll_fn(|cx| core.poll_released(cx)).await;
+    }
+
+    pub fn state(&self) -> SessionState {
+        self.shared.core.state()
+    }
+
+    pub fn resources(&self) -> Ledger {
+        self.shared.core.ledger()
+    }
+}
+
+impl Shared {
+    /// The driver starts a task's exchange: its request, where to send it, its control.
+    pub fn take_request(
+        &self,
+        task: TaskId,
+    ) -> Option<(http::Request<Body>, Origin, watch::Receiver<Control>)> {
+        let mut records = lock(&self.records);
+        let record = records.get_mut(&task)?;
+        let (request, origin) = record.request.take()?;
+        Some((request, origin, record.control.subscribe()))
+    }
+
+    pub fn control(&self, task: TaskId, change: impl FnOnce(&mut Control)) {
+        if let Some(record) = lock(&self.records).get(&task) {
+            record.control.send_modify(change);
+        }
+    }
+
+    /// The task's exchange is over, or it never had one and never will.
+    pub fn forget(&self, task: TaskId) {
+        let record = lock(&self.records).remove(&task);
+        drop(record);
+    }
+
+    /// An exchange pooled its connection: the driver starts its idle clock.
+    pub fn parked(&self, conn: ConnId) {
+        let _ = self.parked.send(conn);
+    }
+}
+
+/// A finished download's file. Removed when dropped, unless persisted.
+#[derive(Debug)]
+pub struct DownloadedFile {
+    path: Option<PathBuf>,
+}
+
+impl DownloadedFile {
+    pub fn path(&self) -> &Path {
+        self.path.as_deref().unwrap_or(Path::new(""))
+    }
+
+    /// Move the file to `to` and keep it there.
+    pub fn persist(mut self, to: impl AsRef<Path>) -> Result<(), Error> {
+        let from = self.path.take().unwrap_or_default();
+        if let Err(error) = std::fs::rename(&from, to.as_ref()) {
+            self.path = Some(from);
+            return Err(error.into());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DownloadedFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn empty() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn with_body(request: http::Request<()>, body: UploadBody) -> Result<http::Request<Body>, Error> {
+    let (mut parts, ()) = request.into_parts();
+    let body = match body {
+        UploadBody::Bytes(bytes) => {
+            parts
+                .headers
+                .insert(http::header::CONTENT_LENGTH, bytes.len().into());
+            Full::new(bytes).map_err(|never| match never {}).boxed()
+        }
+        UploadBody::File(path) => {
+            let length = std::fs::metadata(&path)?.len();
+            parts
+                .headers
+                .insert(http::header::CONTENT_LENGTH, length.into());
+            let chunks = futures_util::stream::once(tokio::fs::File::open(path))
+                .map_ok(tokio_util::io::ReaderStream::new)
+                .try_flatten()
+                .map_ok(hyper::body::Frame::data);
+            StreamBody::new(chunks).boxed()
+        }
+    };
+    Ok(http::Request::from_parts(parts, body))
+}
+
+/// Check the URL, add the default headers and `Host`, and put the target in origin form.
+fn prepare(
+    mut request: http::Request<Body>,
+    config: &Configuration,
+) -> Result<(http::Request<Body>, Origin), Error> {
+    let uri = request.uri().clone();
+    let invalid = |reason: &str| Error::InvalidUrl {
+        url: uri.to_string(),
+        reason: reason.into(),
+    };
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(invalid(
+                "https is not supported: leakproof speaks HTTP/1.1 over TCP",
+            ));
+        }
+        Some(_) => return Err(invalid("the scheme must be http")),
+        None => return Err(invalid("the URL must be absolute, with http:// and a host")),
+    }
+    let host = uri
+        .host()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| invalid("no host"))?;
+    let origin = Origin {
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port: uri.port_u16().unwrap_or(80),
+    };
+    let headers = request.headers_mut();
+    for (name, value) in &config.default_headers {
+        if !headers.contains_key(name) {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+    if !headers.contains_key(http::header::HOST) {
+        let authority = uri.authority().map(|a| a.as_str()).unwrap_or(host);
+        let value = http::HeaderValue::from_str(authority).map_err(|_| invalid("bad host"))?;
+        headers.insert(http::header::HOST, value);
+    }
+    let target = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .parse()
+        .map_err(|_| invalid("bad path"))?;
+    *request.uri_mut() = target;
+    Ok((request, origin))
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,1074 @@
+//! The stage: a loopback HTTP/1.1 server the real client is tested against.
+//!
+//! Written by hand on tokio's `TcpListener` so that it can misbehave on purpose: stall, send
+//! part of a body, reset, send garbage. Each request is scripted by its target:
+//!
+//! - `/bytes/N`: `200` with an N-byte body ([`body`]), framed by `Content-Length`. Query keys:
+//!   `status=CODE`; `chunked=1`; `chunk=SIZE` (bytes per write, and per chunk when chunked;
+//!   default 16 KiB); `pace_ms=MS` (pause between writes); `keep_alive=0` (`Connection: close`,
+//!   then close); `header_delay_ms=MS` (pause before the head); and at most one ending:
+//!   `stall_headers=1` (never answer), `stall_after=K` (head and K body bytes, then silence),
+//!   `reset_after=K` (then a TCP reset), `close_after=K` (then a clean close),
+//!   `no_response=1` (close without a byte), `malformed=status` (a garbage status line) or
+//!   `malformed=chunk` (a chunked head, then a chunk size that is not hex).
+//! - `/hold/KEY`: parked until the test takes it with [`Stage::held`] and drives the response
+//!   step by step through the [`Held`] handle.
+//! - anything else: `404`; an unknown query key or a bad value: `400`; a request that is not
+//!   HTTP: `400`, then close.
+//!
+//! The stage is the connection witness of DESIGN.md's "Observability": it counts the sockets it
+//! accepts and sees closed. It never closes a connection unless scripted to, so a connection
+//! the client leaks stays in [`Stage::open`]. Stalled and garbled connections are held until
+//! the client closes them: their close is the client's doing, and is what the count shows.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::ControlFlow;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::io::{self, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// How long a [`Held`] step waits for its connection to carry it out.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bytes per write when the script does not say (`chunk=`).
+const DEFAULT_CHUNK: usize = 16 * 1024;
+/// How often waits re-check their condition.
+const POLL: Duration = Duration::from_millis(2);
+/// The most a client may send ahead of what the stage has parsed; past it the client is
+/// misbehaving and is cut off rather than buffered without bound.
+const MAX_AHEAD: usize = 1 << 20;
+
+/// Every body the stage sends is this, repeated, starting at the body's first byte.
+const PATTERN: &[u8] = b"leakproof ";
+/// The pattern laid out once, long enough to slice a whole write from any offset.
+static TILE: [u8; DEFAULT_CHUNK + PATTERN.len()] = {
+    let mut tile = [0; DEFAULT_CHUNK + PATTERN.len()];
+    let mut i = 0;
+    while i < tile.len() {
+        tile[i] = PATTERN[i % PATTERN.len()];
+        i += 1;
+    }
+    tile
+};
+
+const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+const GARBAGE_STATUS: &[u8] = b"HTTP/1.1 abc\r\n\r\n";
+const GARBAGE_CHUNK: &[u8] = b"zz\r\nleakproof\r\n";
+
+/// The first `len` bytes of every body the stage sends: `leakproof ` repeated.
+pub fn body(len: usize) -> Vec<u8> {
+    PATTERN.iter().copied().cycle().take(len).collect()
+}
+
+/// A running stage. Dropping it stops accepting and closes every connection it holds.
+#[derive(Debug)]
+pub struct Stage {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: JoinHandle<()>,
+}
+
+/// Options for a [`Stage`], from [`Stage::builder`].
+#[derive(Debug, Default)]
+pub struct Builder {
+    send_buffer: Option<u32>,
+}
+
+/// A request to `/hold/KEY`, parked until the test drives its response.
+///
+/// Each step waits until the connection has carried it out (its bytes written), at most
+/// [`STEP_TIMEOUT`], and fails with `NotConnected` once the client has gone. The steps that
+/// end the exchange take the handle; dropping it without one closes the connection.
+#[derive(Debug)]
+pub struct Held {
+    method: String,
+    target: String,
+    steps: mpsc::UnboundedSender<(Step, Reply)>,
+}
+
+impl Stage {
+    /// Starts a stage on 127.0.0.1 with an ephemeral port, on the current tokio runtime.
+    pub async fn start() -> io::Result<Stage> {
+        Stage::builder().start().await
+    }
+
+    /// A stage with options.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT` followed by `path_and_query` (a leading `/` is added if missing).
+    pub fn url(&self, path_and_query: &str) -> String {
+        let slash = if path_and_query.starts_with('/') {
+            ""
+        } else {
+            "/"
+        };
+        format!("http://{}{slash}{path_and_query}", self.addr)
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.shared.counters.accepted.load(Relaxed)
+    }
+
+    /// Connections closed so far, by the client (read 0, reset) or by the script; each once.
+    pub fn closed(&self) -> u64 {
+        self.shared.counters.closed.load(Relaxed)
+    }
+
+    /// Connections accepted and not yet closed.
+    pub fn open(&self) -> u64 {
+        let closed = self.closed();
+        self.accepted().saturating_sub(closed)
+    }
+
+    /// Request heads parsed so far.
+    pub fn requests(&self) -> u64 {
+        self.shared.counters.requests.load(Relaxed)
+    }
+
+    /// Response body bytes handed to the kernel (`write` returned), excluding framing. Counts
+    /// what sits in socket buffers too: see DESIGN.md's pitfall on loopback buffering.
+    pub fn body_bytes_written(&self) -> u64 {
+        self.shared.counters.body_bytes_written.load(Relaxed)
+    }
+
+    /// Request body bytes received, excluding framing.
+    pub fn request_body_bytes(&self) -> u64 {
+        self.shared.counters.request_body_bytes.load(Relaxed)
+    }
+
+    /// Waits until `predicate` holds, checking every few milliseconds; false if `timeout` passes
+    /// first. Timeouts here are real time: a paused tokio clock does not cut them short.
+    pub async fn wait_until(&self, predicate: impl Fn(&Stage) -> bool, timeout: Duration) -> bool {
+        within(timeout, async {
+            while !predicate(self) {
+                tokio::time::sleep(POLL).await;
+            }
+        })
+        .await
+        .is_some()
+    }
+
+    /// Waits until every accepted connection is closed. True at once if none was accepted:
+    /// assert [`Stage::accepted`] too where that matters.
+    pub async fn wait_all_closed(&self, timeout: Duration) -> bool {
+        self.wait_until(|stage| stage.open() == 0, timeout).await
+    }
+
+    /// Waits for a request to `/hold/{key}` and takes it; `None` if none arrives within
+    /// `timeout`. Requests with the same key are taken in arrival order.
+    pub async fn held(&self, key: &str, timeout: Duration) -> Option<Held> {
+        within(timeout, async {
+            loop {
+                if let Some(held) = self.shared.unpark(key) {
+                    return held;
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        // The accept task owns the connections' JoinSet: aborting it aborts them all.
+        self.accept.abort();
+    }
+}
+
+impl Builder {
+    /// Sets `SO_SNDBUF` of every accepted socket, so that the server's byte count shows
+    /// backpressure instead of kernel buffering. The kernel may round it up (Linux doubles it).
+    pub fn send_buffer(mut self, bytes: u32) -> Builder {
+        self.send_buffer = Some(bytes);
+        self
+    }
+
+    /// Binds 127.0.0.1:0 and spawns the accept loop on the current tokio runtime.
+    pub async fn start(self) -> io::Result<Stage> {
+        let socket = TcpSocket::new_v4()?;
+        // Set before listen(): accepted sockets inherit it, see tcp(7).
+        if let Some(bytes) = self.send_buffer {
+            socket.set_send_buffer_size(bytes)?;
+        }
+        socket.bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+        let listener = socket.listen(1024)?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::default());
+        let accept = tokio::spawn(accept(listener, Arc::clone(&shared)));
+        Ok(Stage {
+            addr,
+            shared,
+            accept,
+        })
+    }
+}
+
+impl Held {
+    /// The request's method.
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// The request's target, path and query.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Sends the response head: `Transfer-Encoding: chunked` if `chunked` (then
+    /// `content_length` is ignored), else `Content-Length` if given, else a body delimited by
+    /// the close (`Connection: close`).
+    pub async fn head(
+        &self,
+        status: u16,
+        chunked: bool,
+        content_length: Option<u64>,
+    ) -> io::Result<()> {
+        let framing = match (chunked, content_length) {
+            (true, _) => Framing::Chunked,
+            (false, Some(len)) => Framing::Length(len),
+            (false, None) => Framing::UntilClose,
+        };
+        self.step(Step::Head { status, framing }).await
+    }
+
+    /// Sends `bytes` more body bytes, continuing [`body`]; one chunk when chunked (none if 0).
+    pub async fn send(&self, bytes: u64) -> io::Result<()> {
+        self.step(Step::Send(bytes)).await
+    }
+
+    /// Ends the body (the last chunk when chunked); the connection then serves its next
+    /// request, unless the body was delimited by the close.
+    pub async fn end(self) -> io::Result<()> {
+        self.step(Step::End).await
+    }
+
+    /// Ends the body, then closes the connection.
+    pub async fn end_and_close(self) -> io::Result<()> {
+        self.step(Step::EndAndClose).await
+    }
+
+    /// Resets the TCP connection (`SO_LINGER` 0, then close).
+    pub async fn reset(self) -> io::Result<()> {
+        self.step(Step::Reset).await
+    }
+
+    /// Sends bytes that are not HTTP: a garbage status line before the head, a chunk size that
+    /// is not hex after a chunked head. Then holds the connection until the client closes it.
+    /// A `Content-Length` or close-delimited body has no framing left to break: `InvalidInput`.
+    pub async fn malformed(self) -> io::Result<()> {
+        self.step(Step::Malformed).await
+    }
+
+    /// Closes the connection cleanly (FIN) wherever the response stands.
+    pub async fn close(self) -> io::Result<()> {
+        self.step(Step::Close).await
+    }
+
+    async fn step(&self, step: Step) -> io::Result<()> {
+        let gone = || io::Error::new(io::ErrorKind::NotConnected, "the held connection is gone");
+        let (reply, done) = oneshot::channel();
+        self.steps.send((step, reply)).map_err(|_| gone())?;
+        match within(STEP_TIMEOUT, done).await {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(gone()),
+            None => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the held connection did not carry out the step in time (is the client reading?)",
+            )),
+        }
+    }
+}
+
+/// Awaits `fut` for at most `timeout` of real time. Real, not tokio's: under a paused tokio
+/// clock the deadline would otherwise pass before loopback bytes arrive.
+async fn within<F: Future>(timeout: Duration, fut: F) -> Option<F::Output> {
+    let deadline = Instant::now() + timeout;
+    let mut fut = pin!(fut);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut fut => return Some(out),
+            () = tokio::time::sleep(POLL) => if Instant::now() >= deadline { return None },
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    counters: Counters,
+    parked: Mutex<HashMap<String, VecDeque<Held>>>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    accepted: AtomicU64,
+    closed: AtomicU64,
+    requests: AtomicU64,
+    body_bytes_written: AtomicU64,
+    request_body_bytes: AtomicU64,
+}
+
+impl Shared {
+    fn park(&self, key: String, held: Held) {
+        let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+        parked.entry(key).or_default().push_back(held);
+    }
+
+    fn unpark(&self, key: &str) -> Option<Held> {
+        let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+        parked.get_mut(key)?.pop_front()
+    }
+}
+
+async fn accept(listener: TcpListener, shared: Arc<Shared>) {
+    // Dropped with this task when the stage drops, aborting every connection.
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    shared.counters.accepted.fetch_add(1, Relaxed);
+                    // Framing and body go out in separate small writes: no Nagle delay.
+                    let _ = stream.set_nodelay(true);
+                    connections.spawn(serve(stream, Arc::clone(&shared)));
+                }
+                // Out of descriptors, say: back off instead of spinning.
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            },
+            Some(_) = connections.join_next() => {}
+        }
+    }
+}
+
+async fn serve(stream: TcpStream, shared: Arc<Shared>) {
+    let mut conn = Conn {
+        stream,
+        ahead: Vec::new(),
+        shared: Arc::clone(&shared),
+    };
+    let (hangup, answer) = conn.run().await;
+    conn.hang_up(hangup).await;
+    // The one place a connection is counted closed, after its socket is.
+    shared.counters.closed.fetch_add(1, Relaxed);
+    if let Some((reply, result)) = answer {
+        let _ = reply.send(result);
+    }
+}
+
+/// Where a held step's result goes.
+type Reply = oneshot::Sender<io::Result<()>>;
+
+/// A held step's result, sent once the connection is closed so that the caller sees the close
+/// counted.
+type Answer = (Reply, io::Result<()>);
+
+/// How a connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hangup {
+    /// A clean close: FIN.
+    Fin,
+    /// `SO_LINGER` 0, then close: RST.
+    Reset,
+    /// Hold the socket, reading and discarding, until the client closes it.
+    WaitForClient,
+    /// The client already closed, or the socket failed: only drop it.
+    Gone,
+}
+
+/// What a connection does after a response: serve the next request, or hang up.
+type Then = ControlFlow<Hangup>;
+
+const GONE: Then = Then::Break(Hangup::Gone);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+#[derive(Debug)]
+enum Step {
+    Head { status: u16, framing: Framing },
+    Send(u64),
+    End,
+    EndAndClose,
+    Reset,
+    Malformed,
+    Close,
+}
+
+struct Request {
+    method: String,
+    target: String,
+    /// The client asked for `Connection: close`.
+    close: bool,
+}
+
+enum Incoming {
+    Request(Request),
+    /// Not HTTP, or a body whose framing is broken: answered with 400, then closed.
+    Malformed(&'static str),
+}
+
+struct Conn {
+    stream: TcpStream,
+    /// Bytes read from the client and not yet parsed.
+    ahead: Vec<u8>,
+    shared: Arc<Shared>,
+}
+
+impl Conn {
+    /// Serves requests until the connection ends; a held step that ended it comes back to be
+    /// answered after the close.
+    async fn run(&mut self) -> (Hangup, Option<Answer>) {
+        loop {
+            let request = match self.read_request().await {
+                Ok(Incoming::Request(request)) => request,
+                Ok(Incoming::Malformed(why)) => {
+                    let answered = self.write_text(400, why, true).await;
+                    return (answered.map_or(Hangup::Gone, |()| Hangup::Fin), None);
+                }
+                Err(_) => return (Hangup::Gone, None),
+            };
+            let (then, answer) = match Route::of(&request.target) {
+                Route::Hold(key) => self.hold(&request, key).await,
+                Route::Script(script) => (self.play(&script).await.unwrap_or(GONE), None),
+                Route::NotFound => (self.refuse(404, "no such script").await, None),
+                Route::BadQuery(bad) => (self.refuse(400, &bad.to_string()).await, None),
+            };
+            match then {
+                Then::Continue(()) if !request.close => {}
+                Then::Continue(()) => return (Hangup::Fin, answer),
+                Then::Break(hangup) => return (hangup, answer),
+            }
+        }
+    }
+
+    /// Answers a request the stage cannot play; the connection stays open.
+    async fn refuse(&mut self, status: u16, why: &str) -> Then {
+        match self.write_text(status, why, false).await {
+            Ok(()) => Then::Continue(()),
+            Err(_) => GONE,
+        }
+    }
+
+    async fn play(&mut self, script: &Script) -> io::Result<Then> {
+        let (upto, then) = match script.ending {
+            Ending::NoResponse => return Ok(Then::Break(Hangup::Fin)),
+            Ending::StallHeaders => return Ok(Then::Break(Hangup::WaitForClient)),
+            Ending::Whole if script.keep_alive => (script.len, Then::Continue(())),
+            Ending::Whole => (script.len, Then::Break(Hangup::Fin)),
+            Ending::StallAfter(k) => (k, Then::Break(Hangup::WaitForClient)),
+            Ending::ResetAfter(k) => (k, Then::Break(Hangup::Reset)),
+            Ending::CloseAfter(k) => (k, Then::Break(Hangup::Fin)),
+            Ending::Malformed(_) => (0, Then::Break(Hangup::WaitForClient)),
+        };
+        self.pause(script.header_delay).await?;
+        let framing = match script.ending {
+            Ending::Malformed(Garbage::Status) => return self.write_garbage(GARBAGE_STATUS).await,
+            Ending::Malformed(Garbage::Chunk) => Framing::Chunked,
+            _ if script.chunked => Framing::Chunked,
+            _ => Framing::Length(script.len),
+        };
+        self.write_head(script.status, framing, !script.keep_alive)
+            .await?;
+        let mut sent = 0;
+        while sent < upto {
+            if sent > 0 {
+                self.pause(script.pace).await?;
+            }
+            let n = (upto - sent).min(script.chunk as u64);
+            self.write_body(framing, sent, n).await?;
+            sent += n;
+        }
+        match script.ending {
+            Ending::Whole => self.end_body(framing).await?,
+            Ending::Malformed(_) => return self.write_garbage(GARBAGE_CHUNK).await,
+            _ => {}
+        }
+        Ok(then)
+    }
+
+    /// Parks the request for [`Stage::held`] and carries out its steps, watching for the client
+    /// closing meanwhile.
+    async fn hold(&mut self, request: &Request, key: String) -> (Then, Option<Answer>) {
+        let (steps_tx, mut steps) = mpsc::unbounded_channel();
+        let held = Held {
+            method: request.method.clone(),
+            target: request.target.clone(),
+            steps: steps_tx,
+        };
+        self.shared.park(key, held);
+        let mut exchange = Exchange::default();
+        loop {
+            let (step, reply) = match self.next_step(&mut steps).await {
+                Ok(step) => step,
+                Err(hangup) => return (Then::Break(hangup), None),
+            };
+            let outcome = match self.take_step(step, &mut exchange).await {
+                Ok(outcome) => outcome,
+                Err(step) => {
+                    let _ = reply.send(Err(exchange.out_of_order(&step)));
+                    continue;
+                }
+            };
+            match outcome {
+                Ok(None) => {
+                    let _ = reply.send(Ok(()));
+                }
+                // A close happens now: answer once it is counted.
+                Ok(Some(then @ Then::Break(Hangup::Fin | Hangup::Reset))) => {
+                    return (then, Some((reply, Ok(()))));
+                }
+                // Serving on, or waiting for the client: answer now.
+                Ok(Some(then)) => {
+                    let _ = reply.send(Ok(()));
+                    return (then, None);
+                }
+                Err(e) => return (GONE, Some((reply, Err(e)))),
+            }
+        }
+    }
+
+    /// The next step of a held exchange, or how the connection ends without one: `Fin` when
+    /// the handle was dropped, `Gone` when the client closed.
+    async fn next_step(
+        &mut self,
+        steps: &mut mpsc::UnboundedReceiver<(Step, Reply)>,
+    ) -> Result<(Step, Reply), Hangup> {
+        loop {
+            tokio::select! {
+                step = steps.recv() => return step.ok_or(Hangup::Fin),
+                read = self.read_ahead() => read.map_err(|_| Hangup::Gone)?,
+            }
+        }
+    }
+
+    /// Carries out a step: `Some` when it ends the exchange. A step that does not fit where the
+    /// response stands is handed back, and nothing is sent.
+    async fn take_step(
+        &mut self,
+        step: Step,
+        exchange: &mut Exchange,
+    ) -> Result<io::Result<Option<Then>>, Step> {
+        let done = |then| Ok(Ok(then));
+        let framing = exchange.framing;
+        let outcome = match (step, framing) {
+            (Step::Head { status, framing }, None) => {
+                exchange.framing = Some(framing);
+                let close = framing == Framing::UntilClose;
+                self.write_head(status, framing, close).await.map(|()| None)
+            }
+            (Step::Send(n), Some(framing)) => {
+                let offset = exchange.sent;
+                exchange.sent += n;
+                self.write_body(framing, offset, n).await.map(|()| None)
+            }
+            (Step::End, Some(Framing::UntilClose)) => return done(Some(Then::Break(Hangup::Fin))),
+            (Step::End, Some(framing)) => {
+                let then = Then::Continue(());
+                self.end_body(framing).await.map(|()| Some(then))
+            }
+            (Step::EndAndClose, Some(framing)) => {
+                let then = Then::Break(Hangup::Fin);
+                self.end_body(framing).await.map(|()| Some(then))
+            }
+            (Step::Reset, _) => return done(Some(Then::Break(Hangup::Reset))),
+            (Step::Close, _) => return done(Some(Then::Break(Hangup::Fin))),
+            (Step::Malformed, None) => self.write_garbage(GARBAGE_STATUS).await.map(Some),
+            (Step::Malformed, Some(Framing::Chunked)) => {
+                self.write_garbage(GARBAGE_CHUNK).await.map(Some)
+            }
+            (step, _) => return Err(step),
+        };
+        Ok(outcome)
+    }
+
+    /// Sends bytes that are not HTTP, then waits for the client to give up on them.
+    async fn write_garbage(&mut self, garbage: &[u8]) -> io::Result<Then> {
+        self.stream.write_all(garbage).await?;
+        Ok(Then::Break(Hangup::WaitForClient))
+    }
+
+    async fn hang_up(mut self, hangup: Hangup) {
+        match hangup {
+            Hangup::Fin => {
+                let _ = self.stream.shutdown().await;
+            }
+            Hangup::Reset => {
+                let _ = self.stream.set_zero_linger();
+            }
+            Hangup::WaitForClient => {
+                let mut sink = [0; 4096];
+                while let Ok(1..) = self.stream.read(&mut sink).await {}
+            }
+            Hangup::Gone => {}
+        }
+    }
+
+    /// Reads one request head and its whole body (counted, discarded), so that the connection
+    /// can serve the next one.
+    async fn read_request(&mut self) -> io::Result<Incoming> {
+        let (request, body, consumed) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut parsed = httparse::Request::new(&mut headers);
+            match parsed.parse(&self.ahead) {
+                Ok(httparse::Status::Complete(consumed)) => match Request::from_head(&parsed) {
+                    Ok((request, body)) => break (request, body, consumed),
+                    Err(why) => return Ok(Incoming::Malformed(why)),
+                },
+                Ok(httparse::Status::Partial) => self.read_ahead().await?,
+                Err(_) => return Ok(Incoming::Malformed("not an HTTP/1.1 request head")),
+            }
+        };
+        self.ahead.drain(..consumed);
+        self.shared.counters.requests.fetch_add(1, Relaxed);
+        match body {
+            RequestBody::None => {}
+            RequestBody::Length(len) => self.discard_body(len).await?,
+            RequestBody::Chunked => {
+                if let Err(why) = self.discard_chunked_body().await? {
+                    return Ok(Incoming::Malformed(why));
+                }
+            }
+        }
+        Ok(Incoming::Request(request))
+    }
+
+    async fn discard_body(&mut self, len: u64) -> io::Result<()> {
+        let mut left = len;
+        loop {
+            let n = self
+                .ahead
+                .len()
+                .min(usize::try_from(left).unwrap_or(usize::MAX));
+            self.ahead.drain(..n);
+            self.shared
+                .counters
+                .request_body_bytes
+                .fetch_add(n as u64, Relaxed);
+            left -= n as u64;
+            if left == 0 {
+                return Ok(());
+            }
+            self.read_ahead().await?;
+        }
+    }
+
+    /// The outer result is the socket's, the inner one the framing's.
+    async fn discard_chunked_body(&mut self) -> io::Result<Result<(), &'static str>> {
+        loop {
+            let size = match httparse::parse_chunk_size(&self.ahead) {
+                Ok(httparse::Status::Complete((consumed, size))) => {
+                    self.ahead.drain(..consumed);
+                    size
+                }
+                Ok(httparse::Status::Partial) => {
+                    self.read_ahead().await?;
+                    continue;
+                }
+                Err(_) => return Ok(Err("a request chunk size is not hex")),
+            };
+            if size == 0 {
+                self.discard_trailers().await?;
+                return Ok(Ok(()));
+            }
+            self.discard_body(size).await?;
+            while self.ahead.len() < 2 {
+                self.read_ahead().await?;
+            }
+            if self.ahead.drain(..2).as_slice() != b"\r\n" {
+                return Ok(Err("a request chunk does not end with CRLF"));
+            }
+        }
+    }
+
+    async fn discard_trailers(&mut self) -> io::Result<()> {
+        loop {
+            match self.ahead.windows(2).position(|w| w == b"\r\n") {
+                Some(0) => {
+                    self.ahead.drain(..2);
+                    return Ok(());
+                }
+                Some(end) => {
+                    self.ahead.drain(..end + 2);
+                }
+                None => self.read_ahead().await?,
+            }
+        }
+    }
+
+    /// Reads what the client sent into `ahead`. The client closing is an error here: every
+    /// caller is waiting for bytes, and a close ends the connection.
+    async fn read_ahead(&mut self) -> io::Result<()> {
+        if self.ahead.len() > MAX_AHEAD {
+            return Err(io::Error::other(
+                "the client sent too much ahead of its responses",
+            ));
+        }
+        match self.stream.read_buf(&mut self.ahead).await? {
+            0 => Err(io::ErrorKind::UnexpectedEof.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Sleeps, reading ahead meanwhile so that a client closing ends the wait.
+    async fn pause(&mut self, duration: Duration) -> io::Result<()> {
+        if duration.is_zero() {
+            return Ok(());
+        }
+        let mut sleep = pin!(tokio::time::sleep(duration));
+        loop {
+            tokio::select! {
+                () = &mut sleep => return Ok(()),
+                read = self.read_ahead() => read?,
+            }
+        }
+    }
+
+    async fn write_head(&mut self, status: u16, framing: Framing, close: bool) -> io::Result<()> {
+        let reason = match status {
+            200 => "OK",
+            400 => "Bad Request",
+            404 => "Not Found",
+            _ => "",
+        };
+        let mut head = format!("HTTP/1.1 {status} {reason}\r\n");
+        match framing {
+            Framing::Length(len) => head += &format!("content-length: {len}\r\n"),
+            Framing::Chunked => head += "transfer-encoding: chunked\r\n",
+            Framing::UntilClose => {}
+        }
+        if close || framing == Framing::UntilClose {
+            head += "connection: close\r\n";
+        }
+        head += "\r\n";
+        self.stream.write_all(head.as_bytes()).await
+    }
+
+    /// Writes body bytes `offset..offset + len` of [`body`]: one chunk when chunked.
+    async fn write_body(&mut self, framing: Framing, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if framing == Framing::Chunked {
+            self.stream
+                .write_all(format!("{len:x}\r\n").as_bytes())
+                .await?;
+        }
+        let mut done = 0;
+        while done < len {
+            let start = ((offset + done) % PATTERN.len() as u64) as usize;
+            let n = (len - done).min(DEFAULT_CHUNK as u64) as usize;
+            self.write_counted(&TILE[start..start + n]).await?;
+            done += n as u64;
+        }
+        if framing == Framing::Chunked {
+            self.stream.write_all(b"\r\n").await?;
+        }
+        Ok(())
+    }
+
+    async fn end_body(&mut self, framing: Framing) -> io::Result<()> {
+        match framing {
+            Framing::Chunked => self.stream.write_all(LAST_CHUNK).await,
+            Framing::Length(_) | Framing::UntilClose => Ok(()),
+        }
+    }
+
+    /// A small complete response for the stage's own answers (404, 400).
+    async fn write_text(&mut self, status: u16, text: &str, close: bool) -> io::Result<()> {
+        self.write_head(status, Framing::Length(text.len() as u64), close)
+            .await?;
+        self.write_counted(text.as_bytes()).await
+    }
+
+    /// Writes `bytes`, counting each write as it returns: the count is what left the server.
+    async fn write_counted(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            let n = self.stream.write(bytes).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.shared
+                .counters
+                .body_bytes_written
+                .fetch_add(n as u64, Relaxed);
+            bytes = &bytes[n..];
+        }
+        Ok(())
+    }
+}
+
+/// Where a held response stands.
+#[derive(Debug, Default)]
+struct Exchange {
+    /// The head's framing, once the head is sent.
+    framing: Option<Framing>,
+    /// Body bytes sent so far.
+    sent: u64,
+}
+
+impl Exchange {
+    fn out_of_order(&self, step: &Step) -> io::Error {
+        let why = match self.framing {
+            None => format!("{step:?} before the head"),
+            Some(framing) => format!("{step:?} after a {framing:?} head"),
+        };
+        io::Error::new(io::ErrorKind::InvalidInput, why)
+    }
+}
+
+enum RequestBody {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+impl Request {
+    fn from_head(
+        parsed: &httparse::Request<'_, '_>,
+    ) -> Result<(Request, RequestBody), &'static str> {
+        let mut body = RequestBody::None;
+        let mut close = false;
+        for header in parsed.headers.iter() {
+            let value = std::str::from_utf8(header.value)
+                .map_err(|_| "a header value is not UTF-8")?
+                .trim();
+            if header.name.eq_ignore_ascii_case("transfer-encoding") {
+                if value.to_ascii_lowercase().contains("chunked") {
+                    body = RequestBody::Chunked;
+                }
+            } else if header.name.eq_ignore_ascii_case("content-length") {
+                // Chunked framing wins over a length (RFC 9112, 6.3).
+                if !matches!(body, RequestBody::Chunked) {
+                    body = RequestBody::Length(value.parse().map_err(|_| "a bad content-length")?);
+                }
+            } else if header.name.eq_ignore_ascii_case("connection") {
+                close = value.eq_ignore_ascii_case("close");
+            }
+        }
+        let request = Request {
+            method: parsed.method.unwrap_or_default().to_owned(),
+            target: parsed.path.unwrap_or_default().to_owned(),
+            close,
+        };
+        Ok((request, body))
+    }
+}
+
+/// What a request's target asks for.
+enum Route {
+    Script(Script),
+    Hold(String),
+    NotFound,
+    BadQuery(BadQuery),
+}
+
+/// A `/bytes/N` response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Script {
+    status: u16,
+    len: u64,
+    chunked: bool,
+    chunk: usize,
+    pace: Duration,
+    keep_alive: bool,
+    header_delay: Duration,
+    ending: Ending,
+}
+
+/// How a scripted response ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Whole,
+    NoResponse,
+    StallHeaders,
+    StallAfter(u64),
+    ResetAfter(u64),
+    CloseAfter(u64),
+    Malformed(Garbage),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Garbage {
+    Status,
+    Chunk,
+}
+
+/// A query pair the stage cannot play: the 400's body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BadQuery {
+    pair: String,
+    why: &'static str,
+}
+
+impl fmt::Display for BadQuery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.pair, self.why)
+    }
+}
+
+impl Route {
+    fn of(target: &str) -> Route {
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        if let Some(key) = path.strip_prefix("/hold/").filter(|key| !key.is_empty()) {
+            return Route::Hold(key.to_owned());
+        }
+        let Some(len) = path.strip_prefix("/bytes/").and_then(|n| n.parse().ok()) else {
+            return Route::NotFound;
+        };
+        match Script::parse(len, query) {
+            Ok(script) => Route::Script(script),
+            Err(bad) => Route::BadQuery(bad),
+        }
+    }
+}
+
+impl Script {
+    fn parse(len: u64, query: &str) -> Result<Script, BadQuery> {
+        let mut script = Script {
+            status: 200,
+            len,
+            chunked: false,
+            chunk: DEFAULT_CHUNK,
+            pace: Duration::ZERO,
+            keep_alive: true,
+            header_delay: Duration::ZERO,
+            ending: Ending::Whole,
+        };
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            let bad = |why| BadQuery {
+                pair: pair.to_owned(),
+                why,
+            };
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| bad("expected key=value"))?;
+            let number = || value.parse::<u64>().map_err(|_| bad("expected a number"));
+            let flag = || match value {
+                "0" => Ok(false),
+                "1" => Ok(true),
+                _ => Err(bad("expected 0 or 1")),
+            };
+            let within_body = |k: u64| {
+                if k <= len {
+                    Ok(k)
+                } else {
+                    Err(bad("past the body's length"))
+                }
+            };
+            let ending = match key {
+                "status" => {
+                    script.status = value
+                        .parse()
+                        .ok()
+                        .filter(|s| (200..=599).contains(s))
+                        .ok_or_else(|| bad("expected 200..=599"))?;
+                    None
+                }
+                "chunked" => {
+                    script.chunked = flag()?;
+                    None
+                }
+                "chunk" => {
+                    script.chunk = value
+                        .parse()
+                        .ok()
+                        .filter(|&c| c > 0)
+                        .ok_or_else(|| bad("expected a positive size"))?;
+                    None
+                }
+                "pace_ms" => {
+                    script.pace = Duration::from_millis(number()?);
+                    None
+                }
+                "keep_alive" => {
+                    script.keep_alive = flag()?;
+                    None
+                }
+                "header_delay_ms" => {
+                    script.header_delay = Duration::from_millis(number()?);
+                    None
+                }
+                "stall_headers" => flag()?.then_some(Ending::StallHeaders),
+                "no_response" => flag()?.then_some(Ending::NoResponse),
+                "stall_after" => Some(Ending::StallAfter(within_body(number()?)?)),
+                "reset_after" => Some(Ending::ResetAfter(within_body(number()?)?)),
+                "close_after" => Some(Ending::CloseAfter(within_body(number()?)?)),
+                "malformed" => match value {
+                    "status" => Some(Ending::Malformed(Garbage::Status)),
+                    "chunk" => Some(Ending::Malformed(Garbage::Chunk)),
+                    _ => return Err(bad("expected status or chunk")),
+                },
+                _ => return Err(bad("unknown key")),
+            };
+            if let Some(ending) = ending {
+                if script.ending != Ending::Whole {
+                    return Err(bad(
+                        "a second ending: one of stall_*, reset_after, close_after, no_response, malformed",
+                    ));
+                }
+                script.ending = ending;
+            }
+        }
+        Ok(script)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scripts_parse_from_the_query() {
+        let script = Script::parse(
+            100,
+            "chunked=1&chunk=10&pace_ms=5&status=503&stall_after=20",
+        )
+        .unwrap();
+        assert!(script.chunked);
+        assert_eq!((script.chunk, script.status), (10, 503));
+        assert_eq!(script.pace, Duration::from_millis(5));
+        assert_eq!(script.ending, Ending::StallAfter(20));
+    }
+
+    #[test]
+    fn bad_queries_are_refused() {
+        for query in [
+            "nope=1",
+            "chunk=0",
+            "status=99",
+            "chunked=yes",
+            "close_after=101",
+            "reset_after=1&stall_after=1",
+            "malformed=body",
+            "pace_ms",
+        ] {
+            assert!(Script::parse(100, query).is_err(), "{query}");
+        }
+    }
+
+    #[test]
+    fn the_tile_is_the_body_pattern() {
+        assert_eq!(TILE[..], body(TILE.len())[..]);
+    }
+}
