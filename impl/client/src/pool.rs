@@ -19,7 +19,6 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{ConnId, Error};
 
@@ -40,13 +39,12 @@ impl Origin {
 }
 
 /// One HTTP/1.1 connection. Dropping it closes the socket: the task running hyper's
-/// connection future is aborted, and the per-host permit is returned.
+/// connection future is aborted.
 #[derive(Debug)]
 pub(crate) struct Connection {
     pub sender: http1::SendRequest<Body>,
     /// Held for its Drop: aborting hyper's connection future closes the socket.
     _io: AbortOnDrop,
-    _permit: OwnedSemaphorePermit,
 }
 
 #[derive(Debug)]
@@ -58,22 +56,20 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The session's connections that are not carrying an exchange, and the per-host limits.
+/// The session's connections that are not carrying an exchange. Which connection a task
+/// gets, and how many an origin may have, is the engine's decision
+/// (`Config::max_connections_per_origin`): this only keeps them.
 #[derive(Debug)]
 pub(crate) struct Pool {
     idle: Mutex<HashMap<ConnId, Connection>>,
-    hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
-    max_per_host: usize,
     read_buffer: usize,
     runtime: Handle,
 }
 
 impl Pool {
-    pub fn new(max_per_host: usize, read_buffer: usize, runtime: Handle) -> Self {
+    pub fn new(read_buffer: usize, runtime: Handle) -> Self {
         Self {
             idle: Mutex::new(HashMap::new()),
-            hosts: Mutex::new(HashMap::new()),
-            max_per_host,
             read_buffer,
             runtime,
         }
@@ -103,16 +99,8 @@ impl Pool {
         drop(all);
     }
 
-    /// Open a connection to `origin`, waiting for a per-host permit first.
+    /// Open a connection to `origin`.
     pub async fn connect(&self, origin: &Origin) -> Result<Connection, Error> {
-        let limit = lock(&self.hosts)
-            .entry(origin.key())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.max_per_host)))
-            .clone();
-        let permit = limit
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::Io(Arc::new(io::Error::other("connection limit closed"))))?;
         let stream = TcpStream::connect((origin.host.as_str(), origin.port))
             .await
             .map_err(|e| connect_error(origin, e))?;
@@ -129,7 +117,6 @@ impl Pool {
         Ok(Connection {
             sender,
             _io: AbortOnDrop(io.abort_handle()),
-            _permit: permit,
         })
     }
 }

@@ -180,6 +180,7 @@ impl Session {
             download_dir: config.download_dir.clone(),
             name: name.clone(),
             max_idle_per_origin: config.max_idle_per_host,
+            max_connections_per_origin: config.max_connections_per_host,
         };
         let delegated = delegate.is_some();
         let (handle, core, delivery) = crate::session(engine_config, delegate);
@@ -187,11 +188,7 @@ impl Session {
         let infos: Option<Infos> = delegated.then(Default::default);
         let shared = Arc::new(Shared {
             core,
-            pool: Pool::new(
-                config.max_connections_per_host,
-                config.read_buffer,
-                runtime.clone(),
-            ),
+            pool: Pool::new(config.read_buffer, runtime.clone()),
             config,
             runtime: runtime.clone(),
             name: name.clone(),
@@ -335,12 +332,21 @@ impl Session {
                 control,
             },
         );
-        // Dropped with this future: cancels the task if it is still running (and forgets it).
-        let task = Task::new(handle, shared.clone());
-        let start = task
-            .handle()
-            .resume_inline()
-            .expect("a new handler task starts on its first resume");
+        // Dropped with this future: cancels the task if it is still running, and forgets it.
+        let task = CancelOnDrop(Task::new(handle, shared.clone()));
+        let start = match task.0.handle().resume_inline() {
+            Some(start) => start,
+            // Its origin is at its connection limit: wait for a connection to be released.
+            None => match poll_fn(|cx| shared.core.poll_start(id, cx)).await {
+                Some(start) => start,
+                None => {
+                    return Err(match shared.core.take_outcome(id) {
+                        Some(Err(error)) => error,
+                        _ => Error::Cancelled,
+                    });
+                }
+            },
+        };
         let collected = Exchange {
             shared: shared.clone(),
             task: id,
@@ -461,6 +467,16 @@ impl Shared {
     /// An exchange pooled its connection: the driver starts its idle clock.
     pub fn parked(&self, conn: ConnId) {
         let _ = self.parked.send(conn);
+    }
+}
+
+/// A handler's task: a running task's handle alone would let it run on (R10), but a dropped
+/// convenience future means nobody wants its result.
+struct CancelOnDrop(Task);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.handle().cancel();
     }
 }
 

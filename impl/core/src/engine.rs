@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
-use std::task::Waker;
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,6 +37,9 @@ pub struct Config {
     pub name: String,
     /// At most this many kept-alive connections per origin; more are closed, not pooled.
     pub max_idle_per_origin: usize,
+    /// At most this many connections per origin, busy and idle together; a task that would
+    /// need one more waits for one to be released.
+    pub max_connections_per_origin: usize,
 }
 
 impl Default for Config {
@@ -49,6 +52,7 @@ impl Default for Config {
             download_dir: std::env::temp_dir(),
             name: "leakproof".into(),
             max_idle_per_origin: usize::MAX,
+            max_connections_per_origin: usize::MAX,
         }
     }
 }
@@ -77,6 +81,8 @@ pub enum TaskState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Exchange {
     NotStarted,
+    /// Running, but its origin is at its connection limit: it waits its turn.
+    AwaitingConnection,
     AwaitingResponse,
     /// The head arrived; the delegate's disposition is awaited.
     AwaitingDisposition,
@@ -105,6 +111,9 @@ struct Cell {
     temp_file: Option<PathBuf>,
     /// The armed generation of each timer, by `Timeout as usize`.
     timers: [Option<u64>; 2],
+    /// A handler-routed task's start, until its handler takes it.
+    start: Option<Start>,
+    start_waker: Option<Waker>,
 }
 
 const TIMEOUTS: [Timeout; 2] = [Timeout::Request, Timeout::Resource];
@@ -135,6 +144,10 @@ pub(crate) struct Engine {
     delegate_held: bool,
     /// How handler-routed tasks ended, kept until their handler takes it.
     outcomes: BTreeMap<TaskId, Result<(), Error>>,
+    /// Tasks waiting for a connection, first come first served.
+    waiting: VecDeque<TaskId>,
+    /// Wakers to wake once the lock is released.
+    pub(crate) wake_later: Vec<Waker>,
 }
 
 impl Engine {
@@ -157,6 +170,8 @@ impl Engine {
             peak_buffered: 0,
             handed_over: Vec::new(),
             outcomes: BTreeMap::new(),
+            waiting: VecDeque::new(),
+            wake_later: Vec::new(),
         }
     }
 
@@ -248,6 +263,8 @@ impl Engine {
                 conn: None,
                 temp_file: None,
                 timers: [None; 2],
+                start: None,
+                start_waker: None,
             },
         );
         Ok(id)
@@ -257,8 +274,8 @@ impl Engine {
         self.resume_and_start(task);
     }
 
-    /// Resume; for a handler-routed task that was never started, return where to start it
-    /// instead of asking the driver: the handler runs the exchange itself.
+    /// Resume; for a handler-routed task that starts now, return where: the handler runs
+    /// the exchange itself (if it must wait for a connection, see [`Engine::poll_start`]).
     pub(crate) fn resume_and_start(&mut self, task: TaskId) -> Option<Start> {
         let Some(cell) = self.tasks.get_mut(&task) else {
             return None; // Completed: a no-op.
@@ -266,30 +283,86 @@ impl Engine {
         if cell.state != TaskState::Suspended {
             return None; // Resumes do not nest.
         }
-        let mut inline = None;
         cell.state = TaskState::Running;
         if cell.exchange == Exchange::NotStarted {
-            // A kept-alive connection to the same origin is reused before one is opened.
-            let pooled = self.idle.iter().rposition(|(o, _)| *o == cell.origin);
-            let (conn, reused) = match pooled {
-                Some(i) => (self.idle.remove(i).1, true),
-                None => {
-                    self.next_conn += 1;
-                    (ConnId(self.next_conn), false)
-                }
-            };
-            cell.conn = Some(conn);
-            cell.exchange = Exchange::AwaitingResponse;
-            match cell.route {
-                Route::Delegate => self.actions.push_back(Action::Start { task, conn, reused }),
-                Route::Handler => inline = Some(Start { conn, reused }),
-            }
+            self.begin(task);
         } else {
             self.actions.push_back(Action::Unpause { task });
         }
         self.arm(task, Timeout::Request);
         self.arm(task, Timeout::Resource);
-        inline
+        self.tasks.get_mut(&task).and_then(|cell| cell.start.take())
+    }
+
+    /// Give the task a connection: a kept-alive one to its origin, else a new one within the
+    /// origin's limit, else a place in the queue.
+    fn begin(&mut self, task: TaskId) {
+        let origin = self.tasks[&task].origin.clone();
+        let pooled = self.idle.iter().rposition(|(o, _)| *o == origin);
+        let (conn, reused) = match pooled {
+            Some(i) => (self.idle.remove(i).1, true),
+            None if self.connections_to(&origin) < self.config.max_connections_per_origin => {
+                self.next_conn += 1;
+                (ConnId(self.next_conn), false)
+            }
+            None => {
+                self.tasks.get_mut(&task).expect("live task").exchange =
+                    Exchange::AwaitingConnection;
+                self.waiting.push_back(task);
+                return;
+            }
+        };
+        let cell = self.tasks.get_mut(&task).expect("live task");
+        cell.conn = Some(conn);
+        cell.exchange = Exchange::AwaitingResponse;
+        match cell.route {
+            Route::Delegate => self.actions.push_back(Action::Start { task, conn, reused }),
+            Route::Handler => {
+                cell.start = Some(Start { conn, reused });
+                self.wake_later.extend(cell.start_waker.take());
+            }
+        }
+    }
+
+    /// Connections to `origin`, busy and idle.
+    fn connections_to(&self, origin: &str) -> usize {
+        let busy = self
+            .tasks
+            .values()
+            .filter(|c| c.conn.is_some() && c.origin == origin)
+            .count();
+        busy + self.idle.iter().filter(|(o, _)| o == origin).count()
+    }
+
+    /// A connection to `origin` was released (pooled or closed): start whoever waits for one.
+    fn admit(&mut self, origin: &str) {
+        while let Some(i) = self
+            .waiting
+            .iter()
+            .position(|t| self.tasks[t].origin == origin)
+        {
+            let has_idle = self.idle.iter().any(|(o, _)| o == origin);
+            if !has_idle && self.connections_to(origin) >= self.config.max_connections_per_origin {
+                return;
+            }
+            let task = self.waiting.remove(i).expect("found");
+            self.begin(task);
+        }
+    }
+
+    /// Where a handler-routed task starts, once it has a connection; `None` if it completed
+    /// first.
+    pub(crate) fn poll_start(&mut self, task: TaskId, waker: &Waker) -> Poll<Option<Start>> {
+        let Some(cell) = self.tasks.get_mut(&task) else {
+            return Poll::Ready(None);
+        };
+        match cell.start.take() {
+            Some(start) => Poll::Ready(Some(start)),
+            None => {
+                cell.start_waker = Some(waker.clone());
+                Poll::Pending
+            }
+        }
     }
 
     pub(crate) fn suspend(&mut self, task: TaskId) {
@@ -300,8 +373,14 @@ impl Engine {
             return;
         }
         cell.state = TaskState::Suspended;
-        // R7: a suspended task reads nothing and no timer runs for it.
-        self.actions.push_back(Action::Pause { task });
+        if cell.exchange == Exchange::AwaitingConnection {
+            // It gives up its place; resuming queues it again.
+            cell.exchange = Exchange::NotStarted;
+            self.waiting.retain(|t| *t != task);
+        } else {
+            // R7: a suspended task reads nothing and no timer runs for it.
+            self.actions.push_back(Action::Pause { task });
+        }
         self.disarm_all(task);
     }
 
@@ -418,7 +497,10 @@ impl Engine {
                 self.idle.push((cell.origin.clone(), conn));
                 Release::Pool
             }
-            _ => Release::Close,
+            (_, conn) => {
+                cell.conn = conn; // closed with the task
+                Release::Close
+            }
         };
         self.complete(task, Ok(()), EndedBy::Io);
         release
@@ -446,7 +528,10 @@ impl Engine {
 
     /// The driver closed an idle connection whose idle timeout passed (R9).
     pub(crate) fn idle_expired(&mut self, conn: ConnId) {
-        self.idle.retain(|(_, c)| *c != conn);
+        if let Some(i) = self.idle.iter().position(|(_, c)| *c == conn) {
+            let (origin, _) = self.idle.remove(i);
+            self.admit(&origin);
+        }
     }
 
     // ---- the delivery's acknowledgements ----
@@ -556,7 +641,14 @@ impl Engine {
     fn complete(&mut self, task: TaskId, result: Result<(), Error>, ended_by: EndedBy) {
         self.disarm_all(task);
         let cell = self.tasks.remove(&task).expect("live task");
-        let started = cell.exchange != Exchange::NotStarted;
+        let started = !matches!(
+            cell.exchange,
+            Exchange::NotStarted | Exchange::AwaitingConnection
+        );
+        if cell.exchange == Exchange::AwaitingConnection {
+            self.waiting.retain(|t| *t != task);
+        }
+        self.wake_later.extend(cell.start_waker);
         // The IO that ended the task closes its own connection (or pooled it in body_end);
         // any other ending must abort the IO, which closes the connection it holds.
         if started && ended_by == EndedBy::Other {
@@ -579,6 +671,10 @@ impl Engine {
                 self.actions
                     .push_back(Action::RemoveTempFile { task, path });
             }
+        }
+        if cell.conn.is_some() || ended_by == EndedBy::Io {
+            // Its connection is closed (or was pooled by body_end): someone may be waiting.
+            self.admit(&cell.origin);
         }
         if handler {
             // Kept for the handler while it can still ask; nobody else will.

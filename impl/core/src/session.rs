@@ -72,6 +72,7 @@ impl Core {
             if released {
                 wake.append(&mut engine.release_wakers);
             }
+            wake.append(&mut engine.wake_later);
             result
         };
         wake.into_iter().for_each(Waker::wake);
@@ -145,6 +146,12 @@ impl Core {
     /// included, until the driver gets [`Action::ReadBody`]: the delegate decides first.
     pub fn response(&self, task: TaskId, response: http::Response<()>) -> Proceed {
         self.update(|e| e.response(task, response))
+    }
+
+    /// Where a handler-routed task starts once its origin has a connection for it (see
+    /// [`TaskHandle::resume_inline`]); `None` if it completed while waiting.
+    pub fn poll_start(&self, task: TaskId, cx: &mut Context<'_>) -> Poll<Option<Start>> {
+        self.update(|e| e.poll_start(task, cx.waker()))
     }
 
     /// How a handler-routed task ended; `None` while it runs, or once taken.
@@ -260,8 +267,9 @@ impl TaskHandle {
         self.core.update(|e| e.resume(self.id));
     }
 
-    /// Resume a handler-routed task and return where its handler starts the exchange (the
-    /// first time only; `None` otherwise).
+    /// Resume a handler-routed task and return where its handler starts the exchange: the
+    /// first time only, and only if a connection is free now; otherwise wait with
+    /// [`Core::poll_start`].
     pub fn resume_inline(&self) -> Option<Start> {
         self.core.update(|e| e.resume_and_start(self.id))
     }

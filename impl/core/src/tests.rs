@@ -328,3 +328,95 @@ fn a_full_pool_closes_the_connection_instead() {
     assert_eq!(core.body_end(tasks[1].id(), true), Release::Close);
     assert_eq!(core.ledger().idle_connections, 1);
 }
+
+#[test]
+fn at_its_limit_an_origin_hands_a_released_connection_to_the_next_task() {
+    let config = Config {
+        max_connections_per_origin: 1,
+        ..Config::default()
+    };
+    let (session, core, _delivery) = session(config, None::<Recorder>);
+    let first = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    let second = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    let inline = session
+        .create_task(TaskKind::Data, "a", Route::Handler)
+        .unwrap();
+    let elsewhere = session
+        .create_task(TaskKind::Data, "b", Route::Delegate)
+        .unwrap();
+    first.resume();
+    second.resume();
+    assert_eq!(inline.resume_inline(), None, "no connection free: it waits");
+    elsewhere.resume();
+    let starts = |core: &Core| -> Vec<(TaskId, ConnId, bool)> {
+        actions(core)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Start { task, conn, reused } => Some((task, conn, reused)),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(
+        starts(&core),
+        [
+            (first.id(), ConnId(1), false),
+            (elsewhere.id(), ConnId(2), false)
+        ],
+        "the limit is per origin"
+    );
+    let _ = core.response(first.id(), ok_response());
+    assert_eq!(core.body_end(first.id(), true), Release::Pool);
+    assert_eq!(
+        starts(&core),
+        [(second.id(), ConnId(1), true)],
+        "handed over"
+    );
+    core.failed(second.id(), Error::ConnectionReset);
+    let waker = std::task::Waker::noop();
+    assert_eq!(
+        core.poll_start(inline.id(), &mut std::task::Context::from_waker(waker)),
+        std::task::Poll::Ready(Some(Start {
+            conn: ConnId(3),
+            reused: false
+        })),
+        "a closed connection makes room for a new one"
+    );
+    assert_eq!(core.ledger().open_connections, 2);
+}
+
+#[test]
+fn a_waiting_task_suspended_gives_up_its_place() {
+    let config = Config {
+        max_connections_per_origin: 1,
+        ..Config::default()
+    };
+    let (session, core, _delivery) = session(config, None::<Recorder>);
+    let busy = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    let waiting = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    busy.resume();
+    waiting.resume();
+    waiting.suspend();
+    assert_eq!(core.ledger().timers, 2, "R7: only the busy task's timers");
+    busy.cancel();
+    assert!(
+        !actions(&core)
+            .iter()
+            .any(|a| matches!(a, Action::Start { task, .. } if *task == waiting.id())),
+        "a suspended task is not started"
+    );
+    waiting.resume();
+    assert!(
+        actions(&core)
+            .iter()
+            .any(|a| matches!(a, Action::Start { task, .. } if *task == waiting.id()))
+    );
+}
