@@ -171,9 +171,13 @@ struct World {
 }
 
 fn world() -> World {
+    world_with(Config::default())
+}
+
+fn world_with(config: Config) -> World {
     let delegate = Arc::new(());
     let weak = Arc::downgrade(&delegate);
-    let (session, core, delivery) = leakproof_core::session(Config::default(), Some(delegate));
+    let (session, core, delivery) = leakproof_core::session(config, Some(delegate));
     World {
         session,
         core,
@@ -367,6 +371,37 @@ fn disposition_vs_cancel() {
         task.cancel();
         w.finish(deliverer, vec![task]);
     });
+}
+
+#[test]
+fn a_released_connection_vs_cancelling_the_task_waiting_for_it() {
+    explore(
+        "a_released_connection_vs_cancelling_the_task_waiting_for_it",
+        || {
+            let mut w = world_with(Config {
+                max_connections_per_origin: 1,
+                ..Config::default()
+            });
+            let busy = w.reading_task();
+            let waiting = w
+                .session
+                .create_task(TaskKind::Data, "origin", Route::Delegate)
+                .unwrap();
+            waiting.resume(); // the origin is at its limit: it waits
+            let deliverer = w.deliver_in_background();
+            let canceller = thread::spawn(move || {
+                waiting.cancel();
+                waiting
+            });
+            w.driver.park(busy.id());
+            let release = w.core.body_end(busy.id(), true);
+            let waiting = canceller.join().unwrap();
+            w.driver.io_ended(busy.id(), release);
+            // Whichever won, the connection went to the waiting task (then was aborted with it)
+            // or stayed pooled: the driver checks each step, `finish` that nothing is left.
+            w.finish(deliverer, vec![busy, waiting]);
+        },
+    );
 }
 
 /// A stand-in handle, so a test can move the real one into a thread and back.
