@@ -318,3 +318,40 @@ async fn dispositions_cancel_or_turn_a_data_task_into_a_download() {
         scene.assert_released().await;
     }
 }
+
+#[tokio::test]
+async fn an_idle_connection_the_server_closes_leaves_the_pool_at_once() {
+    let stage = Stage::start().await.unwrap();
+    let session = plain();
+    let fetch = tokio::spawn({
+        let session = session.clone();
+        let request = get(stage.url("/hold/quiet"));
+        async move { session.data(request).await }
+    });
+    let held = stage
+        .held("quiet", PATIENCE)
+        .await
+        .expect("the request arrives");
+    held.head(200, false, Some(5)).await.unwrap();
+    held.send(5).await.unwrap();
+    // Nothing in the head said the connection would close: the client pools it.
+    held.end_and_close().await.unwrap();
+    assert_eq!(fetch.await.unwrap().unwrap().body().len(), 5);
+    let observer = session.observer();
+    let gone = patiently(async {
+        while observer.resources().idle_connections > 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "the ledger still counts the dead connection as idle"
+    );
+    let response = session.data(get(stage.url("/bytes/3"))).await.unwrap();
+    assert_eq!(
+        response.body().len(),
+        3,
+        "a new connection serves the next request"
+    );
+}

@@ -12,6 +12,7 @@ use tokio_util::time::DelayQueue;
 use tokio_util::time::delay_queue::Key;
 
 use crate::exchange::Exchange;
+use crate::pool::Note;
 use crate::session::Shared;
 use crate::{Action, ConnId, TaskId, Timeout, TimerId};
 
@@ -24,7 +25,7 @@ enum Due {
 
 pub(crate) struct Driver {
     shared: Arc<Shared>,
-    parked: mpsc::UnboundedReceiver<ConnId>,
+    notes: mpsc::UnboundedReceiver<Note>,
     clock: DelayQueue<Due>,
     timers: HashMap<(TaskId, Timeout), (Key, TimerId)>,
     idle: HashMap<ConnId, Key>,
@@ -32,11 +33,11 @@ pub(crate) struct Driver {
 }
 
 impl Driver {
-    pub fn new(shared: Arc<Shared>, parked: mpsc::UnboundedReceiver<ConnId>) -> Self {
+    pub fn new(shared: Arc<Shared>, notes: mpsc::UnboundedReceiver<Note>) -> Self {
         let idle_timeout = shared.config.idle_timeout;
         Self {
             shared,
-            parked,
+            notes,
             clock: DelayQueue::new(),
             timers: HashMap::new(),
             idle: HashMap::new(),
@@ -54,12 +55,7 @@ impl Driver {
                 Some(due) = poll_fn(|cx| self.clock.poll_expired(cx)) => {
                     self.due(due.into_inner());
                 }
-                Some(conn) = self.parked.recv() => {
-                    let key = self.clock.insert(Due::Idle(conn), self.idle_timeout);
-                    if let Some(old) = self.idle.insert(conn, key) {
-                        self.clock.try_remove(&old);
-                    }
-                }
+                Some(note) = self.notes.recv() => self.noted(note),
             }
         }
         // Released: by the engine's account nothing is pooled; make sure of it.
@@ -134,6 +130,29 @@ impl Driver {
         }
     }
 
+    fn noted(&mut self, note: Note) {
+        match note {
+            // Gone already (closed between parking and pooling): the engine must hear it.
+            Note::Parked(conn) if !self.shared.pool.holds(conn) => {
+                self.shared.core.idle_expired(conn);
+            }
+            Note::Parked(conn) => {
+                let key = self.clock.insert(Due::Idle(conn), self.idle_timeout);
+                if let Some(old) = self.idle.insert(conn, key) {
+                    self.clock.try_remove(&old);
+                }
+            }
+            Note::Closed(conn) => {
+                if self.shared.pool.close(conn) {
+                    if let Some(key) = self.idle.remove(&conn) {
+                        self.clock.try_remove(&key);
+                    }
+                    self.shared.core.idle_expired(conn);
+                }
+            }
+        }
+    }
+
     fn due(&mut self, due: Due) {
         match due {
             Due::Timer(timer) => {
@@ -142,9 +161,8 @@ impl Driver {
             }
             Due::Idle(conn) => {
                 self.idle.remove(&conn);
-                if self.shared.pool.close(conn) {
-                    self.shared.core.idle_expired(conn);
-                }
+                self.shared.pool.close(conn);
+                self.shared.core.idle_expired(conn);
             }
         }
     }

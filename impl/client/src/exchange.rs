@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
-use crate::pool::{Body, Connection, Origin};
+use crate::pool::{Body, Connection, Note, Origin};
 use crate::session::Shared;
 use crate::{Error, Proceed, Release, Start, TaskId};
 
@@ -192,8 +192,9 @@ impl Exchange {
     async fn connect(&mut self) -> Result<Connection, Stop> {
         let shared = self.shared.clone();
         let origin = self.origin.clone();
+        let id = self.start.conn;
         Ok(self
-            .or_abort(async move { shared.pool.connect(&origin).await })
+            .or_abort(async move { shared.pool.connect(id, &origin).await })
             .await??)
     }
 
@@ -204,7 +205,7 @@ impl Exchange {
         let id = self.start.conn;
         self.shared.pool.park(id, connection);
         match self.shared.core.body_end(self.task, reusable) {
-            Release::Pool => self.shared.parked(id),
+            Release::Pool => self.shared.pool.note(Note::Parked(id)),
             Release::Close => {
                 self.shared.pool.close(id);
             }

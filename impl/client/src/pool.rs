@@ -19,6 +19,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
+use tokio::sync::mpsc;
 
 use crate::{ConnId, Error};
 
@@ -56,6 +57,15 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// What connections tell the session's driver.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Note {
+    /// An exchange pooled its connection: start its idle clock.
+    Parked(ConnId),
+    /// The connection's socket is gone (the server closed it, or it failed).
+    Closed(ConnId),
+}
+
 /// The session's connections that are not carrying an exchange. Which connection a task
 /// gets, and how many an origin may have, is the engine's decision
 /// (`Config::max_connections_per_origin`): this only keeps them.
@@ -64,15 +74,25 @@ pub(crate) struct Pool {
     idle: Mutex<HashMap<ConnId, Connection>>,
     read_buffer: usize,
     runtime: Handle,
+    notes: mpsc::UnboundedSender<Note>,
 }
 
 impl Pool {
-    pub fn new(read_buffer: usize, runtime: Handle) -> Self {
+    pub fn new(read_buffer: usize, runtime: Handle, notes: mpsc::UnboundedSender<Note>) -> Self {
         Self {
             idle: Mutex::new(HashMap::new()),
             read_buffer,
             runtime,
+            notes,
         }
+    }
+
+    pub fn note(&self, note: Note) {
+        let _ = self.notes.send(note);
+    }
+
+    pub fn holds(&self, id: ConnId) -> bool {
+        lock(&self.idle).contains_key(&id)
     }
 
     /// Keep `connection` as `id` (an exchange parks it before asking the engine, see
@@ -99,8 +119,8 @@ impl Pool {
         drop(all);
     }
 
-    /// Open a connection to `origin`.
-    pub async fn connect(&self, origin: &Origin) -> Result<Connection, Error> {
+    /// Open the connection `id` to `origin`.
+    pub async fn connect(&self, id: ConnId, origin: &Origin) -> Result<Connection, Error> {
         let stream = TcpStream::connect((origin.host.as_str(), origin.port))
             .await
             .map_err(|e| connect_error(origin, e))?;
@@ -110,9 +130,13 @@ impl Pool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| Error::Io(Arc::new(io::Error::other(e))))?;
+        let notes = self.notes.clone();
         let io = self.runtime.spawn(async move {
-            // Ends when the socket closes, the sender is dropped while idle, or it is aborted.
+            // Ends when the socket closes or the sender is dropped while idle; an idle
+            // connection the server closed must leave the pool (and the ledger) now, not at
+            // its idle timeout. (Aborted, it says nothing: whoever aborted it knows.)
             let _ = connection.await;
+            let _ = notes.send(Note::Closed(id));
         });
         Ok(Connection {
             sender,

@@ -20,7 +20,7 @@ use crate::driver::Driver;
 use crate::exchange::{Collected, Control, Exchange};
 use crate::pool::{Body, Origin, Pool};
 use crate::task::{DataTask, DownloadTask, Task, UploadTask};
-use crate::{ConnId, Core, Error, Ledger, Route, SessionState, TaskId, TaskKind};
+use crate::{Core, Error, Ledger, Route, SessionState, TaskId, TaskKind};
 
 /// A request body for an upload.
 #[derive(Debug, Clone)]
@@ -60,7 +60,6 @@ pub(crate) struct Shared {
     name: String,
     records: Mutex<HashMap<TaskId, Record>>,
     infos: Option<Infos>,
-    parked: mpsc::UnboundedSender<ConnId>,
 }
 
 /// A task's request until its exchange starts, and the control its exchange listens to.
@@ -184,19 +183,18 @@ impl Session {
         };
         let delegated = delegate.is_some();
         let (handle, core, delivery) = crate::session(engine_config, delegate);
-        let (parked, parked_rx) = mpsc::unbounded_channel();
+        let (notes, notes_rx) = mpsc::unbounded_channel();
         let infos: Option<Infos> = delegated.then(Default::default);
         let shared = Arc::new(Shared {
             core,
-            pool: Pool::new(config.read_buffer, runtime.clone()),
+            pool: Pool::new(config.read_buffer, runtime.clone(), notes),
             config,
             runtime: runtime.clone(),
             name: name.clone(),
             records: Mutex::new(HashMap::new()),
             infos: infos.clone(),
-            parked,
         });
-        runtime.spawn(Driver::new(shared.clone(), parked_rx).run());
+        runtime.spawn(Driver::new(shared.clone(), notes_rx).run());
         match infos {
             Some(infos) => {
                 if let Err(error) = delivery::spawn(&name, delivery, infos) {
@@ -462,11 +460,6 @@ impl Shared {
     pub fn forget(&self, task: TaskId) {
         let record = lock(&self.records).remove(&task);
         drop(record);
-    }
-
-    /// An exchange pooled its connection: the driver starts its idle clock.
-    pub fn parked(&self, conn: ConnId) {
-        let _ = self.parked.send(conn);
     }
 }
 

@@ -186,7 +186,8 @@ impl Core {
         self.update(|e| e.timer_fired(timer));
     }
 
-    /// The driver closed an idle connection whose idle timeout passed.
+    /// An idle connection is gone: its idle timeout passed (the driver closed it), or the
+    /// server closed it. Unknown or busy connections are ignored.
     pub fn idle_expired(&self, conn: ConnId) {
         self.update(|e| e.idle_expired(conn));
     }
