@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest};
 
+use leakproof_model::rules::Violation;
 use leakproof_model::{Model, Op, SessionKind, TaskState, Timer};
 
 use crate::assertions::{View, compare};
@@ -33,18 +34,54 @@ pub struct Run<S> {
 #[derive(Debug)]
 pub struct Conformance<S>(PhantomData<S>);
 
-impl<S: System> Conformance<S> {
-    fn step(run: &mut Run<S>, model: &RefState, op: &Op) {
-        run.step += 1;
-        OPS_APPLIED.fetch_add(1, Ordering::Relaxed);
-        let view = run.system.apply(op);
-        if let Err(violation) = compare(&view, &model.model, &model.last) {
-            panic!(
-                "{violation}\n  first divergence at step {} ({op:?})",
-                run.step
-            );
+/// Where a system first parted from the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Divergence {
+    /// 1-based index of the op in the sequence (teardown ops continue the count).
+    pub step: usize,
+    pub op: Op,
+    pub violation: Violation,
+}
+
+impl std::fmt::Display for Divergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}\n  first divergence at step {} ({:?})",
+            self.violation, self.step, self.op
+        )
+    }
+}
+
+/// Apply `op` to the model and the system and compare them.
+fn step<S: System>(run: &mut Run<S>, model: &mut RefState, op: &Op) -> Result<(), Divergence> {
+    run.step += 1;
+    OPS_APPLIED.fetch_add(1, Ordering::Relaxed);
+    let next = Reference::apply(std::mem::take(model), op);
+    *model = next;
+    let view = run.system.apply(op);
+    compare(&view, &model.model, &model.last).map_err(|violation| Divergence {
+        step: run.step,
+        op: op.clone(),
+        violation,
+    })
+}
+
+/// Run a whole sequence against a fresh system, then the teardown, without panicking: the
+/// replay of `.ops` files and the exhaustive search use this. Ops the model does not allow
+/// where they stand are skipped, as the generator's shrinking does.
+pub fn run_sequence<S: System>(ops: &[Op]) -> Result<usize, Divergence> {
+    let mut run = Run::<S>::default();
+    let mut model = RefState::default();
+    for op in ops {
+        if model.model.allows(op) {
+            step(&mut run, &mut model, op)?;
         }
     }
+    for op in teardown_ops(&model.model) {
+        step(&mut run, &mut model, &op)?;
+    }
+    Ok(run.step)
 }
 
 impl<S: System> StateMachineTest for Conformance<S> {
@@ -56,14 +93,29 @@ impl<S: System> StateMachineTest for Conformance<S> {
     }
 
     fn apply(mut run: Run<S>, model: &RefState, op: Op) -> Run<S> {
-        Self::step(&mut run, model, &op);
+        // proptest-state-machine has applied `op` to the model already.
+        run.step += 1;
+        OPS_APPLIED.fetch_add(1, Ordering::Relaxed);
+        let view = run.system.apply(&op);
+        if let Err(violation) = compare(&view, &model.model, &model.last) {
+            let step = run.step;
+            panic!(
+                "{}",
+                Divergence {
+                    step,
+                    op,
+                    violation
+                }
+            );
+        }
         run
     }
 
     fn teardown(mut run: Run<S>, mut model: RefState) {
         for op in teardown_ops(&model.model) {
-            model = Reference::apply(model, &op);
-            Self::step(&mut run, &model, &op);
+            if let Err(divergence) = step(&mut run, &mut model, &op) {
+                panic!("{divergence}");
+            }
         }
         // Every session the user could reach is gone now, so each must hold nothing; `compare`
         // above checked it against the model, which says so.
