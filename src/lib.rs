@@ -17,8 +17,11 @@
 //! - [`witness`]: the counting global allocator, for heap-baseline tests.
 
 pub mod assertions;
+pub mod coverage;
 pub mod engine_sut;
+pub mod explore;
 pub mod machine;
+pub mod ops;
 pub mod reference;
 pub mod run;
 pub mod scenario;

@@ -23,11 +23,13 @@ pub trait System: Default {
 /// Ops applied across every case so far, for the report.
 pub static OPS_APPLIED: AtomicU64 = AtomicU64::new(0);
 
-/// The system under test and how far into its sequence it is.
+/// The system under test, how far into its sequence it is, and the model as it stood before
+/// the op being applied (for coverage).
 #[derive(Debug, Default)]
 pub struct Run<S> {
     pub system: S,
     pub step: usize,
+    pub before: Model,
 }
 
 /// The proptest-state-machine test of `S` against the model.
@@ -57,6 +59,7 @@ impl std::fmt::Display for Divergence {
 fn step<S: System>(run: &mut Run<S>, model: &mut RefState, op: &Op) -> Result<(), Divergence> {
     run.step += 1;
     OPS_APPLIED.fetch_add(1, Ordering::Relaxed);
+    crate::coverage::record(&model.model, op);
     let next = Reference::apply(std::mem::take(model), op);
     *model = next;
     let view = run.system.apply(op);
@@ -96,6 +99,8 @@ impl<S: System> StateMachineTest for Conformance<S> {
         // proptest-state-machine has applied `op` to the model already.
         run.step += 1;
         OPS_APPLIED.fetch_add(1, Ordering::Relaxed);
+        crate::coverage::record(&run.before, &op);
+        run.before = model.model.clone();
         let view = run.system.apply(&op);
         if let Err(violation) = compare(&view, &model.model, &model.last) {
             let step = run.step;

@@ -1,0 +1,1 @@
+//! Exhaustive small-scope search: being written.

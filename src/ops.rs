@@ -1,0 +1,1 @@
+//! The `.ops` repro format: being written.
