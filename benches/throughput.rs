@@ -184,6 +184,9 @@ fn main() {
         println!("{report}");
     }
     let accepted_while_measuring = stage.accepted() - accepted_after_warmup;
+    // The stage counts both clients' sockets together; leakproof's own ledger says how many
+    // of them are its own, so any extra connection can be told apart.
+    let leakproof_idle = session.resources().idle_connections;
 
     // Teardown: nothing may outlive the clients.
     drop(contenders);
@@ -209,7 +212,8 @@ fn main() {
     });
     println!(
         "teardown: session invalidated holding nothing; all {} sockets closed \
-         ({accepted_after_warmup} opened while warming up, {accepted_while_measuring} after)",
+         ({accepted_after_warmup} opened while warming up, {accepted_while_measuring} after; \
+         leakproof's pool held {leakproof_idle})",
         stage.accepted(),
     );
     drop(stage);
@@ -245,7 +249,7 @@ fn bench_each<F, Fut>(
 /// per-round rates; the ratio is leakproof's median over hyper-util's, and the paired figure
 /// beside it is the median of the per-round ratios (the two agree when the run was quiet).
 async fn summary(contenders: &[Contender; 2], uri: &Uri) -> String {
-    const ROUNDS: usize = 9;
+    const ROUNDS: usize = 11;
     const SEQUENTIAL_REQUESTS: usize = 1000;
     const BATCHES: usize = 150;
 

@@ -8,6 +8,8 @@
 //!   with the teardown that lets go of everything and checks the release;
 //! - [`assertions`]: what a system showed, compared with the model, each difference named by
 //!   the rule it breaks;
+//! - [`client_sut`]: the real client against stages whose held exchanges play the model's
+//!   server;
 //! - [`engine_sut`]: `leakproof-core` driven by a simulated network and driver whose own
 //!   account is the witness;
 //! - [`run`]: seeded runs and their report, used by `cargo test` and `leakproof-check check`;
@@ -17,6 +19,7 @@
 //! - [`witness`]: the counting global allocator, for heap-baseline tests.
 
 pub mod assertions;
+pub mod client_sut;
 pub mod coverage;
 pub mod engine_sut;
 pub mod explore;

@@ -18,6 +18,15 @@ use crate::reference::{RefState, Reference};
 /// what it holds.
 pub trait System: Default {
     fn apply(&mut self, op: &Op) -> View;
+
+    /// Apply `op` and wait, within the system's own deadline, until `settled` holds of what it
+    /// shows (a system that works asynchronously cannot know when it is done by itself; the
+    /// deadline turns a system that never gets there into a divergence). Synchronous systems
+    /// are settled when `apply` returns.
+    fn apply_until(&mut self, op: &Op, settled: &dyn Fn(&View) -> bool) -> View {
+        let _ = settled;
+        self.apply(op)
+    }
 }
 
 /// Ops applied across every case so far, for the report.
@@ -62,7 +71,9 @@ fn step<S: System>(run: &mut Run<S>, model: &mut RefState, op: &Op) -> Result<()
     crate::coverage::record(&model.model, op);
     let next = Reference::apply(std::mem::take(model), op);
     *model = next;
-    let view = run.system.apply(op);
+    let view = run
+        .system
+        .apply_until(op, &|view| compare(view, &model.model, &model.last).is_ok());
     compare(&view, &model.model, &model.last).map_err(|violation| Divergence {
         step: run.step,
         op: op.clone(),
@@ -101,7 +112,9 @@ impl<S: System> StateMachineTest for Conformance<S> {
         OPS_APPLIED.fetch_add(1, Ordering::Relaxed);
         crate::coverage::record(&run.before, &op);
         run.before = model.model.clone();
-        let view = run.system.apply(&op);
+        let view = run.system.apply_until(&op, &|view| {
+            compare(view, &model.model, &model.last).is_ok()
+        });
         if let Err(violation) = compare(&view, &model.model, &model.last) {
             let step = run.step;
             panic!(

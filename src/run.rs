@@ -131,12 +131,26 @@ impl fmt::Display for Report {
         match &self.failure {
             None => writeln!(f, "  result  all rules held"),
             Some(failure) => {
+                use crate::ops;
                 writeln!(f, "  result  FAILED: {}", failure.message)?;
-                writeln!(f, "  minimal sequence ({} ops):", failure.ops.len())?;
-                for op in &failure.ops {
-                    writeln!(f, "    {op:?}")?;
+                if failure.ops.is_empty() {
+                    return Ok(());
                 }
-                Ok(())
+                // Paste-ready: unindented, renumbered, expected to pass once fixed.
+                let repro = ops::Repro::from_failure(failure);
+                let name = ops::broken_rule(&failure.message)
+                    .map_or("repro".into(), |rule| format!("repro_{rule}"));
+                let count = match repro.ops.len() {
+                    1 => "1 op".to_string(),
+                    n => format!("{n} ops"),
+                };
+                writeln!(
+                    f,
+                    "\n--- the minimal sequence ({count}, renumbered), as a tests/repros/*.ops file ---"
+                )?;
+                write!(f, "{}", ops::print(&repro))?;
+                writeln!(f, "\n--- the same, as a #[test] ---")?;
+                write!(f, "{}", ops::test_snippet(&name, &repro))
             }
         }
     }

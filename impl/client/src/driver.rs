@@ -150,6 +150,18 @@ impl Driver {
                     self.shared.core.idle_expired(conn);
                 }
             }
+            Note::Expire(task, timeout) => {
+                if let Some((key, timer)) = self.timers.remove(&(task, timeout)) {
+                    self.clock.try_remove(&key);
+                    self.due(Due::Timer(timer));
+                }
+            }
+            Note::ExpireIdle => {
+                for (conn, key) in std::mem::take(&mut self.idle) {
+                    self.clock.try_remove(&key);
+                    self.due(Due::Idle(conn));
+                }
+            }
         }
     }
 

@@ -107,7 +107,9 @@ impl Exchange {
         let mut kept = BytesMut::new();
         loop {
             self.unpaused().await?;
-            let frame = self.or_abort(body.frame()).await?;
+            let Some(frame) = self.unless_paused(body.frame()).await? else {
+                continue; // R7: suspended mid-read; the frame waits in hyper's channel
+            };
             match frame {
                 Some(Ok(frame)) => {
                     let Ok(data) = frame.into_data() else {
@@ -227,6 +229,20 @@ impl Exchange {
         {
             Ok(c) if !c.aborted => Ok(c.body.clone().flatten()),
             _ => Err(Stop::Aborted),
+        }
+    }
+
+    /// Run `work` unless the control says pause (`None`) or stop first. `work` must lose
+    /// nothing when dropped unfinished, as reading a body frame does not.
+    async fn unless_paused<F: Future>(&mut self, work: F) -> Result<Option<F::Output>, Stop> {
+        let mut control = self.control.clone();
+        tokio::select! {
+            biased;
+            stop = control.wait_for(|c| c.paused || c.aborted) => match stop {
+                Ok(c) if !c.aborted => Ok(None),
+                _ => Err(Stop::Aborted),
+            },
+            out = work => Ok(Some(out)),
         }
     }
 

@@ -64,6 +64,10 @@ pub(crate) enum Note {
     Parked(ConnId),
     /// The connection's socket is gone (the server closed it, or it failed).
     Closed(ConnId),
+    /// For the suite: the task's `timeout` timer runs out now.
+    Expire(crate::TaskId, crate::Timeout),
+    /// For the suite: every idle connection's idle timeout runs out now.
+    ExpireIdle,
 }
 
 /// The session's connections that are not carrying an exchange. Which connection a task

@@ -18,7 +18,7 @@ use crate::delegate::{Delegate, TaskInfo};
 use crate::delivery::{self, Infos};
 use crate::driver::Driver;
 use crate::exchange::{Collected, Control, Exchange};
-use crate::pool::{Body, Origin, Pool};
+use crate::pool::{Body, Note, Origin, Pool};
 use crate::task::{DataTask, DownloadTask, Task, UploadTask};
 use crate::{Core, Error, Ledger, Route, SessionState, TaskId, TaskKind};
 
@@ -89,6 +89,7 @@ impl fmt::Debug for Shared {
 pub struct SessionBuilder {
     config: Configuration,
     delegate: Option<Arc<dyn Delegate>>,
+    ignore_invalidation: bool,
 }
 
 impl fmt::Debug for SessionBuilder {
@@ -111,8 +112,21 @@ impl SessionBuilder {
         self
     }
 
+    /// For the suite: a session that behaves as [`Session::shared`] does (R9) without being
+    /// the process-wide one, so each test case can have its own.
+    #[doc(hidden)]
+    pub fn ignore_invalidation(mut self) -> Self {
+        self.ignore_invalidation = true;
+        self
+    }
+
     pub fn build(self) -> Session {
-        Session::create(self.config, self.delegate, false, Handle::current())
+        Session::create(
+            self.config,
+            self.delegate,
+            self.ignore_invalidation,
+            Handle::current(),
+        )
     }
 }
 
@@ -435,6 +449,24 @@ impl Observer {
 
     pub fn resources(&self) -> Ledger {
         self.shared.core.ledger()
+    }
+
+    /// A task's state, whether or not anyone still holds its handle.
+    pub fn task_state(&self, task: TaskId) -> crate::TaskState {
+        self.shared.core.task_state(task)
+    }
+
+    /// For the suite: the task's `timeout` runs out now, as if that much time had passed for
+    /// it alone (the model's `TimePasses`). A no-op if that timer is not armed.
+    #[doc(hidden)]
+    pub fn time_passes(&self, task: TaskId, timeout: crate::Timeout) {
+        self.shared.pool.note(Note::Expire(task, timeout));
+    }
+
+    /// For the suite: every idle connection's idle timeout runs out now.
+    #[doc(hidden)]
+    pub fn idle_time_passes(&self) {
+        self.shared.pool.note(Note::ExpireIdle);
     }
 }
 

@@ -1,0 +1,446 @@
+//! The real client as the system under test: `leakproof` sessions, each against a stage of
+//! its own whose held exchanges play the model's server op by op (`/hold/t3` is task t3's
+//! request). One tokio runtime per case. After each op the world waits, within a deadline,
+//! until what it shows matches the model; what it shows comes from the witnesses wherever one
+//! exists: the stage's open sockets, the download directory, a `Weak` to the delegate, and
+//! the callbacks the delegate heard.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use leakproof::{Configuration, Delegate, Error, Observer, Session, TaskInfo, Timeout, UploadBody};
+use leakproof_model::{
+    Callback, Disposition, Fault, Op, Refusal, Resources, SessionId, SessionKind, SessionState,
+    TaskId, TaskKind, TaskState, Timer,
+};
+
+use crate::assertions::{SessionView, View};
+use crate::engine_sut::model_outcome;
+use crate::machine::System;
+use crate::scenario::AnyTask;
+use crate::stage::{Held, Stage};
+use crate::witness;
+
+/// How long an op may take to settle before the world shows what it has.
+const SETTLE: Duration = Duration::from_secs(3);
+/// How long a matching view must stay matching, to catch a callback right behind.
+const GRACE: Duration = Duration::from_millis(3);
+/// How long a server op waits for its request to arrive.
+const ARRIVAL: Duration = Duration::from_secs(3);
+/// Upload tasks send this many bytes.
+const UPLOAD: usize = 1000;
+
+/// Every session the sequence created, on one runtime.
+pub struct ClientWorld {
+    runtime: tokio::runtime::Runtime,
+    sessions: BTreeMap<SessionId, Sim>,
+    session_of: BTreeMap<TaskId, SessionId>,
+}
+
+impl std::fmt::Debug for ClientWorld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientWorld")
+            .field("sessions", &self.sessions.len())
+            .finish()
+    }
+}
+
+impl Default for ClientWorld {
+    fn default() -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        Self {
+            runtime,
+            sessions: BTreeMap::new(),
+            session_of: BTreeMap::new(),
+        }
+    }
+}
+
+/// What a session's delegate heard, in the model's words, and what it answers.
+#[derive(Debug, Default)]
+struct Ear {
+    heard: Mutex<Vec<Callback>>,
+    ids: Mutex<HashMap<leakproof::TaskId, TaskId>>,
+    answers: Mutex<HashMap<leakproof::TaskId, Disposition>>,
+}
+
+#[derive(Debug)]
+struct Listener {
+    session: SessionId,
+    ear: Arc<Ear>,
+}
+
+impl Listener {
+    fn hear(&self, task: &TaskInfo, callback: impl FnOnce(TaskId) -> Callback) {
+        let id = self.ear.ids.lock().unwrap()[&task.id];
+        self.ear.heard.lock().unwrap().push(callback(id));
+    }
+}
+
+impl Delegate for Listener {
+    fn did_receive_response(
+        &self,
+        task: &TaskInfo,
+        _: &http::Response<()>,
+    ) -> leakproof::Disposition {
+        self.hear(task, |task| Callback::ReceiveResponse { task });
+        let answer = self.ear.answers.lock().unwrap().get(&task.id).copied();
+        match answer.unwrap_or(Disposition::Allow) {
+            Disposition::Allow => leakproof::Disposition::Allow,
+            Disposition::Cancel => leakproof::Disposition::Cancel,
+            Disposition::BecomeDownload => leakproof::Disposition::BecomeDownload,
+        }
+    }
+
+    fn did_receive_data(&self, task: &TaskInfo, data: &Bytes) {
+        let bytes = data.len() as u64;
+        self.hear(task, |task| Callback::ReceiveData { task, bytes });
+    }
+
+    fn did_become_download(&self, task: &TaskInfo) {
+        self.hear(task, |task| Callback::BecomeDownload { task });
+    }
+
+    fn did_finish_downloading(&self, task: &TaskInfo, _: &std::path::Path) {
+        self.hear(task, |task| Callback::FinishDownloading { task });
+    }
+
+    fn did_complete(&self, task: &TaskInfo, result: Result<(), Error>) {
+        let outcome = model_outcome(&result);
+        self.hear(task, |task| Callback::Complete { task, outcome });
+    }
+
+    fn did_become_invalid(&self) {
+        let session = self.session;
+        self.ear
+            .heard
+            .lock()
+            .unwrap()
+            .push(Callback::BecomeInvalid { session });
+    }
+}
+
+/// One session, its stage and its download directory.
+struct Sim {
+    kind: SessionKind,
+    session: Option<Session>,
+    observer: Observer,
+    stage: Stage,
+    downloads: tempfile::TempDir,
+    delegate: Option<Weak<Listener>>,
+    ear: Arc<Ear>,
+    /// How many of the heard callbacks earlier views reported.
+    reported: usize,
+    tasks: BTreeMap<TaskId, SimTask>,
+}
+
+struct SimTask {
+    client: leakproof::TaskId,
+    handle: Option<AnyTask>,
+    /// The server's side of the exchange, once its request arrived.
+    held: Option<Held>,
+}
+
+impl System for ClientWorld {
+    fn apply(&mut self, op: &Op) -> View {
+        self.apply_until(op, &|_| false)
+    }
+
+    fn apply_until(&mut self, op: &Op, settled: &dyn Fn(&View) -> bool) -> View {
+        let refused = self.act(op);
+        let deadline = Instant::now() + SETTLE;
+        let view = loop {
+            let view = self.view(refused);
+            if settled(&view) {
+                std::thread::sleep(GRACE);
+                let again = self.view(refused);
+                if settled(&again) {
+                    break again;
+                }
+            }
+            if Instant::now() >= deadline {
+                break view;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        for sim in self.sessions.values_mut() {
+            sim.reported = sim.ear.heard.lock().unwrap().len();
+        }
+        view
+    }
+}
+
+impl ClientWorld {
+    /// Do what `op` says; whether the client refused it.
+    fn act(&mut self, op: &Op) -> Option<Refusal> {
+        let runtime = self.runtime.handle().clone();
+        match *op {
+            Op::CreateSession { session, kind } => {
+                let sim = runtime.block_on(Sim::new(session, kind));
+                self.sessions.insert(session, sim);
+            }
+            Op::FinishTasksAndInvalidate(s) => self.user_session(s).finish_tasks_and_invalidate(),
+            Op::InvalidateAndCancel(s) => self.user_session(s).invalidate_and_cancel(),
+            Op::DropSession(s) => self.sim(s).session = None,
+            Op::IdleTimeoutPasses(s) => self.sim(s).observer.idle_time_passes(),
+            Op::CreateTask {
+                session,
+                task,
+                kind,
+            } => {
+                let _guard = runtime.enter();
+                match self.sim(session).create_task(task, kind) {
+                    Ok(()) => {
+                        self.session_of.insert(task, session);
+                    }
+                    Err(Error::SessionInvalidated) => return Some(Refusal::SessionInvalidated),
+                    Err(error) => panic!("R8: creating {task} failed: {error}"),
+                }
+            }
+            Op::Resume(t) => self.user_task(t).resume(),
+            Op::Suspend(t) => self.user_task(t).suspend(),
+            Op::Cancel(t) => self.user_task(t).cancel(),
+            Op::DropTask(t) => self.task(t).handle = None,
+            Op::TimePasses { task, timer } => {
+                let client = self.task(task).client;
+                let timeout = match timer {
+                    Timer::Request => Timeout::Request,
+                    Timer::Resource => Timeout::Resource,
+                };
+                self.sim(self.session_of[&task])
+                    .observer
+                    .time_passes(client, timeout);
+            }
+            Op::ServerHeaders { task, answer } => {
+                let sim = self.sim(self.session_of[&task]);
+                let client = sim.tasks[&task].client;
+                sim.ear.answers.lock().unwrap().insert(client, answer);
+                runtime.block_on(self.server(task, |held| async move {
+                    held.head(200, true, None).await.map(|()| Some(held))
+                }));
+            }
+            Op::ServerSends { task, bytes } => {
+                runtime.block_on(self.server(task, |held| async move {
+                    let _ = held.send(u64::from(bytes)).await;
+                    Ok(Some(held))
+                }));
+            }
+            Op::ServerEnds { task, reusable } => {
+                runtime.block_on(self.server(task, |held| async move {
+                    if reusable {
+                        held.end().await?;
+                    } else {
+                        held.end_and_close().await?;
+                    }
+                    Ok(None)
+                }));
+            }
+            Op::ServerFails { task, fault } => {
+                runtime.block_on(self.server(task, |held| async move {
+                    match fault {
+                        Fault::Reset => held.reset().await?,
+                        Fault::Malformed => held.malformed().await?,
+                    }
+                    Ok(None)
+                }));
+            }
+        }
+        None
+    }
+
+    /// Let the task's server side do `step` (which keeps the exchange, or ends it). A task the
+    /// client has completed is left alone: nothing the server does can reach it any more.
+    async fn server<F, Fut>(&mut self, task: TaskId, step: F)
+    where
+        F: FnOnce(Held) -> Fut,
+        Fut: std::future::Future<Output = std::io::Result<Option<Held>>>,
+    {
+        let sim = self
+            .sessions
+            .get_mut(&self.session_of[&task])
+            .expect("session");
+        let entry = sim.tasks.get_mut(&task).expect("task");
+        if sim.observer.task_state(entry.client) == leakproof::TaskState::Completed {
+            return;
+        }
+        let held = match entry.held.take() {
+            Some(held) => held,
+            None => match sim.stage.held(&task.to_string(), ARRIVAL).await {
+                Some(held) => held,
+                None => return, // never arrived: the view will show the client's side
+            },
+        };
+        if let Ok(kept) = step(held).await {
+            entry.held = kept;
+        }
+    }
+
+    fn sim(&mut self, s: SessionId) -> &mut Sim {
+        self.sessions.get_mut(&s).expect("session exists")
+    }
+
+    fn user_session(&mut self, s: SessionId) -> &Session {
+        self.sim(s)
+            .session
+            .as_ref()
+            .expect("the user holds the session")
+    }
+
+    fn task(&mut self, t: TaskId) -> &mut SimTask {
+        let s = self.session_of[&t];
+        self.sim(s).tasks.get_mut(&t).expect("task exists")
+    }
+
+    fn user_task(&mut self, t: TaskId) -> &AnyTask {
+        self.task(t)
+            .handle
+            .as_ref()
+            .expect("the user holds the task")
+    }
+
+    fn view(&self, refused: Option<Refusal>) -> View {
+        let mut view = View {
+            refused,
+            ..View::default()
+        };
+        for (id, sim) in &self.sessions {
+            let heard = sim.ear.heard.lock().unwrap().clone();
+            view.callbacks.extend_from_slice(&heard[sim.reported..]);
+            for (t, task) in &sim.tasks {
+                view.tasks
+                    .insert(*t, model_task_state(sim.observer.task_state(task.client)));
+            }
+            view.sessions.insert(*id, sim.view(heard));
+        }
+        view
+    }
+}
+
+impl Sim {
+    async fn new(id: SessionId, kind: SessionKind) -> Sim {
+        let stage = Stage::start().await.expect("a stage");
+        let downloads = tempfile::tempdir().expect("a download dir");
+        let config = Configuration::builder()
+            .download_dir(downloads.path())
+            .build()
+            .expect("a valid configuration");
+        let ear = Arc::new(Ear::default());
+        let mut builder = Session::builder().configuration(config);
+        let mut delegate = None;
+        match kind {
+            SessionKind::Plain => {}
+            SessionKind::Shared => builder = builder.ignore_invalidation(),
+            SessionKind::Delegated => {
+                let listener = Arc::new(Listener {
+                    session: id,
+                    ear: ear.clone(),
+                });
+                delegate = Some(Arc::downgrade(&listener));
+                builder = builder.delegate(listener);
+            }
+        }
+        let session = builder.build();
+        Sim {
+            kind,
+            observer: session.observer(),
+            session: Some(session),
+            stage,
+            downloads,
+            delegate,
+            ear,
+            reported: 0,
+            tasks: BTreeMap::new(),
+        }
+    }
+
+    fn create_task(&mut self, task: TaskId, kind: TaskKind) -> Result<(), Error> {
+        let session = self.session.as_ref().expect("the user holds the session");
+        let url = self.stage.url(&format!("/hold/{task}"));
+        let get = || http::Request::get(url.clone()).body(()).unwrap();
+        let handle = match kind {
+            TaskKind::Data => AnyTask::Data(session.data_task(get())?),
+            TaskKind::Download => AnyTask::Download(session.download_task(get())?),
+            TaskKind::Upload => AnyTask::Upload(session.upload_task(
+                http::Request::post(url.clone()).body(()).unwrap(),
+                UploadBody::Bytes(Bytes::from(vec![b'u'; UPLOAD])),
+            )?),
+        };
+        let client = handle.id();
+        self.ear.ids.lock().unwrap().insert(client, task);
+        self.tasks.insert(
+            task,
+            SimTask {
+                client,
+                handle: Some(handle),
+                held: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn view(&self, heard: Vec<Callback>) -> SessionView {
+        let ledger = self.observer.resources();
+        let delegated = self.kind == SessionKind::Delegated;
+        let completed = heard
+            .iter()
+            .filter(|c| matches!(c, Callback::Complete { .. }))
+            .count();
+        let files = witness::files_in(self.downloads.path()).map_or(u32::MAX, |f| f.len() as u32);
+        let sockets = self.stage.open() as u32;
+        SessionView {
+            state: model_session_state(self.observer.state()),
+            ledger: Resources {
+                open_connections: ledger.open_connections,
+                idle_connections: ledger.idle_connections,
+                buffered_bytes: ledger.buffered_bytes,
+                live_tasks: ledger.live_tasks,
+                timers: ledger.timers,
+                temp_files: ledger.temp_files,
+                delegate_held: ledger.delegate_held,
+            },
+            pending: ledger.pending_actions + ledger.pending_callbacks,
+            witness: Resources {
+                // The stage sees sockets, busy or idle alike: the ledger splits them.
+                open_connections: sockets.saturating_sub(ledger.idle_connections),
+                idle_connections: ledger.idle_connections.min(sockets),
+                buffered_bytes: ledger.buffered_bytes,
+                live_tasks: if delegated {
+                    (self.tasks.len() - completed) as u32
+                } else {
+                    ledger.live_tasks
+                },
+                timers: ledger.timers,
+                temp_files: files,
+                delegate_held: self
+                    .delegate
+                    .as_ref()
+                    .is_some_and(|w| w.upgrade().is_some()),
+            },
+            heard,
+        }
+    }
+}
+
+fn model_task_state(state: leakproof::TaskState) -> TaskState {
+    match state {
+        leakproof::TaskState::Suspended => TaskState::Suspended,
+        leakproof::TaskState::Running => TaskState::Running,
+        leakproof::TaskState::Canceling => TaskState::Canceling,
+        leakproof::TaskState::Completed => TaskState::Completed,
+    }
+}
+
+fn model_session_state(state: leakproof::SessionState) -> SessionState {
+    match state {
+        leakproof::SessionState::Active => SessionState::Active,
+        leakproof::SessionState::Finishing => SessionState::Finishing,
+        leakproof::SessionState::Cancelling => SessionState::Cancelling,
+        leakproof::SessionState::Invalidated => SessionState::Invalidated,
+    }
+}
