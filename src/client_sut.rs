@@ -20,7 +20,7 @@ use crate::assertions::{SessionView, View};
 use crate::engine_sut::model_outcome;
 use crate::machine::System;
 use crate::scenario::AnyTask;
-use crate::stage::{Held, Stage};
+use crate::stage::{Held, Liveness, Stage};
 use crate::witness;
 
 /// How long an op may take to settle before the world shows what it has.
@@ -145,6 +145,13 @@ struct SimTask {
     handle: Option<AnyTask>,
     /// The server's side of the exchange, once its request arrived.
     held: Option<Held>,
+    /// Whether the stage still has the exchange's connection open.
+    socket: Option<Liveness>,
+    /// The server closed or broke the connection (a reset, an end and a close, garbage): the
+    /// stage counts it closed (hyper's connection task drops a socket that sent garbage even
+    /// for a suspended task) though the client still holds its dead end until it reads the
+    /// failure (R7).
+    server_closed: bool,
 }
 
 impl System for ClientWorld {
@@ -232,6 +239,7 @@ impl ClientWorld {
                 }));
             }
             Op::ServerEnds { task, reusable } => {
+                self.task(task).server_closed |= !reusable;
                 runtime.block_on(self.server(task, |held| async move {
                     if reusable {
                         held.end().await?;
@@ -242,6 +250,7 @@ impl ClientWorld {
                 }));
             }
             Op::ServerFails { task, fault } => {
+                self.task(task).server_closed = true;
                 runtime.block_on(self.server(task, |held| async move {
                     match fault {
                         Fault::Reset => held.reset().await?,
@@ -272,7 +281,10 @@ impl ClientWorld {
         let held = match entry.held.take() {
             Some(held) => held,
             None => match sim.stage.held(&task.to_string(), ARRIVAL).await {
-                Some(held) => held,
+                Some(held) => {
+                    entry.socket = Some(held.liveness());
+                    held
+                }
                 None => return, // never arrived: the view will show the client's side
             },
         };
@@ -379,6 +391,8 @@ impl Sim {
                 client,
                 handle: Some(handle),
                 held: None,
+                socket: None,
+                server_closed: false,
             },
         );
         Ok(())
@@ -392,7 +406,19 @@ impl Sim {
             .filter(|c| matches!(c, Callback::Complete { .. }))
             .count();
         let files = witness::files_in(self.downloads.path()).map_or(u32::MAX, |f| f.len() as u32);
-        let sockets = self.stage.open() as u32;
+        // A connection the server broke is dead at once, and may be closed at once (hyper drops
+        // a socket that sent garbage); the client holds its dead end until the task reads the
+        // failure (R7), so a closed socket still counts for a live task.
+        let closed_by_server_but_held = self
+            .tasks
+            .values()
+            .filter(|t| {
+                t.server_closed
+                    && t.socket.as_ref().is_some_and(|s| !s.is_open())
+                    && self.observer.task_state(t.client) != leakproof::TaskState::Completed
+            })
+            .count();
+        let sockets = (self.stage.open() as usize + closed_by_server_but_held) as u32;
         SessionView {
             state: model_session_state(self.observer.state()),
             ledger: Resources {

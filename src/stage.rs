@@ -92,6 +92,23 @@ pub struct Held {
     method: String,
     target: String,
     steps: mpsc::UnboundedSender<(Step, Reply)>,
+    open: Liveness,
+}
+
+/// Whether a held request's connection is still open, as the stage sees it; it outlives the
+/// [`Held`] (whose ending steps consume it), so a test can tell which socket closed.
+#[derive(Debug, Clone, Default)]
+pub struct Liveness(Arc<std::sync::atomic::AtomicBool>);
+
+impl Liveness {
+    /// True until the stage has seen the connection closed (by either side).
+    pub fn is_open(&self) -> bool {
+        !self.0.load(Relaxed)
+    }
+
+    fn closed(&self) {
+        self.0.store(true, Relaxed);
+    }
 }
 
 impl Stage {
@@ -224,6 +241,11 @@ impl Held {
     /// The request's method.
     pub fn method(&self) -> &str {
         &self.method
+    }
+
+    /// Whether this request's connection is still open, now and after this handle is gone.
+    pub fn liveness(&self) -> Liveness {
+        self.open.clone()
     }
 
     /// The request's target, path and query.
@@ -362,10 +384,13 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         stream,
         ahead: Vec::new(),
         shared: Arc::clone(&shared),
+        liveness: Liveness::default(),
     };
     let (hangup, answer) = conn.run().await;
+    let liveness = conn.liveness.clone();
     conn.hang_up(hangup).await;
     // The one place a connection is counted closed, after its socket is.
+    liveness.closed();
     shared.counters.closed.fetch_add(1, Relaxed);
     if let Some((reply, result)) = answer {
         let _ = reply.send(result);
@@ -433,6 +458,8 @@ struct Conn {
     /// Bytes read from the client and not yet parsed.
     ahead: Vec<u8>,
     shared: Arc<Shared>,
+    /// Told when the connection closes.
+    liveness: Liveness,
 }
 
 impl Conn {
@@ -515,6 +542,7 @@ impl Conn {
             method: request.method.clone(),
             target: request.target.clone(),
             steps: steps_tx,
+            open: self.liveness.clone(),
         };
         self.shared.park(key, held);
         let mut exchange = Exchange::default();

@@ -355,3 +355,41 @@ async fn an_idle_connection_the_server_closes_leaves_the_pool_at_once() {
         "a new connection serves the next request"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_convenience_times_out_on_its_own_clock() {
+    let stage = Stage::start().await.unwrap();
+    let config = Configuration::builder()
+        .request_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let session = Session::new(config, None);
+    let stalled = session.data(get(stage.url("/bytes/100000?stall_after=10")));
+    let error = stalled.await.unwrap_err();
+    assert!(
+        matches!(error, Error::TimedOut(leakproof::Timeout::Request)),
+        "{error}"
+    );
+
+    let config = Configuration::builder()
+        .resource_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let session = Session::new(config, None);
+    let endless = session.data(get(stage.url("/bytes/100000000?pace_ms=5&chunk=1024")));
+    let error = endless.await.unwrap_err();
+    assert!(
+        matches!(error, Error::TimedOut(leakproof::Timeout::Resource)),
+        "{error}"
+    );
+    let held = session.resources();
+    assert_eq!(
+        (held.live_tasks, held.timers),
+        (0, 0),
+        "R12 releases as R5: {held:?}"
+    );
+    assert!(
+        stage.wait_all_closed(PATIENCE).await,
+        "R5: the timed-out sockets are closed"
+    );
+}

@@ -12,7 +12,7 @@ use tokio_util::time::DelayQueue;
 use tokio_util::time::delay_queue::Key;
 
 use crate::exchange::Exchange;
-use crate::pool::Note;
+use crate::pool::{Expiry, Note};
 use crate::session::Shared;
 use crate::{Action, ConnId, TaskId, Timeout, TimerId};
 
@@ -66,9 +66,8 @@ impl Driver {
         let shared = &self.shared;
         match action {
             Action::Start { task, conn, reused } => {
-                if reused && let Some(key) = self.idle.remove(&conn) {
-                    self.clock.try_remove(&key);
-                }
+                // A reused connection's idle clock stays pending: ringing, it finds the
+                // connection busy (or parked again, and looks again later).
                 let Some((request, origin, control)) = shared.take_request(task) else {
                     return; // Its handle went and the engine has it cancelled already.
                 };
@@ -80,6 +79,7 @@ impl Driver {
                     request,
                     control,
                     collect: false,
+                    clock: None, // the driver keeps its clock
                 };
                 let shared = shared.clone();
                 shared.runtime.clone().spawn(async move {
@@ -132,11 +132,12 @@ impl Driver {
 
     fn noted(&mut self, note: Note) {
         match note {
-            // Gone already (closed between parking and pooling): the engine must hear it.
-            Note::Parked(conn) if !self.shared.pool.holds(conn) => {
-                self.shared.core.idle_expired(conn);
-            }
             Note::Parked(conn) => {
+                if !self.shared.pool.holds(conn) {
+                    // Closed between parking and pooling, or already reused: either way the
+                    // engine must not keep counting it idle.
+                    self.shared.core.idle_expired(conn);
+                }
                 let key = self.clock.insert(Due::Idle(conn), self.idle_timeout);
                 if let Some(old) = self.idle.insert(conn, key) {
                     self.clock.try_remove(&old);
@@ -157,9 +158,12 @@ impl Driver {
                 }
             }
             Note::ExpireIdle => {
-                for (conn, key) in std::mem::take(&mut self.idle) {
-                    self.clock.try_remove(&key);
-                    self.due(Due::Idle(conn));
+                for conn in self.shared.pool.idle_ids() {
+                    if let Some(key) = self.idle.remove(&conn) {
+                        self.clock.try_remove(&key);
+                    }
+                    self.shared.pool.close(conn);
+                    self.shared.core.idle_expired(conn);
                 }
             }
         }
@@ -171,11 +175,16 @@ impl Driver {
                 self.timers.remove(&(timer.task, timer.timeout));
                 self.shared.core.timer_fired(timer);
             }
-            Due::Idle(conn) => {
-                self.idle.remove(&conn);
-                self.shared.pool.close(conn);
-                self.shared.core.idle_expired(conn);
-            }
+            Due::Idle(conn) => match self.shared.pool.expire(conn, self.idle_timeout) {
+                Expiry::Later(at) => {
+                    let key = self.clock.insert_at(Due::Idle(conn), at);
+                    self.idle.insert(conn, key);
+                }
+                Expiry::Closed | Expiry::Gone => {
+                    self.idle.remove(&conn);
+                    self.shared.core.idle_expired(conn);
+                }
+            },
         }
     }
 }

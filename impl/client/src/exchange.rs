@@ -10,6 +10,10 @@ use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -19,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::pool::{Body, Connection, Note, Origin};
 use crate::session::Shared;
-use crate::{Error, Proceed, Release, Start, TaskId};
+use crate::{Error, Proceed, Release, Start, TaskId, Timeout};
 
 /// What the driver tells a running exchange. Kept as state, not messages: the exchange always
 /// acts on the latest word.
@@ -49,6 +53,47 @@ pub(crate) struct Exchange {
     pub control: watch::Receiver<Control>,
     /// Keep the body for the handler (handler-routed data and upload tasks).
     pub collect: bool,
+    /// A handler-routed task keeps its own clock: its timeouts (request, resource).
+    pub clock: Option<(Duration, Duration)>,
+}
+
+/// When the exchange last saw the network move, for the request timeout (idle time between
+/// bytes). An atomic, so that the exchange's future stays `Send`.
+struct Activity {
+    start: Instant,
+    nanos: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            nanos: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let nanos = self.start.elapsed().as_nanos() as u64;
+        self.nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
+    }
+}
+
+/// Which of a handler's timeouts runs out first (R12).
+async fn watchdog(activity: &Activity, idle: Duration, until: Instant) -> Timeout {
+    loop {
+        tokio::time::sleep_until((activity.last() + idle).min(until)).await;
+        let now = Instant::now();
+        if now >= until {
+            return Timeout::Resource;
+        }
+        if now >= activity.last() + idle {
+            return Timeout::Request;
+        }
+    }
 }
 
 /// Why an exchange stopped short.
@@ -80,15 +125,36 @@ impl Exchange {
             body: Bytes::new(),
             file: None,
         };
-        if let Err(Stop::Failed(error)) = self.exchange(&mut collected).await {
+        let activity = Activity::new();
+        let stop = match self.clock {
+            None => self.exchange(&mut collected, &activity).await,
+            Some((idle, whole)) => {
+                let (core, task) = (self.shared.core.clone(), self.task);
+                let until = Instant::now() + whole;
+                tokio::select! {
+                    biased;
+                    stop = self.exchange(&mut collected, &activity) => stop,
+                    timeout = watchdog(&activity, idle, until) => {
+                        core.handler_timed_out(task, timeout);
+                        Err(Stop::Aborted)
+                    }
+                }
+            }
+        };
+        // R7: a suspended task reads nothing, so a failure hyper saw meanwhile (a reset while
+        // the head was awaited, say) is reported when it is resumed, as the model reads it.
+        if let Err(Stop::Failed(error)) = stop
+            && self.unpaused().await.is_ok()
+        {
             self.shared.core.failed(self.task, error);
         }
         collected
     }
 
-    async fn exchange(&mut self, out: &mut Collected) -> Result<(), Stop> {
+    async fn exchange(&mut self, out: &mut Collected, activity: &Activity) -> Result<(), Stop> {
         let request = std::mem::replace(&mut self.request, http::Request::new(empty()));
         let (connection, response) = self.send(request).await?;
+        activity.touch();
         let (parts, mut body) = response.into_parts();
         // R7: a suspended task reports nothing until it is resumed.
         self.unpaused().await?;
@@ -112,6 +178,7 @@ impl Exchange {
             };
             match frame {
                 Some(Ok(frame)) => {
+                    activity.touch();
                     let Ok(data) = frame.into_data() else {
                         continue; // trailers
                     };
@@ -205,9 +272,10 @@ impl Exchange {
     fn finish(&self, connection: Connection, reusable: bool) {
         let reusable = reusable && !connection.sender.is_closed();
         let id = self.start.conn;
-        self.shared.pool.park(id, connection);
+        let needs_clock = self.shared.pool.park(id, connection);
         match self.shared.core.body_end(self.task, reusable) {
-            Release::Pool => self.shared.pool.note(Note::Parked(id)),
+            Release::Pool if needs_clock => self.shared.pool.note(Note::Parked(id)),
+            Release::Pool => {}
             Release::Close => {
                 self.shared.pool.close(id);
             }

@@ -9,9 +9,10 @@
 //! socket no one accounts for. Here every connection is a [`Connection`] owned by exactly one
 //! thing (an exchange, or the idle map), and dropping it closes the socket.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -20,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::{ConnId, Error};
 
@@ -57,10 +59,31 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The idle connections, since when each is idle, and which have an idle clock pending in
+/// the driver. A connection reused and parked again keeps its pending clock, which, when it
+/// rings, looks again from the later park: so a request does not wake the driver to restart a
+/// clock.
+#[derive(Debug, Default)]
+struct Idle {
+    connections: HashMap<ConnId, (Connection, Instant)>,
+    clocked: HashSet<ConnId>,
+}
+
+/// What the idle clock of a connection finds when it rings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expiry {
+    /// Idle the whole timeout: closed now.
+    Closed,
+    /// Parked again since: look again then.
+    Later(Instant),
+    /// Not in the pool (busy, or closed already): the clock stops.
+    Gone,
+}
+
 /// What connections tell the session's driver.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Note {
-    /// An exchange pooled its connection: start its idle clock.
+    /// An exchange pooled a connection that has no idle clock yet: start one.
     Parked(ConnId),
     /// The connection's socket is gone (the server closed it, or it failed).
     Closed(ConnId),
@@ -75,7 +98,7 @@ pub(crate) enum Note {
 /// (`Config::max_connections_per_origin`): this only keeps them.
 #[derive(Debug)]
 pub(crate) struct Pool {
-    idle: Mutex<HashMap<ConnId, Connection>>,
+    idle: Mutex<Idle>,
     read_buffer: usize,
     runtime: Handle,
     notes: mpsc::UnboundedSender<Note>,
@@ -84,7 +107,7 @@ pub(crate) struct Pool {
 impl Pool {
     pub fn new(read_buffer: usize, runtime: Handle, notes: mpsc::UnboundedSender<Note>) -> Self {
         Self {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(Idle::default()),
             read_buffer,
             runtime,
             notes,
@@ -96,30 +119,62 @@ impl Pool {
     }
 
     pub fn holds(&self, id: ConnId) -> bool {
-        lock(&self.idle).contains_key(&id)
+        lock(&self.idle).connections.contains_key(&id)
     }
 
     /// Keep `connection` as `id` (an exchange parks it before asking the engine, see
-    /// `leakproof_core::Core::body_end`).
-    pub fn park(&self, id: ConnId, connection: Connection) {
-        lock(&self.idle).insert(id, connection);
+    /// `leakproof_core::Core::body_end`). True if it needs an idle clock: it has none pending.
+    pub fn park(&self, id: ConnId, connection: Connection) -> bool {
+        let mut idle = lock(&self.idle);
+        idle.connections.insert(id, (connection, Instant::now()));
+        idle.clocked.insert(id)
     }
 
     /// Take the pooled connection `id`, if it is still there and still open.
     pub fn take(&self, id: ConnId) -> Option<Connection> {
-        lock(&self.idle)
-            .remove(&id)
-            .filter(|c| !c.sender.is_closed())
+        let taken = lock(&self.idle).connections.remove(&id);
+        taken.map(|(c, _)| c).filter(|c| !c.sender.is_closed())
     }
 
     /// Close the pooled connection `id`; whether it was there.
     pub fn close(&self, id: ConnId) -> bool {
-        let connection = lock(&self.idle).remove(&id);
+        let connection = {
+            let mut idle = lock(&self.idle);
+            idle.clocked.remove(&id);
+            idle.connections.remove(&id)
+        };
         connection.is_some() // dropped here, outside the lock
     }
 
+    /// The idle clock of `id` rang after `timeout`.
+    pub fn expire(&self, id: ConnId, timeout: Duration) -> Expiry {
+        let mut idle = lock(&self.idle);
+        let Some((_, since)) = idle.connections.get(&id) else {
+            idle.clocked.remove(&id);
+            return Expiry::Gone;
+        };
+        let due = *since + timeout;
+        if due > Instant::now() {
+            return Expiry::Later(due);
+        }
+        idle.clocked.remove(&id);
+        let connection = idle.connections.remove(&id);
+        drop(idle);
+        drop(connection);
+        Expiry::Closed
+    }
+
+    /// The idle connections' ids.
+    pub fn idle_ids(&self) -> Vec<ConnId> {
+        lock(&self.idle).connections.keys().copied().collect()
+    }
+
     pub fn close_all(&self) {
-        let all: Vec<Connection> = lock(&self.idle).drain().map(|(_, c)| c).collect();
+        let all: Vec<_> = {
+            let mut idle = lock(&self.idle);
+            idle.clocked.clear();
+            idle.connections.drain().collect()
+        };
         drop(all);
     }
 

@@ -367,6 +367,10 @@ impl Session {
             request,
             control: receiver,
             collect: kind != TaskKind::Download,
+            clock: Some((
+                shared.config.request_timeout,
+                shared.config.resource_timeout,
+            )),
         }
         .run()
         .await;

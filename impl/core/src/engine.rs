@@ -526,6 +526,21 @@ impl Engine {
         }
     }
 
+    /// A handler-routed task's handler saw `timeout` run out on its own clock.
+    pub(crate) fn handler_timed_out(&mut self, task: TaskId, timeout: Timeout) {
+        let armed = self
+            .tasks
+            .get(&task)
+            .and_then(|c| c.timers[timeout as usize]);
+        if let Some(generation) = armed {
+            self.timer_fired(TimerId {
+                task,
+                timeout,
+                generation,
+            });
+        }
+    }
+
     /// The driver closed an idle connection whose idle timeout passed (R9).
     pub(crate) fn idle_expired(&mut self, conn: ConnId) {
         if let Some(i) = self.idle.iter().position(|(_, c)| *c == conn) {
@@ -613,7 +628,11 @@ impl Engine {
             timeout,
             generation: self.next_timer,
         };
-        self.actions.push_back(Action::ArmTimer { timer, after });
+        // A handler keeps its task's clock itself (see `Route::Handler`): the driver is not
+        // woken for it on every byte.
+        if cell.route == Route::Delegate {
+            self.actions.push_back(Action::ArmTimer { timer, after });
+        }
     }
 
     /// Restart an armed timer (the request timeout restarts with every byte).
@@ -626,7 +645,9 @@ impl Engine {
     fn disarm_all(&mut self, task: TaskId) {
         let cell = self.tasks.get_mut(&task).expect("live task");
         for timeout in TIMEOUTS {
-            if let Some(generation) = cell.timers[timeout as usize].take() {
+            if let Some(generation) = cell.timers[timeout as usize].take()
+                && cell.route == Route::Delegate
+            {
                 let timer = TimerId {
                     task,
                     timeout,

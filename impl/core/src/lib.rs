@@ -126,7 +126,9 @@ pub enum Route {
     Delegate,
     /// Its handler (an awaiting future, say) runs its IO and learns everything itself: no
     /// callback is queued, every response is allowed, a finished download's file is handed
-    /// to it, and its outcome is kept for [`Core::take_outcome`].
+    /// to it, and its outcome is kept for [`Core::take_outcome`]. It keeps the task's clock
+    /// too: its timers count in the ledger, but no `ArmTimer`/`DisarmTimer` is queued for
+    /// them; the handler reports a timeout with [`Core::handler_timed_out`].
     Handler,
 }
 

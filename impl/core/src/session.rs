@@ -181,6 +181,12 @@ impl Core {
         self.update(|e| e.failed(task, error));
     }
 
+    /// A handler-routed task's `timeout` ran out on its handler's clock. Ignored if that timer
+    /// is not armed (the task is suspended, or over).
+    pub fn handler_timed_out(&self, task: TaskId, timeout: crate::Timeout) {
+        self.update(|e| e.handler_timed_out(task, timeout));
+    }
+
     /// An armed timer fired. Stale timers are ignored.
     pub fn timer_fired(&self, timer: TimerId) {
         self.update(|e| e.timer_fired(timer));
