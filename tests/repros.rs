@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use leakproof_check::assertions::View;
+use leakproof_check::client_sut::ClientWorld;
 use leakproof_check::engine_sut::EngineWorld;
 use leakproof_check::machine::System;
 use leakproof_check::ops::{Expect, Found, Repro, broken_rule, parse, print, replay, replay_file};
@@ -23,13 +24,13 @@ fn repro_files() -> Vec<PathBuf> {
     files
 }
 
-#[test]
-fn every_repro_file_holds_against_the_engine() {
+/// Replay every file against `S`; fail naming each file that did not hold.
+fn every_repro_file_holds_against<S: System>() {
     let files = repro_files();
     assert!(!files.is_empty(), "no tests/repros/*.ops files");
     let mut failed = Vec::new();
     for path in &files {
-        let result = replay_file::<EngineWorld>(path);
+        let result = replay_file::<S>(path);
         let (held, said) = match &result {
             Ok(report) => (report.held(), report.to_string()),
             Err(error) => (false, error.to_string()),
@@ -45,6 +46,16 @@ fn every_repro_file_holds_against_the_engine() {
         files.len()
     );
     assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+#[test]
+fn every_repro_file_holds_against_the_engine() {
+    every_repro_file_holds_against::<EngineWorld>();
+}
+
+#[test]
+fn every_repro_file_holds_against_the_client() {
+    every_repro_file_holds_against::<ClientWorld>();
 }
 
 /// The engine, with a delegate that misses the first callback it should hear.
