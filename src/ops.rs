@@ -569,19 +569,31 @@ fn divergence_step(message: &str) -> Option<usize> {
 /// to paste into a test file of this package. `name` becomes the function's name (made a
 /// valid identifier); the notes become comments. Laid out as rustfmt would.
 pub fn test_snippet(name: &str, repro: &Repro) -> String {
+    test_snippet_against(name, repro, "engine")
+}
+
+/// [`test_snippet`] against a target: `"engine"` ([`EngineWorld`](crate::engine_sut)) or
+/// `"client"` ([`ClientWorld`](crate::client_sut)).
+pub fn test_snippet_against(name: &str, repro: &Repro, target: &str) -> String {
+    let (module, world) = match target {
+        "client" => ("client_sut", "ClientWorld"),
+        _ => ("engine_sut", "EngineWorld"),
+    };
     let mut out = String::new();
     for line in note_lines(&repro.notes) {
         out.push_str(&comment("//", line));
     }
     out.push_str(&format!("#[test]\nfn {}() {{\n", identifier(name)));
-    out.push_str("    use leakproof_check::engine_sut::EngineWorld;\n");
+    out.push_str(&format!("    use leakproof_check::{module}::{world};\n"));
     out.push_str("    use leakproof_check::machine::run_sequence;\n");
     out.push_str("    use leakproof_model::*;\n\n");
     out.push_str(&format!(
         "    let ops: &[Op] = &[{}];\n",
         rust_elements(&repro.ops)
     ));
-    out.push_str("    if let Err(divergence) = run_sequence::<EngineWorld>(ops) {\n");
+    out.push_str(&format!(
+        "    if let Err(divergence) = run_sequence::<{world}>(ops) {{\n"
+    ));
     out.push_str("        panic!(\"{divergence}\");\n");
     out.push_str("    }\n}\n");
     out

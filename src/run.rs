@@ -25,6 +25,8 @@ pub struct Options {
     pub max_ops: usize,
     /// A file of proptest regression seeds to replay first and to record failures in.
     pub regressions: Option<&'static str>,
+    /// Show a progress bar on the terminal (it hides itself when stderr is not one).
+    pub progress: bool,
 }
 
 impl Default for Options {
@@ -34,6 +36,7 @@ impl Default for Options {
             seed: None,
             max_ops: 48,
             regressions: None,
+            progress: false,
         }
     }
 }
@@ -83,10 +86,28 @@ pub fn check<S: System>(target: &'static str, options: &Options) -> Report {
     std::panic::set_hook(Box::new(|_| {}));
     let ops_before = OPS_APPLIED.load(Ordering::Relaxed);
     let started = Instant::now();
+    let bar = options.progress.then(|| {
+        let bar = indicatif::ProgressBar::new(u64::from(options.cases));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix:>6} [{bar:40}] {pos}/{len} cases ({per_sec}, {eta} left)",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(target);
+        bar
+    });
     let result = runner.run(&strategy, |(initial, ops, seen)| {
         Conformance::<S>::test_sequential(config.clone(), initial, ops, seen);
+        if let Some(bar) = &bar {
+            bar.inc(1);
+        }
         Ok(())
     });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     let elapsed = started.elapsed();
     std::panic::set_hook(quiet);
 
@@ -150,7 +171,11 @@ impl fmt::Display for Report {
                 )?;
                 write!(f, "{}", ops::print(&repro))?;
                 writeln!(f, "\n--- the same, as a #[test] ---")?;
-                write!(f, "{}", ops::test_snippet(&name, &repro))
+                write!(
+                    f,
+                    "{}",
+                    ops::test_snippet_against(&name, &repro, self.target)
+                )
             }
         }
     }

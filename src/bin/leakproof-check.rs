@@ -1,15 +1,17 @@
 //! `leakproof-check`: check leakproof against its specification.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
 
 use leakproof_check::client_sut::ClientWorld;
 use leakproof_check::coverage;
 use leakproof_check::engine_sut::EngineWorld;
-use leakproof_check::explore::{self, Alphabet};
+use leakproof_check::explore::{self, Alphabet, Exploration};
 use leakproof_check::machine::System;
 use leakproof_check::ops;
 use leakproof_check::run::{Options, Report, check};
@@ -33,8 +35,8 @@ enum Target {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run generated op sequences against the engine, then the real client, comparing every
-    /// step with the model; print the report, or the minimal failing sequence, and exit
-    /// non-zero on a failure.
+    /// step with the model, then the exhaustive small scope; print the report, or the minimal
+    /// failing sequence, and exit non-zero on a failure.
     Check {
         /// Sequences run against the client; the engine, much faster, runs 20 times as many.
         #[arg(long, default_value_t = 500)]
@@ -42,12 +44,21 @@ enum Command {
         /// Seed of the generator; the same seed runs the same sequences.
         #[arg(long)]
         seed: Option<u64>,
-        /// Longest sequence, in ops, before teardown.
+        /// Longest generated sequence, in ops, before teardown.
         #[arg(long, default_value_t = 48)]
         max_ops: usize,
+        /// Depth of the exhaustive search replayed against the engine (0: none).
+        #[arg(long, default_value_t = explore::DEFAULT_DEPTH)]
+        depth: usize,
         /// Check only this target.
         #[arg(long)]
         target: Option<Target>,
+        /// Print the whole coverage table, not only its summary.
+        #[arg(long)]
+        coverage: bool,
+        /// Print one JSON object instead of the report, for machines.
+        #[arg(long)]
+        json: bool,
     },
     /// Replay one `.ops` file and judge it against its `# expect:` line.
     Replay {
@@ -65,102 +76,187 @@ enum Command {
     },
 }
 
+/// Print to stdout, quietly giving up if it is closed (piped into `head`, say).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Check {
             cases,
             seed,
             max_ops,
+            depth,
             target,
-        } => run_check(cases, seed, max_ops, target),
+            coverage,
+            json,
+        } => run_check(Check {
+            cases,
+            seed,
+            max_ops,
+            depth,
+            target,
+            coverage,
+            json,
+        }),
         Command::Replay { file, target } => match target {
             Target::Client => replay::<ClientWorld>(file),
             Target::Engine => replay::<EngineWorld>(file),
         },
-        Command::Explore { depth, target } => match target {
-            Target::Client => run_explore::<ClientWorld>(depth),
-            Target::Engine => run_explore::<EngineWorld>(depth),
-        },
+        Command::Explore { depth, target } => {
+            let (held, said) = match target {
+                Target::Client => run_explore::<ClientWorld>(depth),
+                Target::Engine => run_explore::<EngineWorld>(depth),
+            };
+            say!("{said}");
+            exit(held)
+        }
     }
 }
 
-fn run_check(cases: u32, seed: Option<u64>, max_ops: usize, target: Option<Target>) -> ExitCode {
+struct Check {
+    cases: u32,
+    seed: Option<u64>,
+    max_ops: usize,
+    depth: usize,
+    target: Option<Target>,
+    coverage: bool,
+    json: bool,
+}
+
+fn run_check(args: Check) -> ExitCode {
     let options = |cases| Options {
         cases,
-        seed,
-        max_ops,
+        seed: args.seed,
+        max_ops: args.max_ops,
         regressions: None,
+        progress: !args.json,
     };
     let mut reports: Vec<Report> = Vec::new();
-    if target != Some(Target::Client) {
-        reports.push(check::<EngineWorld>("engine", &options(cases * 20)));
+    if args.target != Some(Target::Client) {
+        reports.push(check::<EngineWorld>("engine", &options(args.cases * 20)));
     }
-    if target != Some(Target::Engine) && reports.iter().all(|r| r.failure.is_none()) {
-        reports.push(check::<ClientWorld>("client", &options(cases)));
+    let held = |reports: &[Report]| reports.iter().all(|r| r.failure.is_none());
+    if args.target != Some(Target::Engine) && held(&reports) {
+        reports.push(check::<ClientWorld>("client", &options(args.cases)));
+    }
+    let explored =
+        (args.depth > 0 && held(&reports)).then(|| run_explore::<EngineWorld>(args.depth));
+    let covered = coverage::snapshot();
+    let all_held = held(&reports) && explored.as_ref().is_none_or(|(held, _)| *held);
+
+    if args.json {
+        let json = json!({
+            "generated": reports.iter().map(report_json).collect::<Vec<_>>(),
+            "exhaustive": explored.as_ref().map(|(held, said)| json!({"held": held, "report": said})),
+            "coverage": {
+                "covered": covered.covered(),
+                "transitions": covered.universe.len(),
+                "never": covered.missed().iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            },
+            "held": all_held,
+        });
+        say!("{json:#}");
+        return exit(all_held);
     }
     for report in &reports {
-        print!("{report}");
+        say!("{report}");
     }
-    let covered = coverage::snapshot();
-    println!(
-        "coverage: {} of {} transitions of the model applied ({} never; run `explore` for the rest)",
+    if let Some((_, said)) = &explored {
+        say!("exhaustive small scope against the engine\n{said}");
+    }
+    if args.coverage {
+        say!("{covered}");
+    }
+    say!(
+        "coverage: {} of {} transitions of the model applied ({} never{})",
         covered.covered(),
         covered.universe.len(),
-        covered.missed().len()
+        covered.missed().len(),
+        if args.coverage {
+            ""
+        } else {
+            "; --coverage lists them"
+        }
     );
-    if reports.iter().any(|r| r.failure.is_some()) {
-        ExitCode::FAILURE
-    } else {
-        println!("all rules held");
+    if all_held {
+        say!("all rules held");
+    }
+    exit(all_held)
+}
+
+fn report_json(report: &Report) -> Value {
+    let secs = report.elapsed.as_secs_f64().max(1e-9);
+    json!({
+        "target": report.target,
+        "cases": report.cases,
+        "seed": report.seed,
+        "ops": report.ops,
+        "seconds": report.elapsed.as_secs_f64(),
+        "cases_per_second": f64::from(report.cases) / secs,
+        "failure": report.failure.as_ref().map(|failure| {
+            let repro = ops::Repro::from_failure(failure);
+            json!({"message": failure.message, "repro": ops::print(&repro)})
+        }),
+    })
+}
+
+fn exit(held: bool) -> ExitCode {
+    if held {
         ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
 fn replay<S: System>(file: PathBuf) -> ExitCode {
     match ops::replay_file::<S>(&file) {
         Ok(report) => {
-            println!("{report}");
-            if report.held() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
+            say!("{report}");
+            exit(report.held())
         }
         Err(error) => {
-            eprintln!("{error}");
+            let _ = writeln!(std::io::stderr().lock(), "{error}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn run_explore<S: System>(depth: usize) -> ExitCode {
+/// Explore and replay; whether every rule held, and what to say.
+fn run_explore<S: System>(depth: usize) -> (bool, String) {
     let started = Instant::now();
-    let exploration = match explore::explore(&Alphabet::every_kind(), depth) {
+    let exploration: Exploration = match explore::explore(&Alphabet::every_kind(), depth) {
         Ok(exploration) => exploration,
         Err(bug) => {
-            println!("the specification breaks its own rules:\n{bug}");
-            return ExitCode::FAILURE;
+            return (
+                false,
+                format!("the specification breaks its own rules:\n{bug}"),
+            );
         }
     };
-    println!("{exploration}");
     match explore::replay::<S>(&exploration) {
-        Ok(summary) => {
-            println!(
-                "replayed {} paths ({} ops) in {:.2?}: all rules held",
+        Ok(summary) => (
+            true,
+            format!(
+                "{exploration}\nreplayed {} paths ({} ops) in {:.2?}: all rules held",
                 summary.paths,
                 summary.ops,
                 started.elapsed()
-            );
-            ExitCode::SUCCESS
-        }
+            ),
+        ),
         Err((path, divergence)) => {
             let repro = ops::Repro {
                 expect: ops::Expect::Pass,
-                notes: vec![format!("{}", divergence.violation)],
+                notes: vec![divergence.violation.to_string()],
                 ops: ops::renumber(&path),
             };
-            println!("{divergence}\n\n{}", ops::print(&repro));
-            ExitCode::FAILURE
+            (
+                false,
+                format!("{exploration}\n{divergence}\n\n{}", ops::print(&repro)),
+            )
         }
     }
 }
