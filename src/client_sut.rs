@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use leakproof::{Configuration, Delegate, Error, Observer, Session, TaskInfo, Timeout, UploadBody};
 use leakproof_model::{
-    Callback, Disposition, Fault, Op, Refusal, Resources, SessionId, SessionKind, SessionState,
-    TaskId, TaskKind, TaskState, Timer,
+    Callback, Disposition, Fault, Op, Refusal, Resources, SessionId, SessionKind, TaskId, TaskKind,
+    Timer,
 };
 
 use crate::assertions::{SessionView, View};
-use crate::engine_sut::model_outcome;
+use crate::engine_sut::{model_outcome, model_session_state, model_task_state};
 use crate::machine::System;
 use crate::scenario::AnyTask;
 use crate::stage::{Held, Liveness, Stage};
@@ -450,23 +450,5 @@ impl Sim {
             },
             heard,
         }
-    }
-}
-
-fn model_task_state(state: leakproof::TaskState) -> TaskState {
-    match state {
-        leakproof::TaskState::Suspended => TaskState::Suspended,
-        leakproof::TaskState::Running => TaskState::Running,
-        leakproof::TaskState::Canceling => TaskState::Canceling,
-        leakproof::TaskState::Completed => TaskState::Completed,
-    }
-}
-
-fn model_session_state(state: leakproof::SessionState) -> SessionState {
-    match state {
-        leakproof::SessionState::Active => SessionState::Active,
-        leakproof::SessionState::Finishing => SessionState::Finishing,
-        leakproof::SessionState::Cancelling => SessionState::Cancelling,
-        leakproof::SessionState::Invalidated => SessionState::Invalidated,
     }
 }

@@ -536,7 +536,8 @@ fn engine_disposition(answer: Disposition) -> core::Disposition {
     }
 }
 
-fn model_task_state(state: core::TaskState) -> TaskState {
+/// The model's name for an engine (or client) task state.
+pub fn model_task_state(state: core::TaskState) -> TaskState {
     match state {
         core::TaskState::Suspended => TaskState::Suspended,
         core::TaskState::Running => TaskState::Running,
@@ -545,7 +546,8 @@ fn model_task_state(state: core::TaskState) -> TaskState {
     }
 }
 
-fn model_session_state(state: core::SessionState) -> SessionState {
+/// The model's name for an engine (or client) session state.
+pub fn model_session_state(state: core::SessionState) -> SessionState {
     match state {
         core::SessionState::Active => SessionState::Active,
         core::SessionState::Finishing => SessionState::Finishing,

@@ -176,8 +176,8 @@ impl Model {
         SessionId(self.sessions.keys().next_back().map_or(0, |s| s.0 + 1))
     }
 
-    /// The id the next `CreateTask` should use. Ids of refused creations are not reused, so a
-    /// sequence stays readable.
+    /// The id the next `CreateTask` should use: one past the highest task created. A refused
+    /// creation (R8) creates nothing, so its id is used again by the next one.
     pub fn next_task_id(&self) -> TaskId {
         TaskId(self.tasks.keys().next_back().map_or(0, |t| t.0 + 1))
     }

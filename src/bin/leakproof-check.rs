@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
 use leakproof_check::client_sut::ClientWorld;
@@ -37,29 +37,7 @@ enum Command {
     /// Run generated op sequences against the engine, then the real client, comparing every
     /// step with the model, then the exhaustive small scope; print the report, or the minimal
     /// failing sequence, and exit non-zero on a failure.
-    Check {
-        /// Sequences run against the client; the engine, much faster, runs 20 times as many.
-        #[arg(long, default_value_t = 500)]
-        cases: u32,
-        /// Seed of the generator; the same seed runs the same sequences.
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Longest generated sequence, in ops, before teardown.
-        #[arg(long, default_value_t = 48)]
-        max_ops: usize,
-        /// Depth of the exhaustive search replayed against the engine (0: none).
-        #[arg(long, default_value_t = explore::DEFAULT_DEPTH)]
-        depth: usize,
-        /// Check only this target.
-        #[arg(long)]
-        target: Option<Target>,
-        /// Print the whole coverage table, not only its summary.
-        #[arg(long)]
-        coverage: bool,
-        /// Print one JSON object instead of the report, for machines.
-        #[arg(long)]
-        json: bool,
-    },
+    Check(Check),
     /// Replay one `.ops` file and judge it against its `# expect:` line.
     Replay {
         file: PathBuf,
@@ -85,23 +63,7 @@ macro_rules! say {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Check {
-            cases,
-            seed,
-            max_ops,
-            depth,
-            target,
-            coverage,
-            json,
-        } => run_check(Check {
-            cases,
-            seed,
-            max_ops,
-            depth,
-            target,
-            coverage,
-            json,
-        }),
+        Command::Check(args) => run_check(args),
         Command::Replay { file, target } => match target {
             Target::Client => replay::<ClientWorld>(file),
             Target::Engine => replay::<EngineWorld>(file),
@@ -117,13 +79,28 @@ fn main() -> ExitCode {
     }
 }
 
+#[derive(Debug, Args)]
 struct Check {
+    /// Sequences run against the client; the engine, much faster, runs 20 times as many.
+    #[arg(long, default_value_t = 500)]
     cases: u32,
+    /// Seed of the generator; the same seed runs the same sequences.
+    #[arg(long)]
     seed: Option<u64>,
+    /// Longest generated sequence, in ops, before teardown.
+    #[arg(long, default_value_t = 48)]
     max_ops: usize,
+    /// Depth of the exhaustive search replayed against the engine (0: none).
+    #[arg(long, default_value_t = explore::DEFAULT_DEPTH)]
     depth: usize,
+    /// Check only this target.
+    #[arg(long)]
     target: Option<Target>,
+    /// Print the whole coverage table, not only its summary.
+    #[arg(long)]
     coverage: bool,
+    /// Print one JSON object instead of the report, for machines.
+    #[arg(long)]
     json: bool,
 }
 
