@@ -17,7 +17,7 @@ use leakproof_model::{
 };
 
 use crate::assertions::{SessionView, View};
-use crate::engine_sut::{model_outcome, model_session_state, model_task_state};
+use crate::engine_sut::{model_outcome, model_resources, model_session_state, model_task_state};
 use crate::machine::System;
 use crate::scenario::AnyTask;
 use crate::stage::{Held, Liveness, Stage};
@@ -421,15 +421,7 @@ impl Sim {
         let sockets = (self.stage.open() as usize + closed_by_server_but_held) as u32;
         SessionView {
             state: model_session_state(self.observer.state()),
-            ledger: Resources {
-                open_connections: ledger.open_connections,
-                idle_connections: ledger.idle_connections,
-                buffered_bytes: ledger.buffered_bytes,
-                live_tasks: ledger.live_tasks,
-                timers: ledger.timers,
-                temp_files: ledger.temp_files,
-                delegate_held: ledger.delegate_held,
-            },
+            ledger: model_resources(&ledger),
             pending: ledger.pending_actions + ledger.pending_callbacks,
             witness: Resources {
                 // The stage sees sockets, busy or idle alike: the ledger splits them.

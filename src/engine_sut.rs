@@ -331,15 +331,7 @@ impl Sim {
             .collect();
         SessionView {
             state: model_session_state(self.core.state()),
-            ledger: Resources {
-                open_connections: ledger.open_connections,
-                idle_connections: ledger.idle_connections,
-                buffered_bytes: ledger.buffered_bytes,
-                live_tasks: ledger.live_tasks,
-                timers: ledger.timers,
-                temp_files: ledger.temp_files,
-                delegate_held: ledger.delegate_held,
-            },
+            ledger: model_resources(&ledger),
             pending: ledger.pending_actions + ledger.pending_callbacks,
             witness: Resources {
                 open_connections: net.open.len() as u32,
@@ -533,6 +525,19 @@ fn engine_disposition(answer: Disposition) -> core::Disposition {
         Disposition::Allow => core::Disposition::Allow,
         Disposition::Cancel => core::Disposition::Cancel,
         Disposition::BecomeDownload => core::Disposition::BecomeDownload,
+    }
+}
+
+/// The ledger's account in the model's words.
+pub fn model_resources(ledger: &core::Ledger) -> Resources {
+    Resources {
+        open_connections: ledger.open_connections,
+        idle_connections: ledger.idle_connections,
+        buffered_bytes: ledger.buffered_bytes,
+        live_tasks: ledger.live_tasks,
+        timers: ledger.timers,
+        temp_files: ledger.temp_files,
+        delegate_held: ledger.delegate_held,
     }
 }
 

@@ -294,28 +294,13 @@ fn parse_expect(words: &str) -> Option<Expect> {
     match *words.split_whitespace().collect::<Vec<_>>() {
         ["pass"] => Some(Expect::Pass),
         ["fail"] => Some(Expect::Fail(None)),
-        ["fail", rule] => RULES
+        ["fail", rule] => Rule::ALL
             .into_iter()
             .find(|r| r.to_string() == rule)
             .map(|r| Expect::Fail(Some(r))),
         _ => None,
     }
 }
-
-const RULES: [Rule; 12] = [
-    Rule::R1,
-    Rule::R2,
-    Rule::R3,
-    Rule::R4,
-    Rule::R5,
-    Rule::R6,
-    Rule::R7,
-    Rule::R8,
-    Rule::R9,
-    Rule::R10,
-    Rule::R11,
-    Rule::R12,
-];
 
 // Each word is written by one exhaustive match and read back by searching every value's word,
 // so the two directions cannot disagree; the round-trip test covers every value.
@@ -555,7 +540,7 @@ impl Repro {
 pub fn broken_rule(message: &str) -> Option<Rule> {
     let first = message.split_whitespace().next()?;
     let name = first.strip_suffix(':').unwrap_or(first);
-    RULES.into_iter().find(|rule| rule.to_string() == name)
+    Rule::ALL.into_iter().find(|rule| rule.to_string() == name)
 }
 
 /// The step a [`Divergence`]'s message names.

@@ -58,20 +58,7 @@ fn any_op() -> impl Strategy<Value = Op> {
 }
 
 fn expect() -> impl Strategy<Value = Expect> {
-    let rules = vec![
-        Rule::R1,
-        Rule::R2,
-        Rule::R3,
-        Rule::R4,
-        Rule::R5,
-        Rule::R6,
-        Rule::R7,
-        Rule::R8,
-        Rule::R9,
-        Rule::R10,
-        Rule::R11,
-        Rule::R12,
-    ];
+    let rules = Rule::ALL.to_vec();
     prop_oneof![
         Just(Expect::Pass),
         Just(Expect::Fail(None)),
