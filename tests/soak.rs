@@ -1,5 +1,5 @@
-//! Soak: 2,000 cycles of a session with a delegate, one request, finish_tasks_and_invalidate,
-//! `invalidated()`. The heap (a counting allocator, so this binary holds one test) must come
+//! Soak: 2,000 cycles of a session with a delegate, one request (and one download, whose file
+//! is dropped), finish_tasks_and_invalidate, `invalidated()`. The heap (a counting allocator, so this binary holds one test) must come
 //! back to where it was after the first cycle, every delegate must be gone, and the stage
 //! must have seen every socket closed: one session per request must not grow memory (the
 //! seed's leak 5).
@@ -22,16 +22,29 @@ struct Quiet;
 impl Delegate for Quiet {}
 
 /// One cycle; returns once everything of the session is released.
-async fn cycle(stage: &Stage) {
+async fn cycle(stage: &Stage, downloads: &std::path::Path) {
     let delegate = Arc::new(Quiet);
     let weak = Arc::downgrade(&delegate);
-    let session = Session::new(Configuration::default(), Some(delegate));
+    let config = Configuration::builder()
+        .download_dir(downloads)
+        .build()
+        .expect("a valid configuration");
+    let session = Session::new(config, Some(delegate));
     let request = http::Request::get(stage.url("/bytes/1024"))
         .body(())
         .unwrap();
     let response = session.data(request).await.expect("the request succeeds");
     assert_eq!(response.body().len(), 1024);
     drop(response);
+    let request = http::Request::get(stage.url("/bytes/2048"))
+        .body(())
+        .unwrap();
+    let file = session
+        .download(request)
+        .await
+        .expect("the download succeeds");
+    assert_eq!(std::fs::metadata(file.body().path()).unwrap().len(), 2048);
+    drop(file);
     session.finish_tasks_and_invalidate();
     assert!(
         patiently(session.invalidated()).await.is_some(),
@@ -72,11 +85,16 @@ fn two_thousand_sessions_return_the_heap_to_its_baseline() {
         .unwrap();
     runtime.block_on(async {
         let stage = Stage::start().await.unwrap();
-        cycle(&stage).await;
+        let downloads = tempfile::tempdir().unwrap();
+        cycle(&stage, downloads.path()).await;
         let after_first = settled_heap(&stage, 1).await;
         for _ in 1..CYCLES {
-            cycle(&stage).await;
+            cycle(&stage, downloads.path()).await;
         }
+        assert!(
+            leakproof_check::witness::empty_dir(downloads.path()).unwrap(),
+            "R5: download files left behind"
+        );
         let after_last = settled_heap(&stage, CYCLES as u64).await;
         println!(
             "soak: {CYCLES} cycles; live heap after the first {after_first} B, after the last \

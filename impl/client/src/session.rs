@@ -374,12 +374,14 @@ impl Session {
         }
         .run()
         .await;
-        let file_guard = DownloadedFile {
+        // Removes a download's file on every way out but success, where the caller's own
+        // guard takes over.
+        let mut file_guard = DownloadedFile {
             path: collected.file.clone(),
         };
         match shared.core.take_outcome(id) {
             Some(Ok(())) => {
-                std::mem::forget(file_guard);
+                file_guard.path = None; // disarmed, not forgotten: forgetting leaks the path
                 Ok(collected)
             }
             Some(Err(error)) => Err(error),
