@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use leakproof_model::rules::{Rule, Violation, check_trace, coalesce};
 use leakproof_model::{
-    Callback, Model, Refusal, Resources, SessionId, SessionKind, SessionState, Step, TaskId,
-    TaskState,
+    Callback, Model, Refusal, Resources, Returned, SessionId, SessionKind, SessionState, Step,
+    TaskId, TaskState,
 };
 
 /// What one session showed.
@@ -29,6 +29,8 @@ pub struct SessionView {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct View {
     pub refused: Option<Refusal>,
+    /// What a stream or websocket op returned.
+    pub returned: Option<Returned>,
     /// Callbacks heard during this op, all sessions, in delivery order.
     pub callbacks: Vec<Callback>,
     pub tasks: BTreeMap<TaskId, TaskState>,
@@ -42,9 +44,26 @@ fn broken(rule: Rule, detail: String) -> Result<(), Violation> {
 /// Compare the system with the model after an op whose step was `step`.
 pub fn compare(view: &View, model: &Model, step: &Step) -> Result<(), Violation> {
     if view.refused != step.refused {
+        let invalidated = Some(Refusal::SessionInvalidated);
+        let rule = if view.refused == invalidated || step.refused == invalidated {
+            Rule::R8
+        } else {
+            Rule::R1
+        };
         return broken(
-            Rule::R8,
+            rule,
             format!("refused {:?}, the model {:?}", view.refused, step.refused),
+        );
+    }
+    if view.returned != step.returned {
+        // A read or receive that finds other bytes than the model's held what it should not,
+        // or lost what it should have held.
+        return broken(
+            Rule::R6,
+            format!(
+                "returned {:?}, the model {:?}",
+                view.returned, step.returned
+            ),
         );
     }
     for (id, session) in &view.sessions {
@@ -175,7 +194,11 @@ fn compare_resources(
             "buffered bytes",
             shown.buffered_bytes,
             held.buffered_bytes,
-            Rule::R5,
+            if shown.buffered_bytes > held.buffered_bytes {
+                Rule::R6
+            } else {
+                Rule::R5
+            },
         ),
         (
             "live tasks",

@@ -5,22 +5,24 @@
 //! exists: the stage's open sockets, the download directory, a `Weak` to the delegate, and
 //! the callbacks the delegate heard.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use leakproof::{Configuration, Delegate, Error, Observer, Session, TaskInfo, Timeout, UploadBody};
+use leakproof::{
+    Configuration, Delegate, Error, Observer, Session, StreamTask, TaskInfo, Timeout, UploadBody,
+};
 use leakproof_model::{
-    Callback, Disposition, Fault, Op, Refusal, Resources, SessionId, SessionKind, TaskId, TaskKind,
-    Timer,
+    Callback, Disposition, Fault, Op, Refusal, Resources, Returned, SessionId, SessionKind, TaskId,
+    TaskKind, Timer,
 };
 
 use crate::assertions::{SessionView, View};
 use crate::engine_sut::{model_outcome, model_resources, model_session_state, model_task_state};
 use crate::machine::System;
 use crate::scenario::AnyTask;
-use crate::stage::{Held, Liveness, Stage};
+use crate::stage::{Held, HeldRaw, HeldWs, Liveness, RawScript, Stage};
 use crate::witness;
 
 /// How long an op may take to settle before the world shows what it has.
@@ -31,6 +33,8 @@ const GRACE: Duration = Duration::from_millis(3);
 const ARRIVAL: Duration = Duration::from_secs(3);
 /// Upload tasks send this many bytes.
 const UPLOAD: usize = 1000;
+/// A stream op never waits this long: the model's reads take what is there.
+const STREAM_OP: Duration = Duration::from_secs(1);
 
 /// Every session the sequence created, on one runtime.
 pub struct ClientWorld {
@@ -68,6 +72,10 @@ struct Ear {
     heard: Mutex<Vec<Callback>>,
     ids: Mutex<HashMap<leakproof::TaskId, TaskId>>,
     answers: Mutex<HashMap<leakproof::TaskId, Disposition>>,
+    /// Streams the delegate was handed, kept while the user holds the data task (the model's
+    /// convention), and the tasks the user let go of.
+    streams: Mutex<HashMap<leakproof::TaskId, StreamTask>>,
+    dropped: Mutex<HashSet<leakproof::TaskId>>,
 }
 
 #[derive(Debug)]
@@ -95,7 +103,23 @@ impl Delegate for Listener {
             Disposition::Allow => leakproof::Disposition::Allow,
             Disposition::Cancel => leakproof::Disposition::Cancel,
             Disposition::BecomeDownload => leakproof::Disposition::BecomeDownload,
+            Disposition::BecomeStream => leakproof::Disposition::BecomeStream,
         }
+    }
+
+    fn did_become_stream(&self, task: &TaskInfo, stream: StreamTask) {
+        self.hear(task, |task| Callback::BecomeStream { task });
+        if !self.ear.dropped.lock().unwrap().contains(&task.id) {
+            self.ear.streams.lock().unwrap().insert(task.id, stream);
+        }
+    }
+
+    fn did_open(&self, task: &TaskInfo, _: Option<&str>) {
+        self.hear(task, |task| Callback::Open { task });
+    }
+
+    fn did_close(&self, task: &TaskInfo, _: u16, _: &str) {
+        self.hear(task, |task| Callback::Close { task });
     }
 
     fn did_receive_data(&self, task: &TaskInfo, data: &Bytes) {
@@ -142,9 +166,19 @@ struct Sim {
 
 struct SimTask {
     client: leakproof::TaskId,
+    kind: TaskKind,
     handle: Option<AnyTask>,
     /// The server's side of the exchange, once its request arrived.
     held: Option<Held>,
+    /// The server's side of a raw stream, once it connected.
+    raw: Option<HeldRaw>,
+    /// The server's side of a websocket, once it accepted the upgrade.
+    ws: Option<HeldWs>,
+    /// The user shut the stream's write half: the stage sees that as a close (a read of 0)
+    /// while the client still holds the socket for reading.
+    write_shut: bool,
+    /// Resumed at least once: a stream is connecting, or connected.
+    resumed: bool,
     /// Whether the stage still has the exchange's connection open.
     socket: Option<Liveness>,
     /// The server closed or broke the connection (a reset, an end and a close, garbage): the
@@ -160,13 +194,13 @@ impl System for ClientWorld {
     }
 
     fn apply_until(&mut self, op: &Op, settled: &dyn Fn(&View) -> bool) -> View {
-        let refused = self.act(op);
+        let (refused, returned) = self.act(op);
         let deadline = Instant::now() + SETTLE;
         let view = loop {
-            let view = self.view(refused);
+            let view = self.view(refused, returned);
             if settled(&view) {
                 std::thread::sleep(GRACE);
-                let again = self.view(refused);
+                let again = self.view(refused, returned);
                 if settled(&again) {
                     break again;
                 }
@@ -184,8 +218,8 @@ impl System for ClientWorld {
 }
 
 impl ClientWorld {
-    /// Do what `op` says; whether the client refused it.
-    fn act(&mut self, op: &Op) -> Option<Refusal> {
+    /// Do what `op` says; whether the client refused it, and what it returned.
+    fn act(&mut self, op: &Op) -> (Option<Refusal>, Option<Returned>) {
         let runtime = self.runtime.handle().clone();
         match *op {
             Op::CreateSession { session, kind } => {
@@ -201,24 +235,100 @@ impl ClientWorld {
                 task,
                 kind,
             } => {
+                // A stream's server is a raw listener of its own, held under the task's name.
+                let raw = (kind == TaskKind::Stream).then(|| {
+                    let stage = &self.sim(session).stage;
+                    runtime
+                        .block_on(stage.listen_raw(RawScript::hold(task.to_string())))
+                        .expect("a raw listener")
+                });
                 let _guard = runtime.enter();
-                match self.sim(session).create_task(task, kind) {
+                match self.sim(session).create_task(task, kind, raw) {
                     Ok(()) => {
                         self.session_of.insert(task, session);
                     }
-                    Err(Error::SessionInvalidated) => return Some(Refusal::SessionInvalidated),
+                    Err(Error::SessionInvalidated) => {
+                        return (Some(Refusal::SessionInvalidated), None);
+                    }
                     Err(error) => panic!("R8: creating {task} failed: {error}"),
                 }
             }
-            Op::Resume(t) => self.user_task(t).resume(),
+            Op::Resume(t) => {
+                self.user_task(t).resume();
+                self.task(t).resumed = true;
+            }
             Op::Suspend(t) => self.user_task(t).suspend(),
             Op::Cancel(t) => self.user_task(t).cancel(),
-            Op::DropTask(t) => self.task(t).handle = None,
+            Op::DropTask(t) => {
+                let s = self.session_of[&t];
+                let sim = self.sim(s);
+                let task = sim.tasks.get_mut(&t).expect("task");
+                let client = task.client;
+                let handle = task.handle.take();
+                sim.ear.dropped.lock().unwrap().insert(client);
+                let stream = sim.ear.streams.lock().unwrap().remove(&client);
+                drop((handle, stream));
+            }
+            Op::Read(t) => {
+                let read =
+                    self.with_stream(t, |s| runtime.block_on(s.read(0, usize::MAX, STREAM_OP)));
+                match read {
+                    Ok(Some(bytes)) => return (None, Some(Returned::Read(bytes.len() as u64))),
+                    Ok(None) => return (None, Some(Returned::Eof)),
+                    Err(error) => return (Some(refusal(&error)), None),
+                }
+            }
+            Op::Write(t) => {
+                let write =
+                    self.with_stream(t, |s| runtime.block_on(s.write(b"leakproof", STREAM_OP)));
+                if let Err(error) = write {
+                    return (Some(refusal(&error)), None);
+                }
+            }
+            Op::CloseRead(t) => self.with_stream(t, StreamTask::close_read),
+            Op::CloseWrite(t) => {
+                // The stage sees the write half's end as a close: take the connection first,
+                // so the witness knows which socket that was.
+                let entry = self.task(t);
+                let connected = entry.resumed && entry.kind == TaskKind::Stream;
+                let client = entry.client;
+                let live = self.sim(self.session_of[&t]).observer.task_state(client)
+                    != leakproof::TaskState::Completed;
+                if connected && live && self.task(t).held.is_none() {
+                    runtime.block_on(self.raw(t));
+                }
+                self.with_stream(t, StreamTask::close_write);
+                self.task(t).write_shut = true;
+            }
+            Op::Receive(t) => match self.websocket(t).try_receive() {
+                Ok(message) => {
+                    let bytes = message.map(|m| m.len() as u64);
+                    return (None, Some(Returned::Received(bytes)));
+                }
+                Err(error) => return (Some(refusal(&error)), None),
+            },
+            Op::CloseWith(t) => self.websocket(t).cancel_with(1001, "going away"),
+            Op::ServerAnswersUpgrade { task, accept } => {
+                let upgraded = runtime.block_on(self.server(task, |held| async move {
+                    if accept {
+                        held.upgrade().await.map(|ws| (None, Some(ws)))
+                    } else {
+                        held.refuse_upgrade(403).await.map(|()| (None, None))
+                    }
+                }));
+                self.task(task).ws = upgraded.flatten();
+            }
+            Op::PeerCloses(task) => {
+                if let Some(ws) = &self.task(task).ws {
+                    let _ = runtime.block_on(ws.close(1000, ""));
+                }
+            }
             Op::TimePasses { task, timer } => {
                 let client = self.task(task).client;
                 let timeout = match timer {
                     Timer::Request => Timeout::Request,
                     Timer::Resource => Timeout::Resource,
+                    Timer::Close => Timeout::Close,
                 };
                 self.sim(self.session_of[&task])
                     .observer
@@ -229,46 +339,112 @@ impl ClientWorld {
                 let client = sim.tasks[&task].client;
                 sim.ear.answers.lock().unwrap().insert(client, answer);
                 runtime.block_on(self.server(task, |held| async move {
-                    held.head(200, true, None).await.map(|()| Some(held))
+                    held.head(200, true, None).await.map(|()| (Some(held), ()))
                 }));
             }
             Op::ServerSends { task, bytes } => {
-                runtime.block_on(self.server(task, |held| async move {
-                    let _ = held.send(u64::from(bytes)).await;
-                    Ok(Some(held))
-                }));
+                let bytes = u64::from(bytes);
+                let (kind, raw) = (self.task(task).kind, self.task(task).held.is_none());
+                match kind {
+                    TaskKind::Stream if raw => {
+                        if let Some(raw) = runtime.block_on(self.raw(task)) {
+                            let _ = runtime.block_on(raw.send(bytes));
+                        }
+                    }
+                    TaskKind::WebSocket => {
+                        if let Some(ws) = &self.task(task).ws {
+                            let _ = runtime.block_on(ws.send_binary(bytes as usize));
+                        }
+                    }
+                    _ => {
+                        runtime.block_on(self.server(task, |held| async move {
+                            let _ = held.send(bytes).await;
+                            Ok((Some(held), ()))
+                        }));
+                    }
+                }
             }
             Op::ServerEnds { task, reusable } => {
-                self.task(task).server_closed |= !reusable;
-                runtime.block_on(self.server(task, |held| async move {
-                    if reusable {
-                        held.end().await?;
-                    } else {
-                        held.end_and_close().await?;
+                if self.task(task).kind == TaskKind::Stream && self.task(task).held.is_none() {
+                    if let Some(raw) = runtime.block_on(self.raw(task)) {
+                        let _ = runtime.block_on(raw.end());
                     }
-                    Ok(None)
-                }));
+                } else {
+                    self.task(task).server_closed |= !reusable;
+                    runtime.block_on(self.server(task, |held| async move {
+                        if reusable {
+                            held.end().await?;
+                        } else {
+                            held.end_and_close().await?;
+                        }
+                        Ok((None, ()))
+                    }));
+                }
             }
             Op::ServerFails { task, fault } => {
                 self.task(task).server_closed = true;
-                runtime.block_on(self.server(task, |held| async move {
-                    match fault {
-                        Fault::Reset => held.reset().await?,
-                        Fault::Malformed => held.malformed().await?,
+                let entry = self.task(task);
+                if let Some(ws) = entry.ws.take() {
+                    let _ = runtime.block_on(ws.reset());
+                } else if entry.kind == TaskKind::Stream && entry.held.is_none() {
+                    if runtime.block_on(self.raw(task)).is_some()
+                        && let Some(raw) = self.task(task).raw.take()
+                    {
+                        let _ = runtime.block_on(raw.reset());
                     }
-                    Ok(None)
-                }));
+                } else {
+                    runtime.block_on(self.server(task, |held| async move {
+                        match fault {
+                            Fault::Reset => held.reset().await?,
+                            Fault::Malformed => held.malformed().await?,
+                        }
+                        Ok((None, ()))
+                    }));
+                }
             }
         }
-        None
+        (None, None)
+    }
+
+    /// Do `f` with the user's handle on a stream task, or on the stream a data task became.
+    fn with_stream<R>(&mut self, t: TaskId, f: impl FnOnce(&StreamTask) -> R) -> R {
+        let s = self.session_of[&t];
+        let sim = self.sim(s);
+        let task = &sim.tasks[&t];
+        match &task.handle {
+            Some(AnyTask::Stream(stream)) => f(stream),
+            _ => f(&sim.ear.streams.lock().unwrap()[&task.client]),
+        }
+    }
+
+    fn websocket(&mut self, t: TaskId) -> &leakproof::WebSocketTask {
+        match self.user_task(t) {
+            AnyTask::WebSocket(ws) => ws,
+            _ => panic!("{t} is not a websocket"),
+        }
+    }
+
+    /// The server's side of a raw stream, waiting for it to connect the first time.
+    async fn raw(&mut self, task: TaskId) -> Option<&HeldRaw> {
+        let sim = self
+            .sessions
+            .get_mut(&self.session_of[&task])
+            .expect("session");
+        let entry = sim.tasks.get_mut(&task).expect("task");
+        if entry.raw.is_none() {
+            let raw = sim.stage.held_raw(&task.to_string(), ARRIVAL).await?;
+            entry.socket = Some(raw.liveness());
+            entry.raw = Some(raw);
+        }
+        entry.raw.as_ref()
     }
 
     /// Let the task's server side do `step` (which keeps the exchange, or ends it). A task the
     /// client has completed is left alone: nothing the server does can reach it any more.
-    async fn server<F, Fut>(&mut self, task: TaskId, step: F)
+    async fn server<F, Fut, T>(&mut self, task: TaskId, step: F) -> Option<T>
     where
         F: FnOnce(Held) -> Fut,
-        Fut: std::future::Future<Output = std::io::Result<Option<Held>>>,
+        Fut: std::future::Future<Output = std::io::Result<(Option<Held>, T)>>,
     {
         let sim = self
             .sessions
@@ -276,7 +452,7 @@ impl ClientWorld {
             .expect("session");
         let entry = sim.tasks.get_mut(&task).expect("task");
         if sim.observer.task_state(entry.client) == leakproof::TaskState::Completed {
-            return;
+            return None;
         }
         let held = match entry.held.take() {
             Some(held) => held,
@@ -285,12 +461,12 @@ impl ClientWorld {
                     entry.socket = Some(held.liveness());
                     held
                 }
-                None => return, // never arrived: the view will show the client's side
+                None => return None, // never arrived: the view will show the client's side
             },
         };
-        if let Ok(kept) = step(held).await {
-            entry.held = kept;
-        }
+        let (kept, out) = step(held).await.ok()?;
+        entry.held = kept;
+        Some(out)
     }
 
     fn sim(&mut self, s: SessionId) -> &mut Sim {
@@ -316,9 +492,10 @@ impl ClientWorld {
             .expect("the user holds the task")
     }
 
-    fn view(&self, refused: Option<Refusal>) -> View {
+    fn view(&self, refused: Option<Refusal>, returned: Option<Returned>) -> View {
         let mut view = View {
             refused,
+            returned,
             ..View::default()
         };
         for (id, sim) in &self.sessions {
@@ -371,7 +548,12 @@ impl Sim {
         }
     }
 
-    fn create_task(&mut self, task: TaskId, kind: TaskKind) -> Result<(), Error> {
+    fn create_task(
+        &mut self,
+        task: TaskId,
+        kind: TaskKind,
+        raw: Option<std::net::SocketAddr>,
+    ) -> Result<(), Error> {
         let session = self.session.as_ref().expect("the user holds the session");
         let url = self.stage.url(&format!("/hold/{task}"));
         let get = || http::Request::get(url.clone()).body(()).unwrap();
@@ -382,6 +564,14 @@ impl Sim {
                 http::Request::post(url.clone()).body(()).unwrap(),
                 UploadBody::Bytes(Bytes::from(vec![b'u'; UPLOAD])),
             )?),
+            TaskKind::Stream => {
+                let addr = raw.expect("a stream's listener");
+                AnyTask::Stream(session.stream_task("127.0.0.1", addr.port())?)
+            }
+            TaskKind::WebSocket => {
+                let url = self.stage.ws_url(&format!("/hold/{task}"));
+                AnyTask::WebSocket(session.websocket_task(url.as_str(), &[])?)
+            }
         };
         let client = handle.id();
         self.ear.ids.lock().unwrap().insert(client, task);
@@ -389,8 +579,13 @@ impl Sim {
             task,
             SimTask {
                 client,
+                kind,
                 handle: Some(handle),
                 held: None,
+                raw: None,
+                ws: None,
+                write_shut: false,
+                resumed: false,
                 socket: None,
                 server_closed: false,
             },
@@ -413,7 +608,7 @@ impl Sim {
             .tasks
             .values()
             .filter(|t| {
-                t.server_closed
+                (t.server_closed || t.write_shut)
                     && t.socket.as_ref().is_some_and(|s| !s.is_open())
                     && self.observer.task_state(t.client) != leakproof::TaskState::Completed
             })
@@ -442,5 +637,14 @@ impl Sim {
             },
             heard,
         }
+    }
+}
+
+/// The model's refusal for an error a stream or websocket op returned.
+fn refusal(error: &Error) -> Refusal {
+    match error {
+        Error::ReadClosed => Refusal::ReadClosed,
+        Error::WriteClosed => Refusal::WriteClosed,
+        _ => Refusal::Closed,
     }
 }

@@ -6,15 +6,16 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use leakproof_core as core;
 use leakproof_core::{
-    Action, ConnId, Core, Delivered, Delivery, Proceed, Release, Timeout, TimerId,
+    Action, ConnId, Core, Delivered, Delivery, Intake, Message, Proceed, Release, Timeout, TimerId,
 };
 use leakproof_model::{
-    Callback, Disposition, Fault, Op, Outcome, Refusal, Resources, SessionId, SessionKind,
-    SessionState, TaskId, TaskKind, TaskState, Timer,
+    Callback, Disposition, Fault, Op, Outcome, Refusal, Resources, Returned, SessionId,
+    SessionKind, SessionState, TaskId, TaskKind, TaskState, Timer,
 };
 
 use crate::assertions::{SessionView, View};
@@ -49,8 +50,21 @@ struct Sim {
 struct SimTask {
     engine: core::TaskId,
     handle: Option<core::TaskHandle>,
+    /// A response's stream: the handle the delegate got with did_become_stream. The suite's
+    /// delegate keeps it while the user holds the task's handle, as the model says.
+    stream: Option<core::TaskHandle>,
     /// What the delegate answers to this task's response head.
     answer: Disposition,
+}
+
+impl SimTask {
+    /// The user's handle on the task, or on the stream it became.
+    fn user(&self) -> &core::TaskHandle {
+        self.stream
+            .as_ref()
+            .or(self.handle.as_ref())
+            .expect("the user holds the task")
+    }
 }
 
 /// The far side of every connection, and the driver's own account of what it holds.
@@ -69,6 +83,10 @@ struct Network {
     /// Body bytes handed to the engine for the delegate, and bytes the delegate heard.
     bytes_fed: u64,
     bytes_heard: u64,
+    /// Per stream or websocket: bytes handed to the engine, and bytes the user took back or
+    /// the task let go of (the driver's own account of what the pipe holds).
+    piped: BTreeMap<core::TaskId, (u64, u64)>,
+    kinds: BTreeMap<core::TaskId, core::TaskKind>,
 }
 
 /// One exchange in flight on a connection.
@@ -85,7 +103,13 @@ struct Exchange {
 enum Phase {
     AwaitingHead,
     AwaitingDisposition,
-    ReadingBody { into_file: bool },
+    ReadingBody {
+        into_file: bool,
+    },
+    /// A connected stream, or a response's body read through a stream's window.
+    Stream,
+    AwaitingUpgrade,
+    WebSocket,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -94,11 +118,14 @@ enum Sent {
     Bytes(u32),
     End { reusable: bool },
     Fault(Fault),
+    Upgrade { accept: bool },
+    PeerClose,
 }
 
 impl System for EngineWorld {
     fn apply(&mut self, op: &Op) -> View {
         let mut refused = None;
+        let mut returned = None;
         let touched = match *op {
             Op::CreateSession { session, kind } => {
                 self.sessions.insert(session, Sim::new(session, kind));
@@ -133,11 +160,13 @@ impl System for EngineWorld {
                 match handle.create_task(engine_kind(kind), "stage", core::Route::Delegate) {
                     Ok(handle) => {
                         sim.model_id.insert(handle.id(), task);
+                        sim.net.kinds.insert(handle.id(), engine_kind(kind));
                         sim.tasks.insert(
                             task,
                             SimTask {
                                 engine: handle.id(),
                                 handle: Some(handle),
+                                stream: None,
                                 answer: Disposition::Allow,
                             },
                         );
@@ -155,7 +184,60 @@ impl System for EngineWorld {
             Op::Cancel(t) => self.user_task(t, core::TaskHandle::cancel),
             Op::DropTask(t) => {
                 let s = self.session_of[&t];
-                self.sim(s).tasks.get_mut(&t).expect("task").handle = None;
+                let task = self.sim(s).tasks.get_mut(&t).expect("task");
+                let handles = (task.handle.take(), task.stream.take());
+                drop(handles);
+                s
+            }
+            Op::Read(t) => {
+                let (s, task) = self.pipe_task(t);
+                let (id, read) = (task.id(), task.poll_read(&mut noop(), 0, usize::MAX));
+                match read {
+                    Poll::Ready(Ok(Some(bytes))) => {
+                        returned = Some(Returned::Read(bytes.len() as u64));
+                        self.sim(s).net.took(id, bytes.len() as u64);
+                    }
+                    Poll::Ready(Ok(None)) => returned = Some(Returned::Eof),
+                    Poll::Ready(Err(error)) => refused = Some(refusal(&error)),
+                    Poll::Pending => panic!("a read of at least 0 bytes waited"),
+                }
+                s
+            }
+            Op::Write(t) => {
+                let (s, task) = self.pipe_task(t);
+                if let Poll::Ready(Err(error)) = task.poll_write(&mut noop(), b"leakproof") {
+                    refused = Some(refusal(&error));
+                }
+                s
+            }
+            Op::CloseRead(t) => {
+                let (s, task) = self.pipe_task(t);
+                task.close_read();
+                let id = task.id();
+                self.sim(s).net.let_go(id);
+                s
+            }
+            Op::CloseWrite(t) => {
+                let (s, task) = self.pipe_task(t);
+                task.close_write();
+                s
+            }
+            Op::Receive(t) => {
+                let (s, task) = self.pipe_task(t);
+                let (id, received) = (task.id(), task.poll_receive(&mut noop()));
+                match received {
+                    Poll::Ready(Ok(message)) => {
+                        returned = Some(Returned::Received(Some(message.len() as u64)));
+                        self.sim(s).net.took(id, message.len() as u64);
+                    }
+                    Poll::Pending => returned = Some(Returned::Received(None)),
+                    Poll::Ready(Err(error)) => refused = Some(refusal(&error)),
+                }
+                s
+            }
+            Op::CloseWith(t) => {
+                let (s, task) = self.pipe_task(t);
+                task.cancel_with(core::GOING_AWAY, "going away");
                 s
             }
             Op::ServerHeaders { task, answer } => {
@@ -166,6 +248,10 @@ impl System for EngineWorld {
             Op::ServerSends { task, bytes } => self.server(task, Sent::Bytes(bytes)),
             Op::ServerEnds { task, reusable } => self.server(task, Sent::End { reusable }),
             Op::ServerFails { task, fault } => self.server(task, Sent::Fault(fault)),
+            Op::ServerAnswersUpgrade { task, accept } => {
+                self.server(task, Sent::Upgrade { accept })
+            }
+            Op::PeerCloses(task) => self.server(task, Sent::PeerClose),
             Op::TimePasses { task, timer } => {
                 let s = self.session_of[&task];
                 let sim = self.sim(s);
@@ -173,6 +259,7 @@ impl System for EngineWorld {
                 let timeout = match timer {
                     Timer::Request => Timeout::Request,
                     Timer::Resource => Timeout::Resource,
+                    Timer::Close => Timeout::Close,
                 };
                 let armed = sim.net.timers.get(&(engine, timeout)).copied();
                 let armed = armed.unwrap_or_else(|| panic!("R12: no {timer:?} timer armed"));
@@ -181,7 +268,23 @@ impl System for EngineWorld {
             }
         };
         let callbacks = self.sim(touched).settle();
-        self.view(refused, callbacks)
+        let mut view = self.view(refused, callbacks);
+        view.returned = returned;
+        view
+    }
+}
+
+/// A context whose waker does nothing: the simulation polls again after every input.
+fn noop() -> Context<'static> {
+    Context::from_waker(Waker::noop())
+}
+
+/// The model's refusal for an error a stream or websocket op returned.
+fn refusal(error: &core::Error) -> Refusal {
+    match error {
+        core::Error::ReadClosed => Refusal::ReadClosed,
+        core::Error::WriteClosed => Refusal::WriteClosed,
+        _ => Refusal::Closed,
     }
 }
 
@@ -199,9 +302,14 @@ impl EngineWorld {
 
     fn user_task(&mut self, t: TaskId, op: fn(&core::TaskHandle)) -> SessionId {
         let s = self.session_of[&t];
-        let task = &self.sim(s).tasks[&t];
-        op(task.handle.as_ref().expect("the user holds the task"));
+        op(self.sim(s).tasks[&t].user());
         s
+    }
+
+    /// The session of a stream or websocket task, and the user's handle on it.
+    fn pipe_task(&mut self, t: TaskId) -> (SessionId, &core::TaskHandle) {
+        let s = self.session_of[&t];
+        (s, self.sessions[&s].tasks[&t].user())
     }
 
     /// The server does something on the task's connection.
@@ -225,7 +333,7 @@ impl EngineWorld {
         };
         for (id, sim) in &self.sessions {
             for (t, task) in &sim.tasks {
-                let state = match &task.handle {
+                let state = match task.stream.as_ref().or(task.handle.as_ref()) {
                     Some(handle) => handle.state(),
                     None => sim.core.task_state(task.engine),
                 };
@@ -274,6 +382,7 @@ impl Sim {
                 self.net.carry_out(&self.core, action);
                 progressed = true;
             }
+            progressed |= self.net.pump(&self.core);
             let Sim {
                 id,
                 delivery,
@@ -292,6 +401,14 @@ impl Sim {
                 match callback {
                     core::Callback::ReceiveResponse { task, .. } => {
                         Some(engine_disposition(tasks[&model_id[&task]].answer))
+                    }
+                    core::Callback::BecomeStream { task, stream } => {
+                        let task = tasks.get_mut(&model_id[&task]).expect("task");
+                        // Kept while the user holds the task; dropped (and so cancelled) if not.
+                        if task.handle.is_some() {
+                            task.stream = stream;
+                        }
+                        None
                     }
                     _ => None,
                 }
@@ -339,7 +456,7 @@ impl Sim {
                 // Without a delegate nothing is ever heard, so bytes and completions can only
                 // be witnessed for delegated sessions; the others take the ledger's word.
                 buffered_bytes: if delegated {
-                    net.bytes_fed - net.bytes_heard
+                    net.bytes_fed - net.bytes_heard + net.held_by_pipes(&self.core)
                 } else {
                     ledger.buffered_bytes
                 },
@@ -370,10 +487,20 @@ impl Network {
                     );
                 }
                 assert!(self.open.insert(conn), "R5: {conn:?} started twice");
+                let phase = match self.kinds[&task] {
+                    core::TaskKind::Stream => Phase::Stream,
+                    core::TaskKind::WebSocket => Phase::AwaitingUpgrade,
+                    _ => Phase::AwaitingHead,
+                };
+                assert!(
+                    !reused || phase == Phase::AwaitingHead,
+                    "R5: a {:?} task took a pooled connection",
+                    self.kinds[&task]
+                );
                 let exchange = Exchange {
                     conn,
                     paused: false,
-                    phase: Phase::AwaitingHead,
+                    phase,
                     unread: VecDeque::new(),
                 };
                 assert!(
@@ -401,6 +528,19 @@ impl Network {
                     return;
                 }
                 self.read_body(task, into);
+                self.read(core, task);
+            }
+            Action::ReadStream { task } => {
+                let Some(exchange) = self.exchanges.get_mut(&task) else {
+                    assert!(self.ended.contains(&task), "R1: ReadStream for {task:?}");
+                    return;
+                };
+                assert_eq!(
+                    exchange.phase,
+                    Phase::AwaitingDisposition,
+                    "a stream made twice"
+                );
+                exchange.phase = Phase::Stream;
                 self.read(core, task);
             }
             Action::Abort { task, conn } => {
@@ -493,22 +633,145 @@ impl Network {
                         self.idle.remove(&conn);
                     }
                 }
+                (sent, Phase::Stream) => {
+                    // R6: the IO reads only what the window has room for.
+                    let Some(Intake::Read(room)) = core.try_intake(task) else {
+                        return;
+                    };
+                    match sent {
+                        Sent::Bytes(n) => {
+                            let took = room.min(n as usize);
+                            assert_eq!(
+                                core.stream_data(task, &vec![0; took]),
+                                took,
+                                "R6: the window refused the room it offered"
+                            );
+                            self.piped.entry(task).or_default().0 += took as u64;
+                            let rest = n - took as u32;
+                            if rest == 0 {
+                                exchange.unread.pop_front();
+                            } else {
+                                exchange.unread[0] = Sent::Bytes(rest);
+                            }
+                        }
+                        Sent::End { .. } => {
+                            exchange.unread.pop_front();
+                            core.stream_end(task);
+                        }
+                        Sent::Fault(fault) => {
+                            self.end(task);
+                            self.open.remove(&conn);
+                            core.failed(task, fault_error(fault));
+                        }
+                        other => panic!("a stream got {other:?}"),
+                    }
+                }
+                (Sent::Upgrade { accept }, Phase::AwaitingUpgrade) => {
+                    exchange.unread.pop_front();
+                    if accept {
+                        exchange.phase = Phase::WebSocket;
+                        core.ws_opened(task, None);
+                    } else {
+                        self.end(task);
+                        self.open.remove(&conn);
+                        core.failed(task, core::Error::NoUpgrade { status: 403 });
+                    }
+                }
+                (sent, Phase::WebSocket) => {
+                    // One message at a time; a closing websocket reads to find the close.
+                    let Some(intake) = core.try_intake(task) else {
+                        return;
+                    };
+                    exchange.unread.pop_front();
+                    match sent {
+                        Sent::Bytes(n) => {
+                            if intake != Intake::Discard {
+                                self.piped.entry(task).or_default().0 += u64::from(n);
+                            }
+                            let message = Message::Binary(Bytes::from(vec![0; n as usize]));
+                            core.ws_message(task, message);
+                        }
+                        Sent::PeerClose => core.ws_peer_closed(task, 1000, String::new()),
+                        Sent::Fault(fault) => {
+                            self.end(task);
+                            self.open.remove(&conn);
+                            let error = match fault {
+                                Fault::Reset => core::Error::ConnectionReset,
+                                Fault::Malformed => {
+                                    core::Error::WebSocketProtocol("bad frame".into())
+                                }
+                            };
+                            core.failed(task, error);
+                        }
+                        other => panic!("a websocket got {other:?}"),
+                    }
+                }
                 // Between the head and ReadBody the IO reads nothing: it waits for the delegate.
-                (Sent::Fault(fault), Phase::AwaitingHead | Phase::ReadingBody { .. }) => {
+                (
+                    Sent::Fault(fault),
+                    Phase::AwaitingHead | Phase::AwaitingUpgrade | Phase::ReadingBody { .. },
+                ) => {
                     self.end(task);
                     self.open.remove(&conn);
-                    let error = match fault {
-                        Fault::Reset => core::Error::ConnectionReset,
-                        Fault::Malformed => {
-                            core::Error::MalformedResponse("bad status line".into())
-                        }
-                    };
-                    core.failed(task, error);
+                    core.failed(task, fault_error(fault));
                 }
                 // Waiting on the engine: the delegate's disposition.
                 _ => return,
             }
         }
+    }
+
+    /// The IOs of streams and websockets write what their users queued, and read again where
+    /// the user made room. True if anything moved.
+    fn pump(&mut self, core: &Core) -> bool {
+        let live: Vec<core::TaskId> = self.exchanges.keys().copied().collect();
+        let mut moved = false;
+        for task in live {
+            while core.try_outgoing(task).is_some() {
+                core.sent(task);
+                moved = true;
+            }
+            let before = self.exchanges.get(&task).map(|e| e.unread.len());
+            let fed = self.piped.get(&task).map(|p| p.0);
+            self.read(core, task);
+            moved |= before != self.exchanges.get(&task).map(|e| e.unread.len())
+                || fed != self.piped.get(&task).map(|p| p.0);
+        }
+        moved
+    }
+
+    /// The user took `bytes` back from a pipe.
+    fn took(&mut self, task: core::TaskId, bytes: u64) {
+        self.piped.entry(task).or_default().1 += bytes;
+    }
+
+    /// The pipe let go of everything it held (`close_read`).
+    fn let_go(&mut self, task: core::TaskId) {
+        let piped = self.piped.entry(task).or_default();
+        piped.1 = piped.0;
+    }
+
+    /// What the driver handed to pipes that their users have not taken, for pipes still
+    /// reading: a stream whose read half is closed, a closing websocket and a completed task
+    /// have let go of theirs.
+    fn held_by_pipes(&self, core: &Core) -> u64 {
+        self.piped
+            .iter()
+            .filter(|(task, _)| {
+                !matches!(
+                    core.task_state(**task),
+                    core::TaskState::Completed | core::TaskState::Canceling
+                )
+            })
+            .map(|(_, (fed, took))| fed - took)
+            .sum()
+    }
+}
+
+fn fault_error(fault: Fault) -> core::Error {
+    match fault {
+        Fault::Reset => core::Error::ConnectionReset,
+        Fault::Malformed => core::Error::MalformedResponse("bad status line".into()),
     }
 }
 
@@ -517,6 +780,8 @@ fn engine_kind(kind: TaskKind) -> core::TaskKind {
         TaskKind::Data => core::TaskKind::Data,
         TaskKind::Download => core::TaskKind::Download,
         TaskKind::Upload => core::TaskKind::Upload,
+        TaskKind::Stream => core::TaskKind::Stream,
+        TaskKind::WebSocket => core::TaskKind::WebSocket,
     }
 }
 
@@ -525,6 +790,7 @@ fn engine_disposition(answer: Disposition) -> core::Disposition {
         Disposition::Allow => core::Disposition::Allow,
         Disposition::Cancel => core::Disposition::Cancel,
         Disposition::BecomeDownload => core::Disposition::BecomeDownload,
+        Disposition::BecomeStream => core::Disposition::BecomeStream,
     }
 }
 
@@ -568,8 +834,12 @@ pub fn model_outcome(result: &Result<(), core::Error>) -> Outcome {
         Err(core::Error::Cancelled) => Outcome::Cancelled,
         Err(core::Error::TimedOut(Timeout::Request)) => Outcome::TimedOut(Timer::Request),
         Err(core::Error::TimedOut(Timeout::Resource)) => Outcome::TimedOut(Timer::Resource),
-        Err(core::Error::MalformedResponse(_)) => Outcome::Malformed,
+        Err(core::Error::TimedOut(Timeout::Close)) => Outcome::TimedOut(Timer::Close),
+        Err(core::Error::MalformedResponse(_) | core::Error::WebSocketProtocol(_)) => {
+            Outcome::Malformed
+        }
         Err(core::Error::InvalidDisposition { .. }) => Outcome::InvalidDisposition,
+        Err(core::Error::NoUpgrade { .. }) => Outcome::NoUpgrade,
         Err(_) => Outcome::Reset,
     }
 }
@@ -592,6 +862,9 @@ fn model_callback(
         core::Callback::FinishDownloading { task, .. } => {
             Callback::FinishDownloading { task: id(task) }
         }
+        core::Callback::BecomeStream { task, .. } => Callback::BecomeStream { task: id(task) },
+        core::Callback::Open { task, .. } => Callback::Open { task: id(task) },
+        core::Callback::Close { task, .. } => Callback::Close { task: id(task) },
         core::Callback::Complete { task, result } => Callback::Complete {
             task: id(task),
             outcome: model_outcome(result),

@@ -15,16 +15,27 @@ use leakproof_model::{
 };
 
 use crate::machine::{Divergence, System, run_sequence, teardown_ops};
+use crate::strategies::ALL_KINDS;
 
 /// The depth `cargo test` explores and replays against the engine with the default alphabet:
-/// 10,990 states, 65,464 transitions, so 65,465 paths and 660,000 ops with their teardowns;
-/// about 16 s in a debug build on two cores (exploring 1 s, replaying 15 s). Each depth
-/// more costs about 2.5 times as much: depth 9 takes about 40 s.
-pub const DEFAULT_DEPTH: usize = 8;
+/// 18,740 states, 100,293 transitions, so 100,294 paths and 927,000 ops with their teardowns;
+/// about 31 s in a debug build on two cores (exploring 2 s, replaying 29 s), 1.4 s in release.
+/// Streams and websockets make each depth cost about three times the one before: depth 8 has
+/// 327,627 transitions, so the depth that was 8 for data, download and upload tasks alone
+/// (65,464 transitions then) is 7 now.
+pub const DEFAULT_DEPTH: usize = 7;
+
+/// The depth to explore [`Alphabet::every_kind`] to: 14,980 states, 68,547 transitions and
+/// 588,000 ops, about 17 s against the engine in a debug build. Its three kinds of session
+/// make each depth cost about three and a half times the one before: depth 7 has 240,836
+/// transitions (2.3 million ops, about a minute in a debug build).
+pub const EVERY_KIND_DEPTH: usize = 6;
 
 /// The ops the search may try: how many sessions and tasks it creates and of which kinds, and
-/// the body sizes the server sends. Every disposition, fault, timer and `reusable` is always
-/// in. Ids are the ones the model hands out next (`s0`, then `s1`; `t0`, then `t1`), so two
+/// the body sizes the server sends. Every user op, disposition, upgrade answer, fault, timer
+/// and `reusable` is always in, except the dispositions that make a task of a kind the
+/// alphabet leaves out (`BecomeStream` without streams, `BecomeDownload` without downloads).
+/// Ids are the ones the model hands out next (`s0`, then `s1`; `t0`, then `t1`), so two
 /// sequences that differ only in naming reach the same state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Alphabet {
@@ -37,22 +48,24 @@ pub struct Alphabet {
 
 impl Default for Alphabet {
     /// One delegated session (the one that hears every callback), two tasks of any kind, a
-    /// body chunk of one byte and one of 4 KiB.
+    /// body chunk (or stream bytes, or websocket message) of one byte and one of 64 KiB, which
+    /// fills a stream's 48 KiB read-ahead window and leaves the rest in the network (R6).
     fn default() -> Self {
         Self {
             sessions: 1,
             session_kinds: vec![SessionKind::Delegated],
             tasks: 2,
-            task_kinds: vec![TaskKind::Data, TaskKind::Download, TaskKind::Upload],
-            body_sizes: vec![1, 4096],
+            task_kinds: ALL_KINDS.to_vec(),
+            body_sizes: vec![1, 65_536],
         }
     }
 }
 
 impl Alphabet {
     /// One session of any kind and two tasks of any kind: every state class of the model (see
-    /// [`crate::coverage`]) is reachable with it. Body sizes do not change a state, so one
-    /// suffices.
+    /// [`crate::coverage::universe_scopes`]) is reachable with it. One body size suffices:
+    /// 64 KiB fills a stream's window with some left over, a read then leaves it part full;
+    /// what else the size changes (the bytes a delegate hears) is no state.
     pub fn every_kind() -> Self {
         Self {
             session_kinds: vec![
@@ -60,8 +73,23 @@ impl Alphabet {
                 SessionKind::Plain,
                 SessionKind::Shared,
             ],
-            body_sizes: vec![1],
+            body_sizes: vec![65_536],
             ..Self::default()
+        }
+    }
+
+    /// The same alphabet with tasks of `kinds` only, for a system that supports no others
+    /// yet: `Alphabet::every_kind().only(&HTTP_KINDS)` (see
+    /// [`HTTP_KINDS`](crate::strategies::HTTP_KINDS)) makes no stream and no websocket, and no
+    /// response becomes a stream either.
+    pub fn only(self, kinds: &[TaskKind]) -> Self {
+        Self {
+            task_kinds: self
+                .task_kinds
+                .into_iter()
+                .filter(|kind| kinds.contains(kind))
+                .collect(),
+            ..self
         }
     }
 
@@ -92,32 +120,49 @@ impl Alphabet {
                 Op::IdleTimeoutPasses(session),
             ]);
         }
+        // A response turns into a download or a stream only when those are in the alphabet.
+        let mut answers = vec![Disposition::Allow, Disposition::Cancel];
+        for (kind, answer) in [
+            (TaskKind::Download, Disposition::BecomeDownload),
+            (TaskKind::Stream, Disposition::BecomeStream),
+        ] {
+            if self.task_kinds.contains(&kind) {
+                answers.push(answer);
+            }
+        }
         for (task, _) in model.tasks() {
             ops.extend([
                 Op::Resume(task),
                 Op::Suspend(task),
                 Op::Cancel(task),
                 Op::DropTask(task),
+                // Streams' and websockets' own ops: `allows` keeps them to their kind.
+                Op::Read(task),
+                Op::Write(task),
+                Op::CloseRead(task),
+                Op::CloseWrite(task),
+                Op::Receive(task),
+                Op::CloseWith(task),
             ]);
             ops.extend(
-                [
-                    Disposition::Allow,
-                    Disposition::Cancel,
-                    Disposition::BecomeDownload,
-                ]
-                .map(|answer| Op::ServerHeaders { task, answer }),
+                answers
+                    .iter()
+                    .map(|&answer| Op::ServerHeaders { task, answer }),
             );
+            ops.extend([true, false].map(|accept| Op::ServerAnswersUpgrade { task, accept }));
             ops.extend(
                 self.body_sizes
                     .iter()
                     .map(|&bytes| Op::ServerSends { task, bytes }),
             );
             ops.extend([true, false].map(|reusable| Op::ServerEnds { task, reusable }));
+            ops.push(Op::PeerCloses(task));
             ops.extend(
                 [Fault::Reset, Fault::Malformed].map(|fault| Op::ServerFails { task, fault }),
             );
             ops.extend(
-                [Timer::Request, Timer::Resource].map(|timer| Op::TimePasses { task, timer }),
+                [Timer::Request, Timer::Resource, Timer::Close]
+                    .map(|timer| Op::TimePasses { task, timer }),
             );
         }
         ops.retain(|op| model.allows(op));
@@ -207,9 +252,22 @@ pub struct ReplaySummary {
 /// Every op path up to `depth` over `alphabet`, deduplicated by model state, each state and
 /// step checked against the model's rules; the paths to replay.
 pub fn explore(alphabet: &Alphabet, depth: usize) -> Result<Exploration, SpecBug> {
+    explore_where(alphabet, depth, |_, _| true)
+}
+
+/// [`explore`], keeping to replay only the transitions `keep` accepts (it is asked once per
+/// transition, breadth first, with the state before and the op): the paths are the empty one
+/// and those transitions'. The census still counts every transition searched.
+pub fn explore_where(
+    alphabet: &Alphabet,
+    depth: usize,
+    mut keep: impl FnMut(&Model, &Op) -> bool,
+) -> Result<Exploration, SpecBug> {
     let mut transitions = Vec::new();
-    let tree = walk(alphabet, depth, |source, _, op| {
-        transitions.push((source, op.clone()));
+    let tree = walk(alphabet, depth, |source, before, op| {
+        if keep(before, op) {
+            transitions.push((source, op.clone()));
+        }
     })?;
     let paths = std::iter::once(Vec::new())
         .chain(
@@ -396,4 +454,100 @@ fn check_state(model: &Model, traces: &Traces) -> Result<(), Violation> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use leakproof_model::{Disposition, Op, TaskKind, Timer};
+
+    use super::*;
+    use crate::coverage::OpKind;
+    use crate::strategies::HTTP_KINDS;
+
+    /// The kinds of op a search of `alphabet` to `depth` tries.
+    fn tried(alphabet: &Alphabet, depth: usize) -> BTreeSet<OpKind> {
+        let mut kinds = BTreeSet::new();
+        search(alphabet, depth, |_, op| {
+            kinds.insert(OpKind::of(op));
+        })
+        .unwrap_or_else(|bug| panic!("{bug}"));
+        kinds
+    }
+
+    #[test]
+    fn every_kind_tries_every_op_of_streams_and_websockets() {
+        let one_task = Alphabet {
+            tasks: 1,
+            ..Alphabet::every_kind()
+        };
+
+        let kinds = tried(&one_task, 7);
+
+        for kind in [
+            OpKind::CreateTask(TaskKind::Stream),
+            OpKind::CreateTask(TaskKind::WebSocket),
+            OpKind::ServerHeaders(Disposition::BecomeStream),
+            OpKind::Read,
+            OpKind::Write,
+            OpKind::CloseRead,
+            OpKind::CloseWrite,
+            OpKind::Receive,
+            OpKind::CloseWith,
+            OpKind::ServerAnswersUpgrade { accept: true },
+            OpKind::ServerAnswersUpgrade { accept: false },
+            OpKind::PeerCloses,
+            OpKind::TimePasses(Timer::Close),
+        ] {
+            assert!(kinds.contains(&kind), "{kind} never tried");
+        }
+    }
+
+    #[test]
+    fn an_alphabet_of_http_kinds_makes_no_stream_and_no_websocket() {
+        let alphabet = Alphabet::every_kind().only(&HTTP_KINDS);
+        assert_eq!(alphabet.task_kinds, HTTP_KINDS);
+
+        let mut kinds = BTreeSet::new();
+        search(&alphabet, 6, |before, op| {
+            kinds.insert(OpKind::of(op));
+            assert!(
+                before.tasks().all(|(_, t)| HTTP_KINDS.contains(&t.kind)),
+                "{op:?} after a stream or websocket in {before:?}"
+            );
+        })
+        .unwrap_or_else(|bug| panic!("{bug}"));
+
+        assert!(kinds.contains(&OpKind::ServerHeaders(Disposition::BecomeDownload)));
+        assert!(!kinds.contains(&OpKind::ServerHeaders(Disposition::BecomeStream)));
+        assert!(!kinds.iter().any(|kind| matches!(
+            kind,
+            OpKind::Read | OpKind::Receive | OpKind::ServerAnswersUpgrade { .. }
+        )));
+    }
+
+    #[test]
+    fn explore_where_keeps_the_paths_it_is_asked_to() {
+        let alphabet = Alphabet::default();
+        let all = explore(&alphabet, 4).unwrap_or_else(|bug| panic!("{bug}"));
+
+        let reads = explore_where(&alphabet, 4, |_, op| matches!(op, Op::Read(_)))
+            .unwrap_or_else(|bug| panic!("{bug}"));
+
+        assert_eq!(reads.transitions, all.transitions);
+        assert!(reads.paths[0].is_empty());
+        assert!(reads.paths.len() > 1);
+        assert!(
+            reads.paths[1..]
+                .iter()
+                .all(|path| matches!(path.last(), Some(Op::Read(_))))
+        );
+        let in_all = all
+            .paths
+            .iter()
+            .filter(|path| matches!(path.last(), Some(Op::Read(_))))
+            .count();
+        assert_eq!(reads.paths.len(), in_all + 1);
+    }
 }

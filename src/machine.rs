@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest};
 
 use leakproof_model::rules::Violation;
-use leakproof_model::{Model, Op, SessionKind, TaskState, Timer};
+use leakproof_model::{Model, Op, SessionKind, Timer};
 
 use crate::assertions::{View, compare};
 use crate::reference::{RefState, Reference};
@@ -173,19 +173,20 @@ pub fn teardown_ops(model: &Model) -> Vec<Op> {
     for s in sessions {
         push(&mut model, Op::DropSession(s));
     }
-    let running: Vec<_> = model
+    // What nobody holds and still runs waits on a timer: the resource timeout of an HTTP
+    // exchange, or the close deadline of a websocket saying goodbye (R11).
+    let waiting: Vec<_> = model
         .tasks()
-        .filter(|(_, t)| t.state == TaskState::Running)
-        .map(|(id, _)| id)
+        .filter(|(_, t)| t.is_live())
+        .filter_map(|(id, t)| {
+            [Timer::Resource, Timer::Close]
+                .into_iter()
+                .find(|timer| t.armed(*timer))
+                .map(|timer| (id, timer))
+        })
         .collect();
-    for task in running {
-        push(
-            &mut model,
-            Op::TimePasses {
-                task,
-                timer: Timer::Resource,
-            },
-        );
+    for (task, timer) in waiting {
+        push(&mut model, Op::TimePasses { task, timer });
     }
     let all: Vec<_> = model.sessions().map(|(id, s)| (id, s.kind)).collect();
     for (s, kind) in all {

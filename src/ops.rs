@@ -5,7 +5,8 @@
 //! lines are ignored. `s0`, `s1`, ... name sessions and `t0`, `t1`, ... tasks, as the line that
 //! creates them says. A comment `# expect: pass`, `# expect: fail` or `# expect: fail R5` says
 //! what a replay must find (pass when there is none); the other comments are notes. Every op,
-//! in a sequence the engine must follow (`tests/repros/every-op.ops`):
+//! in a sequence the model allows line by line (`tests/repros/every-op.ops` is the part of it
+//! on data, download and upload tasks, which every implementation replays):
 //!
 //! ```text
 //! # expect: pass
@@ -48,12 +49,45 @@
 //! task t8 data in s0
 //! cancel t8
 //! drop t8
+//! task t9 stream in s0
+//! resume t9
+//! server t9 sends 65536
+//! read t9
+//! write t9
+//! server t9 ends
+//! read t9
+//! read t9
+//! close write t9
+//! task t10 data in s0
+//! resume t10
+//! server t10 head become-stream
+//! server t10 sends 100
+//! close read t10
+//! task t11 websocket in s0
+//! resume t11
+//! server t11 upgrades
+//! server t11 sends 12
+//! receive t11
+//! close t11 going away
+//! time t11 passes close timeout
+//! task t12 websocket in s0
+//! resume t12
+//! server t12 refuses upgrade
+//! task t13 websocket in s0
+//! resume t13
+//! server t13 upgrades
+//! server t13 closes websocket
 //! finish tasks and invalidate s1
 //! invalidate and cancel s0
 //! drop session s2
 //! ```
 //!
-//! [`print`] writes the canonical form (the expect line, the notes, a blank line, the ops), so
+//! A stream's `read` takes everything its window holds (`read t9` above takes 48 KiB of the
+//! 64 KiB sent, then the rest, then sees the end). `close t11 going away` is the websocket's
+//! `cancel_with(going away)`: the peer's close frame (`server TASK closes websocket`, which
+//! for t13 comes first) is then awaited at most the close timeout, and t11's never comes.
+//!
+//! [`print()`] writes the canonical form (the expect line, the notes, a blank line, the ops), so
 //! `print(&parse(x)?) == x` for whatever `print` wrote, and `parse(&print(r)) == r`.
 //!
 //! A sequence the suite shrank keeps the generator's ids (`session s2`, `task t5`):
@@ -78,7 +112,7 @@ use crate::run::Failure;
 pub struct Repro {
     pub expect: Expect,
     /// The other comment lines, in order, without their `#`. A note is one trimmed line that
-    /// does not start with `expect:`; [`print`] writes any other as best it can.
+    /// does not start with `expect:`; [`print()`] writes any other as best it can.
     pub notes: Vec<String>,
     pub ops: Vec<Op>,
 }
@@ -188,6 +222,12 @@ pub fn line(op: &Op) -> String {
         Op::Suspend(task) => format!("suspend {task}"),
         Op::Cancel(task) => format!("cancel {task}"),
         Op::DropTask(task) => format!("drop {task}"),
+        Op::Read(task) => format!("read {task}"),
+        Op::Write(task) => format!("write {task}"),
+        Op::CloseRead(task) => format!("close read {task}"),
+        Op::CloseWrite(task) => format!("close write {task}"),
+        Op::Receive(task) => format!("receive {task}"),
+        Op::CloseWith(task) => format!("close {task} going away"),
         Op::FinishTasksAndInvalidate(session) => format!("finish tasks and invalidate {session}"),
         Op::InvalidateAndCancel(session) => format!("invalidate and cancel {session}"),
         Op::DropSession(session) => format!("drop session {session}"),
@@ -211,6 +251,12 @@ pub fn line(op: &Op) -> String {
             task,
             fault: Fault::Malformed,
         } => format!("server {task} sends garbage"),
+        Op::ServerAnswersUpgrade { task, accept: true } => format!("server {task} upgrades"),
+        Op::ServerAnswersUpgrade {
+            task,
+            accept: false,
+        } => format!("server {task} refuses upgrade"),
+        Op::PeerCloses(task) => format!("server {task} closes websocket"),
         Op::TimePasses { task, timer } => {
             format!("time {task} passes {} timeout", timer_word(timer))
         }
@@ -233,6 +279,12 @@ fn parse_op(words: &[&str]) -> Option<Op> {
         ["suspend", t] => Op::Suspend(task(t)?),
         ["cancel", t] => Op::Cancel(task(t)?),
         ["drop", t] => Op::DropTask(task(t)?),
+        ["read", t] => Op::Read(task(t)?),
+        ["write", t] => Op::Write(task(t)?),
+        ["close", "read", t] => Op::CloseRead(task(t)?),
+        ["close", "write", t] => Op::CloseWrite(task(t)?),
+        ["receive", t] => Op::Receive(task(t)?),
+        ["close", t, "going", "away"] => Op::CloseWith(task(t)?),
         ["finish", "tasks", "and", "invalidate", s] => Op::FinishTasksAndInvalidate(session(s)?),
         ["invalidate", "and", "cancel", s] => Op::InvalidateAndCancel(session(s)?),
         ["drop", "session", s] => Op::DropSession(session(s)?),
@@ -260,6 +312,15 @@ fn parse_op(words: &[&str]) -> Option<Op> {
             task: task(t)?,
             fault: Fault::Reset,
         },
+        ["server", t, "upgrades"] => Op::ServerAnswersUpgrade {
+            task: task(t)?,
+            accept: true,
+        },
+        ["server", t, "refuses", "upgrade"] => Op::ServerAnswersUpgrade {
+            task: task(t)?,
+            accept: false,
+        },
+        ["server", t, "closes", "websocket"] => Op::PeerCloses(task(t)?),
         ["time", s, "passes", "idle", "timeout"] => Op::IdleTimeoutPasses(session(s)?),
         ["time", t, "passes", timer, "timeout"] => Op::TimePasses {
             task: task(t)?,
@@ -273,19 +334,25 @@ fn parse_op(words: &[&str]) -> Option<Op> {
 fn usage(verb: &str) -> &'static str {
     match verb {
         "session" => "session SESSION plain|delegated|shared",
-        "task" => "task TASK data|download|upload in SESSION",
+        "task" => "task TASK data|download|upload|stream|websocket in SESSION",
         "resume" => "resume TASK",
         "suspend" => "suspend TASK",
         "cancel" => "cancel TASK",
         "drop" => "drop TASK|drop session SESSION",
+        "read" => "read TASK",
+        "write" => "write TASK",
+        "close" => "close read TASK|close write TASK|close TASK going away",
+        "receive" => "receive TASK",
         "finish" => "finish tasks and invalidate SESSION",
         "invalidate" => "invalidate and cancel SESSION",
         "server" => {
-            "server TASK head allow|cancel|become-download|sends N|ends|ends and closes|resets|sends garbage"
+            "server TASK head allow|cancel|become-download|become-stream|sends N|ends|ends and closes|resets|sends garbage|upgrades|refuses upgrade|closes websocket"
         }
-        "time" => "time TASK passes request|resource timeout|time SESSION passes idle timeout",
+        "time" => {
+            "time TASK passes request|resource|close timeout|time SESSION passes idle timeout"
+        }
         _ => {
-            "# a comment, or an op: session, task, resume, suspend, cancel, drop, finish, invalidate, server, time"
+            "# a comment, or an op: session, task, resume, suspend, cancel, drop, read, write, close, receive, finish, invalidate, server, time"
         }
     }
 }
@@ -309,13 +376,20 @@ const SESSION_KINDS: [SessionKind; 3] = [
     SessionKind::Delegated,
     SessionKind::Shared,
 ];
-const TASK_KINDS: [TaskKind; 3] = [TaskKind::Data, TaskKind::Download, TaskKind::Upload];
-const DISPOSITIONS: [Disposition; 3] = [
+const TASK_KINDS: [TaskKind; 5] = [
+    TaskKind::Data,
+    TaskKind::Download,
+    TaskKind::Upload,
+    TaskKind::Stream,
+    TaskKind::WebSocket,
+];
+const DISPOSITIONS: [Disposition; 4] = [
     Disposition::Allow,
     Disposition::Cancel,
     Disposition::BecomeDownload,
+    Disposition::BecomeStream,
 ];
-const TIMERS: [Timer; 2] = [Timer::Request, Timer::Resource];
+const TIMERS: [Timer; 3] = [Timer::Request, Timer::Resource, Timer::Close];
 
 fn session_kind_word(kind: SessionKind) -> &'static str {
     match kind {
@@ -330,6 +404,8 @@ fn task_kind_word(kind: TaskKind) -> &'static str {
         TaskKind::Data => "data",
         TaskKind::Download => "download",
         TaskKind::Upload => "upload",
+        TaskKind::Stream => "stream",
+        TaskKind::WebSocket => "websocket",
     }
 }
 
@@ -338,6 +414,7 @@ fn disposition_word(answer: Disposition) -> &'static str {
         Disposition::Allow => "allow",
         Disposition::Cancel => "cancel",
         Disposition::BecomeDownload => "become-download",
+        Disposition::BecomeStream => "become-stream",
     }
 }
 
@@ -345,6 +422,7 @@ fn timer_word(timer: Timer) -> &'static str {
     match timer {
         Timer::Request => "request",
         Timer::Resource => "resource",
+        Timer::Close => "close",
     }
 }
 
@@ -442,6 +520,17 @@ impl Renumbering {
             Op::Suspend(task) => Op::Suspend(t(task)),
             Op::Cancel(task) => Op::Cancel(t(task)),
             Op::DropTask(task) => Op::DropTask(t(task)),
+            Op::Read(task) => Op::Read(t(task)),
+            Op::Write(task) => Op::Write(t(task)),
+            Op::CloseRead(task) => Op::CloseRead(t(task)),
+            Op::CloseWrite(task) => Op::CloseWrite(t(task)),
+            Op::Receive(task) => Op::Receive(t(task)),
+            Op::CloseWith(task) => Op::CloseWith(t(task)),
+            Op::ServerAnswersUpgrade { task, accept } => Op::ServerAnswersUpgrade {
+                task: t(task),
+                accept,
+            },
+            Op::PeerCloses(task) => Op::PeerCloses(t(task)),
             Op::ServerHeaders { task, answer } => Op::ServerHeaders {
                 task: t(task),
                 answer,
@@ -690,6 +779,17 @@ fn rust_literal(op: &Op) -> Literal {
         Op::Suspend(task) => tuple("Suspend", t(task)),
         Op::Cancel(task) => tuple("Cancel", t(task)),
         Op::DropTask(task) => tuple("DropTask", t(task)),
+        Op::Read(task) => tuple("Read", t(task)),
+        Op::Write(task) => tuple("Write", t(task)),
+        Op::CloseRead(task) => tuple("CloseRead", t(task)),
+        Op::CloseWrite(task) => tuple("CloseWrite", t(task)),
+        Op::Receive(task) => tuple("Receive", t(task)),
+        Op::CloseWith(task) => tuple("CloseWith", t(task)),
+        Op::PeerCloses(task) => tuple("PeerCloses", t(task)),
+        Op::ServerAnswersUpgrade { task, accept } => named(
+            "ServerAnswersUpgrade",
+            &[("task", t(task)), ("accept", accept.to_string())],
+        ),
         Op::ServerHeaders { task, answer } => named(
             "ServerHeaders",
             &[

@@ -8,7 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use leakproof::{
     Configuration, ConfigurationBuilder, DataTask, Delegate, Disposition, DownloadTask, Error,
-    Observer, Session, TaskId, TaskInfo, TaskState, UploadBody, UploadTask,
+    Observer, Session, StreamTask, TaskId, TaskInfo, TaskState, UploadBody, UploadTask,
+    WebSocketTask,
 };
 use leakproof_model::rules::{check_trace, coalesce};
 use leakproof_model::{Callback, Outcome, SessionId, Timer};
@@ -192,6 +193,8 @@ pub enum AnyTask {
     Data(DataTask),
     Download(DownloadTask),
     Upload(UploadTask),
+    Stream(StreamTask),
+    WebSocket(WebSocketTask),
 }
 
 impl AnyTask {
@@ -200,6 +203,8 @@ impl AnyTask {
             AnyTask::Data(t) => t.id(),
             AnyTask::Download(t) => t.id(),
             AnyTask::Upload(t) => t.id(),
+            AnyTask::Stream(t) => t.id(),
+            AnyTask::WebSocket(t) => t.id(),
         }
     }
 
@@ -208,6 +213,8 @@ impl AnyTask {
             AnyTask::Data(t) => t.state(),
             AnyTask::Download(t) => t.state(),
             AnyTask::Upload(t) => t.state(),
+            AnyTask::Stream(t) => t.state(),
+            AnyTask::WebSocket(t) => t.state(),
         }
     }
 
@@ -216,6 +223,8 @@ impl AnyTask {
             AnyTask::Data(t) => t.resume(),
             AnyTask::Download(t) => t.resume(),
             AnyTask::Upload(t) => t.resume(),
+            AnyTask::Stream(t) => t.resume(),
+            AnyTask::WebSocket(t) => t.resume(),
         }
     }
 
@@ -224,6 +233,8 @@ impl AnyTask {
             AnyTask::Data(t) => t.suspend(),
             AnyTask::Download(t) => t.suspend(),
             AnyTask::Upload(t) => t.suspend(),
+            AnyTask::Stream(t) => t.suspend(),
+            AnyTask::WebSocket(t) => t.suspend(),
         }
     }
 
@@ -232,6 +243,8 @@ impl AnyTask {
             AnyTask::Data(t) => t.cancel(),
             AnyTask::Download(t) => t.cancel(),
             AnyTask::Upload(t) => t.cancel(),
+            AnyTask::Stream(t) => t.cancel(),
+            AnyTask::WebSocket(t) => t.cancel(),
         }
     }
 }

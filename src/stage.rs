@@ -12,14 +12,31 @@
 //!   `no_response=1` (close without a byte), `malformed=status` (a garbage status line) or
 //!   `malformed=chunk` (a chunked head, then a chunk size that is not hex).
 //! - `/hold/KEY`: parked until the test takes it with [`Stage::held`] and drives the response
-//!   step by step through the [`Held`] handle.
+//!   step by step through the [`Held`] handle. A websocket upgrade request there is answered
+//!   by the test too: [`Held::upgrade`] (then a [`HeldWs`] in manual mode) or
+//!   [`Held::refuse_upgrade`].
+//! - `/ws/...`: a websocket on the same listener, scripted by its path (`echo`, `close`, `drop`,
+//!   `silent`, `refuse`, `send`, `hold/KEY`): see [`websocket`] for the scripts and
+//!   [`Stage::held_ws`] for the held one.
 //! - anything else: `404`; an unknown query key or a bad value: `400`; a request that is not
 //!   HTTP: `400`, then close.
+//!
+//! Besides HTTP, the stage opens raw TCP listeners on demand ([`Stage::listen_raw`]) for
+//! stream tasks: no HTTP at all, each connection played by a [`RawScript`] (offer bytes, paced
+//! or not; echo; held and driven through [`HeldRaw`]). See [`raw`]. Their sockets count in the
+//! same witness.
 //!
 //! The stage is the connection witness of DESIGN.md's "Observability": it counts the sockets it
 //! accepts and sees closed. It never closes a connection unless scripted to, so a connection
 //! the client leaks stays in [`Stage::open`]. Stalled and garbled connections are held until
 //! the client closes them: their close is the client's doing, and is what the count shows.
+
+pub mod raw;
+pub mod websocket;
+
+pub use raw::{HeldRaw, Pace, RawEnding, RawScript};
+pub use tokio_tungstenite::tungstenite::Message as WsMessage;
+pub use websocket::HeldWs;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -74,12 +91,23 @@ pub struct Stage {
     addr: SocketAddr,
     shared: Arc<Shared>,
     accept: JoinHandle<()>,
+    /// The builder's socket buffer sizes, for the raw listeners opened later.
+    buffers: Buffers,
+    /// The raw listeners' accept loops ([`Stage::listen_raw`]), aborted with the stage.
+    raw_listeners: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// Options for a [`Stage`], from [`Stage::builder`].
 #[derive(Debug, Default)]
 pub struct Builder {
-    send_buffer: Option<u32>,
+    buffers: Buffers,
+}
+
+/// `SO_SNDBUF` and `SO_RCVBUF` of every socket a stage accepts, on any of its listeners.
+#[derive(Debug, Default, Clone, Copy)]
+struct Buffers {
+    send: Option<u32>,
+    recv: Option<u32>,
 }
 
 /// A request to `/hold/KEY`, parked until the test drives its response.
@@ -91,6 +119,8 @@ pub struct Builder {
 pub struct Held {
     method: String,
     target: String,
+    /// Whether the request asks for a websocket upgrade, or why not.
+    upgrade: Result<(), &'static str>,
     steps: mpsc::UnboundedSender<(Step, Reply)>,
     open: Liveness,
 }
@@ -137,7 +167,7 @@ impl Stage {
         format!("http://{}{slash}{path_and_query}", self.addr)
     }
 
-    /// Connections accepted so far.
+    /// Connections accepted so far, on every listener: HTTP and websocket, and raw.
     pub fn accepted(&self) -> u64 {
         self.shared.counters.accepted.load(Relaxed)
     }
@@ -190,42 +220,43 @@ impl Stage {
     /// Waits for a request to `/hold/{key}` and takes it; `None` if none arrives within
     /// `timeout`. Requests with the same key are taken in arrival order.
     pub async fn held(&self, key: &str, timeout: Duration) -> Option<Held> {
-        within(timeout, async {
-            loop {
-                if let Some(held) = self.shared.unpark(key) {
-                    return held;
-                }
-                tokio::time::sleep(POLL).await;
-            }
-        })
-        .await
+        self.shared.parked.take(key, timeout).await
     }
 }
 
 impl Drop for Stage {
     fn drop(&mut self) {
-        // The accept task owns the connections' JoinSet: aborting it aborts them all.
+        // An accept task owns its connections' JoinSet: aborting it aborts them all.
         self.accept.abort();
+        let raw = self
+            .raw_listeners
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        for accept in raw.drain(..) {
+            accept.abort();
+        }
     }
 }
 
 impl Builder {
     /// Sets `SO_SNDBUF` of every accepted socket, so that the server's byte count shows
     /// backpressure instead of kernel buffering. The kernel may round it up (Linux doubles it).
+    /// Applies to the raw listeners ([`Stage::listen_raw`]) too.
     pub fn send_buffer(mut self, bytes: u32) -> Builder {
-        self.send_buffer = Some(bytes);
+        self.buffers.send = Some(bytes);
+        self
+    }
+
+    /// Sets `SO_RCVBUF` of every accepted socket, HTTP and raw, so that a client's writes meet
+    /// backpressure sooner. The kernel may round it up (Linux doubles it).
+    pub fn recv_buffer(mut self, bytes: u32) -> Builder {
+        self.buffers.recv = Some(bytes);
         self
     }
 
     /// Binds 127.0.0.1:0 and spawns the accept loop on the current tokio runtime.
     pub async fn start(self) -> io::Result<Stage> {
-        let socket = TcpSocket::new_v4()?;
-        // Set before listen(): accepted sockets inherit it, see tcp(7).
-        if let Some(bytes) = self.send_buffer {
-            socket.set_send_buffer_size(bytes)?;
-        }
-        socket.bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
-        let listener = socket.listen(1024)?;
+        let listener = self.buffers.listen()?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::default());
         let accept = tokio::spawn(accept(listener, Arc::clone(&shared)));
@@ -233,7 +264,25 @@ impl Builder {
             addr,
             shared,
             accept,
+            buffers: self.buffers,
+            raw_listeners: Mutex::default(),
         })
+    }
+}
+
+impl Buffers {
+    /// A listener on 127.0.0.1 with an ephemeral port whose accepted sockets get these sizes.
+    fn listen(self) -> io::Result<TcpListener> {
+        let socket = TcpSocket::new_v4()?;
+        // Set before listen(): accepted sockets inherit them, see tcp(7).
+        if let Some(bytes) = self.send {
+            socket.set_send_buffer_size(bytes)?;
+        }
+        if let Some(bytes) = self.recv {
+            socket.set_recv_buffer_size(bytes)?;
+        }
+        socket.bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+        socket.listen(1024)
     }
 }
 
@@ -251,6 +300,52 @@ impl Held {
     /// The request's target, path and query.
     pub fn target(&self) -> &str {
         &self.target
+    }
+
+    /// Whether the request is a websocket upgrade request (`GET`, `Upgrade: websocket`,
+    /// `Connection: upgrade`, `Sec-WebSocket-Version: 13`, a key): one [`Held::upgrade`] can
+    /// accept.
+    pub fn is_websocket_upgrade(&self) -> bool {
+        self.upgrade.is_ok()
+    }
+
+    /// Accepts the websocket upgrade: `101 Switching Protocols` with the key's
+    /// `Sec-WebSocket-Accept`, and the first protocol the client offered in
+    /// `Sec-WebSocket-Protocol`, if any. Returns once the `101` is written; the connection is a
+    /// [`HeldWs`] from then on, in manual mode (see [`HeldWs`]): it never answers the client's
+    /// close frame by itself, nor closes TCP by itself. Counted like a `/ws/...` websocket:
+    /// in [`Stage::ws_upgrades`] and the message and close frame counts.
+    ///
+    /// `InvalidInput` if the request is not a websocket upgrade request, or once the response
+    /// head is sent; the handle is consumed either way, so the connection is then closed as when
+    /// a handle is dropped (a FIN).
+    pub async fn upgrade(self) -> io::Result<HeldWs> {
+        if let Err(why) = self.upgrade {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("upgrade() on a request that is not a websocket upgrade: {why}"),
+            ));
+        }
+        let (ws, ends) = HeldWs::pair(self.target.clone(), self.open.clone(), true);
+        self.step(Step::Upgrade(ends)).await?;
+        Ok(ws)
+    }
+
+    /// Refuses a websocket upgrade (or answers any held request) with a plain `status`
+    /// (200..=599) and a short body, framed by `Content-Length`: the client sees a complete
+    /// response that is not a `101`. The connection then stays a plain HTTP one, as after
+    /// [`Held::end`]: it serves its next request, and is closed when the client closes it (or
+    /// at once if the request asked for `Connection: close`). Nothing is counted as an upgrade.
+    ///
+    /// `InvalidInput` for a status out of range, or once the response head is sent.
+    pub async fn refuse_upgrade(self, status: u16) -> io::Result<()> {
+        if !(200..=599).contains(&status) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("refuse_upgrade({status}): expected a status in 200..=599"),
+            ));
+        }
+        self.step(Step::RefuseUpgrade(status)).await
     }
 
     /// Sends the response head: `Transfer-Encoding: chunked` if `chunked` (then
@@ -304,17 +399,24 @@ impl Held {
     }
 
     async fn step(&self, step: Step) -> io::Result<()> {
-        let gone = || io::Error::new(io::ErrorKind::NotConnected, "the held connection is gone");
-        let (reply, done) = oneshot::channel();
-        self.steps.send((step, reply)).map_err(|_| gone())?;
-        match within(STEP_TIMEOUT, done).await {
-            Some(Ok(result)) => result,
-            Some(Err(_)) => Err(gone()),
-            None => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the held connection did not carry out the step in time (is the client reading?)",
-            )),
-        }
+        carry_out(&self.steps, step).await
+    }
+}
+
+/// Hands a step to a held connection and waits, at most [`STEP_TIMEOUT`], until it is carried
+/// out: `NotConnected` once the connection is gone, `TimedOut` if it is stuck (a write the
+/// client does not read, typically).
+async fn carry_out<S>(steps: &mpsc::UnboundedSender<(S, Reply)>, step: S) -> io::Result<()> {
+    let gone = || io::Error::new(io::ErrorKind::NotConnected, "the held connection is gone");
+    let (reply, done) = oneshot::channel();
+    steps.send((step, reply)).map_err(|_| gone())?;
+    match within(STEP_TIMEOUT, done).await {
+        Some(Ok(result)) => result,
+        Some(Err(_)) => Err(gone()),
+        None => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the held connection did not carry out the step in time (is the client reading?)",
+        )),
     }
 }
 
@@ -335,7 +437,9 @@ async fn within<F: Future>(timeout: Duration, fut: F) -> Option<F::Output> {
 #[derive(Debug, Default)]
 struct Shared {
     counters: Counters,
-    parked: Mutex<HashMap<String, VecDeque<Held>>>,
+    parked: Lot<Held>,
+    parked_ws: Lot<HeldWs>,
+    parked_raw: Lot<HeldRaw>,
 }
 
 #[derive(Debug, Default)]
@@ -345,17 +449,52 @@ struct Counters {
     requests: AtomicU64,
     body_bytes_written: AtomicU64,
     request_body_bytes: AtomicU64,
+    /// `101` answers written.
+    ws_upgrades: AtomicU64,
+    /// Text and binary messages received, whole.
+    ws_messages_received: AtomicU64,
+    /// Close frames received.
+    ws_close_frames_received: AtomicU64,
+    /// Raw sockets accepted and closed (also counted in `accepted` and `closed`).
+    raw_accepted: AtomicU64,
+    raw_closed: AtomicU64,
+    /// Raw bytes handed to the kernel (`write` returned) and read from clients.
+    raw_bytes_written: AtomicU64,
+    raw_bytes_received: AtomicU64,
 }
 
-impl Shared {
-    fn park(&self, key: String, held: Held) {
-        let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+/// Held connections parked by key until the test takes them, in arrival order.
+#[derive(Debug)]
+struct Lot<T>(Mutex<HashMap<String, VecDeque<T>>>);
+
+impl<T> Default for Lot<T> {
+    fn default() -> Self {
+        Lot(Mutex::default())
+    }
+}
+
+impl<T> Lot<T> {
+    fn park(&self, key: String, held: T) {
+        let mut parked = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         parked.entry(key).or_default().push_back(held);
     }
 
-    fn unpark(&self, key: &str) -> Option<Held> {
-        let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+    fn unpark(&self, key: &str) -> Option<T> {
+        let mut parked = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         parked.get_mut(key)?.pop_front()
+    }
+
+    /// Waits for one parked under `key` and takes it; `None` if none comes within `timeout`.
+    async fn take(&self, key: &str, timeout: Duration) -> Option<T> {
+        within(timeout, async {
+            loop {
+                if let Some(held) = self.unpark(key) {
+                    return held;
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        })
+        .await
     }
 }
 
@@ -431,7 +570,14 @@ enum Framing {
 
 #[derive(Debug)]
 enum Step {
-    Head { status: u16, framing: Framing },
+    /// Answer the websocket upgrade with a `101`, then be the held websocket these ends drive.
+    Upgrade(websocket::WsEnds),
+    /// A plain complete response instead of the `101`.
+    RefuseUpgrade(u16),
+    Head {
+        status: u16,
+        framing: Framing,
+    },
     Send(u64),
     End,
     EndAndClose,
@@ -445,6 +591,8 @@ struct Request {
     target: String,
     /// The client asked for `Connection: close`.
     close: bool,
+    /// What the head says about a websocket upgrade.
+    upgrade: websocket::Upgrade,
 }
 
 enum Incoming {
@@ -477,6 +625,7 @@ impl Conn {
             };
             let (then, answer) = match Route::of(&request.target) {
                 Route::Hold(key) => self.hold(&request, key).await,
+                Route::WebSocket(script) => self.websocket(&request, script).await,
                 Route::Script(script) => (self.play(&script).await.unwrap_or(GONE), None),
                 Route::NotFound => (self.refuse(404, "no such script").await, None),
                 Route::BadQuery(bad) => (self.refuse(400, &bad.to_string()).await, None),
@@ -541,16 +690,24 @@ impl Conn {
         let held = Held {
             method: request.method.clone(),
             target: request.target.clone(),
+            upgrade: request.upgrade.key(&request.method).map(|_| ()),
             steps: steps_tx,
             open: self.liveness.clone(),
         };
-        self.shared.park(key, held);
+        self.shared.parked.park(key, held);
         let mut exchange = Exchange::default();
         loop {
             let (step, reply) = match self.next_step(&mut steps).await {
                 Ok(step) => step,
                 Err(hangup) => return (Then::Break(hangup), None),
             };
+            if let Step::Upgrade(ends) = step {
+                let head_sent = exchange.framing.is_some();
+                match self.upgrade_held(request, head_sent, ends, reply).await {
+                    Some(ending) => return ending,
+                    None => continue,
+                }
+            }
             let outcome = match self.take_step(step, &mut exchange).await {
                 Ok(outcome) => outcome,
                 Err(step) => {
@@ -600,6 +757,10 @@ impl Conn {
         let done = |then| Ok(Ok(then));
         let framing = exchange.framing;
         let outcome = match (step, framing) {
+            (Step::RefuseUpgrade(status), None) => {
+                let refused = self.write_text(status, "websocket upgrade refused", false);
+                refused.await.map(|()| Some(Then::Continue(())))
+            }
             (Step::Head { status, framing }, None) => {
                 exchange.framing = Some(framing);
                 let close = framing == Framing::UntilClose;
@@ -776,7 +937,12 @@ impl Conn {
         let reason = match status {
             200 => "OK",
             400 => "Bad Request",
+            401 => "Unauthorized",
+            403 => "Forbidden",
             404 => "Not Found",
+            426 => "Upgrade Required",
+            500 => "Internal Server Error",
+            503 => "Service Unavailable",
             _ => "",
         };
         let mut head = format!("HTTP/1.1 {status} {reason}\r\n");
@@ -877,10 +1043,12 @@ impl Request {
     ) -> Result<(Request, RequestBody), &'static str> {
         let mut body = RequestBody::None;
         let mut close = false;
+        let mut upgrade = websocket::Upgrade::default();
         for header in parsed.headers.iter() {
             let value = std::str::from_utf8(header.value)
                 .map_err(|_| "a header value is not UTF-8")?
                 .trim();
+            upgrade.header(header.name, value);
             if header.name.eq_ignore_ascii_case("transfer-encoding") {
                 if value.to_ascii_lowercase().contains("chunked") {
                     body = RequestBody::Chunked;
@@ -898,6 +1066,7 @@ impl Request {
             method: parsed.method.unwrap_or_default().to_owned(),
             target: parsed.path.unwrap_or_default().to_owned(),
             close,
+            upgrade,
         };
         Ok((request, body))
     }
@@ -907,6 +1076,7 @@ impl Request {
 enum Route {
     Script(Script),
     Hold(String),
+    WebSocket(websocket::Script),
     NotFound,
     BadQuery(BadQuery),
 }
@@ -958,6 +1128,9 @@ impl fmt::Display for BadQuery {
 impl Route {
     fn of(target: &str) -> Route {
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        if let Some(script) = path.strip_prefix("/ws/") {
+            return websocket::Script::route(script, query);
+        }
         if let Some(key) = path.strip_prefix("/hold/").filter(|key| !key.is_empty()) {
             return Route::Hold(key.to_owned());
         }

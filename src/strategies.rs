@@ -1,17 +1,57 @@
 //! Generators of ops: every op family the model allows in the current state, weighted so that
 //! tasks make progress (the environment acts often) and sequences still reach invalidation.
+//!
+//! [`op`] generates over every kind of task; [`op_in`] over some kinds only, for a system that
+//! does not support the others yet (the real client runs with [`HTTP_KINDS`] until it has
+//! streams and websockets). Which op a family may produce for a task is asked of
+//! [`Model::allows`], never guessed from the task's fields, so every generated op is allowed.
 
 use proptest::prelude::*;
 use proptest::strategy::Union;
 
 use leakproof_model::{
-    Disposition, Fault, Model, Op, ServerPhase, SessionId, SessionKind, TaskId, TaskKind, Timer,
+    Disposition, Fault, Model, Op, SessionId, SessionKind, SessionState, TaskId, TaskKind, Timer,
 };
 
 /// How big generated worlds get: enough to race sessions and tasks against each other, small
 /// enough that every op has a fair chance to hit every task.
 pub const MAX_SESSIONS: u32 = 3;
 pub const MAX_TASKS: u32 = 8;
+
+/// Every kind of task, in the order of [`TaskKind`].
+pub const ALL_KINDS: [TaskKind; 5] = [
+    TaskKind::Data,
+    TaskKind::Download,
+    TaskKind::Upload,
+    TaskKind::Stream,
+    TaskKind::WebSocket,
+];
+
+/// The kinds of task that are one HTTP exchange: no stream, no websocket. A sequence over
+/// these never makes a stream either: `Disposition::BecomeStream` is left out with
+/// `TaskKind::Stream`.
+pub const HTTP_KINDS: [TaskKind; 3] = [TaskKind::Data, TaskKind::Download, TaskKind::Upload];
+
+/// Which kinds of task a generated sequence makes: a run's choice, for a system that does not
+/// support every kind yet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Kinds {
+    /// Every kind: [`ALL_KINDS`].
+    #[default]
+    All,
+    /// One HTTP exchange per task: [`HTTP_KINDS`].
+    Http,
+}
+
+impl Kinds {
+    /// The kinds of task this makes.
+    pub fn task_kinds(self) -> &'static [TaskKind] {
+        match self {
+            Kinds::All => &ALL_KINDS,
+            Kinds::Http => &HTTP_KINDS,
+        }
+    }
+}
 
 pub fn session_kind() -> impl Strategy<Value = SessionKind> + Clone {
     prop_oneof![
@@ -21,36 +61,81 @@ pub fn session_kind() -> impl Strategy<Value = SessionKind> + Clone {
     ]
 }
 
+/// Any kind of task, each as likely.
 pub fn task_kind() -> impl Strategy<Value = TaskKind> + Clone {
-    prop_oneof![
-        Just(TaskKind::Data),
-        Just(TaskKind::Download),
-        Just(TaskKind::Upload),
-    ]
+    task_kind_in(&ALL_KINDS)
 }
 
+/// One of `kinds`, each as likely.
+///
+/// # Panics
+/// If `kinds` is empty.
+pub fn task_kind_in(kinds: &[TaskKind]) -> impl Strategy<Value = TaskKind> + Clone + use<> {
+    assert!(!kinds.is_empty(), "at least one kind of task");
+    proptest::sample::select(kinds.to_vec())
+}
+
+/// Any answer to `did_receive_response`.
 pub fn disposition() -> impl Strategy<Value = Disposition> + Clone {
-    prop_oneof![
-        6 => Just(Disposition::Allow),
-        1 => Just(Disposition::Cancel),
-        2 => Just(Disposition::BecomeDownload),
-    ]
+    disposition_for(&ALL_KINDS)
 }
 
+/// An answer to `did_receive_response` that makes no task of a kind outside `kinds`:
+/// `BecomeStream` only if streams are in, `BecomeDownload` only if downloads are.
+pub fn disposition_for(kinds: &[TaskKind]) -> impl Strategy<Value = Disposition> + Clone + use<> {
+    let mut answers = vec![(6, Disposition::Allow), (1, Disposition::Cancel)];
+    if kinds.contains(&TaskKind::Download) {
+        answers.push((2, Disposition::BecomeDownload));
+    }
+    if kinds.contains(&TaskKind::Stream) {
+        answers.push((2, Disposition::BecomeStream));
+    }
+    Union::new_weighted(
+        answers
+            .into_iter()
+            .map(|(weight, answer)| (weight, Just(answer)))
+            .collect(),
+    )
+}
+
+/// A body chunk or a websocket message: small ones, and ones up to 64 KiB.
 pub fn body_bytes() -> impl Strategy<Value = u32> + Clone {
     prop_oneof![1u32..=16, 1u32..=65_536]
 }
 
+/// A stream's bytes from the server, for a window of `read_ahead` bytes: a few, up to a
+/// window, or more than it holds, so that the window fills and the rest waits (R6).
+pub fn stream_bytes(read_ahead: u64) -> impl Strategy<Value = u32> + Clone {
+    let window = u32::try_from(read_ahead).unwrap_or(u32::MAX / 2).max(1);
+    prop_oneof![1u32..=16, 1..=window, window..=window.saturating_mul(2)]
+}
+
+/// Any timer.
 pub fn timer() -> impl Strategy<Value = Timer> + Clone {
-    prop_oneof![Just(Timer::Request), Just(Timer::Resource)]
+    prop_oneof![
+        Just(Timer::Request),
+        Just(Timer::Resource),
+        Just(Timer::Close)
+    ]
 }
 
 pub fn fault() -> impl Strategy<Value = Fault> + Clone {
     prop_oneof![Just(Fault::Reset), Just(Fault::Malformed)]
 }
 
-/// Any op the model allows now.
+/// Any op the model allows now, over every kind of task.
 pub fn op(model: &Model) -> BoxedStrategy<Op> {
+    op_in(model, &ALL_KINDS)
+}
+
+/// Any op the model allows now that makes no task of a kind outside `kinds` (new tasks are of
+/// these kinds, and no response turns into a stream unless streams are in). The tasks `model`
+/// already has are driven whatever their kind.
+///
+/// # Panics
+/// If `kinds` is empty.
+pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
+    assert!(!kinds.is_empty(), "at least one kind of task");
     let mut families: Vec<(u32, BoxedStrategy<Op>)> = Vec::new();
     let sessions: Vec<SessionId> = model
         .sessions()
@@ -59,6 +144,16 @@ pub fn op(model: &Model) -> BoxedStrategy<Op> {
         .collect();
     let session_count = model.sessions().count() as u32;
     let task_count = model.tasks().count() as u32;
+    // The tasks for which the model allows the op `make` builds, for families whose other
+    // fields do not change whether it is (bytes aside, which are never 0 here); faults and
+    // timers, which do, are listed op by op.
+    let tasks_allowing = |make: fn(TaskId) -> Op| -> Vec<TaskId> {
+        model
+            .tasks()
+            .map(|(id, _)| id)
+            .filter(|id| model.allows(&make(*id)))
+            .collect()
+    };
 
     if session_count < MAX_SESSIONS {
         let session = model.next_session_id();
@@ -72,24 +167,34 @@ pub fn op(model: &Model) -> BoxedStrategy<Op> {
                 .boxed(),
         ));
     }
-    if !sessions.is_empty() {
-        let pick = proptest::sample::select(sessions.clone());
-        if task_count < MAX_TASKS {
-            let task = model.next_task_id();
-            families.push((
-                8,
-                (pick.clone(), task_kind())
-                    .prop_map(move |(session, kind)| Op::CreateTask {
-                        session,
-                        task,
-                        kind,
-                    })
-                    .boxed(),
-            ));
+    if task_count < MAX_TASKS {
+        // Tasks go mostly to active sessions; a session whose invalidation has begun refuses
+        // them (R8), which is worth trying now and then.
+        let task = model.next_task_id();
+        let (active, refusing): (Vec<SessionId>, Vec<SessionId>) = sessions.iter().partition(|s| {
+            model
+                .session(**s)
+                .is_some_and(|s| s.state == SessionState::Active)
+        });
+        for (weight, sessions) in [(8, active), (1, refusing)] {
+            if !sessions.is_empty() {
+                families.push((
+                    weight,
+                    (proptest::sample::select(sessions), task_kind_in(kinds))
+                        .prop_map(move |(session, kind)| Op::CreateTask {
+                            session,
+                            task,
+                            kind,
+                        })
+                        .boxed(),
+                ));
+            }
         }
+    }
+    if !sessions.is_empty() {
         families.push((
             3,
-            (pick, 0..3u8)
+            (proptest::sample::select(sessions), 0..3u8)
                 .prop_map(|(s, which)| match which {
                     0 => Op::FinishTasksAndInvalidate(s),
                     1 => Op::InvalidateAndCancel(s),
@@ -99,46 +204,99 @@ pub fn op(model: &Model) -> BoxedStrategy<Op> {
         ));
     }
 
-    let user_tasks: Vec<TaskId> = model
-        .tasks()
-        .filter(|(_, t)| t.handle)
-        .map(|(id, _)| id)
-        .collect();
-    if !user_tasks.is_empty() {
-        families.push((
-            10,
-            (proptest::sample::select(user_tasks), 0..10u8)
-                .prop_map(|(t, which)| match which {
-                    0..=4 => Op::Resume(t),
-                    5..=6 => Op::Suspend(t),
-                    7..=8 => Op::Cancel(t),
-                    _ => Op::DropTask(t),
-                })
-                .boxed(),
-        ));
-    }
+    // The user's ops go mostly to live tasks, so that they make progress; on a completed task
+    // they are no-ops or refused, which is worth trying now and then (R1).
+    let mut user_family =
+        |weight: u32, make: fn(TaskId, u8) -> Op, choices: u8, tasks: Vec<TaskId>| {
+            let (live, done): (Vec<TaskId>, Vec<TaskId>) = tasks
+                .into_iter()
+                .partition(|t| model.task(*t).is_some_and(|t| t.is_live()));
+            for (weight, tasks) in [(weight, live), (1, done)] {
+                if !tasks.is_empty() {
+                    families.push((
+                        weight,
+                        (proptest::sample::select(tasks), 0..choices)
+                            .prop_map(move |(t, which)| make(t, which))
+                            .boxed(),
+                    ));
+                }
+            }
+        };
+    user_family(
+        10,
+        |t, which| match which {
+            0..=4 => Op::Resume(t),
+            5..=6 => Op::Suspend(t),
+            7..=8 => Op::Cancel(t),
+            _ => Op::DropTask(t),
+        },
+        10,
+        tasks_allowing(Op::Resume),
+    );
+    // Streams: reads rarer than the server's sends, so the window fills now and then (R6);
+    // closing a half rarer still, so streams live long enough to fill.
+    user_family(
+        8,
+        |t, which| match which {
+            0..=4 => Op::Read(t),
+            5..=7 => Op::Write(t),
+            8 => Op::CloseRead(t),
+            _ => Op::CloseWrite(t),
+        },
+        10,
+        tasks_allowing(Op::Read),
+    );
+    // Websockets: mostly receiving; a close now and then starts the handshake (R11).
+    user_family(
+        6,
+        |t, which| match which {
+            0..=3 => Op::Receive(t),
+            _ => Op::CloseWith(t),
+        },
+        6,
+        tasks_allowing(Op::Receive),
+    );
 
-    let by_phase = |phase: ServerPhase| -> Vec<TaskId> {
-        model
-            .tasks()
-            .filter(|(_, t)| t.server == phase)
-            .map(|(id, _)| id)
-            .collect()
-    };
-    let awaiting = by_phase(ServerPhase::RequestReceived);
-    if !awaiting.is_empty() {
+    // The server: a head for an HTTP request, an answer for an upgrade request.
+    let awaiting_head = tasks_allowing(|task| Op::ServerHeaders {
+        task,
+        answer: Disposition::Allow,
+    });
+    if !awaiting_head.is_empty() {
         families.push((
             12,
-            (proptest::sample::select(awaiting), disposition())
+            (
+                proptest::sample::select(awaiting_head),
+                disposition_for(kinds),
+            )
                 .prop_map(|(task, answer)| Op::ServerHeaders { task, answer })
                 .boxed(),
         ));
     }
-    let sending = by_phase(ServerPhase::SendingBody);
-    if !sending.is_empty() {
+    let awaiting_upgrade = tasks_allowing(|task| Op::ServerAnswersUpgrade { task, accept: true });
+    if !awaiting_upgrade.is_empty() {
+        families.push((
+            12,
+            (proptest::sample::select(awaiting_upgrade), 0..6u8)
+                .prop_map(|(task, which)| Op::ServerAnswersUpgrade {
+                    task,
+                    accept: which != 0,
+                })
+                .boxed(),
+        ));
+    }
+    // A body, then its end.
+    let (streams_sending, bodies): (Vec<TaskId>, Vec<TaskId>) =
+        tasks_allowing(|task| Op::ServerEnds {
+            task,
+            reusable: true,
+        })
+        .into_iter()
+        .partition(|t| model.task(*t).is_some_and(|t| t.kind == TaskKind::Stream));
+    if !bodies.is_empty() {
         families.push((
             16,
-            (proptest::sample::select(sending), body_bytes(), 0..5u8)
+            (proptest::sample::select(bodies), body_bytes(), 0..5u8)
                 .prop_map(|(task, bytes, which)| match which {
                     0..=2 => Op::ServerSends { task, bytes },
                     3 => Op::ServerEnds {
@@ -153,36 +311,69 @@ pub fn op(model: &Model) -> BoxedStrategy<Op> {
                 .boxed(),
         ));
     }
-    let breakable: Vec<TaskId> = model
-        .tasks()
-        .filter(|(_, t)| {
-            matches!(
-                t.server,
-                ServerPhase::RequestReceived | ServerPhase::SendingBody
-            )
-        })
-        .map(|(id, _)| id)
-        .collect();
-    if !breakable.is_empty() {
+    // A stream's bytes, often more than its window holds (R6), then its end.
+    if !streams_sending.is_empty() {
         families.push((
-            2,
-            (proptest::sample::select(breakable), fault())
-                .prop_map(|(task, fault)| Op::ServerFails { task, fault })
+            10,
+            (
+                proptest::sample::select(streams_sending),
+                stream_bytes(model.read_ahead()),
+                0..6u8,
+            )
+                .prop_map(|(task, bytes, which)| match which {
+                    0..=4 => Op::ServerSends { task, bytes },
+                    // A stream's connection is never pooled, whatever the server says.
+                    _ => Op::ServerEnds {
+                        task,
+                        reusable: bytes % 2 == 0,
+                    },
+                })
                 .boxed(),
         ));
     }
-    let timed: Vec<TaskId> = model
-        .tasks()
-        .filter(|(_, t)| t.timers_armed())
-        .map(|(id, _)| id)
-        .collect();
-    if !timed.is_empty() {
+    // A websocket's messages, then the peer's close frame (first, or answering ours).
+    let messaging = tasks_allowing(Op::PeerCloses);
+    if !messaging.is_empty() {
         families.push((
-            2,
-            (proptest::sample::select(timed), timer())
-                .prop_map(|(task, timer)| Op::TimePasses { task, timer })
+            10,
+            (proptest::sample::select(messaging), body_bytes(), 0..4u8)
+                .prop_map(|(task, bytes, which)| match which {
+                    0..=2 => Op::ServerSends { task, bytes },
+                    _ => Op::PeerCloses(task),
+                })
                 .boxed(),
         ));
+    }
+    // A fault: a reset anywhere, malformed bytes only where they are HTTP.
+    let faults: Vec<Op> = model
+        .tasks()
+        .flat_map(|(task, _)| {
+            [Fault::Reset, Fault::Malformed].map(|fault| Op::ServerFails { task, fault })
+        })
+        .filter(|op| model.allows(op))
+        .collect();
+    if !faults.is_empty() {
+        families.push((2, proptest::sample::select(faults).boxed()));
+    }
+
+    // The clock: a task's timers fire only when armed (R7); a close handshake's deadline often
+    // enough that websockets reach it as well as the peer's answer (R11).
+    for (weight, timers) in [
+        (2, &[Timer::Request, Timer::Resource][..]),
+        (12, &[Timer::Close][..]),
+    ] {
+        let timeouts: Vec<Op> = model
+            .tasks()
+            .flat_map(|(task, _)| {
+                timers
+                    .iter()
+                    .map(move |&timer| Op::TimePasses { task, timer })
+            })
+            .filter(|op| model.allows(op))
+            .collect();
+        if !timeouts.is_empty() {
+            families.push((weight, proptest::sample::select(timeouts).boxed()));
+        }
     }
     // Time always passes for idle connections: this keeps the union non-empty when the user
     // has let go of everything.
@@ -196,4 +387,152 @@ pub fn op(model: &Model) -> BoxedStrategy<Op> {
         ));
     }
     Union::new_weighted(families).boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+
+    use leakproof_model::{Callback, Model, Op, Returned, Step, TaskKind, Timer};
+
+    use super::*;
+
+    /// What generated sequences reached, summed over cases.
+    #[derive(Debug, Default)]
+    struct Reached {
+        ops: usize,
+        kinds: Vec<TaskKind>,
+        full_windows: usize,
+        eofs: usize,
+        becomes_stream: usize,
+        opened: usize,
+        closing: usize,
+        closed_by_peer: usize,
+        close_timeouts: usize,
+        /// Cases in which a window filled, a websocket opened, a close timed out.
+        cases_full: usize,
+        cases_open: usize,
+        cases_close_timeout: usize,
+    }
+
+    /// `cases` sequences of up to `length` ops from `generate`, from a fixed seed, each op
+    /// checked to be allowed where it stands.
+    fn walk(
+        cases: usize,
+        length: usize,
+        generate: impl Fn(&Model) -> BoxedStrategy<Op>,
+    ) -> Reached {
+        let mut runner = TestRunner::new_with_rng(
+            Config::default(),
+            TestRng::from_seed(RngAlgorithm::ChaCha, &[7; 32]),
+        );
+        let mut reached = Reached::default();
+        for _ in 0..cases {
+            let (full, open, timeout) =
+                (reached.full_windows, reached.opened, reached.close_timeouts);
+            let mut model = Model::new();
+            for _ in 0..length {
+                let op = generate(&model)
+                    .new_tree(&mut runner)
+                    .expect("a generator never rejects")
+                    .current();
+                assert!(
+                    model.allows(&op),
+                    "generated {op:?}, not allowed in {model:?}"
+                );
+                let step: Step = model.apply(&op);
+                reached.ops += 1;
+                if let Op::CreateTask { kind, .. } = op {
+                    reached.kinds.push(kind);
+                }
+                if let Op::TimePasses {
+                    timer: Timer::Close,
+                    ..
+                } = op
+                {
+                    reached.close_timeouts += 1;
+                }
+                if step.returned == Some(Returned::Eof) {
+                    reached.eofs += 1;
+                }
+                for callback in &step.callbacks {
+                    match callback {
+                        Callback::BecomeStream { .. } => reached.becomes_stream += 1,
+                        Callback::Open { .. } => reached.opened += 1,
+                        Callback::Close { .. } => reached.closed_by_peer += 1,
+                        _ => {}
+                    }
+                }
+                for (_, task) in model.tasks() {
+                    if task.buffered == model.read_ahead() && task.is_live() {
+                        reached.full_windows += 1;
+                    }
+                    if task.closing() {
+                        reached.closing += 1;
+                    }
+                }
+            }
+            reached.cases_full += usize::from(reached.full_windows > full);
+            reached.cases_open += usize::from(reached.opened > open);
+            reached.cases_close_timeout += usize::from(reached.close_timeouts > timeout);
+        }
+        reached
+    }
+
+    #[test]
+    fn every_kind_is_generated_and_streams_and_websockets_go_the_whole_way() {
+        let reached = walk(256, 48, op);
+
+        for kind in ALL_KINDS {
+            assert!(
+                reached.kinds.contains(&kind),
+                "no {kind:?} task: {reached:?}"
+            );
+        }
+        // R6: windows fill in one case of 16 at least (one in five, as weighted now); streams
+        // read to their end; responses become streams.
+        assert!(reached.cases_full >= 256 / 16, "{reached:?}");
+        assert!(reached.eofs > 0, "{reached:?}");
+        assert!(reached.becomes_stream > 0, "{reached:?}");
+        // R11: websockets open in one case of 32 at least (one in ten now), close, and their
+        // close ends both ways: the peer answers, or the deadline passes.
+        assert!(reached.cases_open >= 256 / 32, "{reached:?}");
+        assert!(reached.closing > 0, "{reached:?}");
+        assert!(reached.closed_by_peer > 0, "{reached:?}");
+        assert!(reached.cases_close_timeout >= 2, "{reached:?}");
+    }
+
+    #[test]
+    fn http_kinds_make_no_stream_and_no_websocket() {
+        let reached = walk(64, 48, |model| op_in(model, &HTTP_KINDS));
+
+        assert!(reached.ops > 0);
+        for kind in HTTP_KINDS {
+            assert!(
+                reached.kinds.contains(&kind),
+                "no {kind:?} task: {reached:?}"
+            );
+        }
+        assert!(
+            reached.kinds.iter().all(|kind| HTTP_KINDS.contains(kind)),
+            "{reached:?}"
+        );
+        assert_eq!(reached.becomes_stream, 0, "{reached:?}");
+        assert_eq!(reached.opened, 0, "{reached:?}");
+    }
+
+    #[test]
+    fn some_kinds_only_means_only_those() {
+        let kinds = [TaskKind::WebSocket];
+        let reached = walk(32, 32, |model| op_in(model, &kinds));
+
+        assert!(
+            reached
+                .kinds
+                .iter()
+                .all(|kind| *kind == TaskKind::WebSocket)
+        );
+        assert!(reached.opened > 0, "{reached:?}");
+    }
 }

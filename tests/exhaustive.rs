@@ -58,7 +58,7 @@ fn a_system_that_loses_a_callback_is_caught_on_a_short_path() {
 }
 
 /// The same search, shallower, against the real client: every transition of every session
-/// kind to depth 4 (966 paths, about half a minute), each replayed on a fresh runtime and
+/// kind and task kind to depth 4 (2484 paths, about a minute), each replayed on a fresh runtime and
 /// stages, then torn down and checked with the witnesses.
 #[test]
 fn the_client_follows_every_short_sequence() {

@@ -19,7 +19,9 @@ use leakproof_check::reference::Reference;
 use leakproof_check::run::{Failure, Report};
 use leakproof_check::strategies::{disposition, fault, session_kind, task_kind, timer};
 use leakproof_model::rules::Rule;
-use leakproof_model::{Callback, Model, Op, SessionId, Step, TaskId};
+use leakproof_model::{
+    Callback, Disposition, Model, Op, Outcome, Returned, SessionId, Step, TaskId, TaskKind, Timer,
+};
 
 const CASES: u32 = 256;
 
@@ -53,7 +55,16 @@ fn any_op() -> impl Strategy<Value = Op> {
         (t.clone(), any::<u32>()).prop_map(|(task, bytes)| Op::ServerSends { task, bytes }),
         (t.clone(), any::<bool>()).prop_map(|(task, reusable)| Op::ServerEnds { task, reusable }),
         (t.clone(), fault()).prop_map(|(task, fault)| Op::ServerFails { task, fault }),
-        (t, timer()).prop_map(|(task, timer)| Op::TimePasses { task, timer }),
+        (t.clone(), timer()).prop_map(|(task, timer)| Op::TimePasses { task, timer }),
+        t.clone().prop_map(Op::Read),
+        t.clone().prop_map(Op::Write),
+        t.clone().prop_map(Op::CloseRead),
+        t.clone().prop_map(Op::CloseWrite),
+        t.clone().prop_map(Op::Receive),
+        t.clone().prop_map(Op::CloseWith),
+        (t.clone(), any::<bool>())
+            .prop_map(|(task, accept)| Op::ServerAnswersUpgrade { task, accept }),
+        t.prop_map(Op::PeerCloses),
     ]
 }
 
@@ -162,6 +173,9 @@ fn rename(step: &Step, renumbering: &Renumbering) -> Step {
             },
             Callback::BecomeDownload { task } => Callback::BecomeDownload { task: t(task) },
             Callback::FinishDownloading { task } => Callback::FinishDownloading { task: t(task) },
+            Callback::BecomeStream { task } => Callback::BecomeStream { task: t(task) },
+            Callback::Open { task } => Callback::Open { task: t(task) },
+            Callback::Close { task } => Callback::Close { task: t(task) },
             Callback::Complete { task, outcome } => Callback::Complete {
                 task: t(task),
                 outcome,
@@ -173,6 +187,7 @@ fn rename(step: &Step, renumbering: &Renumbering) -> Step {
         .collect();
     Step {
         refused: step.refused,
+        returned: step.returned,
         callbacks,
     }
 }
@@ -217,6 +232,18 @@ const WORDS: &[&str] = &[
     "data",
     "download",
     "upload",
+    "stream",
+    "websocket",
+    "become-stream",
+    "read",
+    "write",
+    "close",
+    "receive",
+    "going",
+    "away",
+    "upgrades",
+    "refuses",
+    "upgrade",
     "s0",
     "t0",
     "s",
@@ -231,14 +258,9 @@ const WORDS: &[&str] = &[
 
 const EVERY_OP: &str = include_str!("repros/every-op.ops");
 
-#[test]
-fn every_op_file_uses_every_op_and_value_and_is_canonical() {
-    let repro = parse(EVERY_OP).expect("every-op.ops parses");
-
-    // The line of each op with its ids and counts blanked: the grammar, one form each.
-    let forms: BTreeSet<String> = repro
-        .ops
-        .iter()
+/// The line of each op with its ids and counts blanked: the grammar, one form each.
+fn forms(ops: &[Op]) -> BTreeSet<String> {
+    ops.iter()
         .map(|op| {
             let words = line(op);
             let words = words.split(' ').map(|word| {
@@ -248,37 +270,73 @@ fn every_op_file_uses_every_op_and_value_and_is_canonical() {
             });
             words.collect::<Vec<_>>().join(" ")
         })
-        .collect();
+        .collect()
+}
 
-    let grammar: BTreeSet<String> = [
-        "session _ plain",
-        "session _ delegated",
-        "session _ shared",
-        "task _ data in _",
-        "task _ download in _",
-        "task _ upload in _",
-        "resume _",
-        "suspend _",
-        "cancel _",
-        "drop _",
-        "finish tasks and invalidate _",
-        "invalidate and cancel _",
-        "drop session _",
-        "server _ head allow",
-        "server _ head cancel",
-        "server _ head become-download",
-        "server _ sends _",
-        "server _ ends",
-        "server _ ends and closes",
-        "server _ resets",
-        "server _ sends garbage",
-        "time _ passes request timeout",
-        "time _ passes resource timeout",
-        "time _ passes idle timeout",
-    ]
-    .map(String::from)
-    .into();
-    assert_eq!(forms, grammar);
+/// Every form of an op line on data, download and upload tasks.
+const HTTP_GRAMMAR: &[&str] = &[
+    "session _ plain",
+    "session _ delegated",
+    "session _ shared",
+    "task _ data in _",
+    "task _ download in _",
+    "task _ upload in _",
+    "resume _",
+    "suspend _",
+    "cancel _",
+    "drop _",
+    "finish tasks and invalidate _",
+    "invalidate and cancel _",
+    "drop session _",
+    "server _ head allow",
+    "server _ head cancel",
+    "server _ head become-download",
+    "server _ sends _",
+    "server _ ends",
+    "server _ ends and closes",
+    "server _ resets",
+    "server _ sends garbage",
+    "time _ passes request timeout",
+    "time _ passes resource timeout",
+    "time _ passes idle timeout",
+];
+
+/// Every form of an op line that only streams and websockets have.
+const STREAM_AND_WEBSOCKET_GRAMMAR: &[&str] = &[
+    "task _ stream in _",
+    "task _ websocket in _",
+    "server _ head become-stream",
+    "read _",
+    "write _",
+    "close read _",
+    "close write _",
+    "receive _",
+    "close _ going away",
+    "server _ upgrades",
+    "server _ refuses upgrade",
+    "server _ closes websocket",
+    "time _ passes close timeout",
+];
+
+/// The ```text block of the module docs of `src/ops.rs`.
+fn docs_example() -> String {
+    let docs: Vec<&str> = include_str!("../src/ops.rs")
+        .lines()
+        .filter_map(|line| line.strip_prefix("//!"))
+        .map(|line| line.strip_prefix(' ').unwrap_or(line))
+        .collect();
+    let docs = docs.join("\n");
+    let (_, block) = docs.split_once("```text\n").expect("a text block");
+    let (block, _) = block.split_once("```").expect("a closed text block");
+    block.to_string()
+}
+
+#[test]
+fn every_op_file_uses_every_http_op_and_value_and_is_canonical() {
+    let repro = parse(EVERY_OP).expect("every-op.ops parses");
+
+    let grammar: BTreeSet<String> = HTTP_GRAMMAR.iter().map(|form| form.to_string()).collect();
+    assert_eq!(forms(&repro.ops), grammar);
     assert!(
         allowed(&repro.ops).iter().all(|ran| *ran),
         "an op is skipped"
@@ -287,14 +345,142 @@ fn every_op_file_uses_every_op_and_value_and_is_canonical() {
 }
 
 #[test]
-fn the_module_docs_show_the_every_op_file() {
-    let docs: Vec<&str> = include_str!("../src/ops.rs")
-        .lines()
-        .filter_map(|line| line.strip_prefix("//!"))
-        .map(|line| line.strip_prefix(' ').unwrap_or(line))
-        .collect();
+fn the_module_docs_show_every_op_and_value_in_an_allowed_canonical_sequence() {
+    let example = docs_example();
+    let repro = parse(&example).expect("the docs' example parses");
 
-    assert!(docs.join("\n").contains(&format!("```text\n{EVERY_OP}```")));
+    let grammar: BTreeSet<String> = HTTP_GRAMMAR
+        .iter()
+        .chain(STREAM_AND_WEBSOCKET_GRAMMAR)
+        .map(|form| form.to_string())
+        .collect();
+    assert_eq!(forms(&repro.ops), grammar);
+    assert!(
+        allowed(&repro.ops).iter().all(|ran| *ran),
+        "an op is skipped"
+    );
+    assert_eq!(print(&repro), example);
+}
+
+#[test]
+fn the_module_docs_extend_the_every_op_file() {
+    let file = parse(EVERY_OP).expect("every-op.ops parses");
+    let docs = parse(&docs_example()).expect("the docs' example parses");
+
+    // The same notes, and the file's ops in the same order, with the stream and websocket
+    // ops among them.
+    assert_eq!((docs.expect, &docs.notes), (file.expect, &file.notes));
+    let mut rest = docs.ops.iter();
+    for op in &file.ops {
+        assert!(
+            rest.any(|o| o == op),
+            "{} is not in the docs, in order",
+            line(op)
+        );
+    }
+}
+
+#[test]
+fn the_docs_example_does_what_its_comment_says() {
+    // `read t9` takes the window, then the rest, then sees the end; the websocket's close
+    // times out; the peer's close completes the other.
+    let repro = parse(&docs_example()).expect("parses");
+    let mut model = Model::new();
+    let mut returned = Vec::new();
+    let mut heard = Vec::new();
+    for op in &repro.ops {
+        let step = model.apply(op);
+        if matches!(op, Op::Read(TaskId(9))) {
+            returned.push(step.returned);
+        }
+        heard.extend(step.callbacks);
+    }
+    assert_eq!(
+        returned,
+        [
+            Some(Returned::Read(48 * 1024)),
+            Some(Returned::Read(16 * 1024)),
+            Some(Returned::Eof)
+        ]
+    );
+    for (task, outcome) in [
+        (9, Outcome::Success),
+        (10, Outcome::Success),
+        (11, Outcome::TimedOut(Timer::Close)),
+        (12, Outcome::NoUpgrade),
+        (13, Outcome::Success),
+    ] {
+        let task = TaskId(task);
+        assert!(
+            heard.contains(&Callback::Complete { task, outcome }),
+            "{task}: {heard:?}"
+        );
+    }
+    assert!(heard.contains(&Callback::BecomeStream { task: TaskId(10) }));
+    assert!(heard.contains(&Callback::Close { task: TaskId(13) }));
+}
+
+#[test]
+fn the_stream_and_websocket_lines_read_as_urlsession_does() {
+    let (s, t) = (SessionId(0), TaskId(1));
+    let lines = [
+        (
+            Op::CreateTask {
+                session: s,
+                task: t,
+                kind: TaskKind::Stream,
+            },
+            "task t1 stream in s0",
+        ),
+        (
+            Op::CreateTask {
+                session: s,
+                task: t,
+                kind: TaskKind::WebSocket,
+            },
+            "task t1 websocket in s0",
+        ),
+        (
+            Op::ServerHeaders {
+                task: t,
+                answer: Disposition::BecomeStream,
+            },
+            "server t1 head become-stream",
+        ),
+        (Op::Read(t), "read t1"),
+        (Op::Write(t), "write t1"),
+        (Op::CloseRead(t), "close read t1"),
+        (Op::CloseWrite(t), "close write t1"),
+        (Op::Receive(t), "receive t1"),
+        (Op::CloseWith(t), "close t1 going away"),
+        (
+            Op::ServerAnswersUpgrade {
+                task: t,
+                accept: true,
+            },
+            "server t1 upgrades",
+        ),
+        (
+            Op::ServerAnswersUpgrade {
+                task: t,
+                accept: false,
+            },
+            "server t1 refuses upgrade",
+        ),
+        (Op::PeerCloses(t), "server t1 closes websocket"),
+        (
+            Op::TimePasses {
+                task: t,
+                timer: Timer::Close,
+            },
+            "time t1 passes close timeout",
+        ),
+    ];
+    for (op, text) in lines {
+        assert_eq!(line(&op), text);
+        let parsed = parse(text).expect(text);
+        assert_eq!(parsed.ops, [op]);
+    }
 }
 
 #[test]
@@ -308,27 +494,46 @@ fn a_file_without_an_expect_line_expects_a_pass() {
 
 #[test]
 fn malformed_lines_are_named_with_their_number_and_grammar() {
-    let server = "server TASK head allow|cancel|become-download|sends N|ends|ends and closes|resets|sends garbage";
-    let time = "time TASK passes request|resource timeout|time SESSION passes idle timeout";
+    let server = "server TASK head allow|cancel|become-download|become-stream|sends N|ends|ends and closes|resets|sends garbage|upgrades|refuses upgrade|closes websocket";
+    let time = "time TASK passes request|resource|close timeout|time SESSION passes idle timeout";
+    let close = "close read TASK|close write TASK|close TASK going away";
     let cases = [
         ("server t0 send 10", server),
         ("server t0 head", server),
+        ("server t0 head become-websocket", server),
         ("server t0 sends 4294967296", server),
         ("server t0 sends +1", server),
+        ("server t0 upgrade", server),
+        ("server t0 refuses", server),
+        ("server t0 closes", server),
+        ("server s0 closes websocket", server),
         (
             "session s0 delegate",
             "session SESSION plain|delegated|shared",
         ),
         (
             "task t0 data s0",
-            "task TASK data|download|upload in SESSION",
+            "task TASK data|download|upload|stream|websocket in SESSION",
+        ),
+        (
+            "task t0 web-socket in s0",
+            "task TASK data|download|upload|stream|websocket in SESSION",
         ),
         ("resume s0", "resume TASK"),
         ("resume t", "resume TASK"),
         ("drop s0", "drop TASK|drop session SESSION"),
         ("finish s0", "finish tasks and invalidate SESSION"),
+        ("read s0", "read TASK"),
+        ("read t0 4096", "read TASK"),
+        ("write", "write TASK"),
+        ("receive t0 t1", "receive TASK"),
+        ("close t0", close),
+        ("close t0 going", close),
+        ("close read", close),
+        ("close both t0", close),
         ("time t0 passes idle timeout", time),
         ("time s0 passes request timeout", time),
+        ("time t0 passes closing timeout", time),
         (
             "# expect: maybe",
             "# expect: pass|fail|fail RULE, with RULE one of R1 to R12",
@@ -339,7 +544,7 @@ fn malformed_lines_are_named_with_their_number_and_grammar() {
         ),
         (
             "fly t0",
-            "# a comment, or an op: session, task, resume, suspend, cancel, drop, finish, invalidate, server, time",
+            "# a comment, or an op: session, task, resume, suspend, cancel, drop, read, write, close, receive, finish, invalidate, server, time",
         ),
     ];
     for (bad, expected) in cases {
@@ -475,6 +680,64 @@ fn download_cancelled_mid_body() {
             bytes: 4096,
         },
         Op::Cancel(TaskId(0)),
+    ];
+    if let Err(divergence) = run_sequence::<EngineWorld>(ops) {
+        panic!("{divergence}");
+    }
+}
+
+// The same for a websocket's close that the peer never answers: written by
+// `test_snippet("websocket_close_times_out", ...)` from this repro and pasted as it came.
+const PASTED_WEBSOCKET: &str = "\
+# expect: pass
+# a websocket closed by us completes at the close timeout when the peer never answers (R11)
+session s0 delegated
+task t0 websocket in s0
+resume t0
+server t0 upgrades
+close t0 going away
+time t0 passes close timeout
+";
+
+#[test]
+fn the_pasted_websocket_test_is_what_test_snippet_writes() {
+    let repro = parse(PASTED_WEBSOCKET).expect("parses");
+
+    let snippet = test_snippet("websocket_close_times_out", &repro);
+
+    assert!(
+        include_str!("ops_format.rs").contains(&snippet),
+        "{snippet}"
+    );
+}
+
+// a websocket closed by us completes at the close timeout when the peer never answers (R11)
+#[test]
+fn websocket_close_times_out() {
+    use leakproof_check::engine_sut::EngineWorld;
+    use leakproof_check::machine::run_sequence;
+    use leakproof_model::*;
+
+    let ops: &[Op] = &[
+        Op::CreateSession {
+            session: SessionId(0),
+            kind: SessionKind::Delegated,
+        },
+        Op::CreateTask {
+            session: SessionId(0),
+            task: TaskId(0),
+            kind: TaskKind::WebSocket,
+        },
+        Op::Resume(TaskId(0)),
+        Op::ServerAnswersUpgrade {
+            task: TaskId(0),
+            accept: true,
+        },
+        Op::CloseWith(TaskId(0)),
+        Op::TimePasses {
+            task: TaskId(0),
+            timer: Timer::Close,
+        },
     ];
     if let Err(divergence) = run_sequence::<EngineWorld>(ops) {
         panic!("{divergence}");

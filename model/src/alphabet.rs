@@ -35,7 +35,7 @@ pub enum SessionKind {
     Shared,
 }
 
-/// The kinds of task. Stream and websocket tasks join this enum with their own lifecycles.
+/// The kinds of task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TaskKind {
     /// The body is delivered to the delegate as `did_receive_data`.
@@ -44,6 +44,13 @@ pub enum TaskKind {
     Download,
     /// A request body is sent; the response is handled as a data task's.
     Upload,
+    /// A byte stream: a raw TCP connection (`stream_task(host, port)`), or a data task's
+    /// response turned into one (`Disposition::BecomeStream`). What it reads waits in a bounded
+    /// read-ahead queue for the user's `read` (R6).
+    Stream,
+    /// A websocket: an upgrade request, then messages both ways, then a close handshake bounded
+    /// by the close timeout (R11).
+    WebSocket,
 }
 
 /// The delegate's answer to `did_receive_response`.
@@ -56,6 +63,10 @@ pub enum Disposition {
     /// Turn a data task into a download task (`did_become_download`); any other kind of task
     /// completes with `InvalidDisposition`.
     BecomeDownload,
+    /// Turn a data task into a stream task (`did_become_stream`): the body, from its first
+    /// unread byte, is read through the stream's window. Any other kind of task completes with
+    /// `InvalidDisposition`.
+    BecomeStream,
 }
 
 /// The two timeouts of a task (R12).
@@ -65,6 +76,9 @@ pub enum Timer {
     Request,
     /// The whole task, from resume to completion.
     Resource,
+    /// A websocket close handshake we began: the peer's answering close frame is awaited at
+    /// most this long (R11).
+    Close,
 }
 
 /// How the server can break an exchange.
@@ -105,18 +119,42 @@ pub enum Op {
     Suspend(TaskId),
     /// Cancel the task.
     Cancel(TaskId),
-    /// Drop the task's handle; a `Suspended` task can then never run, so it is cancelled (R10).
+    /// Drop the task's handles; a `Suspended` task can then never run, so it is cancelled
+    /// (R10). A stream nobody can read is cancelled too; an open websocket nobody can use is
+    /// closed (`going away`, bounded by R11).
     DropTask(TaskId),
+
+    // The user's ops on stream tasks.
+    /// `read(0, window, 0)`: take every byte the stream holds, or see the end of the stream.
+    Read(TaskId),
+    /// `write` a few bytes.
+    Write(TaskId),
+    /// `close_read`: no more reading; what the stream holds is dropped.
+    CloseRead(TaskId),
+    /// `close_write`: send the end of the stream (a FIN).
+    CloseWrite(TaskId),
+
+    // The user's ops on websocket tasks.
+    /// A `receive` that does not wait: take the message the task holds, if any.
+    Receive(TaskId),
+    /// `cancel_with(going away)`: begin the close handshake.
+    CloseWith(TaskId),
 
     // The environment: the server and the clock.
     /// The server sends the response head; the delegate will answer `answer`.
     ServerHeaders { task: TaskId, answer: Disposition },
-    /// The server sends `bytes` bytes of body.
+    /// The server sends `bytes` bytes of body; on a stream, `bytes` raw bytes; on a websocket,
+    /// one message of `bytes` bytes.
     ServerSends { task: TaskId, bytes: u32 },
     /// The server ends the body; `reusable` says whether the connection may be kept alive.
     ServerEnds { task: TaskId, reusable: bool },
     /// The server breaks the exchange.
     ServerFails { task: TaskId, fault: Fault },
+    /// The server answers a websocket's upgrade request: `101 Switching Protocols` if
+    /// `accept`, else a plain response.
+    ServerAnswersUpgrade { task: TaskId, accept: bool },
+    /// The peer sends a websocket close frame (first, or answering ours).
+    PeerCloses(TaskId),
     /// The server stalls until `timer` fires for the task.
     TimePasses { task: TaskId, timer: Timer },
     /// The pool's idle timeout passes for the session's idle connections (R9).
@@ -132,6 +170,14 @@ impl Op {
             | Op::Suspend(task)
             | Op::Cancel(task)
             | Op::DropTask(task)
+            | Op::Read(task)
+            | Op::Write(task)
+            | Op::CloseRead(task)
+            | Op::CloseWrite(task)
+            | Op::Receive(task)
+            | Op::CloseWith(task)
+            | Op::ServerAnswersUpgrade { task, .. }
+            | Op::PeerCloses(task)
             | Op::ServerHeaders { task, .. }
             | Op::ServerSends { task, .. }
             | Op::ServerEnds { task, .. }
@@ -153,6 +199,8 @@ impl Op {
                 | Op::ServerSends { .. }
                 | Op::ServerEnds { .. }
                 | Op::ServerFails { .. }
+                | Op::ServerAnswersUpgrade { .. }
+                | Op::PeerCloses(_)
                 | Op::TimePasses { .. }
                 | Op::IdleTimeoutPasses(_)
         )
@@ -168,6 +216,8 @@ pub enum Outcome {
     Reset,
     Malformed,
     InvalidDisposition,
+    /// A websocket's upgrade request got a plain response.
+    NoUpgrade,
 }
 
 /// What a delegate hears. Callbacks of one session are delivered serially, in this order.
@@ -188,6 +238,18 @@ pub enum Callback {
     FinishDownloading {
         task: TaskId,
     },
+    /// The data task is a stream task now; the delegate is handed its handle.
+    BecomeStream {
+        task: TaskId,
+    },
+    /// The websocket's upgrade was accepted.
+    Open {
+        task: TaskId,
+    },
+    /// The websocket's close handshake completed: the peer's close frame arrived.
+    Close {
+        task: TaskId,
+    },
     Complete {
         task: TaskId,
         outcome: Outcome,
@@ -205,15 +267,36 @@ impl Callback {
             | Callback::ReceiveData { task, .. }
             | Callback::BecomeDownload { task }
             | Callback::FinishDownloading { task }
+            | Callback::BecomeStream { task }
+            | Callback::Open { task }
+            | Callback::Close { task }
             | Callback::Complete { task, .. } => Some(task),
             Callback::BecomeInvalid { .. } => None,
         }
     }
 }
 
-/// Why the model refuses an op that was allowed to be tried.
+/// Why the model refuses an op that was allowed to be tried: the error the user gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Refusal {
     /// R8: a task was created after invalidation began.
     SessionInvalidated,
+    /// A read on a stream whose read half is closed (`close_read`, or the end already read).
+    ReadClosed,
+    /// A write on a stream whose write half is closed (`close_write`, or a response's stream,
+    /// which cannot be written).
+    WriteClosed,
+    /// A stream or websocket op on a task that is completed, or closing.
+    Closed,
+}
+
+/// What a user op on a stream or websocket returned, when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Returned {
+    /// `read` took this many bytes (0: none were there yet).
+    Read(u64),
+    /// `read` saw the end of the stream.
+    Eof,
+    /// `receive` took a message of this many bytes, or found none yet.
+    Received(Option<u64>),
 }

@@ -24,6 +24,20 @@
 //! an end, or breaks the exchange; time passes until a timer fires. A suspended task does not
 //! read, so what the server sends meanwhile waits in the network and is read on resume.
 //!
+//! A **stream** task ([`TaskKind::Stream`]) is a raw TCP connection, or a data task whose
+//! delegate answered [`Disposition::BecomeStream`]. What it reads waits in a read-ahead queue
+//! of at most [`Model::read_ahead`] bytes for the user's `read`; past that it reads nothing and
+//! the rest waits in the network (R6). `close_read` drops the queue; the stream completes once
+//! both halves are closed (a response's stream has no write half). Its connection is never
+//! pooled.
+//!
+//! A **websocket** task ([`TaskKind::WebSocket`]) sends its upgrade request on resume. An
+//! accepted upgrade is `did_open`; a refused one completes it with [`Outcome::NoUpgrade`] and
+//! no `did_open`. It holds at most one received message; the next ones, and the peer's close,
+//! wait behind it. `cancel_with` begins the close handshake: the task is `Canceling`, drops
+//! what it held and what still arrives, and completes when the peer's close frame arrives
+//! (`did_close`, then success) or when [`Timer::Close`] fires (timed out): never later (R11).
+//!
 //! ## Choices the rules leave open, and what this model decides
 //!
 //! - The delegate answers `did_receive_response` synchronously, so the answer travels with the
@@ -35,6 +49,19 @@
 //! - A `BecomeDownload` answer to anything but a data task completes it with
 //!   [`Outcome::InvalidDisposition`]: a typed error, not a panic.
 //! - Suspending stops both timers; resuming re-arms them in full (R7).
+//! - Only HTTP exchanges are timed by the request and resource timeouts: a connected stream
+//!   and an open websocket wait on their user. A websocket's handshake is timed; its close is
+//!   timed by [`Timer::Close`].
+//! - A stream nobody holds a handle to is cancelled (nothing could read it); an open websocket
+//!   nobody holds is closed with `going away`, within the close timeout.
+//! - The suite's delegates keep the handle `did_become_stream` gives them exactly while the
+//!   user holds the data task's handle; a stream nobody keeps is cancelled at once.
+//! - A stream's read and a websocket's receive in the alphabet do not wait: `read(0, window,
+//!   0)` takes everything held ([`Returned::Read`], [`Returned::Eof`]), `receive` takes the
+//!   held message if there is one ([`Returned::Received`]). Ops on a completed or closing task
+//!   fail at once ([`Refusal::Closed`]).
+//! - A peer's close completes the websocket at once, once read; a message not yet received
+//!   goes with the task (R5), and `receive` then fails.
 //!
 //! ## Rules and the code that encodes them
 //!
@@ -44,16 +71,14 @@
 //! | R2 | `did_become_invalid` once, after every `did_complete` | `Model::invalidate_if_done`, reached only from `complete` and the invalidation ops; `Model::invalidate_and_cancel` completes tasks first; [`rules::check_trace`] |
 //! | R3 | the delegate is dropped right after `did_become_invalid` | [`Model::resources`]: `delegate_held` is false from `Invalidated` on |
 //! | R4 | nothing held at `Invalidated` | `Model::invalidate_if_done` empties the pool; [`rules::check_model`] checks the zero ledger |
-//! | R5 | a completed task holds nothing; its connection is pooled only if read whole and reusable | `Model::complete` and `Model::complete_success` |
+//! | R5 | a completed task holds nothing; its connection is pooled only if read whole and reusable | `Model::complete` and `Model::complete_success`; streams and websockets never pool theirs (`Model::resume`) |
+//! | R6 | a stream holds at most its read-ahead and reads nothing past it | `Model::pump` stops a stream at `read_ahead` and a websocket at one message; [`Resources::buffered_bytes`] counts them; [`rules::check_model`] |
 //! | R7 | a suspended task reads nothing and has no timers | `Model::network` queues what a suspended task would read; [`Task::timers_armed`]; [`Model::allows`] lets no timer fire then |
 //! | R8 | no task after invalidation begins, nothing allocated | `Op::CreateTask` in [`Model::apply`] returns [`Refusal::SessionInvalidated`] |
 //! | R9 | the shared session ignores invalidation; idle connections still expire | `Model::finish_tasks_and_invalidate`, `Model::invalidate_and_cancel`, `Op::IdleTimeoutPasses` |
 //! | R10 | the last session handle dropped is finish_tasks_and_invalidate; unreachable suspended tasks are cancelled | `Op::DropSession` and `Op::DropTask` in [`Model::apply`] |
+//! | R11 | a websocket close completes within the close timeout | `Model::close_websocket` makes the task `Canceling`, where [`Task::armed`] arms [`Timer::Close`]; `Model::pump` completes it on the peer's close, `Op::TimePasses` at the deadline |
 //! | R12 | timeouts and network errors end a task with a typed outcome and release as R5 | `Op::TimePasses`, `Model::read` for faults, both through `Model::complete` |
-//!
-//! R6 (stream read-ahead) and R11 (websocket close deadline) arrive with stream and websocket
-//! tasks: [`TaskKind`], [`TaskState::Canceling`] and [`Resources::buffered_bytes`] are where
-//! they go.
 
 mod alphabet;
 mod machine;
@@ -61,10 +86,12 @@ mod resources;
 pub mod rules;
 
 pub use alphabet::{
-    Callback, Disposition, Fault, Op, Outcome, Refusal, SessionId, SessionKind, TaskId, TaskKind,
-    Timer,
+    Callback, Disposition, Fault, Op, Outcome, Refusal, Returned, SessionId, SessionKind, TaskId,
+    TaskKind, Timer,
 };
-pub use machine::{Exchange, Model, ServerPhase, Session, SessionState, Step, Task, TaskState};
+pub use machine::{
+    DEFAULT_READ_AHEAD, Exchange, Model, ServerPhase, Session, SessionState, Step, Task, TaskState,
+};
 pub use resources::Resources;
 
 #[cfg(test)]

@@ -9,7 +9,8 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::alphabet::{
-    Callback, Disposition, Fault, Op, Outcome, Refusal, SessionId, SessionKind, TaskId, TaskKind,
+    Callback, Disposition, Fault, Op, Outcome, Refusal, Returned, SessionId, SessionKind, TaskId,
+    TaskKind, Timer,
 };
 use crate::resources::Resources;
 
@@ -35,8 +36,9 @@ pub enum SessionState {
 pub enum TaskState {
     Suspended,
     Running,
-    /// Cancelled, with teardown still under way. Data, download and upload tasks tear down
-    /// within the step; a websocket's close handshake will keep a task here (R11).
+    /// Cancelled, with teardown still under way. Data, download, upload and stream tasks tear
+    /// down within the step; a websocket stays here during its close handshake, at most the
+    /// close timeout (R11).
     Canceling,
     Completed,
 }
@@ -50,6 +52,8 @@ pub enum Exchange {
     AwaitingResponse,
     /// The delegate allowed the response; the body is being read.
     ReceivingBody,
+    /// A stream is connected (or its response became it); a websocket's upgrade was accepted.
+    Open,
     /// The task has completed.
     Done,
 }
@@ -62,7 +66,8 @@ pub enum ServerPhase {
     NoRequest,
     /// The request arrived; no response head sent yet.
     RequestReceived,
-    /// The head is sent; body bytes may follow.
+    /// The head is sent; body bytes may follow. For a stream, the connection is accepted; for
+    /// a websocket, the upgrade is: bytes or messages may follow.
     SendingBody,
     /// The server has ended or broken the exchange.
     Done,
@@ -73,8 +78,16 @@ pub enum ServerPhase {
 enum Unread {
     Headers(Disposition),
     Bytes(u32),
-    End { reusable: bool },
+    End {
+        reusable: bool,
+    },
     Fault(Fault),
+    /// The answer to a websocket's upgrade request.
+    Upgrade {
+        accept: bool,
+    },
+    /// A websocket close frame.
+    PeerClose,
 }
 
 /// A session of the model.
@@ -105,6 +118,19 @@ pub struct Task {
     pub connection: bool,
     /// The task holds a temp file (download tasks, from the allowed response to completion).
     pub temp_file: bool,
+    /// A stream's read-ahead queue: bytes read from the network, not yet by the user (R6).
+    pub buffered: u64,
+    /// A stream's read half is closed (`close_read`, or the end was read).
+    pub read_closed: bool,
+    /// A stream's write half is closed (`close_write`; a response's stream from the start).
+    pub write_closed: bool,
+    /// A stream has read the peer's end: once `buffered` is read, `read` sees the end.
+    pub peer_ended: bool,
+    /// A stream made from a data task's response: its bytes are an HTTP body still.
+    pub from_response: bool,
+    /// A websocket's received message, waiting for `receive`: one at most, so a silent
+    /// receiver holds one message and the rest wait in the network.
+    pub inbox: Option<u64>,
     unread: VecDeque<Unread>,
 }
 
@@ -114,14 +140,68 @@ impl Task {
         self.state != TaskState::Completed
     }
 
-    /// Whether the task's two timers are armed: it is running and waiting on the network (R7,
-    /// R12).
+    /// Whether the task's request and resource timers are armed: it is running and waiting
+    /// on an HTTP response or body (R7, R12). A connected stream and an open websocket wait on
+    /// their user, not on the server: no timer runs for them.
     pub fn timers_armed(&self) -> bool {
         self.state == TaskState::Running
-            && matches!(
-                self.exchange,
-                Exchange::AwaitingResponse | Exchange::ReceivingBody
-            )
+            && match self.kind {
+                TaskKind::Data | TaskKind::Download | TaskKind::Upload => matches!(
+                    self.exchange,
+                    Exchange::AwaitingResponse | Exchange::ReceivingBody
+                ),
+                TaskKind::WebSocket => self.exchange == Exchange::AwaitingResponse,
+                TaskKind::Stream => false,
+            }
+    }
+
+    /// Whether `timer` is armed for the task.
+    pub fn armed(&self, timer: Timer) -> bool {
+        match timer {
+            Timer::Request | Timer::Resource => self.timers_armed(),
+            // R11: a websocket's close handshake is bounded.
+            Timer::Close => self.closing(),
+        }
+    }
+
+    /// How many timers are armed.
+    pub fn armed_timers(&self) -> u32 {
+        [Timer::Request, Timer::Resource, Timer::Close]
+            .into_iter()
+            .filter(|t| self.armed(*t))
+            .count() as u32
+    }
+
+    /// Whether the server's bytes are HTTP now, so they can be malformed: a raw stream's are
+    /// anything, and a websocket's frames are the websocket library's to check.
+    pub fn speaks_http(&self) -> bool {
+        match self.kind {
+            TaskKind::Data | TaskKind::Download | TaskKind::Upload => true,
+            TaskKind::Stream => self.from_response,
+            TaskKind::WebSocket => false,
+        }
+    }
+
+    /// Whether a stream or websocket reads its socket now, room in a stream's read-ahead aside:
+    /// running (or closing), and nothing waiting in the network ahead of what comes next.
+    pub fn reads_now(&self) -> bool {
+        self.unread.is_empty()
+            && match (self.kind, self.state) {
+                (TaskKind::WebSocket, TaskState::Canceling) => true,
+                (TaskKind::WebSocket, TaskState::Running) => self.inbox.is_none(),
+                (TaskKind::Stream, TaskState::Running) => !self.read_closed,
+                _ => false,
+            }
+    }
+
+    /// A websocket in its close handshake (ours began it; the peer's close is awaited).
+    pub fn closing(&self) -> bool {
+        self.kind == TaskKind::WebSocket && self.state == TaskState::Canceling
+    }
+
+    /// Bytes the task holds for its user: a stream's queue, a websocket's message.
+    pub fn held_bytes(&self) -> u64 {
+        self.buffered + self.inbox.unwrap_or(0)
     }
 
     /// Bytes the server has sent that the client has not read yet (they sit in the network).
@@ -140,19 +220,53 @@ impl Task {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Step {
     pub refused: Option<Refusal>,
+    /// What a stream or websocket op returned, when it was not refused.
+    pub returned: Option<Returned>,
     pub callbacks: Vec<Callback>,
 }
 
+/// The read-ahead queue of a stream, in bytes, unless the model is made with another: the
+/// client's default 64 KiB window less its default 16 KiB transport buffer (R6).
+pub const DEFAULT_READ_AHEAD: u64 = 48 * 1024;
+
 /// The whole specification state: every session and task a sequence has created.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Model {
     sessions: BTreeMap<SessionId, Session>,
     tasks: BTreeMap<TaskId, Task>,
+    read_ahead: u64,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Self::with_read_ahead(DEFAULT_READ_AHEAD)
+    }
 }
 
 impl Model {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A model whose streams hold at most `bytes` read ahead (R6).
+    ///
+    /// # Panics
+    /// If `bytes` is 0: a stream that can hold nothing can read nothing.
+    pub fn with_read_ahead(bytes: u64) -> Self {
+        assert!(
+            bytes > 0,
+            "a stream's read-ahead must hold at least one byte"
+        );
+        Self {
+            sessions: BTreeMap::new(),
+            tasks: BTreeMap::new(),
+            read_ahead: bytes,
+        }
+    }
+
+    /// The most a stream holds read ahead (R6).
+    pub fn read_ahead(&self) -> u64 {
+        self.read_ahead
     }
 
     pub fn session(&self, id: SessionId) -> Option<&Session> {
@@ -192,11 +306,11 @@ impl Model {
         Resources {
             open_connections: count(|t| t.connection),
             idle_connections: session.idle_connections,
-            // Between ops every read byte has been delivered or written out; stream tasks'
-            // read-ahead windows will add to this.
-            buffered_bytes: 0,
+            // Between ops every byte a data task read has been delivered or written out; what
+            // streams and websockets hold waits for their user (R6).
+            buffered_bytes: tasks().map(Task::held_bytes).sum(),
             live_tasks: count(Task::is_live),
-            timers: 2 * count(Task::timers_armed),
+            timers: tasks().map(Task::armed_timers).sum(),
             temp_files: count(|t| t.temp_file),
             delegate_held: session.kind == SessionKind::Delegated
                 && session.state != SessionState::Invalidated,
@@ -226,22 +340,40 @@ impl Model {
                 user_session(session) && !self.tasks.contains_key(task)
             }
             Op::Resume(t) | Op::Suspend(t) | Op::Cancel(t) | Op::DropTask(t) => user_task(t),
-            Op::ServerHeaders { task: t, .. } => {
-                task(t).is_some_and(|t| t.server == ServerPhase::RequestReceived)
+            Op::Read(t) | Op::Write(t) | Op::CloseRead(t) | Op::CloseWrite(t) => {
+                user_task(t) && self.tasks[t].kind == TaskKind::Stream
             }
+            Op::Receive(t) | Op::CloseWith(t) => {
+                user_task(t) && self.tasks[t].kind == TaskKind::WebSocket
+            }
+            Op::ServerHeaders { task: t, .. } => task(t).is_some_and(|t| {
+                t.server == ServerPhase::RequestReceived && t.kind != TaskKind::WebSocket
+            }),
+            Op::ServerAnswersUpgrade { task: t, .. } => task(t).is_some_and(|t| {
+                t.server == ServerPhase::RequestReceived && t.kind == TaskKind::WebSocket
+            }),
             Op::ServerSends { task: t, bytes } => {
                 *bytes > 0 && task(t).is_some_and(|t| t.server == ServerPhase::SendingBody)
             }
-            Op::ServerEnds { task: t, .. } => {
-                task(t).is_some_and(|t| t.server == ServerPhase::SendingBody)
-            }
-            Op::ServerFails { task: t, .. } => task(t).is_some_and(|t| {
+            Op::ServerEnds { task: t, .. } => task(t).is_some_and(|t| {
+                t.server == ServerPhase::SendingBody && t.kind != TaskKind::WebSocket
+            }),
+            Op::PeerCloses(t) => task(t).is_some_and(|t| {
+                t.server == ServerPhase::SendingBody && t.kind == TaskKind::WebSocket
+            }),
+            Op::ServerFails { task: t, fault } => task(t).is_some_and(|t| {
                 matches!(
                     t.server,
                     ServerPhase::RequestReceived | ServerPhase::SendingBody
-                )
+                ) && (*fault == Fault::Reset || t.speaks_http())
+                    // A stream or websocket stops reading when it holds enough (R6). A reset
+                    // that reaches it then races the user's next write, and discards what is
+                    // still in flight, which depends on kernel buffers the model does not know.
+                    // The alphabet resets one only while it reads, so the reset is seen at once.
+                    && (matches!(t.kind, TaskKind::Data | TaskKind::Download | TaskKind::Upload)
+                        || (t.reads_now() && t.buffered < self.read_ahead))
             }),
-            Op::TimePasses { task: t, .. } => task(t).is_some_and(Task::timers_armed),
+            Op::TimePasses { task: t, timer } => task(t).is_some_and(|t| t.armed(*timer)),
             Op::IdleTimeoutPasses(s) => self.sessions.contains_key(s),
         }
     }
@@ -295,6 +427,12 @@ impl Model {
                             server: ServerPhase::NoRequest,
                             connection: false,
                             temp_file: false,
+                            buffered: 0,
+                            read_closed: false,
+                            write_closed: false,
+                            peer_ended: false,
+                            from_response: false,
+                            inbox: None,
                             unread: VecDeque::new(),
                         },
                     );
@@ -312,13 +450,51 @@ impl Model {
                     self.complete(t, Outcome::Cancelled, &mut out);
                 }
             }
-            Op::DropTask(t) => {
-                let task = self.task_mut(t);
-                task.handle = false;
-                if task.state == TaskState::Suspended {
-                    // Nothing can resume it any more (R10).
-                    self.complete(t, Outcome::Cancelled, &mut out);
+            Op::DropTask(t) => self.drop_task(t, &mut out),
+            Op::Read(t) => self.read_stream(t, &mut out),
+            Op::Write(t) => {
+                let task = &self.tasks[&t];
+                if !task.is_live() {
+                    out.refused = Some(Refusal::Closed);
+                } else if task.write_closed {
+                    out.refused = Some(Refusal::WriteClosed);
                 }
+            }
+            Op::CloseRead(t) => {
+                if self.tasks[&t].is_live() {
+                    let task = self.task_mut(t);
+                    task.read_closed = true;
+                    task.buffered = 0;
+                    self.finish_stream_if_closed(t, &mut out);
+                }
+            }
+            Op::CloseWrite(t) => {
+                if self.tasks[&t].is_live() {
+                    self.task_mut(t).write_closed = true;
+                    self.finish_stream_if_closed(t, &mut out);
+                }
+            }
+            Op::Receive(t) => {
+                let task = self.task_mut(t);
+                if matches!(task.state, TaskState::Canceling | TaskState::Completed) {
+                    out.refused = Some(Refusal::Closed);
+                } else {
+                    out.returned = Some(Returned::Received(task.inbox.take()));
+                    self.pump(t, &mut out);
+                }
+            }
+            Op::CloseWith(t) => self.close_websocket(t, &mut out),
+            Op::ServerAnswersUpgrade { task, accept } => {
+                self.task_mut(task).server = if accept {
+                    ServerPhase::SendingBody
+                } else {
+                    ServerPhase::Done
+                };
+                self.network(task, Unread::Upgrade { accept }, &mut out);
+            }
+            Op::PeerCloses(task) => {
+                self.task_mut(task).server = ServerPhase::Done;
+                self.network(task, Unread::PeerClose, &mut out);
             }
             Op::ServerHeaders { task, answer } => {
                 self.task_mut(task).server = ServerPhase::SendingBody;
@@ -367,29 +543,130 @@ impl Model {
         let task = self.task_mut(t);
         task.state = TaskState::Running;
         if task.exchange == Exchange::NotStarted {
-            task.exchange = Exchange::AwaitingResponse;
-            task.server = ServerPhase::RequestReceived;
             task.connection = true;
-            // A kept-alive connection is reused before a new one is opened.
-            let pool = &mut self.session_mut(session).idle_connections;
-            *pool = pool.saturating_sub(1);
+            match task.kind {
+                TaskKind::Stream => {
+                    // A raw TCP connection: open once connected, never pooled.
+                    task.exchange = Exchange::Open;
+                    task.server = ServerPhase::SendingBody;
+                }
+                TaskKind::WebSocket => {
+                    // The upgrade takes a connection of its own; it never returns to the pool.
+                    task.exchange = Exchange::AwaitingResponse;
+                    task.server = ServerPhase::RequestReceived;
+                }
+                TaskKind::Data | TaskKind::Download | TaskKind::Upload => {
+                    task.exchange = Exchange::AwaitingResponse;
+                    task.server = ServerPhase::RequestReceived;
+                    // A kept-alive connection is reused before a new one is opened.
+                    let pool = &mut self.session_mut(session).idle_connections;
+                    *pool = pool.saturating_sub(1);
+                }
+            }
         }
         // R7: what the server sent while the task was suspended is read now, in order.
-        while self.tasks[&t].state == TaskState::Running {
-            let Some(unread) = self.task_mut(t).unread.pop_front() else {
-                break;
-            };
-            self.read(t, unread, out);
-        }
+        self.pump(t, out);
     }
 
     /// The server did something: a running task reads it now, a suspended one later (R7), a
     /// completed one never.
     fn network(&mut self, t: TaskId, event: Unread, out: &mut Step) {
-        match self.tasks[&t].state {
-            TaskState::Running => self.read(t, event, out),
-            TaskState::Suspended => self.task_mut(t).unread.push_back(event),
-            TaskState::Canceling | TaskState::Completed => {}
+        if self.tasks[&t].is_live() {
+            self.task_mut(t).unread.push_back(event);
+            self.pump(t, out);
+        }
+    }
+
+    /// Read what waits in the network, as far as the task reads now: a running data task
+    /// reads everything; a stream fills its read-ahead queue and stops (R6); a websocket reads
+    /// while it holds no message, and a closing one reads to find the peer's close, dropping
+    /// messages (R11); a suspended task reads nothing (R7).
+    fn pump(&mut self, t: TaskId, out: &mut Step) {
+        loop {
+            let task = &self.tasks[&t];
+            let reading = match task.state {
+                TaskState::Running => true,
+                TaskState::Canceling => task.closing(),
+                TaskState::Suspended | TaskState::Completed => false,
+            };
+            let Some(&event) = task.unread.front() else {
+                return;
+            };
+            if !reading {
+                return;
+            }
+            match task.kind {
+                TaskKind::Data | TaskKind::Download | TaskKind::Upload => {
+                    self.task_mut(t).unread.pop_front();
+                    self.read(t, event, out);
+                }
+                TaskKind::Stream => {
+                    if task.read_closed {
+                        return; // Nothing reads the socket any more.
+                    }
+                    let room = self.read_ahead - task.buffered;
+                    if room == 0 {
+                        // R6: backpressure. A full stream reads nothing, so the end or a
+                        // reset behind the bytes is seen once the user makes room.
+                        return;
+                    }
+                    let task = self.task_mut(t);
+                    match event {
+                        Unread::Bytes(n) => {
+                            let took = room.min(u64::from(n));
+                            task.buffered += took;
+                            match u32::try_from(u64::from(n) - took) {
+                                Ok(0) | Err(_) => {
+                                    task.unread.pop_front();
+                                }
+                                Ok(rest) => task.unread[0] = Unread::Bytes(rest),
+                            }
+                        }
+                        Unread::End { .. } => {
+                            task.unread.pop_front();
+                            task.peer_ended = true;
+                        }
+                        Unread::Fault(fault) => {
+                            task.unread.pop_front();
+                            self.complete(t, fault_outcome(fault), out);
+                        }
+                        Unread::Headers(_) | Unread::Upgrade { .. } | Unread::PeerClose => {
+                            unreachable!("{t}: a stream gets no {event:?}")
+                        }
+                    }
+                }
+                TaskKind::WebSocket => {
+                    let closing = task.closing();
+                    if !closing && task.inbox.is_some() && !matches!(event, Unread::Upgrade { .. })
+                    {
+                        return; // The held message must be received first.
+                    }
+                    let task = self.task_mut(t);
+                    task.unread.pop_front();
+                    match event {
+                        Unread::Upgrade { accept: true } => {
+                            task.exchange = Exchange::Open;
+                            self.say(t, Callback::Open { task: t }, out);
+                        }
+                        Unread::Upgrade { accept: false } => {
+                            self.complete(t, Outcome::NoUpgrade, out);
+                        }
+                        // A closing websocket drops what still arrives (R11).
+                        Unread::Bytes(_) if closing => {}
+                        Unread::Bytes(n) => task.inbox = Some(u64::from(n)),
+                        Unread::PeerClose => {
+                            // Ours answers theirs, or theirs answers ours: the handshake is
+                            // done and the connection closes.
+                            self.say(t, Callback::Close { task: t }, out);
+                            self.complete(t, Outcome::Success, out);
+                        }
+                        Unread::Fault(fault) => self.complete(t, fault_outcome(fault), out),
+                        Unread::Headers(_) | Unread::End { .. } => {
+                            unreachable!("{t}: a websocket gets no {event:?}")
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -415,7 +692,22 @@ impl Model {
                         task.temp_file = true;
                         self.say(t, Callback::BecomeDownload { task: t }, out);
                     }
-                    (Disposition::BecomeDownload, _) => {
+                    (Disposition::BecomeStream, TaskKind::Data) => {
+                        // The body from its first unread byte is the stream's; a response
+                        // cannot be written to.
+                        task.kind = TaskKind::Stream;
+                        task.exchange = Exchange::Open;
+                        task.write_closed = true;
+                        task.from_response = true;
+                        let kept = task.handle;
+                        self.say(t, Callback::BecomeStream { task: t }, out);
+                        // The suite's delegates keep the stream's handle while the user holds
+                        // the task's; a stream nobody holds is cancelled.
+                        if !kept {
+                            self.complete(t, Outcome::Cancelled, out);
+                        }
+                    }
+                    (Disposition::BecomeDownload | Disposition::BecomeStream, _) => {
                         self.complete(t, Outcome::InvalidDisposition, out);
                     }
                     (Disposition::Cancel, _) => self.complete(t, Outcome::Cancelled, out),
@@ -435,8 +727,69 @@ impl Model {
                 }
             }
             Unread::End { reusable } => self.complete_success(t, reusable, out),
-            Unread::Fault(Fault::Reset) => self.complete(t, Outcome::Reset, out),
-            Unread::Fault(Fault::Malformed) => self.complete(t, Outcome::Malformed, out),
+            Unread::Fault(fault) => self.complete(t, fault_outcome(fault), out),
+            Unread::Upgrade { .. } | Unread::PeerClose => {
+                unreachable!("{t}: an HTTP exchange gets no {event:?}")
+            }
+        }
+    }
+
+    /// `read(0, window, 0)` on a stream.
+    fn read_stream(&mut self, t: TaskId, out: &mut Step) {
+        let task = self.task_mut(t);
+        if !task.is_live() {
+            out.refused = Some(Refusal::Closed);
+        } else if task.read_closed {
+            out.refused = Some(Refusal::ReadClosed);
+        } else if task.buffered > 0 {
+            out.returned = Some(Returned::Read(std::mem::take(&mut task.buffered)));
+            self.pump(t, out); // Room again: the stream reads on.
+        } else if task.peer_ended {
+            out.returned = Some(Returned::Eof);
+            task.read_closed = true;
+            self.finish_stream_if_closed(t, out);
+        } else {
+            out.returned = Some(Returned::Read(0));
+        }
+    }
+
+    /// A stream with both halves closed is done; its connection closes (streams are never
+    /// pooled).
+    fn finish_stream_if_closed(&mut self, t: TaskId, out: &mut Step) {
+        let task = &self.tasks[&t];
+        if task.is_live() && task.read_closed && task.write_closed {
+            self.complete(t, Outcome::Success, out);
+        }
+    }
+
+    /// `cancel_with(code)`: an open websocket begins the close handshake (R11); one that is not
+    /// open has nothing to close and is cancelled.
+    fn close_websocket(&mut self, t: TaskId, out: &mut Step) {
+        let task = self.task_mut(t);
+        match (task.state, task.exchange) {
+            (TaskState::Canceling | TaskState::Completed, _) => {}
+            (TaskState::Running | TaskState::Suspended, Exchange::Open) => {
+                task.state = TaskState::Canceling;
+                task.inbox = None;
+                self.pump(t, out); // A close already in the network answers ours.
+            }
+            (TaskState::Running | TaskState::Suspended, _) => {
+                self.complete(t, Outcome::Cancelled, out);
+            }
+        }
+    }
+
+    /// The user lets go of the task: one that can never run again is cancelled (R10); so is a
+    /// stream nobody can read; an open websocket nobody can use is closed.
+    fn drop_task(&mut self, t: TaskId, out: &mut Step) {
+        let task = self.task_mut(t);
+        task.handle = false;
+        match (task.state, task.kind) {
+            (TaskState::Suspended, _) | (TaskState::Running, TaskKind::Stream) => {
+                self.complete(t, Outcome::Cancelled, out);
+            }
+            (TaskState::Running, TaskKind::WebSocket) => self.close_websocket(t, out),
+            _ => {}
         }
     }
 
@@ -463,6 +816,9 @@ impl Model {
         task.exchange = Exchange::Done;
         task.connection = false; // closed, unless complete_success pooled it first
         task.temp_file = false;
+        // R5: what it held for its user goes with it.
+        task.buffered = 0;
+        task.inbox = None;
         task.unread.clear();
         let session = task.session;
         self.say(t, Callback::Complete { task: t, outcome }, out);
@@ -520,5 +876,12 @@ impl Model {
         }
         // R3: the delegate is released right after this callback returns; see
         // `Model::resources`, which stops counting it here.
+    }
+}
+
+fn fault_outcome(fault: Fault) -> Outcome {
+    match fault {
+        Fault::Reset => Outcome::Reset,
+        Fault::Malformed => Outcome::Malformed,
     }
 }

@@ -1,5 +1,5 @@
-//! The rules as checks: properties of a callback trace (R1, R2) and of a model state (R4, R5,
-//! R7), usable on any implementation's trace and on the model itself.
+//! The rules as checks: properties of a callback trace (R1, R2) and of a model state (R2, R4,
+//! R5, R6, R7), usable on any implementation's trace and on the model itself.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -146,8 +146,20 @@ pub fn coalesce(trace: &[Callback]) -> Vec<Callback> {
 /// checked at every state the exhaustive search reaches: a violation is a bug in the spec.
 pub fn check_model(model: &Model) -> Result<(), Violation> {
     for (id, task) in model.tasks() {
-        if task.state == TaskState::Completed && (task.connection || task.temp_file) {
+        if task.state == TaskState::Completed
+            && (task.connection || task.temp_file || task.held_bytes() > 0)
+        {
             return broken(Rule::R5, format!("completed {id} still holds {task:?}"));
+        }
+        if task.buffered > model.read_ahead() {
+            return broken(
+                Rule::R6,
+                format!(
+                    "{id} holds {} bytes read ahead, past its {}",
+                    task.buffered,
+                    model.read_ahead()
+                ),
+            );
         }
         if task.state == TaskState::Suspended && task.timers_armed() {
             return broken(Rule::R7, format!("suspended {id} has timers armed"));

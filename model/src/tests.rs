@@ -351,3 +351,348 @@ fn coalesce_merges_adjacent_chunks_of_one_task_only() {
         [d(T, 3), d(U, 3), d(T, 4)]
     );
 }
+
+// ---- streams ----
+
+/// Apply one op and return what it returned.
+fn returned(model: &mut Model, op: Op) -> Option<Returned> {
+    let step = model.apply(&op);
+    assert_eq!(step.refused, None, "{op:?} refused");
+    check_model(model).unwrap();
+    step.returned
+}
+
+#[test]
+fn a_stream_reads_no_further_than_its_read_ahead() {
+    let mut m = Model::with_read_ahead(100);
+    run(
+        &mut m,
+        &[
+            session(SessionKind::Delegated),
+            task(T, TaskKind::Stream),
+            Op::Resume(T),
+            Op::ServerSends { task: T, bytes: 70 },
+            Op::ServerSends { task: T, bytes: 70 },
+        ],
+    );
+    // R6: 100 held, 40 still in the network.
+    assert_eq!(m.resources(S).buffered_bytes, 100);
+    assert_eq!(m.task(T).unwrap().unread_bytes(), 40);
+    assert_eq!(returned(&mut m, Op::Read(T)), Some(Returned::Read(100)));
+    assert_eq!(m.resources(S).buffered_bytes, 40);
+    run(
+        &mut m,
+        &[Op::ServerEnds {
+            task: T,
+            reusable: true,
+        }],
+    );
+    assert_eq!(returned(&mut m, Op::Read(T)), Some(Returned::Read(40)));
+    assert_eq!(returned(&mut m, Op::Read(T)), Some(Returned::Eof));
+    assert_eq!(m.apply(&Op::Read(T)).refused, Some(Refusal::ReadClosed));
+    // Both halves closed: done, and the connection closes (a stream is never pooled).
+    let heard = run(&mut m, &[Op::CloseWrite(T)]);
+    assert_eq!(heard, [complete(T, Outcome::Success)]);
+    assert_eq!(
+        m.resources(S),
+        Resources {
+            live_tasks: 0,
+            delegate_held: true,
+            ..Resources::default()
+        }
+    );
+    assert_eq!(m.apply(&Op::Write(T)).refused, Some(Refusal::Closed));
+}
+
+#[test]
+fn cancelling_a_stream_before_any_read_releases_its_read_ahead() {
+    // The seed's repro: the server offers more than the window; the stream is cancelled.
+    let mut m = Model::with_read_ahead(64);
+    run(
+        &mut m,
+        &[
+            session(SessionKind::Delegated),
+            task(T, TaskKind::Stream),
+            Op::Resume(T),
+            Op::ServerSends {
+                task: T,
+                bytes: 8_000_000,
+            },
+        ],
+    );
+    assert_eq!(m.resources(S).buffered_bytes, 64);
+    let heard = run(&mut m, &[Op::Cancel(T), Op::FinishTasksAndInvalidate(S)]);
+    assert_eq!(
+        heard,
+        [
+            complete(T, Outcome::Cancelled),
+            Callback::BecomeInvalid { session: S }
+        ]
+    );
+    assert!(m.resources(S).is_zero());
+}
+
+#[test]
+fn a_data_task_becomes_a_stream_that_keeps_the_unread_body() {
+    let mut m = Model::with_read_ahead(10);
+    let heard = run(
+        &mut m,
+        &[
+            session(SessionKind::Delegated),
+            task(T, TaskKind::Data),
+            Op::Resume(T),
+            Op::Suspend(T),
+            Op::ServerHeaders {
+                task: T,
+                answer: Disposition::BecomeStream,
+            },
+            Op::ServerSends { task: T, bytes: 25 },
+            Op::ServerEnds {
+                task: T,
+                reusable: true,
+            },
+            Op::Resume(T),
+        ],
+    );
+    assert_eq!(
+        heard,
+        [
+            Callback::ReceiveResponse { task: T },
+            Callback::BecomeStream { task: T }
+        ]
+    );
+    let t = m.task(T).unwrap();
+    assert_eq!(
+        (t.kind, t.buffered, t.timers_armed()),
+        (TaskKind::Stream, 10, false)
+    );
+    assert_eq!(m.apply(&Op::Write(T)).refused, Some(Refusal::WriteClosed));
+    for expected in [10, 10, 5] {
+        assert_eq!(
+            returned(&mut m, Op::Read(T)),
+            Some(Returned::Read(expected))
+        );
+    }
+    // A response's stream has no write half: the end of the body ends it.
+    let step = m.apply(&Op::Read(T));
+    assert_eq!(step.returned, Some(Returned::Eof));
+    assert_eq!(step.callbacks, [complete(T, Outcome::Success)]);
+    assert_eq!(m.resources(S).idle_connections, 0);
+}
+
+#[test]
+fn become_stream_on_a_download_is_a_typed_error_and_a_dropped_stream_is_cancelled() {
+    let mut m = Model::new();
+    let heard = run(
+        &mut m,
+        &[
+            session(SessionKind::Delegated),
+            task(T, TaskKind::Download),
+            task(U, TaskKind::Stream),
+            Op::Resume(T),
+            Op::ServerHeaders {
+                task: T,
+                answer: Disposition::BecomeStream,
+            },
+            Op::Resume(U),
+            Op::DropTask(U),
+        ],
+    );
+    assert_eq!(
+        heard,
+        [
+            Callback::ReceiveResponse { task: T },
+            complete(T, Outcome::InvalidDisposition),
+            complete(U, Outcome::Cancelled),
+        ]
+    );
+}
+
+#[test]
+fn a_stream_is_reset_only_while_it_reads() {
+    let mut m = Model::with_read_ahead(10);
+    run(
+        &mut m,
+        &[
+            session(SessionKind::Delegated),
+            task(T, TaskKind::Stream),
+            Op::Resume(T),
+            Op::ServerSends { task: T, bytes: 10 },
+        ],
+    );
+    // Full, it reads nothing: a reset now would race the user's next write and lose what
+    // the kernels hold, which the model cannot tell. The alphabet leaves it out.
+    let reset = Op::ServerFails {
+        task: T,
+        fault: Fault::Reset,
+    };
+    assert!(!m.allows(&reset));
+    // Nor can raw bytes be malformed.
+    assert!(!m.allows(&Op::ServerFails {
+        task: T,
+        fault: Fault::Malformed,
+    }));
+    assert_eq!(returned(&mut m, Op::Read(T)), Some(Returned::Read(10)));
+    assert!(m.allows(&reset));
+    let heard = run(&mut m, &[reset]);
+    assert_eq!(heard, [complete(T, Outcome::Reset)]);
+    assert_eq!(m.apply(&Op::Read(T)).refused, Some(Refusal::Closed));
+}
+
+// ---- websockets ----
+
+fn open_websocket(m: &mut Model) -> Vec<Callback> {
+    run(
+        m,
+        &[
+            session(SessionKind::Delegated),
+            task(T, TaskKind::WebSocket),
+            Op::Resume(T),
+            Op::ServerAnswersUpgrade {
+                task: T,
+                accept: true,
+            },
+        ],
+    )
+}
+
+#[test]
+fn a_websocket_opens_holds_one_message_and_completes_on_the_peers_close() {
+    let mut m = Model::new();
+    assert_eq!(open_websocket(&mut m), [Callback::Open { task: T }]);
+    assert_eq!(m.resources(S).timers, 0, "an open websocket has no timer");
+    run(
+        &mut m,
+        &[
+            Op::ServerSends { task: T, bytes: 5 },
+            Op::ServerSends { task: T, bytes: 7 },
+            Op::PeerCloses(T),
+        ],
+    );
+    // One message held; the next and the close wait in the network.
+    assert_eq!(m.resources(S).buffered_bytes, 5);
+    assert_eq!(
+        returned(&mut m, Op::Receive(T)),
+        Some(Returned::Received(Some(5)))
+    );
+    let step = m.apply(&Op::Receive(T));
+    assert_eq!(step.returned, Some(Returned::Received(Some(7))));
+    // The close is read once the last message is taken.
+    assert_eq!(
+        step.callbacks,
+        [Callback::Close { task: T }, complete(T, Outcome::Success)]
+    );
+    // Receive after a normal close errors.
+    assert_eq!(m.apply(&Op::Receive(T)).refused, Some(Refusal::Closed));
+}
+
+#[test]
+fn a_refused_upgrade_gives_only_did_complete() {
+    let mut m = Model::new();
+    let heard = run(
+        &mut m,
+        &[
+            session(SessionKind::Delegated),
+            task(T, TaskKind::WebSocket),
+            Op::Resume(T),
+            Op::ServerAnswersUpgrade {
+                task: T,
+                accept: false,
+            },
+        ],
+    );
+    assert_eq!(heard, [complete(T, Outcome::NoUpgrade)]);
+}
+
+#[test]
+fn our_close_to_a_silent_peer_completes_at_the_close_deadline() {
+    // The seed's repro: cancel_with(going away), finish_tasks_and_invalidate, silent peer.
+    let mut m = Model::new();
+    open_websocket(&mut m);
+    let heard = run(
+        &mut m,
+        &[
+            Op::ServerSends { task: T, bytes: 3 },
+            Op::CloseWith(T),
+            Op::FinishTasksAndInvalidate(S),
+        ],
+    );
+    assert!(heard.is_empty());
+    let t = m.task(T).unwrap();
+    assert_eq!(
+        (t.state, t.armed(Timer::Close)),
+        (TaskState::Canceling, true)
+    );
+    assert_eq!(
+        m.resources(S).buffered_bytes,
+        0,
+        "closing drops what was held"
+    );
+    assert_eq!(m.session(S).unwrap().state, SessionState::Finishing);
+    let heard = run(
+        &mut m,
+        &[Op::TimePasses {
+            task: T,
+            timer: Timer::Close,
+        }],
+    );
+    assert_eq!(
+        heard,
+        [
+            complete(T, Outcome::TimedOut(Timer::Close)),
+            Callback::BecomeInvalid { session: S }
+        ]
+    );
+    assert!(m.resources(S).is_zero());
+}
+
+#[test]
+fn our_close_answered_by_the_peer_records_did_close() {
+    let mut m = Model::new();
+    open_websocket(&mut m);
+    run(&mut m, &[Op::CloseWith(T)]);
+    assert_eq!(m.apply(&Op::Receive(T)).refused, Some(Refusal::Closed));
+    let heard = run(
+        &mut m,
+        &[Op::ServerSends { task: T, bytes: 9 }, Op::PeerCloses(T)],
+    );
+    assert_eq!(
+        heard,
+        [Callback::Close { task: T }, complete(T, Outcome::Success)]
+    );
+}
+
+#[test]
+fn a_dropped_tcp_connection_completes_an_open_websocket_with_an_error() {
+    let mut m = Model::new();
+    open_websocket(&mut m);
+    let heard = run(
+        &mut m,
+        &[Op::ServerFails {
+            task: T,
+            fault: Fault::Reset,
+        }],
+    );
+    assert_eq!(heard, [complete(T, Outcome::Reset)]);
+}
+
+#[test]
+fn dropping_an_open_websocket_closes_it_and_cancel_cuts_the_handshake_short() {
+    let mut m = Model::new();
+    open_websocket(&mut m);
+    run(
+        &mut m,
+        &[task(U, TaskKind::WebSocket), Op::Resume(U), Op::DropTask(T)],
+    );
+    assert_eq!(m.task(T).unwrap().state, TaskState::Canceling);
+    // Not open yet: nothing to close, so it is cancelled.
+    let heard = run(&mut m, &[Op::CloseWith(U), Op::InvalidateAndCancel(S)]);
+    assert_eq!(
+        heard,
+        [
+            complete(U, Outcome::Cancelled),
+            complete(T, Outcome::Cancelled),
+            Callback::BecomeInvalid { session: S }
+        ]
+    );
+}

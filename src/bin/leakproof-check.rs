@@ -15,6 +15,7 @@ use leakproof_check::explore::{self, Alphabet, Exploration};
 use leakproof_check::machine::System;
 use leakproof_check::ops;
 use leakproof_check::run::{Options, Report, check};
+use leakproof_check::strategies::Kinds;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Check leakproof against its lifecycle specification")]
@@ -45,9 +46,10 @@ enum Command {
         target: Target,
     },
     /// Search every op sequence up to a depth over a small alphabet (one session of each
-    /// kind, two tasks), and replay each transition against a target.
+    /// kind, two tasks of each kind the target supports), and replay each transition against
+    /// a target.
     Explore {
-        #[arg(long, default_value_t = explore::DEFAULT_DEPTH)]
+        #[arg(long, default_value_t = explore::EVERY_KIND_DEPTH)]
         depth: usize,
         #[arg(long, value_enum, default_value_t = Target::Engine)]
         target: Target,
@@ -70,8 +72,8 @@ fn main() -> ExitCode {
         },
         Command::Explore { depth, target } => {
             let (held, said) = match target {
-                Target::Client => run_explore::<ClientWorld>(depth),
-                Target::Engine => run_explore::<EngineWorld>(depth),
+                Target::Client => run_explore::<ClientWorld>(depth, CLIENT_KINDS),
+                Target::Engine => run_explore::<EngineWorld>(depth, Kinds::All),
             };
             say!("{said}");
             exit(held)
@@ -91,7 +93,7 @@ struct Check {
     #[arg(long, default_value_t = 48)]
     max_ops: usize,
     /// Depth of the exhaustive search replayed against the engine (0: none).
-    #[arg(long, default_value_t = explore::DEFAULT_DEPTH)]
+    #[arg(long, default_value_t = explore::EVERY_KIND_DEPTH)]
     depth: usize,
     /// Check only this target.
     #[arg(long)]
@@ -104,24 +106,35 @@ struct Check {
     json: bool,
 }
 
+/// The kinds of task the real client is checked with: all of them, streams and websockets
+/// included (`Kinds::Http` restricts a run to data, download and upload tasks).
+const CLIENT_KINDS: Kinds = Kinds::All;
+
 fn run_check(args: Check) -> ExitCode {
-    let options = |cases| Options {
+    let options = |cases, kinds| Options {
         cases,
         seed: args.seed,
         max_ops: args.max_ops,
         regressions: None,
         progress: !args.json,
+        kinds,
     };
     let mut reports: Vec<Report> = Vec::new();
     if args.target != Some(Target::Client) {
-        reports.push(check::<EngineWorld>("engine", &options(args.cases * 20)));
+        reports.push(check::<EngineWorld>(
+            "engine",
+            &options(args.cases * 20, Kinds::All),
+        ));
     }
     let held = |reports: &[Report]| reports.iter().all(|r| r.failure.is_none());
     if args.target != Some(Target::Engine) && held(&reports) {
-        reports.push(check::<ClientWorld>("client", &options(args.cases)));
+        reports.push(check::<ClientWorld>(
+            "client",
+            &options(args.cases, CLIENT_KINDS),
+        ));
     }
-    let explored =
-        (args.depth > 0 && held(&reports)).then(|| run_explore::<EngineWorld>(args.depth));
+    let explored = (args.depth > 0 && held(&reports))
+        .then(|| run_explore::<EngineWorld>(args.depth, Kinds::All));
     let covered = coverage::snapshot();
     let all_held = held(&reports) && explored.as_ref().is_none_or(|(held, _)| *held);
 
@@ -202,10 +215,11 @@ fn replay<S: System>(file: PathBuf) -> ExitCode {
     }
 }
 
-/// Explore and replay; whether every rule held, and what to say.
-fn run_explore<S: System>(depth: usize) -> (bool, String) {
+/// Explore tasks of `kinds` and replay; whether every rule held, and what to say.
+fn run_explore<S: System>(depth: usize, kinds: Kinds) -> (bool, String) {
     let started = Instant::now();
-    let exploration: Exploration = match explore::explore(&Alphabet::every_kind(), depth) {
+    let alphabet = Alphabet::every_kind().only(kinds.task_kinds());
+    let exploration: Exploration = match explore::explore(&alphabet, depth) {
         Ok(exploration) => exploration,
         Err(bug) => {
             return (

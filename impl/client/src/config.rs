@@ -1,4 +1,5 @@
-//! A session's configuration: timeouts, pool limits, default headers, the download directory.
+//! A session's configuration: timeouts, pool limits, default headers, the download directory,
+//! and the bounds of streams and websockets (R6, R11).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,11 +21,20 @@ pub struct Configuration {
     pub(crate) default_headers: HeaderMap,
     pub(crate) download_dir: PathBuf,
     pub(crate) read_buffer: usize,
+    pub(crate) stream_window: usize,
+    pub(crate) write_buffer: usize,
+    pub(crate) close_timeout: Duration,
+    pub(crate) max_message_size: usize,
 }
+
+/// The smallest `read_buffer` hyper accepts (`http1::Builder::max_buf_size`).
+const MIN_READ_BUFFER: usize = 8192;
 
 impl Default for Configuration {
     /// 60 s request timeout, 7 days resource timeout (URLSession's), 6 connections and 6 idle
-    /// ones per host, idle connections closed after 90 s, downloads in the system temp dir.
+    /// ones per host, idle connections closed after 90 s, downloads in the system temp dir;
+    /// a 16 KiB read buffer, a 64 KiB stream window and write buffer, a 5 s websocket close
+    /// timeout and 16 MiB websocket messages.
     fn default() -> Self {
         Self {
             request_timeout: Duration::from_secs(60),
@@ -34,7 +44,11 @@ impl Default for Configuration {
             idle_timeout: Duration::from_secs(90),
             default_headers: HeaderMap::new(),
             download_dir: std::env::temp_dir(),
-            read_buffer: 64 * 1024,
+            read_buffer: 16 * 1024,
+            stream_window: 64 * 1024,
+            write_buffer: 64 * 1024,
+            close_timeout: Duration::from_secs(5),
+            max_message_size: 16 * 1024 * 1024,
         }
     }
 }
@@ -86,6 +100,38 @@ impl Configuration {
     /// Where download tasks write their temp files.
     pub fn download_dir(&self) -> &std::path::Path {
         &self.download_dir
+    }
+
+    /// How many bytes of a response (or of a stream's socket) are read ahead of the reader
+    /// into the transport's buffer.
+    pub fn read_buffer(&self) -> usize {
+        self.read_buffer
+    }
+
+    /// The most unread bytes a stream task holds, its transport's buffer included (R6).
+    pub fn stream_window(&self) -> usize {
+        self.stream_window
+    }
+
+    /// The most bytes a stream or websocket queues of what its user writes.
+    pub fn write_buffer(&self) -> usize {
+        self.write_buffer
+    }
+
+    /// How long a websocket's close handshake may take before its connection is closed
+    /// regardless (R11).
+    pub fn close_timeout(&self) -> Duration {
+        self.close_timeout
+    }
+
+    /// The largest websocket message (and frame) received or sent.
+    pub fn max_message_size(&self) -> usize {
+        self.max_message_size
+    }
+
+    /// What the engine may hold for a stream: the window less the transport's buffer (R6).
+    pub(crate) fn read_ahead(&self) -> usize {
+        self.stream_window.saturating_sub(self.read_buffer)
     }
 }
 
@@ -161,19 +207,67 @@ impl ConfigurationBuilder {
         self
     }
 
-    /// How many bytes of a response hyper may read ahead of the reader (at least 8192): it
-    /// bounds what a suspended or slow task keeps in memory.
+    /// How many bytes of a response hyper may read ahead of the reader (at least 8192; 16 KiB
+    /// by default): it bounds what a suspended or slow task keeps in memory. It is hyper's
+    /// `max_buf_size`, and the size of a stream's scratch buffer for socket reads, so it counts
+    /// in a stream's window (see [`stream_window`](Self::stream_window)).
     pub fn read_buffer(mut self, bytes: usize) -> Self {
         self.config.read_buffer = bytes;
-        self.check(bytes >= 8192, || {
-            "read_buffer must be at least 8192 bytes".into()
+        self.check(bytes >= MIN_READ_BUFFER, || {
+            format!("read_buffer must be at least {MIN_READ_BUFFER} bytes")
         })
     }
 
+    /// R6: the most unread bytes a stream task may hold, 64 KiB by default. The window covers
+    /// the transport's buffer too: the engine queues at most `stream_window - read_buffer`
+    /// bytes for the reader, and the socket is not read while that queue is full
+    /// (backpressure, not prefetch). It must be more than [`read_buffer`](Self::read_buffer).
+    pub fn stream_window(mut self, bytes: usize) -> Self {
+        self.config.stream_window = bytes;
+        self
+    }
+
+    /// The most bytes a stream or websocket queues of what its user writes before writes wait
+    /// (64 KiB by default; a websocket message larger than this is queued alone). It is also
+    /// tungstenite's `write_buffer_size`, and bounds its `max_write_buffer_size` (this plus one
+    /// message), so that nothing buffers writes without bound. More than zero.
+    pub fn write_buffer(mut self, bytes: usize) -> Self {
+        self.config.write_buffer = bytes;
+        self.check(bytes > 0, || "write_buffer must be more than zero".into())
+    }
+
+    /// R11: how long a websocket's close handshake may take, 5 s by default. Our close waits
+    /// this long for the peer's close frame; the peer's close waits this long for our answer
+    /// to be written; then the connection is closed regardless. More than zero.
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.config.close_timeout = timeout;
+        self.check(!timeout.is_zero(), || {
+            "close_timeout must be more than zero".into()
+        })
+    }
+
+    /// The largest websocket message, received or sent, 16 MiB by default; also the largest
+    /// frame received. A larger message from the peer fails the websocket
+    /// ([`Error::WebSocketProtocol`]); a larger one to send is refused. More than zero.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.config.max_message_size = bytes;
+        self.check(bytes > 0, || {
+            "max_message_size must be more than zero".into()
+        })
+    }
+
+    /// The configuration, or [`Error::InvalidConfiguration`] naming the first invalid value.
     pub fn build(self) -> Result<Configuration, Error> {
-        match self.error {
+        let (window, read_buffer) = (self.config.stream_window, self.config.read_buffer);
+        let this = self.check(window > read_buffer, || {
+            format!(
+                "stream_window ({window} bytes) must be more than read_buffer ({read_buffer} \
+                 bytes): the window covers the transport's buffer and the read-ahead queue (R6)"
+            )
+        });
+        match this.error {
             Some(error) => Err(Error::InvalidConfiguration(error)),
-            None => Ok(self.config),
+            None => Ok(this.config),
         }
     }
 }

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 
+use crate::stream::StreamTask;
 use crate::{Disposition, Error, TaskId, TaskKind};
 
 /// What a callback is about.
@@ -22,11 +23,15 @@ pub struct TaskInfo {
 /// The callbacks of one session are delivered one at a time, in order, on a thread of the
 /// session's own: a slow delegate delays only its own session's callbacks, never any IO.
 /// Per task: `did_receive_response`, `did_receive_data`*, `did_become_download`,
-/// `did_finish_downloading`, then exactly one `did_complete` (R1). Per session:
+/// `did_finish_downloading`, `did_become_stream`, `did_open` / `did_close` (websockets), then
+/// exactly one `did_complete` (R1). Per session:
 /// `did_become_invalid`, once, last (R2); the session drops the delegate right after it
 /// returns (R3).
 pub trait Delegate: Send + Sync + 'static {
-    /// The response head arrived; answer what to do with the body.
+    /// The response head arrived; answer what to do with the body: read it
+    /// ([`Disposition::Allow`]), cancel the task, or, for a data task, make the body a
+    /// download's file or a stream ([`Disposition::BecomeStream`], see
+    /// [`did_become_stream`](Self::did_become_stream)).
     fn did_receive_response(&self, task: &TaskInfo, response: &http::Response<()>) -> Disposition {
         let _ = (task, response);
         Disposition::Allow
@@ -46,6 +51,25 @@ pub trait Delegate: Send + Sync + 'static {
     /// since it is removed when the call returns.
     fn did_finish_downloading(&self, task: &TaskInfo, location: &Path) {
         let _ = (task, location);
+    }
+
+    /// A data task answered [`Disposition::BecomeStream`]: its body, from its first unread
+    /// byte, is read through `stream`, which is the delegate's to keep or hand on. The body is
+    /// read no further ahead than the stream's window (R6). A stream whose every handle is
+    /// dropped (this one, and the data task's own) is cancelled and its connection closed.
+    fn did_become_stream(&self, task: &TaskInfo, stream: StreamTask) {
+        let _ = (task, stream);
+    }
+
+    /// The websocket's upgrade was accepted, with this subprotocol if the server chose one.
+    fn did_open(&self, task: &TaskInfo, protocol: Option<&str>) {
+        let _ = (task, protocol);
+    }
+
+    /// The websocket's close handshake is done: the peer's close frame arrived, with this code
+    /// and reason (ours went first, or it answers the peer's). `did_complete` follows.
+    fn did_close(&self, task: &TaskInfo, code: u16, reason: &str) {
+        let _ = (task, code, reason);
     }
 
     /// The task is over: `Ok` on success, else why.

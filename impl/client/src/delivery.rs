@@ -4,11 +4,14 @@
 //! dropped the delegate (R3).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
 
 use crate::delegate::{Delegate, TaskInfo};
+use crate::session::Shared;
+use crate::stream::StreamTask;
+use crate::task::Task;
 use crate::{Callback, Delivered, Delivery, TaskId};
 
 /// What a callback needs to say which task it is about.
@@ -25,11 +28,13 @@ impl Wake for Unpark {
     }
 }
 
-/// Start the session's delivery thread.
+/// Start the session's delivery thread. It holds the session's parts weakly (to wrap a
+/// stream's handle for the delegate): the thread must not keep the session alive.
 pub(crate) fn spawn(
     name: &str,
     mut delivery: Delivery<Arc<dyn Delegate>>,
     infos: Infos,
+    shared: Weak<Shared>,
 ) -> std::io::Result<()> {
     thread::Builder::new()
         .name(format!("{name}-delegate"))
@@ -38,7 +43,7 @@ pub(crate) fn spawn(
             let mut cx = Context::from_waker(&waker);
             loop {
                 match delivery.poll_deliver(&mut cx, |delegate, callback| {
-                    hand_over(delegate.as_ref(), callback, &infos)
+                    hand_over(delegate.as_ref(), callback, &infos, &shared)
                 }) {
                     Poll::Ready(Delivered::One) => {}
                     Poll::Ready(Delivered::Done) => break,
@@ -54,6 +59,7 @@ fn hand_over(
     delegate: &dyn Delegate,
     callback: Callback,
     infos: &Infos,
+    shared: &Weak<Shared>,
 ) -> Option<crate::Disposition> {
     let info = |task: TaskId| {
         infos
@@ -77,6 +83,23 @@ fn hand_over(
         }
         Callback::FinishDownloading { task, location } => {
             delegate.did_finish_downloading(&*info(task)?, &location);
+            None
+        }
+        Callback::BecomeStream { task, stream } => {
+            // The engine counted this handle for the delegate; if it cannot be handed over it
+            // is dropped here, and a stream nobody holds is cancelled.
+            let handle = stream?;
+            let shared = shared.upgrade()?;
+            let stream = StreamTask::new(Task::new(handle, shared));
+            delegate.did_become_stream(&*info(task)?, stream);
+            None
+        }
+        Callback::Open { task, protocol } => {
+            delegate.did_open(&*info(task)?, protocol.as_deref());
+            None
+        }
+        Callback::Close { task, code, reason } => {
+            delegate.did_close(&*info(task)?, code, &reason);
             None
         }
         Callback::Complete { task, result } => {

@@ -3,7 +3,7 @@
 //! session is released, so an invalidated session leaves no background future (R4).
 
 use std::collections::HashMap;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use tokio_util::time::delay_queue::Key;
 
 use crate::exchange::Exchange;
 use crate::pool::{Expiry, Note};
-use crate::session::Shared;
+use crate::session::{Job, Shared};
 use crate::{Action, ConnId, TaskId, Timeout, TimerId};
 
 /// What the driver's clock is waiting for.
@@ -60,6 +60,12 @@ impl Driver {
         }
         // Released: by the engine's account nothing is pooled; make sure of it.
         self.shared.pool.close_all();
+        // Wake whoever awaits the release (`Session::invalidated`). `Core::poll_action` takes
+        // actions without waking them, so when the driver took the last action after the
+        // delegate was released, the release happened and no one was told. Any engine input
+        // wakes them once released; this one is a no-op (connections are numbered from 1).
+        // A workaround until the engine wakes them itself.
+        self.shared.core.idle_expired(ConnId(0));
     }
 
     fn carry_out(&mut self, action: Action) {
@@ -68,29 +74,55 @@ impl Driver {
             Action::Start { task, conn, reused } => {
                 // A reused connection's idle clock stays pending: ringing, it finds the
                 // connection busy (or parked again, and looks again later).
-                let Some((request, origin, control)) = shared.take_request(task) else {
+                let Some((job, control)) = shared.take_job(task) else {
                     return; // Its handle went and the engine has it cancelled already.
                 };
-                let exchange = Exchange {
-                    shared: shared.clone(),
-                    task,
-                    start: crate::Start { conn, reused },
-                    origin,
-                    request,
-                    control,
-                    collect: false,
-                    clock: None, // the driver keeps its clock
-                };
-                let shared = shared.clone();
-                shared.runtime.clone().spawn(async move {
-                    exchange.run().await;
-                    shared.forget(task);
-                });
+                match job {
+                    Job::Exchange { request, origin } => {
+                        let exchange = Exchange {
+                            shared: shared.clone(),
+                            task,
+                            start: crate::Start { conn, reused },
+                            origin,
+                            request,
+                            control,
+                            collect: false,
+                            clock: None, // the driver keeps its clock
+                        };
+                        spawn_io(shared, task, async move {
+                            exchange.run().await;
+                        });
+                    }
+                    // Streams and websockets never reuse a connection: theirs is their own.
+                    Job::Stream { origin } => {
+                        let io = crate::stream::run(shared.clone(), task, origin, control);
+                        spawn_io(shared, task, io);
+                    }
+                    Job::WebSocket {
+                        request,
+                        origin,
+                        key,
+                        protocols,
+                    } => {
+                        let upgrade = crate::websocket::Upgrade {
+                            shared: shared.clone(),
+                            task,
+                            origin,
+                            request,
+                            key,
+                            protocols,
+                        };
+                        spawn_io(shared, task, crate::websocket::run(upgrade, control));
+                    }
+                }
             }
             Action::Pause { task } => shared.control(task, |c| c.paused = true),
             Action::Unpause { task } => shared.control(task, |c| c.paused = false),
             Action::ReadBody { task, into } => shared.control(task, |c| c.body = Some(into)),
+            Action::ReadStream { task } => shared.control(task, |c| c.stream = true),
             Action::Abort { task, conn } => {
+                // Every kind of IO races its awaits with the control: an exchange, a stream,
+                // a websocket (R11: a close that timed out ends here, its socket closed).
                 shared.control(task, |c| c.aborted = true);
                 // The exchange may have parked its connection already (see Core::body_end).
                 if let Some(conn) = conn {
@@ -187,4 +219,14 @@ impl Driver {
             },
         }
     }
+}
+
+/// Run a task's IO on the session's runtime; once it ends, the task's record goes (unless its
+/// handle still holds it: see `Task`'s drop).
+fn spawn_io(shared: &Arc<Shared>, task: TaskId, io: impl Future<Output = ()> + Send + 'static) {
+    let shared = shared.clone();
+    shared.runtime.clone().spawn(async move {
+        io.await;
+        shared.forget(task);
+    });
 }

@@ -4,6 +4,11 @@
 //! An exchange owns its connection, so whatever way it ends, dropping it closes the socket
 //! unless the engine pooled it (R5). It stops at once when its [`Control`] says so: every
 //! await races the control.
+//!
+//! A data task whose delegate answered `BecomeStream` reads its body on through the stream's
+//! window (R6): it asks the engine how much room there is before each chunk, never polls hyper
+//! for a new frame while it holds part of the last one, and keeps its connection, never
+//! pooled, until the stream is over.
 
 use std::error::Error as _;
 use std::future::Future;
@@ -15,7 +20,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::io::AsyncWriteExt;
@@ -23,7 +28,7 @@ use tokio::sync::watch;
 
 use crate::pool::{Body, Connection, Note, Origin};
 use crate::session::Shared;
-use crate::{Error, Proceed, Release, Start, TaskId, Timeout};
+use crate::{Error, Intake, Proceed, Release, Start, TaskId, Timeout};
 
 /// What the driver tells a running exchange. Kept as state, not messages: the exchange always
 /// acts on the latest word.
@@ -32,6 +37,8 @@ pub(crate) struct Control {
     pub paused: bool,
     /// The delegate allowed the body: read it, into this file for a download.
     pub body: Option<Option<PathBuf>>,
+    /// The delegate made the response a stream: read the body through its window (R6).
+    pub stream: bool,
     /// The task is over (cancelled, timed out, invalidated): stop and drop everything.
     pub aborted: bool,
 }
@@ -94,6 +101,33 @@ async fn watchdog(activity: &Activity, idle: Duration, until: Instant) -> Timeou
             return Timeout::Request;
         }
     }
+}
+
+/// Run `work` unless `control` says stop first (or its sender is gone: the task is forgotten);
+/// `None` then. Stream and websocket IO race every await with it, as exchanges do.
+pub(crate) async fn unless_aborted<F: Future>(
+    control: &watch::Receiver<Control>,
+    work: F,
+) -> Option<F::Output> {
+    let mut control = control.clone();
+    tokio::select! {
+        biased;
+        _ = control.wait_for(|c| c.aborted) => None,
+        out = work => Some(out),
+    }
+}
+
+/// Wait until `control` lets the IO go on (R7); false once it says stop.
+pub(crate) async fn unpaused(control: &mut watch::Receiver<Control>) -> bool {
+    matches!(control.wait_for(|c| !c.paused || c.aborted).await, Ok(c) if !c.aborted)
+}
+
+/// What the delegate's answer let the exchange do.
+enum Allowed {
+    /// Read the body, into this file for a download.
+    Body(Option<PathBuf>),
+    /// Read the body through the stream's window.
+    Stream,
 }
 
 /// Why an exchange stopped short.
@@ -164,7 +198,14 @@ impl Exchange {
         let into = match self.shared.core.response(self.task, head) {
             Proceed::Read { into } => into,
             Proceed::Stop => return Err(Stop::Aborted),
-            Proceed::Wait => self.allowed().await?,
+            Proceed::Wait => match self.allowed().await? {
+                Allowed::Body(into) => into,
+                Allowed::Stream => {
+                    // The connection goes with the exchange: a stream's is never pooled.
+                    let _connection = connection;
+                    return self.stream_body(&mut body).await;
+                }
+            },
         };
         let mut file = match &into {
             Some(path) => Some(self.create(path)?),
@@ -202,6 +243,51 @@ impl Exchange {
         drop(body);
         self.finish(connection, reusable);
         Ok(())
+    }
+
+    /// The response became a stream (`Action::ReadStream`): hand the body to the engine no
+    /// faster than the stream's window has room (R6). What hyper gave beyond the room is kept
+    /// and offered first when there is room again, and hyper is not asked for another frame
+    /// meanwhile: bytes read from the socket are never lost, and never more than one frame is
+    /// held here. Then the connection is held until the engine ends the task (the user reads
+    /// to the end, closes, cancels, or drops every handle).
+    async fn stream_body(&mut self, body: &mut Incoming) -> Result<(), Stop> {
+        let (core, task) = (self.shared.core.clone(), self.task);
+        let mut rest = Bytes::new();
+        loop {
+            // R7: a suspended stream reads nothing (its intake is pending meanwhile too).
+            self.unpaused().await?;
+            let intake = self
+                .or_abort(std::future::poll_fn(|cx| core.poll_intake(task, cx)))
+                .await?;
+            let room = match intake {
+                Some(Intake::Read(room)) => room,
+                // Not a stream's; read and let the engine drop what it cannot hold.
+                Some(Intake::Discard) => usize::MAX,
+                None => break, // read closed, or the task is over
+            };
+            if rest.is_empty() {
+                let Some(frame) = self.unless_paused(body.frame()).await? else {
+                    continue; // R7: suspended while waiting; the frame waits in hyper's channel
+                };
+                match frame {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => rest = data,
+                        Err(_) => continue, // trailers
+                    },
+                    Some(Err(error)) => return Err(body_error(&error).into()),
+                    None => {
+                        core.stream_end(task);
+                        break;
+                    }
+                }
+            }
+            let offer = room.min(rest.len());
+            let taken = core.stream_data(task, &rest[..offer]);
+            rest.advance(taken.min(offer));
+        }
+        // Nothing more to read: the connection stays the task's until the engine ends it.
+        self.or_abort(std::future::pending::<()>()).await
     }
 
     /// Get a connection and send the request on it. A pooled connection the server has
@@ -283,20 +369,23 @@ impl Exchange {
     }
 
     async fn unpaused(&mut self) -> Result<(), Stop> {
-        match self.control.wait_for(|c| !c.paused || c.aborted).await {
-            Ok(c) if !c.aborted => Ok(()),
-            _ => Err(Stop::Aborted),
+        if unpaused(&mut self.control).await {
+            Ok(())
+        } else {
+            Err(Stop::Aborted)
         }
     }
 
-    async fn allowed(&mut self) -> Result<Option<PathBuf>, Stop> {
+    async fn allowed(&mut self) -> Result<Allowed, Stop> {
         match self
             .control
-            .wait_for(|c| c.body.is_some() || c.aborted)
+            .wait_for(|c| c.body.is_some() || c.stream || c.aborted)
             .await
         {
-            Ok(c) if !c.aborted => Ok(c.body.clone().flatten()),
-            _ => Err(Stop::Aborted),
+            Ok(c) if c.aborted => Err(Stop::Aborted),
+            Ok(c) if c.stream => Ok(Allowed::Stream),
+            Ok(c) => Ok(Allowed::Body(c.body.clone().flatten())),
+            Err(_) => Err(Stop::Aborted),
         }
     }
 
@@ -316,12 +405,9 @@ impl Exchange {
 
     /// Run `work` unless the control says stop first.
     async fn or_abort<F: Future>(&mut self, work: F) -> Result<F::Output, Stop> {
-        let mut control = self.control.clone();
-        tokio::select! {
-            biased;
-            _ = control.wait_for(|c| c.aborted) => Err(Stop::Aborted),
-            out = work => Ok(out),
-        }
+        unless_aborted(&self.control, work)
+            .await
+            .ok_or(Stop::Aborted)
     }
 }
 
@@ -332,7 +418,7 @@ fn empty() -> Body {
 }
 
 /// The head the engine and the delegate see.
-fn head_of(parts: &http::response::Parts) -> http::Response<()> {
+pub(crate) fn head_of(parts: &http::response::Parts) -> http::Response<()> {
     let mut head = http::Response::new(());
     *head.status_mut() = parts.status;
     *head.version_mut() = parts.version;
@@ -350,7 +436,7 @@ fn keeps_alive(parts: &http::response::Parts) -> bool {
 }
 
 /// An error sending the request or reading the head.
-fn send_error(error: &hyper::Error) -> Error {
+pub(crate) fn send_error(error: &hyper::Error) -> Error {
     if error.is_parse() || error.is_parse_status() {
         Error::MalformedResponse(error.to_string())
     } else if error.is_incomplete_message() || error.is_closed() || error.is_canceled() {

@@ -3,7 +3,9 @@
 //! A URLSession-style HTTP/1.1 client on tokio and hyper: [`Session`]s with a
 //! [`Configuration`] and an optional [`Delegate`]; data, download and upload tasks that start
 //! suspended; async conveniences ([`Session::data`], [`Session::download`],
-//! [`Session::upload`]); a connection pool per session.
+//! [`Session::upload`]); a connection pool per session. Stream tasks ([`StreamTask`], direct
+//! or a response's body) read no further ahead than their window (R6); websocket tasks
+//! ([`WebSocketTask`]) close within the close timeout whatever the peer does (R11).
 //!
 //! Its lifecycle is `leakproof-core`'s engine, checked against the specification in
 //! `leakproof-model`: every terminal path of a task or a session releases its connections,
@@ -31,17 +33,22 @@ mod driver;
 mod exchange;
 mod pool;
 mod session;
+mod stream;
 mod task;
+mod websocket;
 
 pub use config::{Configuration, ConfigurationBuilder};
 pub use delegate::{Delegate, TaskInfo};
 pub use leakproof_core::{
-    Disposition, Error, Ledger, SessionState, TaskId, TaskKind, TaskState, Timeout,
+    Disposition, Error, GOING_AWAY, Ledger, Message, SessionState, TaskId, TaskKind, TaskState,
+    Timeout,
 };
 pub use session::{DownloadedFile, Observer, Session, SessionBuilder, UploadBody};
+pub use stream::StreamTask;
 pub use task::{DataTask, DownloadTask, UploadTask};
+pub use websocket::{IntoWebSocketRequest, WebSocketTask};
 
 use leakproof_core::{
-    Action, Callback, Config, ConnId, Core, Delivered, Delivery, Proceed, Release, Route,
-    SessionHandle, Start, TaskHandle, TimerId, session,
+    Action, Callback, Config, ConnId, Core, Delivered, Delivery, Intake, Outgoing, Proceed,
+    Release, Route, SessionHandle, Start, TaskHandle, TimerId, session,
 };

@@ -180,15 +180,7 @@ impl Pool {
 
     /// Open the connection `id` to `origin`.
     pub async fn connect(&self, id: ConnId, origin: &Origin) -> Result<Connection, Error> {
-        let stream = TcpStream::connect((origin.host.as_str(), origin.port))
-            .await
-            .map_err(|e| connect_error(origin, e))?;
-        stream.set_nodelay(true)?;
-        let (sender, connection) = http1::Builder::new()
-            .max_buf_size(self.read_buffer)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| Error::Io(Arc::new(io::Error::other(e))))?;
+        let (sender, connection) = self.handshake(origin).await?;
         let notes = self.notes.clone();
         let io = self.runtime.spawn(async move {
             // Ends when the socket closes or the sender is dropped while idle; an idle
@@ -202,6 +194,52 @@ impl Pool {
             _io: AbortOnDrop(io.abort_handle()),
         })
     }
+
+    /// Open a connection for a websocket's upgrade: hyper's connection future is driven with
+    /// upgrades, so that a `101` hands the socket to `hyper::upgrade::on`. It never joins the
+    /// pool (a websocket keeps its connection, and closes it with itself), so it tells the
+    /// driver nothing. Keep the returned connection until the upgrade resolves: dropping it
+    /// first aborts hyper's connection future, and the upgrade with it.
+    pub async fn connect_for_upgrade(&self, origin: &Origin) -> Result<Connection, Error> {
+        let (sender, connection) = self.handshake(origin).await?;
+        let io = self.runtime.spawn(async move {
+            let _ = connection.with_upgrades().await;
+        });
+        Ok(Connection {
+            sender,
+            _io: AbortOnDrop(io.abort_handle()),
+        })
+    }
+
+    /// Connect to `origin` and start HTTP/1.1 on the socket, hyper's read buffer bounded by
+    /// the configuration's `read_buffer` (R6 counts it).
+    async fn handshake(
+        &self,
+        origin: &Origin,
+    ) -> Result<
+        (
+            http1::SendRequest<Body>,
+            http1::Connection<TokioIo<TcpStream>, Body>,
+        ),
+        Error,
+    > {
+        let stream = connect_tcp(origin).await?;
+        http1::Builder::new()
+            .max_buf_size(self.read_buffer)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| Error::Io(Arc::new(io::Error::other(e))))
+    }
+}
+
+/// A TCP connection to `origin`, with Nagle off (streams and requests go out as written);
+/// refused is [`Error::ConnectionRefused`].
+pub(crate) async fn connect_tcp(origin: &Origin) -> Result<TcpStream, Error> {
+    let stream = TcpStream::connect((origin.host.as_str(), origin.port))
+        .await
+        .map_err(|e| connect_error(origin, e))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 fn connect_error(origin: &Origin, error: io::Error) -> Error {

@@ -19,7 +19,9 @@ use crate::delivery::{self, Infos};
 use crate::driver::Driver;
 use crate::exchange::{Collected, Control, Exchange};
 use crate::pool::{Body, Note, Origin, Pool};
+use crate::stream::StreamTask;
 use crate::task::{DataTask, DownloadTask, Task, UploadTask};
+use crate::websocket::{IntoWebSocketRequest, WebSocketTask};
 use crate::{Core, Error, Ledger, Route, SessionState, TaskId, TaskKind};
 
 /// A request body for an upload.
@@ -62,10 +64,30 @@ pub(crate) struct Shared {
     infos: Option<Infos>,
 }
 
-/// A task's request until its exchange starts, and the control its exchange listens to.
+/// A task's job until its IO starts, and the control its IO listens to.
 struct Record {
-    request: Option<(http::Request<Body>, Origin)>,
+    job: Option<Job>,
     control: watch::Sender<Control>,
+}
+
+/// What a task's IO does once the engine starts it (`Action::Start`).
+pub(crate) enum Job {
+    /// A data, download or upload task: send the request, read the response.
+    Exchange {
+        request: http::Request<Body>,
+        origin: Origin,
+    },
+    /// A stream task: a TCP connection of its own, bytes both ways.
+    Stream { origin: Origin },
+    /// A websocket task: a connection of its own, the upgrade request, then messages.
+    WebSocket {
+        request: http::Request<Body>,
+        origin: Origin,
+        /// The `Sec-WebSocket-Key` sent, to check the server's `Sec-WebSocket-Accept`.
+        key: String,
+        /// The subprotocols offered, to check the server's choice.
+        protocols: Vec<String>,
+    },
 }
 
 impl fmt::Debug for Session {
@@ -194,6 +216,10 @@ impl Session {
             name: name.clone(),
             max_idle_per_origin: config.max_idle_per_host,
             max_connections_per_origin: config.max_connections_per_host,
+            // R6: the window less the transport's buffer (hyper's, or a stream's scratch).
+            read_ahead: config.read_ahead(),
+            write_buffer: config.write_buffer,
+            close_timeout: config.close_timeout,
         };
         let delegated = delegate.is_some();
         let (handle, core, delivery) = crate::session(engine_config, delegate);
@@ -211,7 +237,8 @@ impl Session {
         runtime.spawn(Driver::new(shared.clone(), notes_rx).run());
         match infos {
             Some(infos) => {
-                if let Err(error) = delivery::spawn(&name, delivery, infos) {
+                if let Err(error) = delivery::spawn(&name, delivery, infos, Arc::downgrade(&shared))
+                {
                     // The delivery (and with it the delegate) is dropped: no callbacks, but
                     // nothing leaks either.
                     tracing::error!(%error, "leakproof: cannot start the delegate's thread");
@@ -248,6 +275,76 @@ impl Session {
         self.task(TaskKind::Upload, request).map(UploadTask)
     }
 
+    /// A stream task: a TCP connection of its own to `host:port`, read and written through
+    /// bounded buffers (R6: the socket is not read past the stream's window). Starts
+    /// suspended; `resume` connects. Its delegate hears `did_complete` only.
+    pub fn stream_task(&self, host: &str, port: u16) -> Result<StreamTask, Error> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let authority = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        let invalid = |reason: &str| Error::InvalidUrl {
+            url: format!("tcp://{authority}"),
+            reason: reason.into(),
+        };
+        if host.is_empty() {
+            return Err(invalid("no host"));
+        }
+        let uri = http::Uri::builder()
+            .scheme("tcp")
+            .authority(authority.as_str())
+            .path_and_query("/")
+            .build()
+            .map_err(|_| invalid("bad host"))?;
+        let origin = Origin {
+            host: host.to_owned(),
+            port,
+        };
+        let info = TaskInfo {
+            id: TaskId(0),
+            kind: TaskKind::Stream,
+            method: http::Method::CONNECT,
+            uri,
+        };
+        self.task_with(TaskKind::Stream, Job::Stream { origin }, info)
+            .map(StreamTask::new)
+    }
+
+    /// A websocket task: `request` (a `ws://` or `http://` URL, or an `http::Request<()>` for
+    /// headers of your own) is sent as an upgrade on a connection of its own, offering
+    /// `protocols` (none: no `Sec-WebSocket-Protocol`). Starts suspended; `resume` connects.
+    /// Its delegate hears `did_open` once the server accepts, `did_close` when the close
+    /// handshake is done, then `did_complete`; an upgrade the server refuses completes with
+    /// [`Error::NoUpgrade`] and no `did_open`. Its close is bounded by the configuration's
+    /// `close_timeout` (R11).
+    pub fn websocket_task(
+        &self,
+        request: impl IntoWebSocketRequest,
+        protocols: &[&str],
+    ) -> Result<WebSocketTask, Error> {
+        let shared = &self.inner.shared;
+        let request = request.into_websocket_request()?;
+        let uri = request.uri().clone();
+        let (request, key) = crate::websocket::upgrade_request(request, protocols)?;
+        let (request, origin) = prepare(request.map(|()| empty()), &shared.config)?;
+        let info = TaskInfo {
+            id: TaskId(0),
+            kind: TaskKind::WebSocket,
+            method: request.method().clone(),
+            uri,
+        };
+        let job = Job::WebSocket {
+            request,
+            origin,
+            key,
+            protocols: protocols.iter().map(|p| (*p).to_owned()).collect(),
+        };
+        self.task_with(TaskKind::WebSocket, job, info)
+            .map(WebSocketTask::new)
+    }
+
     fn task(&self, kind: TaskKind, request: http::Request<Body>) -> Result<Task, Error> {
         let shared = &self.inner.shared;
         let (request, origin) = prepare(request, &shared.config)?;
@@ -257,17 +354,28 @@ impl Session {
             method: request.method().clone(),
             uri: request.uri().clone(),
         };
+        self.task_with(kind, Job::Exchange { request, origin }, info)
+    }
+
+    /// Create a delegate-routed task that will run `job` once started.
+    fn task_with(&self, kind: TaskKind, job: Job, info: TaskInfo) -> Result<Task, Error> {
+        let shared = &self.inner.shared;
+        let origin = match &job {
+            Job::Exchange { origin, .. }
+            | Job::Stream { origin }
+            | Job::WebSocket { origin, .. } => origin.key(),
+        };
         // R8: refused here, and whatever was built is dropped.
         let handle = self
             .inner
             .handle
-            .create_task(kind, &origin.key(), Route::Delegate)?;
+            .create_task(kind, &origin, Route::Delegate)?;
         let id = handle.id();
         let (control, _) = watch::channel(Control::default());
         lock(&shared.records).insert(
             id,
             Record {
-                request: Some((request, origin)),
+                job: Some(job),
                 control,
             },
         );
@@ -337,13 +445,7 @@ impl Session {
             .create_task(kind, &origin.key(), Route::Handler)?;
         let id = handle.id();
         let (control, receiver) = watch::channel(Control::default());
-        lock(&shared.records).insert(
-            id,
-            Record {
-                request: None,
-                control,
-            },
-        );
+        lock(&shared.records).insert(id, Record { job: None, control });
         // Dropped with this future: cancels the task if it is still running, and forgets it.
         let task = CancelOnDrop(Task::new(handle, shared.clone()));
         let start = match task.0.handle().resume_inline() {
@@ -477,15 +579,12 @@ impl Observer {
 }
 
 impl Shared {
-    /// The driver starts a task's exchange: its request, where to send it, its control.
-    pub fn take_request(
-        &self,
-        task: TaskId,
-    ) -> Option<(http::Request<Body>, Origin, watch::Receiver<Control>)> {
+    /// The driver starts a task's IO: its job and its control.
+    pub fn take_job(&self, task: TaskId) -> Option<(Job, watch::Receiver<Control>)> {
         let mut records = lock(&self.records);
         let record = records.get_mut(&task)?;
-        let (request, origin) = record.request.take()?;
-        Some((request, origin, record.control.subscribe()))
+        let job = record.job.take()?;
+        Some((job, record.control.subscribe()))
     }
 
     pub fn control(&self, task: TaskId, change: impl FnOnce(&mut Control)) {

@@ -24,6 +24,10 @@ impl Task {
     pub(crate) fn handle(&self) -> &TaskHandle {
         self.handle.as_ref().expect("present until dropped")
     }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
 }
 
 impl Drop for Task {

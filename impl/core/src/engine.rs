@@ -5,6 +5,8 @@
 //! Methods are grouped as quinn-proto groups its `Connection`: getters, the user's inputs, the
 //! driver's inputs, the delivery's acknowledgements, then the internal transitions.
 
+mod pipe;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::task::{Poll, Waker};
@@ -17,6 +19,8 @@ use crate::{
     Action, Callback, ConnId, Disposition, Ledger, Proceed, Release, Route, Start, TaskId,
     TaskKind, TimerId,
 };
+pub use pipe::GOING_AWAY;
+use pipe::{End, Pipe};
 
 /// What the engine needs to know about its session. Durations are data: the engine never
 /// reads a clock, it asks the driver to arm timers.
@@ -40,6 +44,12 @@ pub struct Config {
     /// At most this many connections per origin, busy and idle together; a task that would
     /// need one more waits for one to be released.
     pub max_connections_per_origin: usize,
+    /// The most a stream holds read ahead of its user (R6); its IO stops reading past it.
+    pub read_ahead: usize,
+    /// The most a stream or websocket queues of what its user writes before writes wait.
+    pub write_buffer: usize,
+    /// How long our websocket close waits for the peer's (R11).
+    pub close_timeout: Duration,
 }
 
 impl Default for Config {
@@ -53,6 +63,9 @@ impl Default for Config {
             name: "leakproof".into(),
             max_idle_per_origin: usize::MAX,
             max_connections_per_origin: usize::MAX,
+            read_ahead: 48 * 1024,
+            write_buffer: 64 * 1024,
+            close_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -71,8 +84,8 @@ pub enum SessionState {
 pub enum TaskState {
     Suspended,
     Running,
-    /// Reserved for tasks whose teardown must wait on the peer (a websocket's close, R11);
-    /// data, download and upload tasks pass through it within one transition.
+    /// A websocket in its close handshake, at most the close timeout (R11); other tasks pass
+    /// through it within one transition.
     Canceling,
     Completed,
 }
@@ -87,6 +100,8 @@ enum Exchange {
     /// The head arrived; the delegate's disposition is awaited.
     AwaitingDisposition,
     ReceivingBody,
+    /// A stream is connected, or a response became one; a websocket's upgrade was accepted.
+    Open,
 }
 
 /// Who ends a task: its own IO (which then closes or pools its connection itself) or anyone
@@ -105,18 +120,21 @@ struct Cell {
     route: Route,
     origin: String,
     state: TaskState,
-    handle: bool,
+    /// The user's handles: one from creation, one more for a stream's delegate.
+    handles: u32,
     exchange: Exchange,
     conn: Option<ConnId>,
     temp_file: Option<PathBuf>,
     /// The armed generation of each timer, by `Timeout as usize`.
-    timers: [Option<u64>; 2],
+    timers: [Option<u64>; 3],
+    /// A stream's or websocket's bytes both ways.
+    pipe: Option<Box<Pipe>>,
     /// A handler-routed task's start, until its handler takes it.
     start: Option<Start>,
     start_waker: Option<Waker>,
 }
 
-const TIMEOUTS: [Timeout; 2] = [Timeout::Request, Timeout::Resource];
+const TIMEOUTS: [Timeout; 3] = [Timeout::Request, Timeout::Resource, Timeout::Close];
 
 #[derive(Debug)]
 pub(crate) struct Engine {
@@ -138,7 +156,11 @@ pub(crate) struct Engine {
     pub(crate) release_wakers: Vec<Waker>,
     /// Bytes in `callbacks` not yet handed to the delegate.
     buffered: u64,
+    /// Bytes pipes hold for their users.
+    held: u64,
     peak_buffered: u64,
+    /// How pipe tasks ended, kept while their user holds a handle.
+    ends: BTreeMap<TaskId, End>,
     /// Completed downloads whose file is with the delegate until did_finish_downloading returns.
     handed_over: Vec<(TaskId, PathBuf)>,
     delegate_held: bool,
@@ -167,7 +189,9 @@ impl Engine {
             callback_waker: None,
             release_wakers: Vec::new(),
             buffered: 0,
+            held: 0,
             peak_buffered: 0,
+            ends: BTreeMap::new(),
             handed_over: Vec::new(),
             outcomes: BTreeMap::new(),
             waiting: VecDeque::new(),
@@ -192,7 +216,7 @@ impl Engine {
         Ledger {
             open_connections: count(|c| c.conn.is_some()),
             idle_connections: self.idle.len() as u32,
-            buffered_bytes: self.buffered,
+            buffered_bytes: self.buffered + self.held,
             peak_buffered_bytes: self.peak_buffered,
             live_tasks: self.tasks.len() as u32,
             timers: self
@@ -201,6 +225,12 @@ impl Engine {
                 .map(|c| c.timers.iter().flatten().count() as u32)
                 .sum(),
             temp_files: count(|c| c.temp_file.is_some()) + self.handed_over.len() as u32,
+            outgoing_bytes: self
+                .tasks
+                .values()
+                .filter_map(|c| c.pipe.as_deref())
+                .map(Pipe::unsent)
+                .sum(),
             delegate_held: self.delegate_held,
             pending_actions: self.actions.len() as u32,
             pending_callbacks: self.callbacks.len() as u32,
@@ -258,11 +288,12 @@ impl Engine {
                 route,
                 origin: origin.to_owned(),
                 state: TaskState::Suspended,
-                handle: true,
+                handles: 1,
                 exchange: Exchange::NotStarted,
                 conn: None,
                 temp_file: None,
-                timers: [None; 2],
+                timers: [None; 3],
+                pipe: matches!(kind, TaskKind::Stream | TaskKind::WebSocket).then(Pipe::new),
                 start: None,
                 start_waker: None,
             },
@@ -284,13 +315,22 @@ impl Engine {
             return None; // Resumes do not nest.
         }
         cell.state = TaskState::Running;
+        // A connected stream and an open websocket wait on their user: no timer for them.
+        let timed = match cell.kind {
+            TaskKind::Stream => false,
+            TaskKind::WebSocket => cell.exchange != Exchange::Open,
+            TaskKind::Data | TaskKind::Download | TaskKind::Upload => true,
+        };
         if cell.exchange == Exchange::NotStarted {
             self.begin(task);
         } else {
             self.actions.push_back(Action::Unpause { task });
+            self.wake_io(task);
         }
-        self.arm(task, Timeout::Request);
-        self.arm(task, Timeout::Resource);
+        if timed {
+            self.arm(task, Timeout::Request);
+            self.arm(task, Timeout::Resource);
+        }
         self.tasks.get_mut(&task).and_then(|cell| cell.start.take())
     }
 
@@ -298,7 +338,16 @@ impl Engine {
     /// origin's limit, else a place in the queue.
     fn begin(&mut self, task: TaskId) {
         let origin = self.tasks[&task].origin.clone();
-        let pooled = self.idle.iter().rposition(|(o, _)| *o == origin);
+        // A stream or a websocket takes a connection of its own, and never gives it back.
+        let poolable = !matches!(
+            self.tasks[&task].kind,
+            TaskKind::Stream | TaskKind::WebSocket
+        );
+        let pooled = self
+            .idle
+            .iter()
+            .rposition(|(o, _)| *o == origin)
+            .filter(|_| poolable);
         let (conn, reused) = match pooled {
             Some(i) => (self.idle.remove(i).1, true),
             None if self.connections_to(&origin) < self.config.max_connections_per_origin => {
@@ -314,7 +363,12 @@ impl Engine {
         };
         let cell = self.tasks.get_mut(&task).expect("live task");
         cell.conn = Some(conn);
-        cell.exchange = Exchange::AwaitingResponse;
+        // A stream is open once its IO connects; the IO may queue writes before then.
+        cell.exchange = if cell.kind == TaskKind::Stream {
+            Exchange::Open
+        } else {
+            Exchange::AwaitingResponse
+        };
         match cell.route {
             Route::Delegate => self.actions.push_back(Action::Start { task, conn, reused }),
             Route::Handler => {
@@ -396,14 +450,27 @@ impl Engine {
     }
 
     pub(crate) fn task_handle_dropped(&mut self, task: TaskId) {
-        self.outcomes.remove(&task);
         let Some(cell) = self.tasks.get_mut(&task) else {
+            self.outcomes.remove(&task);
+            self.ends.remove(&task);
             return;
         };
-        cell.handle = false;
-        // Nothing can resume it any more: waiting would hold the session open (R10).
-        if cell.state == TaskState::Suspended {
-            self.complete(task, Err(Error::Cancelled), EndedBy::Other);
+        cell.handles -= 1;
+        if cell.handles > 0 {
+            return;
+        }
+        self.outcomes.remove(&task);
+        match (cell.state, cell.kind) {
+            // Nothing can resume it any more: waiting would hold the session open (R10).
+            // Nor can anything read a stream any more.
+            (TaskState::Suspended, _) | (TaskState::Running, TaskKind::Stream) => {
+                self.complete(task, Err(Error::Cancelled), EndedBy::Other);
+            }
+            // Nor use a websocket: it says goodbye, within the close timeout (R11).
+            (TaskState::Running, TaskKind::WebSocket) => {
+                self.cancel_with(task, GOING_AWAY, String::new());
+            }
+            _ => {}
         }
     }
 
@@ -566,7 +633,8 @@ impl Engine {
                 self.callbacks.push_back(Callback::BecomeDownload { task });
                 self.read_body(task);
             }
-            (Disposition::BecomeDownload, kind) => {
+            (Disposition::BecomeStream, TaskKind::Data) => self.become_stream(task),
+            (Disposition::BecomeDownload | Disposition::BecomeStream, kind) => {
                 let error = Error::InvalidDisposition { disposition, kind };
                 self.complete(task, Err(error), EndedBy::Other);
             }
@@ -587,7 +655,12 @@ impl Engine {
     pub(crate) fn delegate_released(&mut self) {
         self.delegate_held = false;
         self.buffered = 0;
-        self.callbacks.clear();
+        for callback in std::mem::take(&mut self.callbacks) {
+            // The stream's handle the delegate will never get.
+            if let Callback::BecomeStream { task, .. } = callback {
+                self.task_handle_dropped(task);
+            }
+        }
         for (task, path) in std::mem::take(&mut self.handed_over) {
             self.actions
                 .push_back(Action::RemoveTempFile { task, path });
@@ -622,6 +695,7 @@ impl Engine {
         let after = match timeout {
             Timeout::Request => self.config.request_timeout,
             Timeout::Resource => self.config.resource_timeout,
+            Timeout::Close => self.config.close_timeout,
         };
         let timer = TimerId {
             task,
@@ -661,7 +735,16 @@ impl Engine {
     /// The one way a task completes (R1): its cell goes, with everything it held (R5).
     fn complete(&mut self, task: TaskId, result: Result<(), Error>, ended_by: EndedBy) {
         self.disarm_all(task);
-        let cell = self.tasks.remove(&task).expect("live task");
+        let mut cell = self.tasks.remove(&task).expect("live task");
+        if let Some(mut pipe) = cell.pipe.take() {
+            // R5: what it held goes with it; whoever waits on it finds it completed.
+            self.held -= pipe.held();
+            self.wake_later.extend(pipe.wakers());
+            if cell.handles > 0 {
+                let end = End::new(result.clone(), pipe.close.take(), cell.kind);
+                self.ends.insert(task, end);
+            }
+        }
         let started = !matches!(
             cell.exchange,
             Exchange::NotStarted | Exchange::AwaitingConnection
@@ -699,7 +782,7 @@ impl Engine {
         }
         if handler {
             // Kept for the handler while it can still ask; nobody else will.
-            if cell.handle {
+            if cell.handles > 0 {
                 self.outcomes.insert(task, result);
             }
         } else if self.config.delegated {

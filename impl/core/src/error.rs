@@ -6,13 +6,15 @@ use std::sync::Arc;
 
 use crate::{Disposition, TaskKind};
 
-/// Which of a task's two timers fired (R12).
+/// Which of a task's timers fired (R11, R12).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Timeout {
     /// Nothing arrived for the request timeout while a response was awaited or read.
     Request,
     /// The whole task outlived the resource timeout.
     Resource,
+    /// A websocket's peer did not answer our close frame within the close timeout.
+    Close,
 }
 
 impl fmt::Display for Timeout {
@@ -20,6 +22,7 @@ impl fmt::Display for Timeout {
         f.write_str(match self {
             Timeout::Request => "request timeout (idle time between bytes)",
             Timeout::Resource => "resource timeout (whole task)",
+            Timeout::Close => "close timeout (the peer did not answer our close frame)",
         })
     }
 }
@@ -43,7 +46,7 @@ pub enum Error {
     InvalidUrl { url: String, reason: String },
     #[error(
         "the delegate answered {disposition:?} for a {kind:?} task, which cannot do that; \
-         only data tasks can become downloads"
+         only data tasks can become downloads or streams"
     )]
     InvalidDisposition {
         disposition: Disposition,
@@ -55,6 +58,20 @@ pub enum Error {
     SessionInvalidated,
     #[error("invalid configuration: {0}")]
     InvalidConfiguration(String),
+    #[error("the server answered the websocket upgrade with status {status}, not 101")]
+    NoUpgrade { status: u16 },
+    #[error("websocket protocol error: {0}")]
+    WebSocketProtocol(String),
+    #[error("the stream's read half is closed (close_read, or the end was read)")]
+    ReadClosed,
+    #[error("the stream's write half is closed (close_write, or it is a response's stream)")]
+    WriteClosed,
+    #[error("the {0} is closed")]
+    Closed(&'static str),
+    #[error("the {0} timed out; the task goes on (retry, or cancel it)")]
+    OpTimedOut(&'static str),
+    #[error("a {kind:?} task cannot {op}")]
+    WrongKind { kind: TaskKind, op: &'static str },
     #[error("I/O error: {0}")]
     Io(Arc<io::Error>),
 }

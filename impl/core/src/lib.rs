@@ -27,11 +27,13 @@
 //! | R2 | `Engine::invalidate_if_done` queues `BecomeInvalid` behind every `Complete`; `Engine::invalidate_and_cancel` completes tasks first |
 //! | R3 | [`Delivery`] drops the delegate right after delivering `BecomeInvalid`, or in its own `Drop` |
 //! | R4 | `Engine::invalidate_if_done` closes the pool; [`Core::poll_action`] ends only when released |
-//! | R5 | `Engine::complete` aborts the IO (closing its connection) and removes temp files; `Engine::body_end` pools only read-whole, reusable connections |
-//! | R7 | `Engine::suspend` pauses reading and disarms both timers |
+//! | R5 | `Engine::complete` aborts the IO (closing its connection), removes temp files and drops a pipe's bytes; `Engine::body_end` pools only read-whole, reusable connections; `Engine::begin` never gives a stream or websocket a pooled connection |
+//! | R6 | `Engine::intake` (`engine/pipe.rs`) gives a stream's IO no more than its room and nothing while full; `Engine::stream_data` takes no more; a websocket's IO reads one message at a time |
+//! | R7 | `Engine::suspend` pauses reading and disarms both timers; `Engine::intake` gives a suspended task nothing |
 //! | R8 | `Engine::create_task` refuses before allocating |
 //! | R9 | `Config::shared` makes the invalidation inputs no-ops; `Core::idle_expired` |
-//! | R10 | `Drop for SessionHandle` and `Drop for TaskHandle` |
+//! | R10 | `Drop for SessionHandle` and `Drop for TaskHandle`; `Engine::task_handle_dropped` also cancels a stream and closes a websocket nobody holds |
+//! | R11 | `Engine::cancel_with` (`engine/pipe.rs`) arms `Timeout::Close`; `Engine::timer_fired` completes the task at the deadline, `Engine::ws_peer_closed` on the peer's answer; either way `Action::Abort` closes the socket |
 //! | R12 | `Engine::timer_fired` (stale generations ignored) and `Engine::failed` |
 
 mod engine;
@@ -44,7 +46,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-pub use engine::{Config, SessionState, TaskState};
+pub use engine::{Config, GOING_AWAY, SessionState, TaskState};
 pub use error::{Error, Timeout};
 pub use session::{Core, Delivered, Delivery, SessionHandle, TaskHandle, session};
 
@@ -65,12 +67,62 @@ pub struct TimerId {
     pub generation: u64,
 }
 
-/// The kinds of task. Stream and websocket tasks will join.
+/// The kinds of task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TaskKind {
     Data,
     Download,
     Upload,
+    /// A raw TCP stream, or a data task's response turned into one ([`Disposition::BecomeStream`]).
+    /// Its user reads from a bounded read-ahead queue (R6) and writes to a bounded outbox.
+    Stream,
+    WebSocket,
+}
+
+/// A websocket message, as the user sends and receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Text(String),
+    Binary(Bytes),
+}
+
+impl Message {
+    /// Its payload's length in bytes: what it counts for in the ledger and the write buffer.
+    pub fn len(&self) -> usize {
+        match self {
+            Message::Text(text) => text.len(),
+            Message::Binary(bytes) => bytes.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a stream's or websocket's IO must write next, in the order the user asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outgoing {
+    /// Stream bytes.
+    Bytes(Bytes),
+    /// The stream's `close_write`: shut the socket's write half down (a FIN).
+    Shutdown,
+    /// A websocket message.
+    Message(Message),
+    /// A websocket ping; its pong is reported with [`Core::ws_pong`].
+    Ping,
+    /// The websocket close frame we begin the handshake with (R11).
+    Close { code: u16, reason: String },
+}
+
+/// What a stream's or websocket's IO may read now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intake {
+    /// Read at most this many bytes (a stream's room, R6), or one message (a websocket with an
+    /// empty inbox; the count is then the message size limit's business, not the engine's).
+    Read(usize),
+    /// A closing websocket: read and drop messages until the peer's close frame (R11).
+    Discard,
 }
 
 /// The delegate's answer to `did_receive_response`.
@@ -80,6 +132,9 @@ pub enum Disposition {
     Cancel,
     /// Only for data tasks; any other kind completes with [`Error::InvalidDisposition`].
     BecomeDownload,
+    /// Only for data tasks: the body, from its first unread byte, is read through a stream
+    /// whose handle the delegate gets in [`Callback::BecomeStream`].
+    BecomeStream,
 }
 
 /// What the driver must do, in queue order.
@@ -105,6 +160,9 @@ pub enum Action {
     Unpause { task: TaskId },
     /// The response was allowed: read the body, into the file `into` for a download.
     ReadBody { task: TaskId, into: Option<PathBuf> },
+    /// The response became a stream: read the body through the stream's window, with
+    /// [`Core::poll_intake`] and [`Core::stream_data`] (R6).
+    ReadStream { task: TaskId },
     /// Tear the task's IO down; the connection it holds (or has parked, see
     /// [`Core::body_end`]) is closed, not pooled (R5).
     Abort { task: TaskId, conn: Option<ConnId> },
@@ -183,6 +241,24 @@ pub enum Callback {
         task: TaskId,
         location: PathBuf,
     },
+    /// The data task is a stream now. `stream` is its new handle, the delegate's to keep:
+    /// always `Some` when the delegate gets it (the delivery makes it). A stream whose every
+    /// handle is dropped is cancelled.
+    BecomeStream {
+        task: TaskId,
+        stream: Option<TaskHandle>,
+    },
+    /// The websocket's upgrade was accepted.
+    Open {
+        task: TaskId,
+        protocol: Option<String>,
+    },
+    /// The websocket's close handshake is done: the peer's close frame arrived.
+    Close {
+        task: TaskId,
+        code: u16,
+        reason: String,
+    },
     Complete {
         task: TaskId,
         result: Result<(), Error>,
@@ -198,6 +274,9 @@ impl Callback {
             | Callback::ReceiveData { task, .. }
             | Callback::BecomeDownload { task }
             | Callback::FinishDownloading { task, .. }
+            | Callback::BecomeStream { task, .. }
+            | Callback::Open { task, .. }
+            | Callback::Close { task, .. }
             | Callback::Complete { task, .. } => Some(*task),
             Callback::BecomeInvalid => None,
         }
@@ -212,7 +291,8 @@ pub struct Ledger {
     pub open_connections: u32,
     /// Connections in the pool.
     pub idle_connections: u32,
-    /// Body bytes queued for the delegate.
+    /// Bytes read and held for the user: body bytes queued for the delegate, streams'
+    /// read-ahead, websockets' received messages (R6).
     pub buffered_bytes: u64,
     /// The most `buffered_bytes` has ever been.
     pub peak_buffered_bytes: u64,
@@ -222,6 +302,8 @@ pub struct Ledger {
     pub timers: u32,
     /// Download files not yet removed.
     pub temp_files: u32,
+    /// Bytes the user wrote to streams and websockets that their IO has not taken yet.
+    pub outgoing_bytes: u64,
     pub delegate_held: bool,
     /// Actions the driver has not taken yet.
     pub pending_actions: u32,

@@ -19,8 +19,8 @@ use crate::engine::{Config, Engine, SessionState, TaskState};
 use crate::error::Error;
 use crate::sync::{Arc, Mutex, lock};
 use crate::{
-    Action, Callback, ConnId, Disposition, Ledger, Proceed, Release, Route, Start, TaskId,
-    TaskKind, TimerId,
+    Action, Callback, ConnId, Disposition, Intake, Ledger, Message, Outgoing, Proceed, Release,
+    Route, Start, TaskId, TaskKind, TimerId,
 };
 
 /// Create a session's engine. `delegate` decides whether callbacks are queued at all
@@ -197,6 +197,73 @@ impl Core {
     pub fn idle_expired(&self, conn: ConnId) {
         self.update(|e| e.idle_expired(conn));
     }
+
+    // ---- the IO of streams and websockets ----
+
+    /// What the task's IO may read now (R6, R7); `None` once it must stop reading for good.
+    pub fn poll_intake(&self, task: TaskId, cx: &mut Context<'_>) -> Poll<Option<Intake>> {
+        self.update(|e| e.intake(task, Some(cx.waker())))
+    }
+
+    /// [`Core::poll_intake`] without waiting.
+    pub fn try_intake(&self, task: TaskId) -> Option<Intake> {
+        match self.update(|e| e.intake(task, None)) {
+            Poll::Ready(intake) => intake,
+            Poll::Pending => None,
+        }
+    }
+
+    /// Bytes read from a stream's socket (or a response stream's body); returns how many the
+    /// read-ahead took: all of them if the IO read no more than [`Intake::Read`] allowed. The
+    /// IO keeps the rest and offers it again when there is room.
+    pub fn stream_data(&self, task: TaskId, data: &[u8]) -> usize {
+        self.update(|e| e.stream_data(task, data))
+    }
+
+    /// The peer ended the stream.
+    pub fn stream_end(&self, task: TaskId) {
+        self.update(|e| e.stream_end(task));
+    }
+
+    /// The websocket's upgrade was accepted (`101`), with this subprotocol.
+    pub fn ws_opened(&self, task: TaskId, protocol: Option<String>) {
+        self.update(|e| e.ws_opened(task, protocol));
+    }
+
+    /// A websocket message arrived.
+    pub fn ws_message(&self, task: TaskId, message: Message) {
+        self.update(|e| e.ws_message(task, message));
+    }
+
+    /// A pong arrived.
+    pub fn ws_pong(&self, task: TaskId) {
+        self.update(|e| e.ws_pong(task));
+    }
+
+    /// The peer's close frame arrived and, if it came first, the IO has answered it. The task
+    /// completes; the driver gets [`Action::Abort`] and closes the connection.
+    pub fn ws_peer_closed(&self, task: TaskId, code: u16, reason: String) {
+        self.update(|e| e.ws_peer_closed(task, code, reason));
+    }
+
+    /// The next thing the task's IO must write; `None` once the task is gone. Report each
+    /// item written with [`Core::sent`].
+    pub fn poll_outgoing(&self, task: TaskId, cx: &mut Context<'_>) -> Poll<Option<Outgoing>> {
+        self.update(|e| e.outgoing(task, Some(cx.waker())))
+    }
+
+    /// [`Core::poll_outgoing`] without waiting.
+    pub fn try_outgoing(&self, task: TaskId) -> Option<Outgoing> {
+        match self.update(|e| e.outgoing(task, None)) {
+            Poll::Ready(item) => item,
+            Poll::Pending => None,
+        }
+    }
+
+    /// The item the IO took last is written.
+    pub fn sent(&self, task: TaskId) {
+        self.update(|e| e.sent(task));
+    }
 }
 
 /// The user's handle on a session. Dropping it is `finish_tasks_and_invalidate` (R10); a
@@ -288,6 +355,86 @@ impl TaskHandle {
     pub fn cancel(&self) {
         self.core.update(|e| e.cancel(self.id));
     }
+
+    // ---- streams ----
+
+    /// Read between `min` and `max` bytes from a stream: `Some(bytes)`, which is empty only
+    /// when `min` is 0 and nothing was there; `None` at the end of the stream. Fails at once
+    /// once the read half is closed or the task is over, with the task's own error if it had
+    /// one.
+    pub fn poll_read(
+        &self,
+        cx: &mut Context<'_>,
+        min: usize,
+        max: usize,
+    ) -> Poll<Result<Option<Bytes>, Error>> {
+        self.core
+            .update(|e| e.read(self.id, min, max, Some(cx.waker())))
+    }
+
+    /// Queue bytes for the stream's IO; returns how many were taken. Waits while the write
+    /// buffer is full.
+    pub fn poll_write(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<Result<usize, Error>> {
+        self.core
+            .update(|e| e.write(self.id, data, Some(cx.waker())))
+    }
+
+    /// Ready once the IO has written everything queued.
+    pub fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.core.update(|e| e.flush(self.id, Some(cx.waker())))
+    }
+
+    /// No more reading: what the stream holds is dropped. A stream with both halves closed
+    /// completes.
+    pub fn close_read(&self) {
+        self.core.update(|e| e.close_read(self.id));
+    }
+
+    /// No more writing: the end of the stream is sent after what was written.
+    pub fn close_write(&self) {
+        self.core.update(|e| e.close_write(self.id));
+    }
+
+    // ---- websockets ----
+
+    /// Take the websocket's received message; wait for one.
+    pub fn poll_receive(&self, cx: &mut Context<'_>) -> Poll<Result<Message, Error>> {
+        self.core.update(|e| e.receive(self.id, Some(cx.waker())))
+    }
+
+    /// Queue the message in `message` once the write buffer has room; `message` is `None`
+    /// once it is queued.
+    pub fn poll_send(
+        &self,
+        cx: &mut Context<'_>,
+        message: &mut Option<Message>,
+    ) -> Poll<Result<(), Error>> {
+        self.core
+            .update(|e| e.send(self.id, message, Some(cx.waker())))
+    }
+
+    /// Queue a ping; wait for its pong with [`TaskHandle::poll_pong`].
+    pub fn ping(&self) -> Result<u64, Error> {
+        self.core.update(|e| e.ping(self.id))
+    }
+
+    /// Ready once ping `id` is answered; an error once the websocket is over.
+    pub fn poll_pong(&self, cx: &mut Context<'_>, id: u64) -> Poll<Result<(), Error>> {
+        self.core.update(|e| e.pong(self.id, id, Some(cx.waker())))
+    }
+
+    /// Begin the close handshake with `code` and `reason`; it completes when the peer answers,
+    /// or with [`Error::TimedOut`]`(`[`Timeout::Close`](crate::Timeout::Close)`)` after the
+    /// close timeout (R11). A websocket not open yet is cancelled.
+    pub fn cancel_with(&self, code: u16, reason: impl Into<String>) {
+        let reason = reason.into();
+        self.core.update(|e| e.cancel_with(self.id, code, reason));
+    }
+
+    /// The close frame's code and reason: the peer's, or ours while the peer's is awaited.
+    pub fn close_frame(&self) -> Option<(u16, String)> {
+        self.core.read(|e| e.close_frame(self.id))
+    }
 }
 
 impl Drop for TaskHandle {
@@ -372,6 +519,17 @@ impl<D> Delivery<D> {
                     return None;
                 }
             }
+        };
+        let callback = match callback {
+            // The engine counted this handle when it queued the callback: it is adopted here.
+            Callback::BecomeStream { task, stream: None } => Callback::BecomeStream {
+                task,
+                stream: Some(TaskHandle {
+                    core: self.core.clone(),
+                    id: task,
+                }),
+            },
+            callback => callback,
         };
         let ack = match callback {
             Callback::ReceiveResponse { task, .. } => Ack::Answer(task),

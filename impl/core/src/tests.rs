@@ -420,3 +420,249 @@ fn a_waiting_task_suspended_gives_up_its_place() {
             .any(|a| matches!(a, Action::Start { task, .. } if *task == waiting.id()))
     );
 }
+
+// ---- streams and websockets ----
+
+fn noop() -> std::task::Context<'static> {
+    std::task::Context::from_waker(std::task::Waker::noop())
+}
+
+fn open_stream(session: &SessionHandle, core: &Core) -> TaskHandle {
+    let task = session
+        .create_task(TaskKind::Stream, "a", Route::Delegate)
+        .unwrap();
+    task.resume();
+    let got = actions(core);
+    assert!(
+        matches!(got[..], [Action::Start { reused: false, .. }]),
+        "{got:?}"
+    );
+    task
+}
+
+#[test]
+fn a_stream_reads_no_further_than_its_window_and_holds_no_timer() {
+    let (session, core, _delivery) = session(
+        Config {
+            read_ahead: 8,
+            ..Config::default()
+        },
+        Some(Recorder),
+    );
+    let task = open_stream(&session, &core);
+    assert_eq!(core.ledger().timers, 0);
+    assert_eq!(core.try_intake(task.id()), Some(Intake::Read(8)));
+    assert_eq!(core.stream_data(task.id(), b"0123456789"), 8);
+    // R6: full, so the IO must stop reading the socket.
+    assert_eq!(core.try_intake(task.id()), None);
+    assert_eq!(core.ledger().buffered_bytes, 8);
+    let read = task.poll_read(&mut noop(), 1, 5);
+    assert!(matches!(read, std::task::Poll::Ready(Ok(Some(b))) if b == "01234"));
+    assert_eq!(core.try_intake(task.id()), Some(Intake::Read(5)));
+    assert_eq!(core.ledger().peak_buffered_bytes, 8);
+}
+
+#[test]
+fn a_stream_completes_once_both_halves_are_closed_and_its_end_is_written() {
+    let (session, core, _delivery) = delegated();
+    let task = open_stream(&session, &core);
+    assert!(task.poll_write(&mut noop(), b"abc").is_ready());
+    task.close_write();
+    assert!(matches!(
+        task.poll_write(&mut noop(), b"x"),
+        std::task::Poll::Ready(Err(Error::WriteClosed))
+    ));
+    core.stream_end(task.id());
+    assert!(matches!(
+        task.poll_read(&mut noop(), 1, 9),
+        std::task::Poll::Ready(Ok(None))
+    ));
+    // The end is read, but the shutdown is not written yet: not done.
+    assert_eq!(task.state(), TaskState::Running);
+    assert_eq!(
+        core.try_outgoing(task.id()),
+        Some(Outgoing::Bytes(Bytes::from_static(b"abc")))
+    );
+    core.sent(task.id());
+    assert_eq!(core.try_outgoing(task.id()), Some(Outgoing::Shutdown));
+    core.sent(task.id());
+    assert_eq!(task.state(), TaskState::Completed);
+    assert!(matches!(actions(&core)[..], [Action::Abort { .. }]));
+    // Errors at once after the end, with no hang.
+    assert!(matches!(
+        task.poll_read(&mut noop(), 1, 9),
+        std::task::Poll::Ready(Err(Error::Closed("stream")))
+    ));
+}
+
+#[test]
+fn a_stream_whose_handles_are_all_gone_is_cancelled() {
+    let (session, core, mut delivery) = delegated();
+    let task = open_stream(&session, &core);
+    core.stream_data(task.id(), b"held");
+    drop(task);
+    let heard = deliver(&mut delivery, Disposition::Allow);
+    assert!(heard[0].contains("Cancelled"), "{heard:?}");
+    assert_eq!(core.ledger().buffered_bytes, 0);
+}
+
+#[test]
+fn become_stream_hands_the_delegate_a_handle_and_reads_through_the_window() {
+    let (session, core, mut delivery) = delegated();
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    task.resume();
+    actions(&core);
+    assert_eq!(core.response(task.id(), ok_response()), Proceed::Wait);
+    let mut stream = None;
+    let mut hear = |_: &Recorder, callback: Callback| match callback {
+        Callback::ReceiveResponse { .. } => Some(Disposition::BecomeStream),
+        Callback::BecomeStream { stream: handle, .. } => {
+            stream = handle;
+            None
+        }
+        other => panic!("heard {other:?}"),
+    };
+    while delivery.try_deliver(&mut hear) == Some(Delivered::One) {}
+    let stream = stream.expect("the delegate got the stream's handle");
+    let got = actions(&core);
+    assert!(
+        got.contains(&Action::ReadStream { task: task.id() }),
+        "{got:?}"
+    );
+    assert_eq!(core.ledger().timers, 0, "a stream waits on its user");
+    // A response's stream cannot be written.
+    assert!(matches!(
+        stream.poll_write(&mut noop(), b"x"),
+        std::task::Poll::Ready(Err(Error::WriteClosed))
+    ));
+    // The user lets go of the data task: the delegate's handle keeps the stream alive.
+    drop(task);
+    assert_eq!(stream.state(), TaskState::Running);
+    drop(stream);
+    assert_eq!(core.task_state(TaskId(0)), TaskState::Completed);
+}
+
+fn open_websocket(session: &SessionHandle, core: &Core) -> TaskHandle {
+    let task = session
+        .create_task(TaskKind::WebSocket, "a", Route::Delegate)
+        .unwrap();
+    task.resume();
+    assert_eq!(core.ledger().timers, 2, "the handshake is timed");
+    core.ws_opened(task.id(), Some("chat".into()));
+    assert_eq!(core.ledger().timers, 0, "an open websocket is not");
+    actions(core);
+    task
+}
+
+#[test]
+fn a_websocket_holds_one_message_and_queues_sends_in_order() {
+    let (session, core, mut delivery) = delegated();
+    let task = open_websocket(&session, &core);
+    assert_eq!(core.try_intake(task.id()), Some(Intake::Read(usize::MAX)));
+    core.ws_message(task.id(), Message::Text("one".into()));
+    assert_eq!(core.try_intake(task.id()), None, "one message held at most");
+    assert_eq!(core.ledger().buffered_bytes, 3);
+    let mut message = Some(Message::Binary(Bytes::from_static(b"hi")));
+    assert!(task.poll_send(&mut noop(), &mut message).is_ready());
+    let id = task.ping().unwrap();
+    assert!(task.poll_pong(&mut noop(), id).is_pending());
+    assert_eq!(
+        core.try_outgoing(task.id()),
+        Some(Outgoing::Message(Message::Binary(Bytes::from_static(
+            b"hi"
+        ))))
+    );
+    core.sent(task.id());
+    assert_eq!(core.try_outgoing(task.id()), Some(Outgoing::Ping));
+    core.sent(task.id());
+    core.ws_pong(task.id());
+    assert!(matches!(
+        task.poll_pong(&mut noop(), id),
+        std::task::Poll::Ready(Ok(()))
+    ));
+    let heard = deliver(&mut delivery, Disposition::Allow);
+    assert!(heard[0].starts_with("Open"), "{heard:?}");
+}
+
+#[test]
+fn our_close_waits_for_the_peers_at_most_the_close_timeout() {
+    let (session, core, mut delivery) = session(
+        Config {
+            close_timeout: Duration::from_millis(300),
+            ..Config::default()
+        },
+        Some(Recorder),
+    );
+    let task = open_websocket(&session, &core);
+    core.ws_message(task.id(), Message::Text("unread".into()));
+    let id = task.ping().unwrap();
+    task.cancel_with(GOING_AWAY, "bye");
+    assert_eq!(task.state(), TaskState::Canceling);
+    assert_eq!(
+        core.ledger().buffered_bytes,
+        0,
+        "closing drops what was held"
+    );
+    assert!(matches!(
+        task.poll_receive(&mut noop()),
+        std::task::Poll::Ready(Err(Error::Closed("websocket")))
+    ));
+    assert_eq!(core.try_intake(task.id()), Some(Intake::Discard));
+    assert_eq!(task.close_frame(), Some((GOING_AWAY, "bye".into())));
+    let deadline = actions(&core)
+        .into_iter()
+        .find_map(|a| match a {
+            Action::ArmTimer { timer, after } if timer.timeout == Timeout::Close => {
+                assert_eq!(after, Duration::from_millis(300));
+                Some(timer)
+            }
+            _ => None,
+        })
+        .expect("R11: the close is bounded");
+    core.timer_fired(deadline);
+    assert_eq!(task.state(), TaskState::Completed);
+    // The outstanding ping fails; it does not hang.
+    assert!(matches!(
+        task.poll_pong(&mut noop(), id),
+        std::task::Poll::Ready(Err(Error::TimedOut(Timeout::Close)))
+    ));
+    let heard = deliver(&mut delivery, Disposition::Allow);
+    assert!(
+        heard.iter().any(|h| h.contains("TimedOut(Close)")),
+        "{heard:?}"
+    );
+    assert!(
+        !heard.iter().any(|h| h.starts_with("Close")),
+        "no did_close without the peer's"
+    );
+}
+
+#[test]
+fn the_peers_close_is_recorded_and_completes_the_websocket() {
+    let (session, core, mut delivery) = delegated();
+    let task = open_websocket(&session, &core);
+    core.ws_peer_closed(task.id(), 4000, "done".into());
+    assert_eq!(task.state(), TaskState::Completed);
+    assert_eq!(task.close_frame(), Some((4000, "done".into())));
+    let heard = deliver(&mut delivery, Disposition::Allow);
+    let names: Vec<&str> = heard.iter().map(|h| h.split(' ').next().unwrap()).collect();
+    assert_eq!(names, ["Open", "Close", "Complete"]);
+    assert!(matches!(actions(&core)[..], [Action::Abort { .. }]));
+}
+
+#[test]
+fn a_websocket_not_yet_open_is_cancelled_by_cancel_with() {
+    let (session, core, _delivery) = delegated();
+    let task = session
+        .create_task(TaskKind::WebSocket, "a", Route::Delegate)
+        .unwrap();
+    task.resume();
+    actions(&core);
+    task.cancel_with(1000, "");
+    assert!(matches!(
+        task.poll_receive(&mut noop()),
+        std::task::Poll::Ready(Err(Error::Cancelled))
+    ));
+}

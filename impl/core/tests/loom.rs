@@ -12,8 +12,8 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use leakproof_core::{
-    Action, Callback, Config, ConnId, Core, Delivered, Delivery, Release, Route, SessionHandle,
-    TaskHandle, TaskId, TaskKind,
+    Action, Callback, Config, ConnId, Core, Delivered, Delivery, Error, Message, Outgoing, Release,
+    Route, SessionHandle, TaskHandle, TaskId, TaskKind, Timeout, TimerId,
 };
 use leakproof_model as model;
 use loom::thread;
@@ -51,6 +51,9 @@ fn shape(callback: &Callback) -> model::Callback {
         Callback::FinishDownloading { task: t, .. } => {
             model::Callback::FinishDownloading { task: task(t) }
         }
+        Callback::BecomeStream { task: t, .. } => model::Callback::BecomeStream { task: task(t) },
+        Callback::Open { task: t, .. } => model::Callback::Open { task: task(t) },
+        Callback::Close { task: t, .. } => model::Callback::Close { task: task(t) },
         Callback::Complete { task: t, result } => model::Callback::Complete {
             task: task(t),
             outcome: if result.is_ok() {
@@ -100,6 +103,8 @@ struct Driver {
     open: BTreeSet<ConnId>,
     idle: BTreeSet<ConnId>,
     timers: BTreeSet<(TaskId, u8)>,
+    /// The armed timers' ids, so a test can fire one.
+    armed: Vec<TimerId>,
     aborted: BTreeSet<TaskId>,
 }
 
@@ -125,12 +130,15 @@ impl Driver {
                         let _ = self.open.remove(&conn) || self.idle.remove(&conn);
                     }
                 }
-                Action::ReadBody { task, .. } | Action::Unpause { task } => {
+                Action::ReadBody { task, .. }
+                | Action::ReadStream { task }
+                | Action::Unpause { task } => {
                     assert!(!self.aborted.contains(&task), "{task:?} read after Abort");
                 }
                 Action::Close { conn } => assert!(self.idle.remove(&conn), "closed non-idle"),
                 Action::ArmTimer { timer, .. } => {
                     self.timers.insert((timer.task, timer.timeout as u8));
+                    self.armed.push(timer);
                 }
                 Action::DisarmTimer { timer } => {
                     self.timers.remove(&(timer.task, timer.timeout as u8));
@@ -407,4 +415,187 @@ fn a_released_connection_vs_cancelling_the_task_waiting_for_it() {
 /// A stand-in handle, so a test can move the real one into a thread and back.
 fn dummy_session() -> SessionHandle {
     leakproof_core::session::<Delegate>(Config::default(), None).0
+}
+
+// ---- streams and websockets ----
+
+/// A resumed stream task, connected: its IO may read and write.
+fn open_stream(w: &mut World) -> TaskHandle {
+    let task = w
+        .session
+        .create_task(TaskKind::Stream, "origin", Route::Delegate)
+        .unwrap();
+    task.resume();
+    w.driver.run(&w.core);
+    task
+}
+
+/// A resumed websocket task whose upgrade was accepted.
+fn open_websocket(w: &mut World) -> TaskHandle {
+    let task = w
+        .session
+        .create_task(TaskKind::WebSocket, "origin", Route::Delegate)
+        .unwrap();
+    task.resume();
+    w.core.ws_opened(task.id(), None);
+    w.driver.run(&w.core);
+    deliver_now(w.delivery.as_mut().unwrap(), &mut w.trace);
+    task
+}
+
+/// Block on a user op until it is ready: loom reports a deadlock if nothing ever wakes it.
+fn wait<T>(mut poll: impl FnMut(&mut std::task::Context<'_>) -> std::task::Poll<T>) -> T {
+    loom::future::block_on(poll_fn(|cx| poll(cx)))
+}
+
+#[test]
+fn read_vs_cancel() {
+    explore("read_vs_cancel", || {
+        let mut w = world_with(Config {
+            read_ahead: 4,
+            ..Config::default()
+        });
+        let task = Arc::new(open_stream(&mut w));
+        let id = task.id();
+        // The IO filled the window; more waits in the socket (R6).
+        assert_eq!(w.core.stream_data(id, b"leakproof"), 4);
+        let deliverer = w.deliver_in_background();
+        let user = task.clone();
+        // The user reads until the stream fails: a read blocked on an empty window must be
+        // woken by the cancel, not left hanging.
+        let reader = thread::spawn(move || {
+            let mut read = 0;
+            loop {
+                match wait(|cx| user.poll_read(cx, 1, 3)) {
+                    Ok(Some(bytes)) => read += bytes.len(),
+                    Ok(None) => panic!("no end was sent"),
+                    Err(error) => return (read, error),
+                }
+            }
+        });
+        task.cancel();
+        let (read, error) = reader.join().unwrap();
+        assert!(read <= 4, "read {read} bytes, past the window");
+        assert!(matches!(error, Error::Cancelled), "{error}");
+        // The bytes the stream held went with it.
+        assert_eq!(w.core.stream_data(id, b"more"), 0);
+        let task = Arc::into_inner(task).unwrap();
+        w.finish(deliverer, vec![task]);
+    });
+}
+
+#[test]
+fn write_vs_close_write() {
+    explore("write_vs_close_write", || {
+        let mut w = world();
+        let task = Arc::new(open_stream(&mut w));
+        let id = task.id();
+        let deliverer = w.deliver_in_background();
+        let user = task.clone();
+        let writer = thread::spawn(move || wait(|cx| user.poll_write(cx, b"xyz")));
+        task.close_write();
+        let written = writer.join().unwrap();
+        // The IO takes what was queued: the write's bytes before the end, or the write
+        // refused, never bytes after the end.
+        let mut wire = Vec::new();
+        while let Some(item) = w.core.try_outgoing(id) {
+            wire.push(item);
+            w.core.sent(id);
+        }
+        match written {
+            Ok(3) => assert_eq!(
+                wire,
+                [
+                    Outgoing::Bytes(bytes::Bytes::from_static(b"xyz")),
+                    Outgoing::Shutdown
+                ]
+            ),
+            Err(Error::WriteClosed) => assert_eq!(wire, [Outgoing::Shutdown]),
+            other => panic!("write returned {other:?}"),
+        }
+        // Both halves closed: the stream completes.
+        task.close_read();
+        assert_eq!(task.state(), leakproof_core::TaskState::Completed);
+        let task = Arc::into_inner(task).unwrap();
+        w.finish(deliverer, vec![task]);
+    });
+}
+
+#[test]
+fn our_close_vs_the_peers_close() {
+    explore("our_close_vs_the_peers_close", || {
+        let mut w = world();
+        let task = Arc::new(open_websocket(&mut w));
+        let id = task.id();
+        let deliverer = w.deliver_in_background();
+        let user = task.clone();
+        let closer = thread::spawn(move || user.cancel_with(1000, "done"));
+        // The IO read the peer's close frame (and answered it, had it come first).
+        w.core.ws_peer_closed(id, 1001, "away".into());
+        closer.join().unwrap();
+        // Whichever came first, the handshake is complete: the peer's frame is the record.
+        assert_eq!(task.close_frame(), Some((1001, "away".into())));
+        assert_eq!(task.state(), leakproof_core::TaskState::Completed);
+        let task = Arc::into_inner(task).unwrap();
+        let trace_before = w.trace.clone();
+        w.finish(deliverer, vec![task]);
+        assert!(trace_before.len() == 1, "only did_open before the race");
+    });
+}
+
+#[test]
+fn the_close_deadline_vs_a_late_close_frame() {
+    explore("the_close_deadline_vs_a_late_close_frame", || {
+        let mut w = world();
+        let task = open_websocket(&mut w);
+        let id = task.id();
+        task.cancel_with(1001, "");
+        w.driver.run(&w.core);
+        let deadline = *w
+            .driver
+            .armed
+            .iter()
+            .rfind(|t| t.task == id && t.timeout == Timeout::Close)
+            .expect("R11: our close arms the close deadline");
+        let deliverer = w.deliver_in_background();
+        let core = w.core.clone();
+        // The clock fires the deadline while the IO reads the peer's late answer.
+        let clock = thread::spawn(move || core.timer_fired(deadline));
+        w.core.ws_peer_closed(id, 1001, String::new());
+        clock.join().unwrap();
+        // Exactly one ending (the driver checks one Abort and no timer left); the socket is
+        // closed either way.
+        assert_eq!(task.state(), leakproof_core::TaskState::Completed);
+        let ended = wait(|cx| task.poll_receive(cx));
+        assert!(
+            matches!(
+                ended,
+                Err(Error::TimedOut(Timeout::Close)) | Err(Error::Closed("websocket"))
+            ),
+            "{ended:?}"
+        );
+        w.finish(deliverer, vec![task]);
+    });
+}
+
+#[test]
+fn receive_vs_the_peers_message_and_close() {
+    explore("receive_vs_the_peers_message_and_close", || {
+        let mut w = world();
+        let task = Arc::new(open_websocket(&mut w));
+        let id = task.id();
+        let deliverer = w.deliver_in_background();
+        let user = task.clone();
+        let receiver = thread::spawn(move || wait(|cx| user.poll_receive(cx)));
+        w.core.ws_message(id, Message::Text("hi".into()));
+        // The message is the receiver's or goes with the task; the receiver never hangs.
+        w.core.ws_peer_closed(id, 1000, String::new());
+        match receiver.join().unwrap() {
+            Ok(Message::Text(text)) => assert_eq!(text, "hi"),
+            Ok(other) => panic!("got {other:?}"),
+            Err(error) => assert!(matches!(error, Error::Closed("websocket")), "{error}"),
+        }
+        let task = Arc::into_inner(task).unwrap();
+        w.finish(deliverer, vec![task]);
+    });
 }
