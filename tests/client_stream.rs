@@ -373,6 +373,11 @@ async fn seed_a_response_made_a_stream_over_8_mb_and_cancelled_unread_holds_its_
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let written = stage.body_bytes_written();
+    println!(
+        "seed stream (response made a stream, 8 MB body, cancelled unread): ledger peak {} B, \
+         server wrote {written} B",
+        session.resources().peak_buffered_bytes
+    );
     assert!(written < FAR_BELOW, "R6: the server wrote {written} bytes");
     let ledger = session.resources();
     assert!(ledger.peak_buffered_bytes <= WINDOW, "R6: {ledger:?}");

@@ -357,6 +357,10 @@ async fn cancel_with_against_a_silent_peer_invalidates_within_the_close_timeout(
     let began = Instant::now();
     bounded("R11: invalidation", session.invalidated()).await;
     let took = began.elapsed();
+    println!(
+        "seed websocket (cancel_with 1001, finish_tasks_and_invalidate, silent peer): \
+         Invalidated {took:.2?} after finish_tasks_and_invalidate, close timeout {close_timeout:?}"
+    );
     // R11: bounded by the close timeout. The slack is generous (slow machines); the default
     // close timeout (5 s) would still fail this.
     assert!(

@@ -60,12 +60,6 @@ impl Driver {
         }
         // Released: by the engine's account nothing is pooled; make sure of it.
         self.shared.pool.close_all();
-        // Wake whoever awaits the release (`Session::invalidated`). `Core::poll_action` takes
-        // actions without waking them, so when the driver took the last action after the
-        // delegate was released, the release happened and no one was told. Any engine input
-        // wakes them once released; this one is a no-op (connections are numbered from 1).
-        // A workaround until the engine wakes them itself.
-        self.shared.core.idle_expired(ConnId(0));
     }
 
     fn carry_out(&mut self, action: Action) {

@@ -18,7 +18,7 @@ use std::fmt;
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use futures_util::{Sink, Stream};
@@ -237,12 +237,7 @@ impl WebSocketTask {
     /// [`receive`](Self::receive) does. Do not call it while a `receive` of the same websocket
     /// is pending elsewhere: that `receive` would not be woken by the next message.
     pub fn try_receive(&self) -> Result<Option<Message>, Error> {
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.handle().poll_receive(&mut cx) {
-            Poll::Ready(Ok(message)) => Ok(Some(message)),
-            Poll::Ready(Err(error)) => Err(error),
-            Poll::Pending => Ok(None),
-        }
+        self.handle().try_receive()
     }
 
     /// Send a ping and wait for its pong. Fails, and never hangs, once the websocket ends

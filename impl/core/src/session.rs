@@ -124,20 +124,47 @@ impl Core {
     /// The next thing the driver must do; `None` once the session is released and nothing
     /// will ever come again.
     pub fn poll_action(&self, cx: &mut Context<'_>) -> Poll<Option<Action>> {
-        let mut engine = lock(&self.engine);
-        if let Some(action) = engine.next_action() {
-            return Poll::Ready(Some(action));
-        }
-        if engine.is_released() {
-            return Poll::Ready(None);
-        }
-        engine.action_waker = Some(cx.waker().clone());
-        Poll::Pending
+        let (poll, released) = {
+            let mut engine = lock(&self.engine);
+            match engine.next_action() {
+                Some(action) => (
+                    Poll::Ready(Some(action)),
+                    Self::released_by_taking(&mut engine),
+                ),
+                None if engine.is_released() => (Poll::Ready(None), Vec::new()),
+                None => {
+                    engine.action_waker = Some(cx.waker().clone());
+                    (Poll::Pending, Vec::new())
+                }
+            }
+        };
+        released.into_iter().for_each(Waker::wake);
+        poll
     }
 
     /// The next action if there is one now.
     pub fn try_action(&self) -> Option<Action> {
-        lock(&self.engine).next_action()
+        let (action, released) = {
+            let mut engine = lock(&self.engine);
+            let action = engine.next_action();
+            let released = match action {
+                Some(_) => Self::released_by_taking(&mut engine),
+                None => Vec::new(),
+            };
+            (action, released)
+        };
+        released.into_iter().for_each(Waker::wake);
+        action
+    }
+
+    /// Taking the last action can release the session (the delegate went first): whoever
+    /// waits for the release must hear of it, once the lock is let go.
+    fn released_by_taking(engine: &mut Engine) -> Vec<Waker> {
+        if engine.is_released() {
+            std::mem::take(&mut engine.release_wakers)
+        } else {
+            Vec::new()
+        }
     }
 
     // ---- the driver's inputs ----
@@ -400,6 +427,15 @@ impl TaskHandle {
     /// Take the websocket's received message; wait for one.
     pub fn poll_receive(&self, cx: &mut Context<'_>) -> Poll<Result<Message, Error>> {
         self.core.update(|e| e.receive(self.id, Some(cx.waker())))
+    }
+
+    /// Take the websocket's received message if there is one now, without taking the place
+    /// of a `poll_receive` waiting elsewhere.
+    pub fn try_receive(&self) -> Result<Option<Message>, Error> {
+        match self.core.update(|e| e.receive(self.id, None)) {
+            Poll::Ready(result) => result.map(Some),
+            Poll::Pending => Ok(None),
+        }
     }
 
     /// Queue the message in `message` once the write buffer has room; `message` is `None`

@@ -666,3 +666,44 @@ fn a_websocket_not_yet_open_is_cancelled_by_cancel_with() {
         std::task::Poll::Ready(Err(Error::Cancelled))
     ));
 }
+
+/// A waker that records that it was woken.
+struct Flag(std::sync::atomic::AtomicBool);
+
+impl std::task::Wake for Flag {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn taking_the_last_action_after_the_delegate_went_wakes_whoever_awaits_the_release() {
+    let (session, core, mut delivery) = delegated();
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    task.resume();
+    let _ = core.response(task.id(), ok_response());
+    deliver(&mut delivery, Disposition::Allow);
+    assert_eq!(core.body_end(task.id(), true), Release::Pool);
+    drop((task, session));
+    // Invalidated: did_become_invalid is delivered and the delegate dropped while the pooled
+    // connection's Close still waits for the driver.
+    deliver(&mut delivery, Disposition::Allow);
+    let flag = std::sync::Arc::new(Flag(std::sync::atomic::AtomicBool::new(false)));
+    let waker = std::task::Waker::from(flag.clone());
+    assert!(
+        core.poll_released(&mut std::task::Context::from_waker(&waker))
+            .is_pending()
+    );
+    let rest = actions(&core);
+    assert!(
+        matches!(rest.last(), Some(Action::Close { .. })),
+        "{rest:?}"
+    );
+    assert!(core.is_released());
+    assert!(
+        flag.0.load(std::sync::atomic::Ordering::SeqCst),
+        "the release happened when the driver took the last action: its waiters must hear"
+    );
+}

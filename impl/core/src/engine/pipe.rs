@@ -43,6 +43,8 @@ pub(crate) struct Pipe {
     /// Bytes in `outbox` and the item the IO took and has not reported written.
     unsent: usize,
     in_flight: usize,
+    /// The item in flight is the shutdown: the write half is done once it is written.
+    shutting: bool,
     pings: u64,
     pongs: u64,
     /// The close frame: ours (`cancel_with`) until the peer's arrives.
@@ -597,9 +599,7 @@ impl Engine {
                     Outgoing::Message(message) => message.len(),
                     _ => 0,
                 };
-                if matches!(item, Outgoing::Shutdown) {
-                    pipe.write_shut = true;
-                }
+                pipe.shutting = matches!(item, Outgoing::Shutdown);
                 Poll::Ready(Some(item))
             }
             None => {
@@ -615,6 +615,8 @@ impl Engine {
             return;
         };
         pipe.unsent -= mem::take(&mut pipe.in_flight);
+        // The end is written: only now may a stream whose read half is closed complete.
+        pipe.write_shut |= mem::take(&mut pipe.shutting);
         let writer = pipe.writer.take();
         self.wake_later.extend(writer);
         self.finish_stream_if_closed(task);
