@@ -98,6 +98,24 @@ impl Trace {
     }
 }
 
+/// Await `work` for at most [`PATIENCE`] of real time; panic, naming `what`, after that.
+pub async fn bounded<F: std::future::Future>(what: &str, work: F) -> F::Output {
+    patiently(work)
+        .await
+        .unwrap_or_else(|| panic!("{what}: still waiting after {PATIENCE:?}"))
+}
+
+/// Wait until `done` holds, checking every few milliseconds, at most [`PATIENCE`]; panic,
+/// naming `what`, after that.
+pub async fn eventually(what: &str, done: impl Fn() -> bool) {
+    bounded(what, async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
 /// Await `work` for at most [`PATIENCE`] of real time. Not tokio's clock: under paused time it
 /// would run out at once, while the delegate's thread is still delivering.
 pub async fn patiently<F: std::future::Future>(work: F) -> Option<F::Output> {

@@ -4,7 +4,7 @@
 //! server block far below 8 MB, and leaves nothing behind (R4, R5). Every wait is bounded; no
 //! assertion is about speed.
 
-use std::future::Future;
+use leakproof_check::scenario::{PATIENCE, bounded, eventually};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -15,8 +15,6 @@ use leakproof::{
 };
 use leakproof_check::stage::{self, RawScript, Stage};
 
-/// The longest any wait in this file may take.
-const PATIENCE: Duration = Duration::from_secs(10);
 /// A read or write timeout long enough never to fire on loopback.
 const OP: Duration = Duration::from_secs(5);
 /// The default stream window (R6).
@@ -26,23 +24,6 @@ const OFFER: u64 = 8_000_000;
 /// Far below the offer: what the server may have written once backpressure holds (the stream's
 /// window, the kernel's buffers on both ends, the stage's small send buffer).
 const FAR_BELOW: u64 = 1_500_000;
-
-/// Await `work`, at most [`PATIENCE`].
-async fn bounded<F: Future>(what: &str, work: F) -> F::Output {
-    tokio::time::timeout(PATIENCE, work)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: still waiting after {PATIENCE:?}"))
-}
-
-/// Wait until `done` holds, checking every few milliseconds, at most [`PATIENCE`].
-async fn eventually(what: &str, done: impl Fn() -> bool) {
-    bounded(what, async {
-        while !done() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-}
 
 /// Hears `did_complete`, answers `BecomeStream` to every response, and keeps the streams it is
 /// handed for the test to take.

@@ -4,7 +4,7 @@
 //! peer silent, must still complete within the close timeout and release everything (R11, R4,
 //! R3). Every wait is bounded; the one bound on time is R11's, with generous slack.
 
-use std::future::Future;
+use leakproof_check::scenario::{PATIENCE, bounded, eventually};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -14,26 +14,6 @@ use leakproof::{
     TaskState, Timeout, WebSocketTask,
 };
 use leakproof_check::stage::{self, Stage, WsMessage};
-
-/// The longest any wait in this file may take.
-const PATIENCE: Duration = Duration::from_secs(10);
-
-/// Await `work`, at most [`PATIENCE`].
-async fn bounded<F: Future>(what: &str, work: F) -> F::Output {
-    tokio::time::timeout(PATIENCE, work)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: still waiting after {PATIENCE:?}"))
-}
-
-/// Wait until `done` holds, checking every few milliseconds, at most [`PATIENCE`].
-async fn eventually(what: &str, done: impl Fn() -> bool) {
-    bounded(what, async {
-        while !done() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-}
 
 /// What the delegate heard about one task.
 #[derive(Debug, Clone)]

@@ -11,6 +11,7 @@
 use std::time::{Duration, Instant};
 
 use leakproof::{Configuration, Session, TaskState};
+use leakproof_check::scenario::{PATIENCE, eventually};
 use leakproof_check::stage::{RawScript, Stage};
 use leakproof_check::witness::CountingAllocator;
 
@@ -18,21 +19,11 @@ use leakproof_check::witness::CountingAllocator;
 static ALLOC: CountingAllocator = CountingAllocator::new();
 
 const OFFER: u64 = 8_000_000;
-const PATIENCE: Duration = Duration::from_secs(10);
 /// The default stream window: every byte a stream holds for its user (R6).
 const WINDOW: usize = 64 * 1024;
 /// What two connected streams may differ by on the heap besides their buffers: tokio's and
 /// the stream IO's own bookkeeping for a socket that is read, against one that is not.
 const BOOKKEEPING: usize = 4 * 1024;
-
-/// Waits for `done`, polling; panics after `PATIENCE`.
-async fn eventually(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
 
 /// Waits until `value` has not changed for `quiet`.
 async fn settled(value: impl Fn() -> u64, quiet: Duration) -> u64 {

@@ -92,12 +92,8 @@ const READ_CHUNK: usize = 16 * 1024;
 impl Stage {
     /// `ws://127.0.0.1:PORT` followed by `path_and_query` (a leading `/` is added if missing).
     pub fn ws_url(&self, path_and_query: &str) -> String {
-        let slash = if path_and_query.starts_with('/') {
-            ""
-        } else {
-            "/"
-        };
-        format!("ws://{}{slash}{path_and_query}", self.addr)
+        let url = self.url(path_and_query);
+        format!("ws{}", url.strip_prefix("http").expect("url() is http://"))
     }
 
     /// Websocket upgrades answered (`101`) so far.
