@@ -393,3 +393,28 @@ async fn a_convenience_times_out_on_its_own_clock() {
         "R5: the timed-out sockets are closed"
     );
 }
+
+/// D1: a port that is not a port is the user's error, found before anything connects; it must
+/// not fall back to the scheme's default port and send the request (its path, its headers) to
+/// whatever listens there.
+#[tokio::test]
+async fn a_port_out_of_range_is_an_invalid_url_and_nothing_connects() {
+    let session = plain();
+    for url in [
+        "http://127.0.0.1:99999/secret",
+        "http://127.0.0.1:65536/",
+        "http://localhost:123456789012/",
+    ] {
+        let error = session.data_task(get(url.into())).unwrap_err();
+        assert!(matches!(error, Error::InvalidUrl { .. }), "{url}: {error}");
+        assert!(error.to_string().contains("port"), "{url}: {error}");
+        let error = session.data(get(url.into())).await.unwrap_err();
+        assert!(matches!(error, Error::InvalidUrl { .. }), "{url}: {error}");
+    }
+    for url in ["ws://127.0.0.1:99999/chat", "http://127.0.0.1:70000/chat"] {
+        let error = session.websocket_task(url, &[]).unwrap_err();
+        assert!(matches!(error, Error::InvalidUrl { .. }), "{url}: {error}");
+    }
+    assert_eq!(session.resources().live_tasks, 0);
+    assert_eq!(session.resources().open_connections, 0);
+}
