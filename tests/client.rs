@@ -404,6 +404,8 @@ async fn a_port_out_of_range_is_an_invalid_url_and_nothing_connects() {
         "http://127.0.0.1:99999/secret",
         "http://127.0.0.1:65536/",
         "http://localhost:123456789012/",
+        "http://[::1]:99999/",
+        "http://127.0.0.1:0/",
     ] {
         let error = session.data_task(get(url.into())).unwrap_err();
         assert!(matches!(error, Error::InvalidUrl { .. }), "{url}: {error}");
@@ -415,6 +417,9 @@ async fn a_port_out_of_range_is_an_invalid_url_and_nothing_connects() {
         let error = session.websocket_task(url, &[]).unwrap_err();
         assert!(matches!(error, Error::InvalidUrl { .. }), "{url}: {error}");
     }
+    // An empty port is the scheme's default, as RFC 3986 has it.
+    let task = session.data_task(get("http://127.0.0.1:/".into())).unwrap();
+    task.cancel();
     assert_eq!(session.resources().live_tasks, 0);
     assert_eq!(session.resources().open_connections, 0);
 }

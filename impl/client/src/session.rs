@@ -694,12 +694,17 @@ fn prepare(
         .host()
         .filter(|h| !h.is_empty())
         .ok_or_else(|| invalid("no host"))?;
+    let port = uri
+        .authority()
+        .map_or(Ok(None), |a| explicit_port(a.as_str()))
+        .map_err(|reason| invalid(&reason))?
+        .unwrap_or(80);
     let origin = Origin {
         host: host
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned(),
-        port: uri.port_u16().unwrap_or(80),
+        port,
     };
     let headers = request.headers_mut();
     for (name, value) in &config.default_headers {
@@ -720,6 +725,25 @@ fn prepare(
         .map_err(|_| invalid("bad path"))?;
     *request.uri_mut() = target;
     Ok((request, origin))
+}
+
+/// The port an authority names, if it names one. An empty port is the scheme's default (RFC
+/// 3986, 3.2.3). One that is not a port (out of range, or 0) is the user's error, never a
+/// reason to fall back to the default and send the request there: `http::Uri` parses
+/// `host:99999` and only then finds no `u16` in it.
+fn explicit_port(authority: &str) -> Result<Option<u16>, String> {
+    let host_end = authority.rfind(']').map_or(0, |i| i + 1);
+    let Some(colon) = authority[host_end..].rfind(':') else {
+        return Ok(None);
+    };
+    let digits = &authority[host_end + colon + 1..];
+    match digits.parse::<u16>() {
+        _ if digits.is_empty() => Ok(None),
+        Ok(port) if port > 0 => Ok(Some(port)),
+        _ => Err(format!(
+            "the port {digits} is not a port: it must be 1 to 65535"
+        )),
+    }
 }
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
