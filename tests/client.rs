@@ -423,3 +423,100 @@ async fn a_port_out_of_range_is_an_invalid_url_and_nothing_connects() {
     assert_eq!(session.resources().live_tasks, 0);
     assert_eq!(session.resources().open_connections, 0);
 }
+
+/// Holds the host's one connection slot: a task whose exchange is open (the server stalls) and
+/// which is then suspended, so it keeps its connection and no timer (R7).
+async fn hold_the_only_slot(session: &Session, stage: &Stage) -> leakproof::DataTask {
+    let holder = session
+        .data_task(get(stage.url("/bytes/100000?stall_after=10")))
+        .unwrap();
+    holder.resume();
+    for _ in 0..500 {
+        if stage.accepted() == 1 && session.resources().open_connections == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    holder.suspend();
+    assert_eq!(session.resources().open_connections, 1, "the slot is held");
+    holder
+}
+
+/// F1: a convenience's timeouts run from its first poll, while it waits for a connection slot
+/// too (R12), as a delegate task's do. In simulated time, so "on schedule" is exact.
+#[tokio::test(start_paused = true)]
+async fn a_queued_convenience_times_out_on_schedule() {
+    let stage = Stage::start().await.unwrap();
+    let config = Configuration::builder()
+        .max_connections_per_host(1)
+        .request_timeout(Duration::from_secs(2))
+        .resource_timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let session = Session::new(config, None);
+    let holder = hold_the_only_slot(&session, &stage).await;
+
+    // Queued for good: the request timeout (idle time) runs out first, at 2 s.
+    let started = tokio::time::Instant::now();
+    let waited = tokio::time::timeout(
+        Duration::from_secs(60),
+        session.data(get(stage.url("/bytes/10"))),
+    )
+    .await
+    .expect("a queued convenience is bounded by its timeouts");
+    let error = waited.unwrap_err();
+    assert!(
+        matches!(error, Error::TimedOut(leakproof::Timeout::Request)),
+        "{error}"
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(2) && elapsed < Duration::from_millis(2100),
+        "timed out at {elapsed:?}, not at the request timeout (2 s)"
+    );
+    assert_eq!(session.resources().live_tasks, 1, "only the holder is left");
+    holder.cancel();
+}
+
+/// F1, the slot freed mid-wait: the resource timeout still counts from the first poll, not
+/// from when the exchange got its connection.
+#[tokio::test(start_paused = true)]
+async fn a_convenience_that_waited_for_a_slot_keeps_its_resource_deadline() {
+    let stage = Stage::start().await.unwrap();
+    let config = Configuration::builder()
+        .max_connections_per_host(1)
+        .request_timeout(Duration::from_secs(10))
+        .resource_timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let session = Session::new(config, None);
+    let holder = hold_the_only_slot(&session, &stage).await;
+
+    let started = tokio::time::Instant::now();
+    let fetch = {
+        let session = session.clone();
+        // Answered 2 s after it is sent: at 3.5 s if it got the slot at 1.5 s.
+        let request = get(stage.url("/bytes/10?header_delay_ms=2000"));
+        tokio::spawn(async move { session.data(request).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    holder.cancel();
+    let fetched = tokio::time::timeout(Duration::from_secs(60), fetch)
+        .await
+        .expect("bounded")
+        .unwrap();
+    let elapsed = started.elapsed();
+    let error = fetched.expect_err("the resource timeout (3 s) runs out before the answer (3.5 s)");
+    assert!(
+        matches!(error, Error::TimedOut(leakproof::Timeout::Resource)),
+        "{error}"
+    );
+    assert!(
+        elapsed >= Duration::from_secs(3) && elapsed < Duration::from_millis(3100),
+        "timed out at {elapsed:?}, not at the resource timeout (3 s)"
+    );
+    assert!(
+        stage.wait_all_closed(PATIENCE).await,
+        "R5: the timed-out exchange's socket is closed"
+    );
+}
