@@ -60,12 +60,41 @@ pub(crate) struct Exchange {
     pub control: watch::Receiver<Control>,
     /// Keep the body for the handler (handler-routed data and upload tasks).
     pub collect: bool,
-    /// A handler-routed task keeps its own clock: its timeouts (request, resource).
-    pub clock: Option<(Duration, Duration)>,
+    /// A handler-routed task keeps its own clock (request and resource timeouts), started at
+    /// its handler's first poll.
+    pub clock: Option<Clock>,
+}
+
+/// A handler-routed task's clock: its timeouts count from the handler's first poll, through a
+/// wait for a connection slot and the exchange alike (R12), as a delegate task's count from
+/// its resume.
+#[derive(Debug)]
+pub(crate) struct Clock {
+    idle: Duration,
+    until: Instant,
+    activity: Activity,
+}
+
+impl Clock {
+    /// Start now: `idle` is the request timeout, `whole` the resource timeout.
+    pub fn start(idle: Duration, whole: Duration) -> Clock {
+        let activity = Activity::new();
+        Clock {
+            idle,
+            until: activity.start + whole,
+            activity,
+        }
+    }
+
+    /// Which timeout runs out first (R12).
+    pub async fn run_out(&self) -> Timeout {
+        watchdog(&self.activity, self.idle, self.until).await
+    }
 }
 
 /// When the exchange last saw the network move, for the request timeout (idle time between
 /// bytes). An atomic, so that the exchange's future stays `Send`.
+#[derive(Debug)]
 struct Activity {
     start: Instant,
     nanos: AtomicU64,
@@ -159,16 +188,14 @@ impl Exchange {
             body: Bytes::new(),
             file: None,
         };
-        let activity = Activity::new();
-        let stop = match self.clock {
-            None => self.exchange(&mut collected, &activity).await,
-            Some((idle, whole)) => {
+        let stop = match self.clock.take() {
+            None => self.exchange(&mut collected, &Activity::new()).await,
+            Some(clock) => {
                 let (core, task) = (self.shared.core.clone(), self.task);
-                let until = Instant::now() + whole;
                 tokio::select! {
                     biased;
-                    stop = self.exchange(&mut collected, &activity) => stop,
-                    timeout = watchdog(&activity, idle, until) => {
+                    stop = self.exchange(&mut collected, &clock.activity) => stop,
+                    timeout = clock.run_out() => {
                         core.handler_timed_out(task, timeout);
                         Err(Stop::Aborted)
                     }

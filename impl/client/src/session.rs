@@ -17,7 +17,7 @@ use crate::config::Configuration;
 use crate::delegate::{Delegate, TaskInfo};
 use crate::delivery::{self, Infos};
 use crate::driver::Driver;
-use crate::exchange::{Collected, Control, Exchange};
+use crate::exchange::{Clock, Collected, Control, Exchange};
 use crate::pool::{Body, Note, Origin, Pool};
 use crate::stream::StreamTask;
 use crate::task::{DataTask, DownloadTask, Task, UploadTask};
@@ -438,6 +438,11 @@ impl Session {
         request: http::Request<Body>,
     ) -> Result<Collected, Error> {
         let shared = &self.inner.shared;
+        // The timeouts count from the first poll, a wait for a connection slot included.
+        let clock = Clock::start(
+            shared.config.request_timeout,
+            shared.config.resource_timeout,
+        );
         let (request, origin) = prepare(request, &shared.config)?;
         let handle = self
             .inner
@@ -450,16 +455,27 @@ impl Session {
         let task = CancelOnDrop(Task::new(handle, shared.clone()));
         let start = match task.0.handle().resume_inline() {
             Some(start) => start,
-            // Its origin is at its connection limit: wait for a connection to be released.
-            None => match poll_fn(|cx| shared.core.poll_start(id, cx)).await {
-                Some(start) => start,
-                None => {
-                    return Err(match shared.core.take_outcome(id) {
-                        Some(Err(error)) => error,
-                        _ => Error::Cancelled,
-                    });
+            // Its origin is at its connection limit: wait for a connection to be released,
+            // within the task's timeouts.
+            None => {
+                let started = tokio::select! {
+                    biased;
+                    start = poll_fn(|cx| shared.core.poll_start(id, cx)) => start,
+                    timeout = clock.run_out() => {
+                        shared.core.handler_timed_out(id, timeout);
+                        None
+                    }
+                };
+                match started {
+                    Some(start) => start,
+                    None => {
+                        return Err(match shared.core.take_outcome(id) {
+                            Some(Err(error)) => error,
+                            _ => Error::Cancelled,
+                        });
+                    }
                 }
-            },
+            }
         };
         let collected = Exchange {
             shared: shared.clone(),
@@ -469,10 +485,7 @@ impl Session {
             request,
             control: receiver,
             collect: kind != TaskKind::Download,
-            clock: Some((
-                shared.config.request_timeout,
-                shared.config.resource_timeout,
-            )),
+            clock: Some(clock),
         }
         .run()
         .await;
