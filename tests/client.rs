@@ -520,3 +520,50 @@ async fn a_convenience_that_waited_for_a_slot_keeps_its_resource_deadline() {
         "R5: the timed-out exchange's socket is closed"
     );
 }
+
+/// F3: a convenience collects its body in memory, so the configuration bounds it
+/// (`max_body_size`, 16 MiB by default): past it the task fails with a typed error, holds
+/// nothing, and its connection, not read whole, is closed (R5). Known up front (a
+/// `Content-Length`) or found on the way (chunked), and for an upload's response too.
+#[tokio::test]
+async fn a_convenience_body_over_max_body_size_is_a_typed_error() {
+    const DEFAULT_MAX: usize = 16 * 1024 * 1024;
+    let stage = Stage::start().await.unwrap();
+    let session = plain();
+    let over = DEFAULT_MAX + 1;
+    for path in [format!("/bytes/{over}"), format!("/bytes/{over}?chunked=1")] {
+        let fetched = session.data(get(stage.url(&path))).await;
+        let error = fetched.map(|r| r.body().len()).unwrap_err();
+        assert!(
+            error.to_string().contains("max_body_size"),
+            "{path}: {error}"
+        );
+    }
+    let request = http::Request::post(stage.url(&format!("/bytes/{over}?chunked=1")))
+        .body(())
+        .unwrap();
+    let uploaded = session
+        .upload(request, UploadBody::Bytes(Bytes::from_static(b"up")))
+        .await;
+    let error = uploaded.map(|r| r.body().len()).unwrap_err();
+    assert!(
+        error.to_string().contains("max_body_size"),
+        "upload: {error}"
+    );
+    let held = session.resources();
+    assert_eq!(
+        (held.live_tasks, held.buffered_bytes, held.idle_connections),
+        (0, 0, 0),
+        "R5: {held:?}"
+    );
+    assert!(
+        stage.wait_all_closed(PATIENCE).await,
+        "R5: a body not read whole closes its connection"
+    );
+
+    let exactly = session
+        .data(get(stage.url(&format!("/bytes/{DEFAULT_MAX}?chunked=1"))))
+        .await
+        .unwrap();
+    assert_eq!(exactly.body().len(), DEFAULT_MAX, "the bound is inclusive");
+}
