@@ -376,7 +376,9 @@ async fn a_convenience_times_out_on_its_own_clock() {
         .build()
         .unwrap();
     let session = Session::new(config, None);
-    let endless = session.data(get(stage.url("/bytes/100000000?pace_ms=5&chunk=1024")));
+    let endless = session.data(get(
+        stage.url("/bytes/100000000?pace_ms=5&chunk=1024&chunked=1")
+    ));
     let error = endless.await.unwrap_err();
     assert!(
         matches!(error, Error::TimedOut(leakproof::Timeout::Resource)),

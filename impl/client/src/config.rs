@@ -25,6 +25,7 @@ pub struct Configuration {
     pub(crate) write_buffer: usize,
     pub(crate) close_timeout: Duration,
     pub(crate) max_message_size: usize,
+    pub(crate) max_body_size: usize,
 }
 
 /// The smallest `read_buffer` hyper accepts (`http1::Builder::max_buf_size`).
@@ -34,7 +35,7 @@ impl Default for Configuration {
     /// 60 s request timeout, 7 days resource timeout (URLSession's), 6 connections and 6 idle
     /// ones per host, idle connections closed after 90 s, downloads in the system temp dir;
     /// a 16 KiB read buffer, a 64 KiB stream window and write buffer, a 5 s websocket close
-    /// timeout and 16 MiB websocket messages.
+    /// timeout, 16 MiB websocket messages and 16 MiB bodies collected by the conveniences.
     fn default() -> Self {
         Self {
             request_timeout: Duration::from_secs(60),
@@ -49,6 +50,7 @@ impl Default for Configuration {
             write_buffer: 64 * 1024,
             close_timeout: Duration::from_secs(5),
             max_message_size: 16 * 1024 * 1024,
+            max_body_size: 16 * 1024 * 1024,
         }
     }
 }
@@ -127,6 +129,12 @@ impl Configuration {
     /// The largest websocket message (and frame) received or sent.
     pub fn max_message_size(&self) -> usize {
         self.max_message_size
+    }
+
+    /// The largest response body [`Session::data`](crate::Session::data) and
+    /// [`Session::upload`](crate::Session::upload) collect in memory.
+    pub fn max_body_size(&self) -> usize {
+        self.max_body_size
     }
 
     /// What the engine may hold for a stream: the window less the transport's buffer (R6).
@@ -254,6 +262,18 @@ impl ConfigurationBuilder {
         self.check(bytes > 0, || {
             "max_message_size must be more than zero".into()
         })
+    }
+
+    /// The largest response body the conveniences that collect one in memory
+    /// ([`Session::data`](crate::Session::data), [`Session::upload`](crate::Session::upload))
+    /// accept, 16 MiB by default, as a websocket message: one body held whole is bounded as one
+    /// message is. A larger body fails the task with [`Error::BodyTooLarge`] (at the head when
+    /// its `Content-Length` says so, else once that many bytes arrived) and its connection is
+    /// closed. Larger bodies belong to [`Session::download`](crate::Session::download), a data
+    /// task's delegate, or a stream. More than zero.
+    pub fn max_body_size(mut self, bytes: usize) -> Self {
+        self.config.max_body_size = bytes;
+        self.check(bytes > 0, || "max_body_size must be more than zero".into())
     }
 
     /// The configuration, or [`Error::InvalidConfiguration`] naming the first invalid value.

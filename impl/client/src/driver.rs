@@ -80,7 +80,7 @@ impl Driver {
                             origin,
                             request,
                             control,
-                            collect: false,
+                            collect: None,
                             clock: None, // the driver keeps its clock
                         };
                         spawn_io(shared, task, async move {

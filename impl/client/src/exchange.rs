@@ -58,8 +58,9 @@ pub(crate) struct Exchange {
     pub origin: Origin,
     pub request: http::Request<Body>,
     pub control: watch::Receiver<Control>,
-    /// Keep the body for the handler (handler-routed data and upload tasks).
-    pub collect: bool,
+    /// Keep the body for the handler (handler-routed data and upload tasks), up to this many
+    /// bytes (`max_body_size`); a larger body fails the task.
+    pub collect: Option<usize>,
     /// A handler-routed task keeps its own clock (request and resource timeouts), started at
     /// its handler's first poll.
     pub clock: Option<Clock>,
@@ -220,6 +221,7 @@ impl Exchange {
         // R7: a suspended task reports nothing until it is resumed.
         self.unpaused().await?;
         let reusable = keeps_alive(&parts);
+        let length = content_length(&parts);
         let head = head_of(&parts);
         out.head = Some(parts);
         let into = match self.shared.core.response(self.task, head) {
@@ -234,6 +236,14 @@ impl Exchange {
                 }
             },
         };
+        if let Some(limit) = self.collect
+            && length.is_some_and(|length| length > limit as u64)
+        {
+            return Err(Error::BodyTooLarge {
+                limit: limit as u64,
+            }
+            .into());
+        }
         let mut file = match &into {
             Some(path) => Some(self.create(path)?),
             None => None,
@@ -253,7 +263,13 @@ impl Exchange {
                     if let Some(file) = &mut file {
                         file.write_all(&data).await?;
                     }
-                    if self.collect {
+                    if let Some(limit) = self.collect {
+                        if kept.len() + data.len() > limit {
+                            return Err(Error::BodyTooLarge {
+                                limit: limit as u64,
+                            }
+                            .into());
+                        }
                         kept.extend_from_slice(&data);
                     }
                     self.shared.core.body_data(self.task, data);
@@ -451,6 +467,17 @@ pub(crate) fn head_of(parts: &http::response::Parts) -> http::Response<()> {
     *head.version_mut() = parts.version;
     *head.headers_mut() = parts.headers.clone();
     head
+}
+
+/// The body's length, if the head says it (a chunked body's is not known up front).
+fn content_length(parts: &http::response::Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 fn keeps_alive(parts: &http::response::Parts) -> bool {

@@ -484,7 +484,7 @@ impl Session {
             origin,
             request,
             control: receiver,
-            collect: kind != TaskKind::Download,
+            collect: (kind != TaskKind::Download).then_some(shared.config.max_body_size),
             clock: Some(clock),
         }
         .run()

@@ -72,6 +72,11 @@ pub enum Error {
     OpTimedOut(&'static str),
     #[error("a {kind:?} task cannot {op}")]
     WrongKind { kind: TaskKind, op: &'static str },
+    #[error(
+        "the response body is larger than max_body_size ({limit} bytes), the most a convenience \
+         collects in memory: raise it in the Configuration, or use download() or a data task"
+    )]
+    BodyTooLarge { limit: u64 },
     #[error("I/O error: {0}")]
     Io(Arc<io::Error>),
 }
