@@ -1,6 +1,7 @@
 //! Witnesses the implementation cannot fake (DESIGN.md, "Observability"): the heap, counted by
-//! a global allocator, and the download directory, listed from the file system. The other two,
-//! connections and the delegate, are the stage's counts and a `Weak` held by the test.
+//! a global allocator; the download directory, listed from the file system; and the client's
+//! sockets, as the kernel lists them. The others, connections as the server sees them and the
+//! delegate, are the stage's counts and a `Weak` held by the test.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fs;
@@ -137,9 +138,73 @@ pub fn files_in(path: impl AsRef<Path>) -> io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// How many TCP sockets this process holds open whose remote end is `port` on loopback: the
+/// client ends of the connections to a stage listening there, as the kernel sees them
+/// (`/proc/self/fd` and `/proc/net/tcp`, `/proc/net/tcp6`). The stage's own ends have `port` as
+/// their local port and do not count. Unlike the stage's count of closed connections, which
+/// lags while the stage's tasks read, this holds at the very moment it is asked: a promise
+/// that every socket is closed can be checked when it is made. Linux only.
+pub fn client_sockets_to(port: u16) -> io::Result<usize> {
+    let mut ours = std::collections::HashSet::new();
+    for entry in fs::read_dir("/proc/self/fd")? {
+        // An fd closed while we list is simply not ours any more.
+        let Ok(link) = fs::read_link(entry?.path()) else {
+            continue;
+        };
+        let link = link.to_string_lossy();
+        if let Some(inode) = link
+            .strip_prefix("socket:[")
+            .and_then(|rest| rest.strip_suffix(']'))
+        {
+            ours.insert(inode.to_owned());
+        }
+    }
+    let mut count = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = fs::read_to_string(table) else {
+            continue; // no IPv6 on this machine
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(remote), Some(inode)) = (fields.get(2), fields.get(9)) else {
+                continue;
+            };
+            let remote_port = remote
+                .rsplit(':')
+                .next()
+                .and_then(|hex| u16::from_str_radix(hex, 16).ok());
+            if remote_port == Some(port) && ours.contains(*inode) {
+                count += 1;
+            }
+        }
+    }
+    Ok(count)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_socket_counts_while_it_is_open_and_not_a_moment_longer() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(client_sockets_to(port).unwrap(), 0);
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        assert_eq!(
+            client_sockets_to(port).unwrap(),
+            1,
+            "the server's end does not count"
+        );
+        drop(client);
+        assert_eq!(
+            client_sockets_to(port).unwrap(),
+            0,
+            "closed is gone at once"
+        );
+        drop(server);
+    }
 
     #[test]
     fn a_directory_is_empty_until_a_file_is_left_in_it() {
