@@ -78,6 +78,9 @@ struct Network {
     exchanges: BTreeMap<core::TaskId, Exchange>,
     open: BTreeSet<ConnId>,
     idle: BTreeSet<ConnId>,
+    /// Connections an IO closed itself on `Release::Close`: the abort the engine queued with
+    /// that answer may find them closed already.
+    closed_by_io: BTreeSet<ConnId>,
     timers: BTreeMap<(core::TaskId, Timeout), TimerId>,
     files: BTreeSet<PathBuf>,
     /// Body bytes handed to the engine for the delegate, and bytes the delegate heard.
@@ -547,7 +550,9 @@ impl Network {
                 self.end(task);
                 if let Some(conn) = conn {
                     // Held by the IO, or parked by it for body_end.
-                    let held = self.open.remove(&conn) || self.idle.remove(&conn);
+                    let held = self.open.remove(&conn)
+                        || self.idle.remove(&conn)
+                        || self.closed_by_io.remove(&conn);
                     assert!(held, "R5: aborted {task:?} on {conn:?}, which is not held");
                 }
             }
@@ -631,6 +636,7 @@ impl Network {
                     self.idle.insert(conn);
                     if core.body_end(task, reusable) == Release::Close {
                         self.idle.remove(&conn);
+                        self.closed_by_io.insert(conn);
                     }
                 }
                 (sent, Phase::Stream) => {

@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::time::DelayQueue;
 use tokio_util::time::delay_queue::Key;
 
 use crate::exchange::Exchange;
 use crate::pool::{Expiry, Note};
-use crate::session::{Job, Shared};
+use crate::session::{Job, Shared, lock};
 use crate::{Action, ConnId, TaskId, Timeout, TimerId};
 
 /// What the driver's clock is waiting for.
@@ -30,6 +31,16 @@ pub(crate) struct Driver {
     timers: HashMap<(TaskId, Timeout), (Key, TimerId)>,
     idle: HashMap<ConnId, Key>,
     idle_timeout: Duration,
+    /// The tasks' IO still running, so that an abort can wait for its end.
+    io: HashMap<TaskId, JoinHandle<()>>,
+}
+
+impl Drop for Driver {
+    /// Ended (released), or dropped with its runtime: either way it carries out nothing more,
+    /// and no callback may wait for it.
+    fn drop(&mut self) {
+        self.shared.core.driver_gone();
+    }
 }
 
 impl Driver {
@@ -42,6 +53,7 @@ impl Driver {
             timers: HashMap::new(),
             idle: HashMap::new(),
             idle_timeout,
+            io: HashMap::new(),
         }
     }
 
@@ -49,6 +61,16 @@ impl Driver {
         loop {
             tokio::select! {
                 action = poll_fn(|cx| self.shared.core.poll_action(cx)) => match action {
+                    Some(Action::Abort { task, conn }) => {
+                        self.carry_out(Action::Abort { task, conn });
+                        // Its socket is closed already; a connect still in flight, or a file
+                        // still open, goes with the IO's end. The abort is carried out, and
+                        // the driver asks for the next action (see Core::poll_action), only
+                        // then: the IO, woken by the abort, ends at once.
+                        if let Some(io) = self.io.remove(&task) {
+                            let _ = io.await;
+                        }
+                    }
                     Some(action) => self.carry_out(action),
                     None => break,
                 },
@@ -83,14 +105,16 @@ impl Driver {
                             collect: None,
                             clock: None, // the driver keeps its clock
                         };
-                        spawn_io(shared, task, async move {
+                        let io = spawn_io(shared, task, async move {
                             exchange.run().await;
                         });
+                        self.io.insert(task, io);
                     }
                     // Streams and websockets never reuse a connection: theirs is their own.
                     Job::Stream { origin } => {
-                        let io = crate::stream::run(shared.clone(), task, origin, control);
-                        spawn_io(shared, task, io);
+                        let io = crate::stream::run(shared.clone(), task, conn, origin, control);
+                        let io = spawn_io(shared, task, io);
+                        self.io.insert(task, io);
                     }
                     Job::WebSocket {
                         request,
@@ -101,12 +125,14 @@ impl Driver {
                         let upgrade = crate::websocket::Upgrade {
                             shared: shared.clone(),
                             task,
+                            conn,
                             origin,
                             request,
                             key,
                             protocols,
                         };
-                        spawn_io(shared, task, crate::websocket::run(upgrade, control));
+                        let io = spawn_io(shared, task, crate::websocket::run(upgrade, control));
+                        self.io.insert(task, io);
                     }
                 }
             }
@@ -118,8 +144,11 @@ impl Driver {
                 // Every kind of IO races its awaits with the control: an exchange, a stream,
                 // a websocket (R11: a close that timed out ends here, its socket closed).
                 shared.control(task, |c| c.aborted = true);
-                // The exchange may have parked its connection already (see Core::body_end).
                 if let Some(conn) = conn {
+                    // Closed here, not when the IO next runs: did_complete, which waits for
+                    // this action, finds the socket closed (R5).
+                    shared.pool.kill(conn);
+                    // The exchange may have parked its connection already (see Core::body_end).
                     shared.pool.close(conn);
                 }
             }
@@ -150,7 +179,9 @@ impl Driver {
                 }
             }
             Action::RemoveTempFile { path, .. } => {
-                // Missing is fine: the delegate may have moved it.
+                // Missing is fine: the delegate may have moved it. Under the files' lock, so
+                // that an exchange creating it cannot slip in between (see Exchange::create).
+                let _files = lock(&shared.files);
                 let _ = std::fs::remove_file(path);
             }
         }
@@ -176,6 +207,9 @@ impl Driver {
                     }
                     self.shared.core.idle_expired(conn);
                 }
+            }
+            Note::IoEnded(task) => {
+                self.io.remove(&task);
             }
             Note::Expire(task, timeout) => {
                 if let Some((key, timer)) = self.timers.remove(&(task, timeout)) {
@@ -216,11 +250,16 @@ impl Driver {
 }
 
 /// Run a task's IO on the session's runtime; once it ends, the task's record goes (unless its
-/// handle still holds it: see `Task`'s drop).
-fn spawn_io(shared: &Arc<Shared>, task: TaskId, io: impl Future<Output = ()> + Send + 'static) {
+/// handle still holds it: see `Task`'s drop), and the driver lets go of its handle.
+fn spawn_io(
+    shared: &Arc<Shared>,
+    task: TaskId,
+    io: impl Future<Output = ()> + Send + 'static,
+) -> JoinHandle<()> {
     let shared = shared.clone();
     shared.runtime.clone().spawn(async move {
         io.await;
         shared.forget(task);
-    });
+        shared.pool.note(Note::IoEnded(task));
+    })
 }

@@ -372,19 +372,18 @@ impl Exchange {
         }
     }
 
-    /// Create the download's file. Synchronously, with no await between the engine's word and
-    /// the file existing, then check for an abort: the engine queues `Abort` before
-    /// `RemoveTempFile`, so if no abort is seen yet the driver's removal comes later and finds
-    /// the file; if one is, the driver's removal may have come too early and this removes it.
-    /// (The stage's empty-directory witness caught the file an async create left behind.)
+    /// Create the download's file, unless the task is aborted, under the lock the driver
+    /// removes files under: the engine queues `Abort` before `RemoveTempFile`, so either the
+    /// file is created first and the driver's removal finds it, or the abort is seen here and
+    /// no file is made. Never a file made after its removal, not even for a moment: a
+    /// `did_complete` that waits for the removal finds the directory empty. (The stage's
+    /// empty-directory witness caught the file an async create left behind.)
     fn create(&self, path: &std::path::Path) -> Result<tokio::fs::File, Stop> {
-        let file = std::fs::File::create(path)?;
+        let _files = crate::session::lock(&self.shared.files);
         if self.control.borrow().aborted {
-            drop(file);
-            let _ = std::fs::remove_file(path);
             return Err(Stop::Aborted);
         }
-        Ok(tokio::fs::File::from_std(file))
+        Ok(tokio::fs::File::from_std(std::fs::File::create(path)?))
     }
 
     async fn connect(&mut self) -> Result<Connection, Stop> {

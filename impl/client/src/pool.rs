@@ -11,16 +11,20 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::{ConnId, Error};
@@ -41,21 +45,129 @@ impl Origin {
     }
 }
 
-/// One HTTP/1.1 connection. Dropping it closes the socket: the task running hyper's
-/// connection future is aborted.
+/// One HTTP/1.1 connection. Dropping it closes the socket there and then, and aborts the
+/// task running hyper's connection future.
 #[derive(Debug)]
 pub(crate) struct Connection {
     pub sender: http1::SendRequest<Body>,
-    /// Held for its Drop: aborting hyper's connection future closes the socket.
-    _io: AbortOnDrop,
+    /// Held for its Drop.
+    _socket: Registered,
 }
 
-#[derive(Debug)]
-struct AbortOnDrop(tokio::task::AbortHandle);
+/// A TCP socket the session can close at once from outside the future that reads it.
+///
+/// Its reader (hyper's connection future, a stream's or a websocket's IO) is a task of its
+/// own, and aborting or waking a task only asks it to end some time later. A promise that
+/// the socket is closed (`did_complete`, `did_become_invalid`, `invalidated()`, a
+/// convenience's future returning) must be true when it is made, so the socket is shared
+/// with its owner and the session's registry ([`Pool`]): the owner dropping it, or the driver
+/// carrying out an `Abort`, closes it where it stands. Its reader then sees the end.
+#[derive(Debug, Clone)]
+pub(crate) struct Socket(Arc<Mutex<Option<TcpStream>>>);
 
-impl Drop for AbortOnDrop {
+impl Socket {
+    fn new(stream: TcpStream) -> Self {
+        Socket(Arc::new(Mutex::new(Some(stream))))
+    }
+
+    /// Close it now (the file descriptor is released); a no-op if it is closed already.
+    fn close(&self) {
+        let stream = lock(&self.0).take();
+        drop(stream);
+    }
+
+    fn closed() -> io::Error {
+        io::Error::new(
+            io::ErrorKind::NotConnected,
+            "the session closed this socket",
+        )
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match lock(&self.0).as_mut() {
+            Some(stream) => Pin::new(stream).poll_read(cx, buf),
+            None => Poll::Ready(Err(Socket::closed())),
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match lock(&self.0).as_mut() {
+            Some(stream) => Pin::new(stream).poll_write(cx, buf),
+            None => Poll::Ready(Err(Socket::closed())),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match lock(&self.0).as_mut() {
+            Some(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            None => Poll::Ready(Err(Socket::closed())),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true // a TcpStream's are
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match lock(&self.0).as_mut() {
+            Some(stream) => Pin::new(stream).poll_flush(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match lock(&self.0).as_mut() {
+            Some(stream) => Pin::new(stream).poll_shutdown(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// The session's open sockets by connection, with the task that reads each (hyper's
+/// connection future), so that [`Pool::kill`] can close one at once.
+type Sockets = Arc<Mutex<HashMap<ConnId, (Socket, Option<AbortHandle>)>>>;
+
+/// An entry in the registry, held by the socket's owner: dropping it closes the socket,
+/// aborts its reader and removes the entry, so the registry holds only live sockets.
+#[derive(Debug)]
+pub(crate) struct Registered {
+    sockets: Sockets,
+    id: ConnId,
+    socket: Socket,
+}
+
+impl Drop for Registered {
     fn drop(&mut self) {
-        self.0.abort();
+        self.socket.close();
+        let reader = {
+            let mut sockets = lock(&self.sockets);
+            // A retry may have registered a new socket under the same id: leave it be.
+            match sockets.get(&self.id) {
+                Some((socket, _)) if Arc::ptr_eq(&socket.0, &self.socket.0) => {
+                    sockets.remove(&self.id).and_then(|(_, reader)| reader)
+                }
+                _ => None,
+            }
+        };
+        if let Some(reader) = reader {
+            reader.abort();
+        }
     }
 }
 
@@ -87,6 +199,8 @@ pub(crate) enum Note {
     Parked(ConnId),
     /// The connection's socket is gone (the server closed it, or it failed).
     Closed(ConnId),
+    /// The task's IO ended.
+    IoEnded(crate::TaskId),
     /// For the suite: the task's `timeout` timer runs out now.
     Expire(crate::TaskId, crate::Timeout),
     /// For the suite: every idle connection's idle timeout runs out now.
@@ -99,6 +213,7 @@ pub(crate) enum Note {
 #[derive(Debug)]
 pub(crate) struct Pool {
     idle: Mutex<Idle>,
+    sockets: Sockets,
     read_buffer: usize,
     runtime: Handle,
     notes: mpsc::UnboundedSender<Note>,
@@ -108,6 +223,7 @@ impl Pool {
     pub fn new(read_buffer: usize, runtime: Handle, notes: mpsc::UnboundedSender<Note>) -> Self {
         Self {
             idle: Mutex::new(Idle::default()),
+            sockets: Sockets::default(),
             read_buffer,
             runtime,
             notes,
@@ -178,9 +294,35 @@ impl Pool {
         drop(all);
     }
 
+    /// Close the socket of connection `id` now, wherever it is (an exchange's, a stream's, a
+    /// websocket's, or idle), and abort its reader: the driver carrying out `Abort`.
+    pub fn kill(&self, id: ConnId) {
+        let entry = lock(&self.sockets).remove(&id);
+        if let Some((socket, reader)) = entry {
+            socket.close();
+            if let Some(reader) = reader {
+                reader.abort();
+            }
+        }
+    }
+
+    /// Connect to `origin` as connection `id`: the socket, registered, and its registration,
+    /// whose owner closes it by dropping it.
+    pub async fn open(&self, id: ConnId, origin: &Origin) -> Result<(Socket, Registered), Error> {
+        let socket = Socket::new(connect_tcp(origin).await?);
+        lock(&self.sockets).insert(id, (socket.clone(), None));
+        let registered = Registered {
+            sockets: self.sockets.clone(),
+            id,
+            socket: socket.clone(),
+        };
+        Ok((socket, registered))
+    }
+
     /// Open the connection `id` to `origin`.
     pub async fn connect(&self, id: ConnId, origin: &Origin) -> Result<Connection, Error> {
-        let (sender, connection) = self.handshake(origin).await?;
+        let (socket, registered) = self.open(id, origin).await?;
+        let (sender, connection) = self.handshake(socket).await?;
         let notes = self.notes.clone();
         let io = self.runtime.spawn(async move {
             // Ends when the socket closes or the sender is dropped while idle; an idle
@@ -189,44 +331,58 @@ impl Pool {
             let _ = connection.await;
             let _ = notes.send(Note::Closed(id));
         });
+        self.read_by(id, io.abort_handle());
         Ok(Connection {
             sender,
-            _io: AbortOnDrop(io.abort_handle()),
+            _socket: registered,
         })
     }
 
-    /// Open a connection for a websocket's upgrade: hyper's connection future is driven with
-    /// upgrades, so that a `101` hands the socket to `hyper::upgrade::on`. It never joins the
-    /// pool (a websocket keeps its connection, and closes it with itself), so it tells the
-    /// driver nothing. Keep the returned connection until the upgrade resolves: dropping it
-    /// first aborts hyper's connection future, and the upgrade with it.
-    pub async fn connect_for_upgrade(&self, origin: &Origin) -> Result<Connection, Error> {
-        let (sender, connection) = self.handshake(origin).await?;
+    /// Open connection `id` for a websocket's upgrade: hyper's connection future is driven
+    /// with upgrades, so that a `101` hands the socket to `hyper::upgrade::on`. It never joins
+    /// the pool (a websocket keeps its connection, and closes it with itself), so it tells the
+    /// driver nothing. Keep the returned connection as long as the websocket lives: dropping
+    /// it closes the socket, the upgraded one too.
+    pub async fn connect_for_upgrade(
+        &self,
+        id: ConnId,
+        origin: &Origin,
+    ) -> Result<Connection, Error> {
+        let (socket, registered) = self.open(id, origin).await?;
+        let (sender, connection) = self.handshake(socket).await?;
         let io = self.runtime.spawn(async move {
             let _ = connection.with_upgrades().await;
         });
+        self.read_by(id, io.abort_handle());
         Ok(Connection {
             sender,
-            _io: AbortOnDrop(io.abort_handle()),
+            _socket: registered,
         })
     }
 
-    /// Connect to `origin` and start HTTP/1.1 on the socket, hyper's read buffer bounded by
-    /// the configuration's `read_buffer` (R6 counts it).
+    /// Connection `id`'s socket is read by that task: abort it with the socket.
+    fn read_by(&self, id: ConnId, reader: AbortHandle) {
+        match lock(&self.sockets).get_mut(&id) {
+            Some((_, slot)) => *slot = Some(reader),
+            None => reader.abort(), // killed meanwhile
+        }
+    }
+
+    /// Start HTTP/1.1 on the socket, hyper's read buffer bounded by the configuration's
+    /// `read_buffer` (R6 counts it).
     async fn handshake(
         &self,
-        origin: &Origin,
+        socket: Socket,
     ) -> Result<
         (
             http1::SendRequest<Body>,
-            http1::Connection<TokioIo<TcpStream>, Body>,
+            http1::Connection<TokioIo<Socket>, Body>,
         ),
         Error,
     > {
-        let stream = connect_tcp(origin).await?;
         http1::Builder::new()
             .max_buf_size(self.read_buffer)
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(socket))
             .await
             .map_err(|e| Error::Io(Arc::new(io::Error::other(e))))
     }

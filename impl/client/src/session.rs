@@ -62,6 +62,8 @@ pub(crate) struct Shared {
     name: String,
     records: Mutex<HashMap<TaskId, Record>>,
     infos: Option<Infos>,
+    /// Serializes creating a download's file (an exchange) with removing it (the driver).
+    pub files: Mutex<()>,
 }
 
 /// A task's job until its IO starts, and the control its IO listens to.
@@ -233,6 +235,7 @@ impl Session {
             name: name.clone(),
             records: Mutex::new(HashMap::new()),
             infos: infos.clone(),
+            files: Mutex::new(()),
         });
         runtime.spawn(Driver::new(shared.clone(), notes_rx).run());
         match infos {

@@ -22,14 +22,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::sync::watch;
 
 use crate::exchange::{Control, unless_aborted, unpaused};
-use crate::pool::{Origin, connect_tcp};
+use crate::pool::{Origin, Socket};
 use crate::session::Shared;
 use crate::task::Task;
-use crate::{Core, Error, Intake, Outgoing, TaskHandle, TaskId, TaskState, Timeout};
+use crate::{ConnId, Core, Error, Intake, Outgoing, TaskHandle, TaskId, TaskState, Timeout};
 
 /// A stream task: read and write bytes, each direction bounded (R6).
 ///
@@ -283,6 +282,7 @@ impl futures_util::Stream for StreamTask {
 pub(crate) async fn run(
     shared: Arc<Shared>,
     task: TaskId,
+    conn: ConnId,
     origin: Origin,
     mut control: watch::Receiver<Control>,
 ) {
@@ -291,11 +291,13 @@ pub(crate) async fn run(
     let connect_timeout = shared.config.request_timeout;
     let io = async {
         // The engine runs no timer for a stream; a connect that hangs is bounded here (R12).
-        let mut socket = tokio::time::timeout(connect_timeout, connect_tcp(&origin))
-            .await
-            .unwrap_or(Err(Error::TimedOut(Timeout::Request)))?;
+        // Registered, so that the driver's abort closes it at once; dropped with this IO.
+        let (socket, _registered) =
+            tokio::time::timeout(connect_timeout, shared.pool.open(conn, &origin))
+                .await
+                .unwrap_or(Err(Error::TimedOut(Timeout::Request)))?;
         tracing::debug!(?task, addr = %origin.key(), "stream connected");
-        let (mut reader, mut writer) = socket.split();
+        let (mut reader, mut writer) = (socket.clone(), socket);
         tokio::try_join!(
             read_side(&core, task, &mut reader, read_buffer, control.clone()),
             write_side(&core, task, &mut writer),
@@ -322,7 +324,7 @@ pub(crate) async fn run(
 async fn read_side(
     core: &Core,
     task: TaskId,
-    reader: &mut ReadHalf<'_>,
+    reader: &mut Socket,
     read_buffer: usize,
     mut control: watch::Receiver<Control>,
 ) -> Result<(), Error> {
@@ -368,7 +370,7 @@ async fn read_side(
 
 /// Write what the user queued, in order, reporting each item written. Ends when the task is
 /// over.
-async fn write_side(core: &Core, task: TaskId, writer: &mut WriteHalf<'_>) -> Result<(), Error> {
+async fn write_side(core: &Core, task: TaskId, writer: &mut Socket) -> Result<(), Error> {
     while let Some(item) = poll_fn(|cx| core.poll_outgoing(task, cx)).await {
         match item {
             Outgoing::Bytes(bytes) => writer.write_all(&bytes).await.map_err(io_error)?,

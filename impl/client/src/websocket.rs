@@ -41,7 +41,7 @@ use crate::exchange::{Control, send_error, unless_aborted, unpaused};
 use crate::pool::{Body, Connection, Origin};
 use crate::session::Shared;
 use crate::task::Task;
-use crate::{Core, Error, Intake, Message, Outgoing, TaskHandle, TaskId, TaskState};
+use crate::{ConnId, Core, Error, Intake, Message, Outgoing, TaskHandle, TaskId, TaskState};
 
 /// The most a websocket frame's header takes (2 bytes, an 8-byte length, a 4-byte mask): what
 /// tungstenite's write buffer needs beyond one message.
@@ -278,6 +278,7 @@ type Socket = WebSocketStream<TokioIo<Upgraded>>;
 pub(crate) struct Upgrade {
     pub shared: Arc<Shared>,
     pub task: TaskId,
+    pub conn: ConnId,
     pub origin: Origin,
     pub request: http::Request<Body>,
     pub key: String,
@@ -308,6 +309,7 @@ pub(crate) async fn run(upgrade: Upgrade, mut control: watch::Receiver<Control>)
     let Upgrade {
         shared,
         task,
+        conn,
         origin,
         request,
         key,
@@ -315,7 +317,7 @@ pub(crate) async fn run(upgrade: Upgrade, mut control: watch::Receiver<Control>)
     } = upgrade;
     let core = shared.core.clone();
     let close_timeout = shared.config.close_timeout;
-    let sent = unless_aborted(&control, send(&shared, &origin, request)).await;
+    let sent = unless_aborted(&control, send(&shared, conn, &origin, request)).await;
     let (connection, mut response) = match sent {
         None => return, // aborted: whatever was connected is dropped, so closed
         Some(Err(error)) => {
@@ -343,13 +345,14 @@ pub(crate) async fn run(upgrade: Upgrade, mut control: watch::Receiver<Control>)
             Some(Err(e)) => Err(Error::WebSocketProtocol(format!("the upgrade failed: {e}"))),
         },
     };
-    // hyper's connection future has handed the socket over (or the answer was refused): what
-    // is left of the connection is a shell.
-    drop(connection);
+    // hyper's connection future has handed the socket over (or the answer was refused). The
+    // rest of the connection is a shell, but it owns the socket's registration: kept to the
+    // end of this IO, whose every way out closes the socket with it.
     let (upgraded, protocol) = match opened {
         Ok(opened) => opened,
         Err(error) => {
             tracing::debug!(?task, %error, "websocket upgrade refused");
+            drop(connection); // closed before the engine hears (R5)
             core.failed(task, error);
             return;
         }
@@ -372,7 +375,7 @@ pub(crate) async fn run(upgrade: Upgrade, mut control: watch::Receiver<Control>)
         tracing::debug!(?task, "websocket aborted");
         return;
     };
-    match outcome {
+    let ended = match outcome {
         Outcome::PeerClosed { code, reason } => {
             // Our answer (tungstenite queued it) goes out if it can within the close timeout;
             // either way the handshake is over for us (R11).
@@ -382,25 +385,37 @@ pub(crate) async fn run(upgrade: Upgrade, mut control: watch::Receiver<Control>)
                 return;
             }
             tracing::debug!(?task, code, %reason, "websocket closed by the peer's close frame");
-            core.ws_peer_closed(task, code, reason);
+            Some(Ok((code, reason)))
         }
-        Outcome::Gone => tracing::debug!(?task, "websocket over"),
+        Outcome::Gone => {
+            tracing::debug!(?task, "websocket over");
+            None
+        }
         Outcome::Failed(error) => {
             tracing::debug!(?task, %error, "websocket failed");
-            core.failed(task, error);
+            Some(Err(error))
         }
+    };
+    // The socket is closed before the engine hears: the did_complete that follows finds it
+    // closed (R5), with nothing left for anyone to do.
+    drop(open);
+    drop(connection);
+    match ended {
+        Some(Ok((code, reason))) => core.ws_peer_closed(task, code, reason),
+        Some(Err(error)) => core.failed(task, error),
+        None => {}
     }
-    // The socket is dropped here: closed.
 }
 
 /// Connect and send the upgrade request; the answer, whatever it is, and the connection it
 /// came on (which must outlive the upgrade: see `Pool::connect_for_upgrade`).
 async fn send(
     shared: &Shared,
+    conn: ConnId,
     origin: &Origin,
     request: http::Request<Body>,
 ) -> Result<(Connection, http::Response<Incoming>), Error> {
-    let mut connection = shared.pool.connect_for_upgrade(origin).await?;
+    let mut connection = shared.pool.connect_for_upgrade(conn, origin).await?;
     connection
         .sender
         .ready()

@@ -148,9 +148,17 @@ pub(crate) struct Engine {
     idle: Vec<(String, ConnId)>,
     /// What the driver must do, in order.
     actions: VecDeque<Action>,
+    /// Actions the driver has taken off the queue, and how many of those it has carried out:
+    /// all it took before it asks for the next one (see [`Engine::carried_out`]).
+    taken: u64,
+    done: u64,
+    /// The driver is gone (its runtime shut down): no action will be carried out any more, so
+    /// no callback waits for one.
+    driver_gone: bool,
     pub(crate) action_waker: Option<Waker>,
-    /// What the delegate must hear, in order.
-    callbacks: VecDeque<Callback>,
+    /// What the delegate must hear, in order, each with the number of actions the driver must
+    /// have carried out before it may be delivered (see [`Engine::say`]).
+    callbacks: VecDeque<(Callback, u64)>,
     pub(crate) callback_waker: Option<Waker>,
     /// Waiting for the session to be released.
     pub(crate) release_wakers: Vec<Waker>,
@@ -184,6 +192,9 @@ impl Engine {
             next_timer: 0,
             idle: Vec::new(),
             actions: VecDeque::new(),
+            taken: 0,
+            done: 0,
+            driver_gone: false,
             action_waker: None,
             callbacks: VecDeque::new(),
             callback_waker: None,
@@ -232,7 +243,7 @@ impl Engine {
                 .map(Pipe::unsent)
                 .sum(),
             delegate_held: self.delegate_held,
-            pending_actions: self.actions.len() as u32,
+            pending_actions: (self.actions.len() as u64 + self.taken - self.done) as u32,
             pending_callbacks: self.callbacks.len() as u32,
         }
     }
@@ -243,6 +254,7 @@ impl Engine {
         self.state == SessionState::Invalidated
             && self.callbacks.is_empty()
             && self.actions.is_empty()
+            && (self.done == self.taken || self.driver_gone)
             && !self.delegate_held
             && self.handed_over.is_empty()
     }
@@ -251,16 +263,54 @@ impl Engine {
         !self.actions.is_empty()
     }
 
+    /// Whether the delivery can hand a callback over now.
     pub(crate) fn has_callbacks(&self) -> bool {
-        !self.callbacks.is_empty()
+        self.callbacks
+            .front()
+            .is_some_and(|(_, barrier)| self.carried_out_up_to(*barrier))
     }
 
     pub(crate) fn next_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        let action = self.actions.pop_front()?;
+        self.taken += 1;
+        Some(action)
+    }
+
+    /// The driver asks for its next action, so it has carried out every one it took: it
+    /// carries them out one at a time, in order.
+    pub(crate) fn carried_out(&mut self) {
+        self.done = self.taken;
+    }
+
+    /// The driver is gone: nothing it took or will take is carried out by it.
+    pub(crate) fn driver_gone(&mut self) {
+        self.driver_gone = true;
+    }
+
+    fn carried_out_up_to(&self, actions: u64) -> bool {
+        self.done >= actions || self.driver_gone
+    }
+
+    /// Queue `callback` for the delegate. A promise that something is released
+    /// (`did_complete`: R5; `did_become_invalid`: R4) waits until the driver has carried out
+    /// every action queued before it (the abort that closes the task's socket, the removal of
+    /// its file, the pool's closes), so that it is true when the delegate hears it, not soon
+    /// after.
+    pub(crate) fn say(&mut self, callback: Callback) {
+        let barrier = match callback {
+            Callback::Complete { .. } | Callback::BecomeInvalid => {
+                self.taken + self.actions.len() as u64
+            }
+            _ => 0,
+        };
+        self.callbacks.push_back((callback, barrier));
     }
 
     pub(crate) fn next_callback(&mut self) -> Option<Callback> {
-        let callback = self.callbacks.pop_front()?;
+        if !self.has_callbacks() {
+            return None;
+        }
+        let (callback, _) = self.callbacks.pop_front()?;
         if let Callback::ReceiveData { data, .. } = &callback {
             self.buffered -= data.len() as u64;
         }
@@ -518,8 +568,7 @@ impl Engine {
         let asks_delegate = delegated && cell.route == Route::Delegate;
         self.rearm(task, Timeout::Request);
         if asks_delegate {
-            self.callbacks
-                .push_back(Callback::ReceiveResponse { task, response });
+            self.say(Callback::ReceiveResponse { task, response });
             Proceed::Wait
         } else {
             // Nobody else decides: allowed at once, and the IO is told so directly.
@@ -544,8 +593,7 @@ impl Engine {
         if to_delegate && !data.is_empty() {
             self.buffered += data.len() as u64;
             self.peak_buffered = self.peak_buffered.max(self.buffered);
-            self.callbacks
-                .push_back(Callback::ReceiveData { task, data });
+            self.say(Callback::ReceiveData { task, data });
         }
     }
 
@@ -559,18 +607,21 @@ impl Engine {
         // R5: pooled only when read whole and kept alive by the server.
         let pooled_here = self.idle.iter().filter(|(o, _)| *o == cell.origin).count();
         let room = pooled_here < self.config.max_idle_per_origin;
-        let release = match (reusable && room, cell.conn.take()) {
+        match (reusable && room, cell.conn.take()) {
             (true, Some(conn)) => {
                 self.idle.push((cell.origin.clone(), conn));
+                self.complete(task, Ok(()), EndedBy::Io);
                 Release::Pool
             }
             (_, conn) => {
-                cell.conn = conn; // closed with the task
+                // Closed with the task. The IO parked it and closes it on this answer, but the
+                // driver's abort closes it first: a promise that waits for the driver (its
+                // did_complete, the session's release) finds it closed (R5).
+                cell.conn = conn;
+                self.complete(task, Ok(()), EndedBy::Other);
                 Release::Close
             }
-        };
-        self.complete(task, Ok(()), EndedBy::Io);
-        release
+        }
     }
 
     pub(crate) fn failed(&mut self, task: TaskId, error: Error) {
@@ -630,7 +681,7 @@ impl Engine {
             (Disposition::Allow, _) => self.read_body(task),
             (Disposition::BecomeDownload, TaskKind::Data) => {
                 cell.kind = TaskKind::Download;
-                self.callbacks.push_back(Callback::BecomeDownload { task });
+                self.say(Callback::BecomeDownload { task });
                 self.read_body(task);
             }
             (Disposition::BecomeStream, TaskKind::Data) => self.become_stream(task),
@@ -655,7 +706,7 @@ impl Engine {
     pub(crate) fn delegate_released(&mut self) {
         self.delegate_held = false;
         self.buffered = 0;
-        for callback in std::mem::take(&mut self.callbacks) {
+        for (callback, _) in std::mem::take(&mut self.callbacks) {
             // The stream's handle the delegate will never get.
             if let Callback::BecomeStream { task, .. } = callback {
                 self.task_handle_dropped(task);
@@ -766,7 +817,7 @@ impl Engine {
             if result.is_ok() && handler {
                 // The handler owns the finished file now (its guard removes it).
             } else if result.is_ok() && self.config.delegated {
-                self.callbacks.push_back(Callback::FinishDownloading {
+                self.say(Callback::FinishDownloading {
                     task,
                     location: path.clone(),
                 });
@@ -786,8 +837,7 @@ impl Engine {
                 self.outcomes.insert(task, result);
             }
         } else if self.config.delegated {
-            self.callbacks
-                .push_back(Callback::Complete { task, result });
+            self.say(Callback::Complete { task, result });
         }
         if matches!(
             self.state,
@@ -808,7 +858,7 @@ impl Engine {
         }
         if self.config.delegated {
             // R2: after every did_complete already queued; R3 follows its delivery.
-            self.callbacks.push_back(Callback::BecomeInvalid);
+            self.say(Callback::BecomeInvalid);
         }
     }
 }

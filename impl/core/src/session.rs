@@ -123,48 +123,38 @@ impl Core {
 
     /// The next thing the driver must do; `None` once the session is released and nothing
     /// will ever come again.
+    ///
+    /// Asking means the driver has carried out every action it took before: it carries them
+    /// out one at a time, in order, and asks again only once the last one is done. A promise
+    /// that waits for them (`did_complete`, `did_become_invalid`, the release itself) is kept
+    /// from then on.
     pub fn poll_action(&self, cx: &mut Context<'_>) -> Poll<Option<Action>> {
-        let (poll, released) = {
-            let mut engine = lock(&self.engine);
+        self.update(|engine| {
+            engine.carried_out();
             match engine.next_action() {
-                Some(action) => (
-                    Poll::Ready(Some(action)),
-                    Self::released_by_taking(&mut engine),
-                ),
-                None if engine.is_released() => (Poll::Ready(None), Vec::new()),
+                Some(action) => Poll::Ready(Some(action)),
+                None if engine.is_released() => Poll::Ready(None),
                 None => {
                     engine.action_waker = Some(cx.waker().clone());
-                    (Poll::Pending, Vec::new())
+                    Poll::Pending
                 }
             }
-        };
-        released.into_iter().for_each(Waker::wake);
-        poll
+        })
     }
 
-    /// The next action if there is one now.
+    /// The next action if there is one now; asking means, as for
+    /// [`poll_action`](Self::poll_action), that the ones taken before are carried out.
     pub fn try_action(&self) -> Option<Action> {
-        let (action, released) = {
-            let mut engine = lock(&self.engine);
-            let action = engine.next_action();
-            let released = match action {
-                Some(_) => Self::released_by_taking(&mut engine),
-                None => Vec::new(),
-            };
-            (action, released)
-        };
-        released.into_iter().for_each(Waker::wake);
-        action
+        self.update(|engine| {
+            engine.carried_out();
+            engine.next_action()
+        })
     }
 
-    /// Taking the last action can release the session (the delegate went first): whoever
-    /// waits for the release must hear of it, once the lock is let go.
-    fn released_by_taking(engine: &mut Engine) -> Vec<Waker> {
-        if engine.is_released() {
-            std::mem::take(&mut engine.release_wakers)
-        } else {
-            Vec::new()
-        }
+    /// The driver is gone and carries out nothing more (its runtime shut down): no callback
+    /// waits for it any more, so the delegate still hears the rest and is released.
+    pub fn driver_gone(&self) {
+        self.update(Engine::driver_gone);
     }
 
     // ---- the driver's inputs ----

@@ -501,6 +501,7 @@ fn a_stream_whose_handles_are_all_gone_is_cancelled() {
     let task = open_stream(&session, &core);
     core.stream_data(task.id(), b"held");
     drop(task);
+    actions(&core); // the abort, carried out: did_complete waits for it
     let heard = deliver(&mut delivery, Disposition::Allow);
     assert!(heard[0].contains("Cancelled"), "{heard:?}");
     assert_eq!(core.ledger().buffered_bytes, 0);
@@ -628,6 +629,7 @@ fn our_close_waits_for_the_peers_at_most_the_close_timeout() {
         task.poll_pong(&mut noop(), id),
         std::task::Poll::Ready(Err(Error::TimedOut(Timeout::Close)))
     ));
+    actions(&core); // the abort that closes the socket comes before did_complete
     let heard = deliver(&mut delivery, Disposition::Allow);
     assert!(
         heard.iter().any(|h| h.contains("TimedOut(Close)")),
@@ -648,8 +650,10 @@ fn the_peers_close_is_recorded_and_completes_the_websocket() {
     assert_eq!(task.close_frame(), Some((4000, "done".into())));
     let heard = deliver(&mut delivery, Disposition::Allow);
     let names: Vec<&str> = heard.iter().map(|h| h.split(' ').next().unwrap()).collect();
-    assert_eq!(names, ["Open", "Close", "Complete"]);
+    assert_eq!(names, ["Open", "Close"], "did_complete waits for the abort");
     assert!(matches!(actions(&core)[..], [Action::Abort { .. }]));
+    let heard = deliver(&mut delivery, Disposition::Allow);
+    assert!(heard[0].starts_with("Complete"), "{heard:?}");
 }
 
 #[test]
@@ -677,7 +681,7 @@ impl std::task::Wake for Flag {
 }
 
 #[test]
-fn taking_the_last_action_after_the_delegate_went_wakes_whoever_awaits_the_release() {
+fn did_become_invalid_waits_until_the_pools_close_is_carried_out() {
     let (session, core, mut delivery) = delegated();
     let task = session
         .create_task(TaskKind::Data, "a", Route::Delegate)
@@ -687,9 +691,13 @@ fn taking_the_last_action_after_the_delegate_went_wakes_whoever_awaits_the_relea
     deliver(&mut delivery, Disposition::Allow);
     assert_eq!(core.body_end(task.id(), true), Release::Pool);
     drop((task, session));
-    // Invalidated: did_become_invalid is delivered and the delegate dropped while the pooled
-    // connection's Close still waits for the driver.
-    deliver(&mut delivery, Disposition::Allow);
+    // Invalidated, but the pooled connection's Close waits for the driver: R4 is not true
+    // yet, so did_become_invalid waits too, and so does the release.
+    let heard = deliver(&mut delivery, Disposition::Allow);
+    assert!(
+        heard.iter().all(|h| !h.starts_with("BecomeInvalid")),
+        "{heard:?}"
+    );
     let flag = std::sync::Arc::new(Flag(std::sync::atomic::AtomicBool::new(false)));
     let waker = std::task::Waker::from(flag.clone());
     assert!(
@@ -701,9 +709,35 @@ fn taking_the_last_action_after_the_delegate_went_wakes_whoever_awaits_the_relea
         matches!(rest.last(), Some(Action::Close { .. })),
         "{rest:?}"
     );
+    assert!(!core.is_released(), "the delegate is still held");
+    let heard = deliver(&mut delivery, Disposition::Allow);
+    assert!(
+        heard.iter().any(|h| h.starts_with("BecomeInvalid")),
+        "{heard:?}"
+    );
     assert!(core.is_released());
     assert!(
         flag.0.load(std::sync::atomic::Ordering::SeqCst),
-        "the release happened when the driver took the last action: its waiters must hear"
+        "whoever awaits the release hears of it"
     );
+}
+
+#[test]
+fn did_complete_waits_until_the_actions_before_it_are_carried_out() {
+    let (session, core, mut delivery) = delegated();
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    task.resume();
+    actions(&core);
+    task.cancel();
+    assert!(deliver(&mut delivery, Disposition::Allow).is_empty());
+    // Taken, but not yet carried out: the driver has not asked for more.
+    while !matches!(core.try_action(), Some(Action::Abort { .. })) {}
+    assert!(deliver(&mut delivery, Disposition::Allow).is_empty());
+    assert_eq!(core.ledger().pending_actions, 1, "taken, not carried out");
+    assert_eq!(core.try_action(), None);
+    let heard = deliver(&mut delivery, Disposition::Allow);
+    assert!(heard[0].contains("Cancelled"), "{heard:?}");
+    assert_eq!(core.ledger().pending_actions, 0);
 }

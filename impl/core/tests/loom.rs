@@ -109,8 +109,30 @@ struct Driver {
 }
 
 impl Driver {
+    /// Carry out every action there is now.
     fn run(&mut self, core: &Core) {
         while let Some(action) = core.try_action() {
+            self.carry_out(action);
+        }
+    }
+
+    /// Carry out actions as they come, blocking on the engine's waker, until the session is
+    /// released: the driver's loop. The delivery waits for it (a `did_complete` until the
+    /// actions queued before it are carried out), so it must run while the delivery does.
+    fn run_to_release(&mut self, core: &Core) {
+        loom::future::block_on(poll_fn(|cx| {
+            loop {
+                match core.poll_action(cx) {
+                    std::task::Poll::Ready(Some(action)) => self.carry_out(action),
+                    std::task::Poll::Ready(None) => return std::task::Poll::Ready(()),
+                    std::task::Poll::Pending => return std::task::Poll::Pending,
+                }
+            }
+        }));
+    }
+
+    fn carry_out(&mut self, action: Action) {
+        {
             match action {
                 Action::Start { task, conn, reused } => {
                     assert!(
@@ -232,8 +254,8 @@ impl World {
         } = self;
         drop(tasks);
         drop(session);
+        driver.run_to_release(&core);
         trace.extend(deliverer.join().unwrap());
-        driver.run(&core);
         assert_released(&core, &delegate, &driver, &trace);
     }
 }
@@ -597,5 +619,70 @@ fn receive_vs_the_peers_message_and_close() {
         }
         let task = Arc::into_inner(task).unwrap();
         w.finish(deliverer, vec![task]);
+    });
+}
+
+// ---- promises at their moment ----
+
+/// `did_complete` waits until the driver has carried out what the engine queued before it:
+/// the abort that closes the task's socket (R5 holds when the delegate hears it). The driver
+/// here flags the socket closed while it carries out the abort; the delegate checks the flag.
+#[test]
+fn did_complete_vs_the_driver_carrying_out_the_abort() {
+    use loom::sync::atomic::AtomicBool;
+    use std::task::Poll;
+
+    explore("did_complete_vs_the_driver_carrying_out_the_abort", || {
+        let mut w = world();
+        let task = w.reading_task();
+        let closed = Arc::new(AtomicBool::new(false));
+        let mut delivery = w.delivery.take().unwrap();
+        let seen = closed.clone();
+        let deliverer = thread::spawn(move || {
+            let mut trace = Vec::new();
+            loom::future::block_on(poll_fn(|cx| {
+                loop {
+                    let step = delivery.poll_deliver(cx, |_, callback| {
+                        if matches!(callback, Callback::Complete { .. }) {
+                            assert!(
+                                seen.load(Ordering::SeqCst),
+                                "R5: did_complete came before the abort closed the socket"
+                            );
+                        }
+                        trace.push(shape(&callback));
+                        None
+                    });
+                    match step {
+                        Poll::Ready(Delivered::One) => continue,
+                        other => return other.map(|_| ()),
+                    }
+                }
+            }));
+            trace
+        });
+        let core = w.core.clone();
+        let driver = thread::spawn(move || {
+            loom::future::block_on(poll_fn(|cx| {
+                loop {
+                    match core.poll_action(cx) {
+                        Poll::Ready(Some(Action::Abort { .. })) => {
+                            closed.store(true, Ordering::SeqCst);
+                        }
+                        Poll::Ready(Some(_)) => {}
+                        Poll::Ready(None) => return Poll::Ready(()),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+            }));
+        });
+        task.cancel();
+        drop(task);
+        drop(w.session);
+        driver.join().unwrap();
+        let mut trace = w.trace;
+        trace.extend(deliverer.join().unwrap());
+        model::rules::check_trace(&trace, true).unwrap_or_else(|v| panic!("{v}: {trace:?}"));
+        assert!(w.delegate.upgrade().is_none(), "R3");
+        assert!(w.core.is_released());
     });
 }

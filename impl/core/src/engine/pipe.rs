@@ -529,7 +529,7 @@ impl Engine {
         // It waits on its user now, not on the server: no timer runs for an open websocket.
         self.disarm_all(task);
         if self.config.delegated {
-            self.callbacks.push_back(Callback::Open { task, protocol });
+            self.say(Callback::Open { task, protocol });
         }
         self.wake_io(task);
     }
@@ -567,8 +567,7 @@ impl Engine {
         };
         pipe.close = Some((code, reason.clone()));
         if self.config.delegated {
-            self.callbacks
-                .push_back(Callback::Close { task, code, reason });
+            self.say(Callback::Close { task, code, reason });
         }
         self.complete(task, Ok(()), EndedBy::Other);
     }
@@ -636,8 +635,7 @@ impl Engine {
         cell.handles += 1;
         // A stream waits on its user, not on the server.
         self.disarm_all(task);
-        self.callbacks
-            .push_back(Callback::BecomeStream { task, stream: None });
+        self.say(Callback::BecomeStream { task, stream: None });
         self.actions.push_back(Action::ReadStream { task });
     }
 }
