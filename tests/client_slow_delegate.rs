@@ -335,3 +335,17 @@ async fn a_task_timed_out_while_its_delegate_is_behind_completes_at_once() {
         "R4: every socket closes"
     );
 }
+
+#[test]
+fn a_delegate_window_no_larger_than_the_read_buffer_is_refused() {
+    let error = Configuration::builder()
+        .read_buffer(32 * 1024)
+        .delegate_window(32 * 1024)
+        .build()
+        .unwrap_err();
+    assert!(matches!(error, Error::InvalidConfiguration(_)), "{error}");
+    assert!(error.to_string().contains("delegate_window"), "{error}");
+    let config = Configuration::default();
+    assert_eq!(config.delegate_window() as u64, WINDOW);
+    assert_eq!(config.read_buffer() as u64, READ_BUFFER);
+}
