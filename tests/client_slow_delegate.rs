@@ -11,8 +11,10 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use leakproof::{Configuration, Delegate, Error, Ledger, Session, TaskId, TaskInfo, TaskState};
-use leakproof_check::scenario::{PATIENCE, bounded, eventually};
+use leakproof::{
+    Configuration, Delegate, Error, Ledger, Session, TaskId, TaskInfo, TaskState, UploadBody,
+};
+use leakproof_check::scenario::{AnyTask, PATIENCE, bounded, eventually};
 use leakproof_check::stage::{self, Stage};
 
 /// What the server offers: far more than any window.
@@ -127,20 +129,42 @@ async fn small_buffered_stage() -> Stage {
         .unwrap()
 }
 
-/// A session whose delegate is shut at its gate, and a resumed data task offered [`OFFER`]
-/// chunked bytes; returns once the delegate waits in its first `did_receive_data` and the
-/// IO and the server have come to rest.
+/// The kinds of task whose body goes to the delegate.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Data,
+    Upload,
+}
+
+/// A resumed task of `kind` offered [`OFFER`] chunked bytes.
+fn offered(session: &Session, stage: &Stage, kind: Kind) -> AnyTask {
+    let url = stage.url(&format!("/bytes/{OFFER}?chunked=1"));
+    let task = match kind {
+        Kind::Data => {
+            let request = http::Request::get(url).body(()).unwrap();
+            AnyTask::Data(session.data_task(request).unwrap())
+        }
+        Kind::Upload => {
+            let request = http::Request::post(url).body(()).unwrap();
+            let body = UploadBody::Bytes(Bytes::from_static(b"upload"));
+            AnyTask::Upload(session.upload_task(request, body).unwrap())
+        }
+    };
+    task.resume();
+    task
+}
+
+/// A session whose delegate is shut at its gate, and a resumed task of `kind` offered
+/// [`OFFER`] chunked bytes; returns once the delegate waits in its first `did_receive_data`
+/// and the IO and the server have come to rest.
 async fn behind(
     stage: &Stage,
     config: Configuration,
-) -> (Session, leakproof::DataTask, Arc<Gated>, Ledger, u64) {
+    kind: Kind,
+) -> (Session, AnyTask, Arc<Gated>, Ledger, u64) {
     let gated = Gated::shut();
     let session = Session::new(config, Some(gated.clone()));
-    let request = http::Request::get(stage.url(&format!("/bytes/{OFFER}?chunked=1")))
-        .body(())
-        .unwrap();
-    let task = session.data_task(request).unwrap();
-    task.resume();
+    let task = offered(&session, stage, kind);
     eventually("the delegate waits in did_receive_data", || {
         gated.waiting.load(Ordering::SeqCst) == 1
     })
@@ -154,14 +178,20 @@ async fn behind(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delegate_a_window_behind_stops_the_socket_being_read_until_it_catches_up() {
+    for kind in [Kind::Data, Kind::Upload] {
+        window_behind(kind).await;
+    }
+}
+
+async fn window_behind(kind: Kind) {
     let stage = small_buffered_stage().await;
     let config = Configuration::builder()
         .request_timeout(Duration::from_millis(300))
         .build()
         .unwrap();
-    let (session, task, gated, ledger, written) = behind(&stage, config).await;
+    let (session, task, gated, ledger, written) = behind(&stage, config, kind).await;
     println!(
-        "a delegate shut at its gate, {OFFER} B offered: ledger {} B buffered (peak {} B), \
+        "{kind:?}: a delegate shut at its gate, {OFFER} B offered: ledger {} B buffered (peak {} B), \
          {} callbacks pending, server wrote {written} B, task {:?}",
         ledger.buffered_bytes,
         ledger.peak_buffered_bytes,
@@ -211,13 +241,28 @@ async fn a_delegate_a_window_behind_stops_the_socket_being_read_until_it_catches
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_cancelled_while_its_delegate_is_behind_drops_what_it_was_not_handed() {
+    cancelled_behind(Kind::Data, false).await;
+    cancelled_behind(Kind::Upload, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_and_cancel_while_the_delegate_is_behind_drops_what_it_was_not_handed() {
+    cancelled_behind(Kind::Data, true).await;
+}
+
+async fn cancelled_behind(kind: Kind, invalidate: bool) {
     let stage = small_buffered_stage().await;
-    let (session, task, gated, before, _) = behind(&stage, Configuration::default()).await;
+    let (session, task, gated, before, _) = behind(&stage, Configuration::default(), kind).await;
     let id = task.id();
     let delegate: Weak<Gated> = Arc::downgrade(&gated);
 
     let cancelled = Instant::now();
-    task.cancel();
+    if invalidate {
+        session.invalidate_and_cancel();
+    } else {
+        task.cancel();
+    }
+    assert_eq!(task.state(), TaskState::Completed);
     let at_cancel = session.resources();
     gated.open();
     bounded("did_complete reaches the delegate", async {
@@ -241,7 +286,7 @@ async fn a_task_cancelled_while_its_delegate_is_behind_drops_what_it_was_not_han
         })
         .sum();
     println!(
-        "cancelled with {} B queued for the delegate ({} callbacks): at cancel {} B, {} \
+        "{kind:?} (invalidate_and_cancel: {invalidate}): cancelled with {} B queued for the delegate ({} callbacks): at cancel {} B, {} \
          callbacks; {stale} B of stale did_receive_data after the one in progress; did_complete \
          {to_complete:.2?} after cancel",
         before.buffered_bytes,
