@@ -623,7 +623,22 @@ impl Network {
                     }
                 }
                 (Sent::Bytes(n), Phase::ReadingBody { into_file }) => {
-                    exchange.unread.pop_front();
+                    // R6: no more than the delegate's window has room for; the rest waits in
+                    // the network until the delegate catches up.
+                    let room = core.try_body_room(task).unwrap_or(usize::MAX);
+                    if room == 0 {
+                        return;
+                    }
+                    let n = match u32::try_from(room) {
+                        Ok(room) if room < n => {
+                            exchange.unread[0] = Sent::Bytes(n - room);
+                            room
+                        }
+                        _ => {
+                            exchange.unread.pop_front();
+                            n
+                        }
+                    };
                     if !into_file && self.delegated {
                         self.bytes_fed += u64::from(n);
                     }
@@ -739,9 +754,11 @@ impl Network {
             }
             let before = self.exchanges.get(&task).map(|e| e.unread.len());
             let fed = self.piped.get(&task).map(|p| p.0);
+            let body_fed = self.bytes_fed;
             self.read(core, task);
             moved |= before != self.exchanges.get(&task).map(|e| e.unread.len())
-                || fed != self.piped.get(&task).map(|p| p.0);
+                || fed != self.piped.get(&task).map(|p| p.0)
+                || body_fed != self.bytes_fed;
         }
         moved
     }

@@ -22,6 +22,7 @@ pub struct Configuration {
     pub(crate) download_dir: PathBuf,
     pub(crate) read_buffer: usize,
     pub(crate) stream_window: usize,
+    pub(crate) delegate_window: usize,
     pub(crate) write_buffer: usize,
     pub(crate) close_timeout: Duration,
     pub(crate) max_message_size: usize,
@@ -34,8 +35,9 @@ const MIN_READ_BUFFER: usize = 8192;
 impl Default for Configuration {
     /// 60 s request timeout, 7 days resource timeout (URLSession's), 6 connections and 6 idle
     /// ones per host, idle connections closed after 90 s, downloads in the system temp dir;
-    /// a 16 KiB read buffer, a 64 KiB stream window and write buffer, a 5 s websocket close
-    /// timeout, 16 MiB websocket messages and 16 MiB bodies collected by the conveniences.
+    /// a 16 KiB read buffer, a 64 KiB stream window, delegate window and write buffer, a 5 s
+    /// websocket close timeout, 16 MiB websocket messages and 16 MiB bodies collected by the
+    /// conveniences.
     fn default() -> Self {
         Self {
             request_timeout: Duration::from_secs(60),
@@ -47,6 +49,7 @@ impl Default for Configuration {
             download_dir: std::env::temp_dir(),
             read_buffer: 16 * 1024,
             stream_window: 64 * 1024,
+            delegate_window: 64 * 1024,
             write_buffer: 64 * 1024,
             close_timeout: Duration::from_secs(5),
             max_message_size: 16 * 1024 * 1024,
@@ -115,6 +118,12 @@ impl Configuration {
         self.stream_window
     }
 
+    /// The most body bytes a data or upload task holds that its delegate has not finished
+    /// with, its transport's buffer included (R6).
+    pub fn delegate_window(&self) -> usize {
+        self.delegate_window
+    }
+
     /// The most bytes a stream or websocket queues of what its user writes.
     pub fn write_buffer(&self) -> usize {
         self.write_buffer
@@ -140,6 +149,11 @@ impl Configuration {
     /// What the engine may hold for a stream: the window less the transport's buffer (R6).
     pub(crate) fn read_ahead(&self) -> usize {
         self.stream_window.saturating_sub(self.read_buffer)
+    }
+
+    /// What the engine may queue for a delegate: its window less the transport's buffer (R6).
+    pub(crate) fn delegate_ahead(&self) -> usize {
+        self.delegate_window.saturating_sub(self.read_buffer)
     }
 }
 
@@ -235,6 +249,22 @@ impl ConfigurationBuilder {
         self
     }
 
+    /// R6: the most body bytes a delegated data or upload task holds that its delegate has not
+    /// finished with, 64 KiB by default, as much as a stream's window and for the same reason:
+    /// a few read buffers' worth keeps a delegate that keeps up busy, and one that does not
+    /// costs no more than a stream nobody reads. The window covers the transport's buffer too:
+    /// the engine queues at most `delegate_window - read_buffer` bytes of `did_receive_data`
+    /// (the call in progress included), and while that queue is full the task reads the socket
+    /// no further (backpressure, not prefetch), and its request timeout, which is the network's
+    /// idle time, is disarmed until the delegate catches up; its resource timeout runs on.
+    /// Downloads write to their file, and the async conveniences collect their body
+    /// themselves: neither has this window. It must be more than
+    /// [`read_buffer`](Self::read_buffer).
+    pub fn delegate_window(mut self, bytes: usize) -> Self {
+        self.config.delegate_window = bytes;
+        self
+    }
+
     /// The most bytes a stream or websocket queues of what its user writes before writes wait
     /// (64 KiB by default; a websocket message larger than this is queued alone). It is also
     /// tungstenite's `write_buffer_size`, and bounds its `max_write_buffer_size` (this plus one
@@ -279,12 +309,22 @@ impl ConfigurationBuilder {
     /// The configuration, or [`Error::InvalidConfiguration`] naming the first invalid value.
     pub fn build(self) -> Result<Configuration, Error> {
         let (window, read_buffer) = (self.config.stream_window, self.config.read_buffer);
-        let this = self.check(window > read_buffer, || {
-            format!(
-                "stream_window ({window} bytes) must be more than read_buffer ({read_buffer} \
-                 bytes): the window covers the transport's buffer and the read-ahead queue (R6)"
-            )
-        });
+        let delegate_window = self.config.delegate_window;
+        let this = self
+            .check(window > read_buffer, || {
+                format!(
+                    "stream_window ({window} bytes) must be more than read_buffer \
+                     ({read_buffer} bytes): the window covers the transport's buffer and the \
+                     read-ahead queue (R6)"
+                )
+            })
+            .check(delegate_window > read_buffer, || {
+                format!(
+                    "delegate_window ({delegate_window} bytes) must be more than read_buffer \
+                     ({read_buffer} bytes): the window covers the transport's buffer and the \
+                     delegate's queue (R6)"
+                )
+            });
         match this.error {
             Some(error) => Err(Error::InvalidConfiguration(error)),
             None => Ok(this.config),

@@ -21,7 +21,9 @@ pub struct TaskInfo {
 /// what it needs.
 ///
 /// The callbacks of one session are delivered one at a time, in order, on a thread of the
-/// session's own: a slow delegate delays only its own session's callbacks, never any IO.
+/// session's own: a slow delegate delays only its own session's callbacks, and the reading of
+/// its own tasks' bodies once it is a window behind
+/// ([`delegate_window`](crate::ConfigurationBuilder::delegate_window), R6).
 /// Per task: `did_receive_response`, `did_receive_data`*, `did_become_download`,
 /// `did_finish_downloading`, `did_become_stream`, `did_open` / `did_close` (websockets), then
 /// exactly one `did_complete` (R1). Per session:
@@ -37,7 +39,10 @@ pub trait Delegate: Send + Sync + 'static {
         Disposition::Allow
     }
 
-    /// Body bytes, in order. Not called for downloads.
+    /// Body bytes, in order. Not called for downloads. The task reads at most the session's
+    /// [`delegate_window`](crate::ConfigurationBuilder::delegate_window) ahead of these calls
+    /// (the one in progress included); a task cancelled or timed out meanwhile drops the bytes
+    /// not handed over yet, and `did_complete` comes next.
     fn did_receive_data(&self, task: &TaskInfo, data: &Bytes) {
         let _ = (task, data);
     }

@@ -1,7 +1,8 @@
 //! Delivery of a delegated session's callbacks: a thread of the session's own calls the
 //! delegate, one callback at a time, in order. A slow delegate delays its own session's
-//! callbacks and nothing else; the thread ends right after `did_become_invalid`, having
-//! dropped the delegate (R3).
+//! callbacks, and its tasks' reading once it is a window behind (the engine counts a body's
+//! bytes out when `did_receive_data` returns, R6), and nothing else; the thread ends right
+//! after `did_become_invalid`, having dropped the delegate (R3).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};

@@ -5,6 +5,11 @@
 //! unless the engine pooled it (R5). It stops at once when its [`Control`] says so: every
 //! await races the control.
 //!
+//! A delegated data or upload task reports its body no faster than its delegate's window has
+//! room (R6): it asks the engine for room before each frame, reports what fits, keeps the rest
+//! of the frame, and does not poll hyper for more while the delegate is a window behind, so
+//! hyper reads the socket no further than its own buffer.
+//!
 //! A data task whose delegate answered `BecomeStream` reads its body on through the stream's
 //! window (R6): it asks the engine how much room there is before each chunk, never polls hyper
 //! for a new frame while it holds part of the last one, and keeps its connection, never
@@ -249,34 +254,47 @@ impl Exchange {
             None => None,
         };
         let mut kept = BytesMut::new();
+        let (core, task) = (self.shared.core.clone(), self.task);
+        // What hyper gave beyond the delegate's room, reported first when there is room again.
+        let mut rest = Bytes::new();
         loop {
             self.unpaused().await?;
-            let Some(frame) = self.unless_paused(body.frame()).await? else {
-                continue; // R7: suspended mid-read; the frame waits in hyper's channel
-            };
-            match frame {
-                Some(Ok(frame)) => {
-                    activity.touch();
-                    let Ok(data) = frame.into_data() else {
-                        continue; // trailers
-                    };
-                    if let Some(file) = &mut file {
-                        file.write_all(&data).await?;
-                    }
-                    if let Some(limit) = self.collect {
-                        if kept.len() + data.len() > limit {
-                            return Err(Error::BodyTooLarge {
-                                limit: limit as u64,
-                            }
-                            .into());
+            // R6: while the delegate is a window behind, hyper is not polled, so it reads the
+            // socket no further than its own buffer.
+            let room = self
+                .or_abort(std::future::poll_fn(|cx| core.poll_body_room(task, cx)))
+                .await?
+                .ok_or(Stop::Aborted)?;
+            if rest.is_empty() {
+                let Some(frame) = self.unless_paused(body.frame()).await? else {
+                    continue; // R7: suspended mid-read; the frame waits in hyper's channel
+                };
+                match frame {
+                    Some(Ok(frame)) => {
+                        activity.touch();
+                        let Ok(data) = frame.into_data() else {
+                            continue; // trailers
+                        };
+                        if let Some(file) = &mut file {
+                            file.write_all(&data).await?;
                         }
-                        kept.extend_from_slice(&data);
+                        if let Some(limit) = self.collect {
+                            if kept.len() + data.len() > limit {
+                                return Err(Error::BodyTooLarge {
+                                    limit: limit as u64,
+                                }
+                                .into());
+                            }
+                            kept.extend_from_slice(&data);
+                        }
+                        rest = data;
                     }
-                    self.shared.core.body_data(self.task, data);
+                    Some(Err(error)) => return Err(body_error(&error).into()),
+                    None => break,
                 }
-                Some(Err(error)) => return Err(body_error(&error).into()),
-                None => break,
             }
+            let data = rest.split_to(room.min(rest.len()));
+            core.body_data(task, data);
         }
         if let Some(mut file) = file {
             file.flush().await?;

@@ -220,6 +220,7 @@ impl Session {
             max_connections_per_origin: config.max_connections_per_host,
             // R6: the window less the transport's buffer (hyper's, or a stream's scratch).
             read_ahead: config.read_ahead(),
+            delegate_ahead: config.delegate_ahead(),
             write_buffer: config.write_buffer,
             close_timeout: config.close_timeout,
         };

@@ -46,6 +46,9 @@ pub struct Config {
     pub max_connections_per_origin: usize,
     /// The most a stream holds read ahead of its user (R6); its IO stops reading past it.
     pub read_ahead: usize,
+    /// The most body bytes a delegated data or upload task queues for its delegate, the one in
+    /// its hands included (R6); its IO stops reading past it (see [`Engine::body_room`]).
+    pub delegate_ahead: usize,
     /// The most a stream or websocket queues of what its user writes before writes wait.
     pub write_buffer: usize,
     /// How long our websocket close waits for the peer's (R11).
@@ -64,6 +67,7 @@ impl Default for Config {
             max_idle_per_origin: usize::MAX,
             max_connections_per_origin: usize::MAX,
             read_ahead: 48 * 1024,
+            delegate_ahead: 48 * 1024,
             write_buffer: 64 * 1024,
             close_timeout: Duration::from_secs(5),
         }
@@ -132,6 +136,10 @@ struct Cell {
     /// A handler-routed task's start, until its handler takes it.
     start: Option<Start>,
     start_waker: Option<Waker>,
+    /// Body bytes queued for the delegate, or in its hands, not yet acknowledged (R6).
+    undelivered: u64,
+    /// The IO waiting for the delegate to catch up ([`Engine::body_room`]).
+    room_waker: Option<Waker>,
 }
 
 const TIMEOUTS: [Timeout; 3] = [Timeout::Request, Timeout::Resource, Timeout::Close];
@@ -346,6 +354,8 @@ impl Engine {
                 pipe: matches!(kind, TaskKind::Stream | TaskKind::WebSocket).then(Pipe::new),
                 start: None,
                 start_waker: None,
+                undelivered: 0,
+                room_waker: None,
             },
         );
         Ok(id)
@@ -378,7 +388,11 @@ impl Engine {
             self.wake_io(task);
         }
         if timed {
-            self.arm(task, Timeout::Request);
+            // The request timeout is the network's idle time: not armed while the IO waits
+            // for the delegate (R12); it is when the delegate catches up.
+            if !self.behind(task) {
+                self.arm(task, Timeout::Request);
+            }
             self.arm(task, Timeout::Resource);
         }
         self.tasks.get_mut(&task).and_then(|cell| cell.start.take())
@@ -585,15 +599,49 @@ impl Engine {
         if cell.exchange != Exchange::ReceivingBody {
             return;
         }
-        let to_delegate = cell.kind != TaskKind::Download
-            && self.config.delegated
-            && cell.route == Route::Delegate;
-        self.rearm(task, Timeout::Request);
+        let to_delegate = self.to_delegate(cell);
         // A chunk read just before a suspend took effect is still delivered: it was read.
         if to_delegate && !data.is_empty() {
-            self.buffered += data.len() as u64;
-            self.peak_buffered = self.peak_buffered.max(self.buffered);
+            let len = data.len() as u64;
+            let was_behind = self.behind(task);
+            self.buffered += len;
+            self.peak_buffered = self.peak_buffered.max(self.buffered + self.held);
+            self.tasks.get_mut(&task).expect("live task").undelivered += len;
             self.say(Callback::ReceiveData { task, data });
+            if !was_behind && self.behind(task) {
+                // The IO waits for the delegate now, not for the network (R12).
+                self.disarm(task, Timeout::Request);
+                return;
+            }
+        }
+        self.rearm(task, Timeout::Request);
+    }
+
+    /// How many body bytes the task's IO may read and report now (R6): what the delegate's
+    /// window has room for, for a delegated data or upload task; no limit for a download, a
+    /// handler-routed task or a session without a delegate. `Pending` while the delegate is a
+    /// window behind: the IO stops reading the socket and is woken when it catches up.
+    /// `None` once the task no longer reads a body.
+    pub(crate) fn body_room(&mut self, task: TaskId, waker: Option<&Waker>) -> Poll<Option<usize>> {
+        let limit = self.delegate_limit();
+        let Some(cell) = self.tasks.get(&task) else {
+            return Poll::Ready(None);
+        };
+        if cell.exchange != Exchange::ReceivingBody {
+            return Poll::Ready(None);
+        }
+        if !self.to_delegate(cell) {
+            return Poll::Ready(Some(usize::MAX));
+        }
+        let cell = self.tasks.get_mut(&task).expect("live task");
+        match limit.saturating_sub(cell.undelivered) {
+            0 => {
+                if let Some(waker) = waker {
+                    cell.room_waker = Some(waker.clone());
+                }
+                Poll::Pending
+            }
+            room => Poll::Ready(Some(usize::try_from(room).unwrap_or(usize::MAX))),
         }
     }
 
@@ -693,6 +741,24 @@ impl Engine {
         }
     }
 
+    /// did_receive_data returned with `len` bytes of the task's body: the delegate's window
+    /// has that much more room, and an IO waiting for it reads on (R6).
+    pub(crate) fn data_delivered(&mut self, task: TaskId, len: u64) {
+        let was_behind = self.behind(task);
+        let Some(cell) = self.tasks.get_mut(&task) else {
+            return; // Completed: its window went with it.
+        };
+        cell.undelivered = cell.undelivered.saturating_sub(len);
+        if was_behind && !self.behind(task) {
+            let cell = self.tasks.get_mut(&task).expect("live task");
+            self.wake_later.extend(cell.room_waker.take());
+            // Reading resumes: the network's idle time counts again (R12), unless suspended.
+            if cell.state == TaskState::Running {
+                self.arm(task, Timeout::Request);
+            }
+        }
+    }
+
     /// did_finish_downloading returned: the file is removed unless the delegate moved it.
     pub(crate) fn file_handed_over(&mut self, task: TaskId) {
         if let Some(i) = self.handed_over.iter().position(|(t, _)| *t == task) {
@@ -706,6 +772,16 @@ impl Engine {
     pub(crate) fn delegate_released(&mut self) {
         self.delegate_held = false;
         self.buffered = 0;
+        // Nothing will be delivered any more: no IO waits for it.
+        let behind: Vec<(TaskId, u64)> = self
+            .tasks
+            .iter()
+            .filter(|(_, c)| c.undelivered > 0)
+            .map(|(t, c)| (*t, c.undelivered))
+            .collect();
+        for (task, undelivered) in behind {
+            self.data_delivered(task, undelivered);
+        }
         for (callback, _) in std::mem::take(&mut self.callbacks) {
             // The stream's handle the delegate will never get.
             if let Callback::BecomeStream { task, .. } = callback {
@@ -760,6 +836,42 @@ impl Engine {
         }
     }
 
+    /// Stop one timer, if armed.
+    fn disarm(&mut self, task: TaskId, timeout: Timeout) {
+        let cell = self.tasks.get_mut(&task).expect("live task");
+        if let Some(generation) = cell.timers[timeout as usize].take()
+            && cell.route == Route::Delegate
+        {
+            let timer = TimerId {
+                task,
+                timeout,
+                generation,
+            };
+            self.actions.push_back(Action::DisarmTimer { timer });
+        }
+    }
+
+    /// Whether the task's body goes to the delegate as `ReceiveData` callbacks, through its
+    /// window (R6).
+    fn to_delegate(&self, cell: &Cell) -> bool {
+        cell.kind != TaskKind::Download
+            && cell.route == Route::Delegate
+            && self.config.delegated
+            && self.delegate_held
+    }
+
+    /// The delegate's window, at least one byte.
+    fn delegate_limit(&self) -> u64 {
+        self.config.delegate_ahead.max(1) as u64
+    }
+
+    /// The task's delegate is a window behind: its IO waits (R6).
+    fn behind(&self, task: TaskId) -> bool {
+        self.tasks
+            .get(&task)
+            .is_some_and(|c| c.undelivered >= self.delegate_limit())
+    }
+
     /// Restart an armed timer (the request timeout restarts with every byte).
     fn rearm(&mut self, task: TaskId, timeout: Timeout) {
         if self.tasks[&task].timers[timeout as usize].is_some() {
@@ -768,18 +880,8 @@ impl Engine {
     }
 
     fn disarm_all(&mut self, task: TaskId) {
-        let cell = self.tasks.get_mut(&task).expect("live task");
         for timeout in TIMEOUTS {
-            if let Some(generation) = cell.timers[timeout as usize].take()
-                && cell.route == Route::Delegate
-            {
-                let timer = TimerId {
-                    task,
-                    timeout,
-                    generation,
-                };
-                self.actions.push_back(Action::DisarmTimer { timer });
-            }
+            self.disarm(task, timeout);
         }
     }
 
@@ -787,6 +889,14 @@ impl Engine {
     fn complete(&mut self, task: TaskId, result: Result<(), Error>, ended_by: EndedBy) {
         self.disarm_all(task);
         let mut cell = self.tasks.remove(&task).expect("live task");
+        self.wake_later.extend(cell.room_waker.take());
+        if result.is_err() && ended_by == EndedBy::Other && cell.undelivered > 0 {
+            // R5: a task cancelled, timed out or invalidated drops the body its delegate was
+            // not handed yet: its did_complete comes next (R1: nothing about it after). A
+            // network failure is the network's own ending: the bytes read before it (at most
+            // one window, R6) are delivered first, as they arrived.
+            self.drop_undelivered(task);
+        }
         if let Some(mut pipe) = cell.pipe.take() {
             // R5: what it held goes with it; whoever waits on it finds it completed.
             self.held -= pipe.held();
@@ -845,6 +955,19 @@ impl Engine {
         ) {
             self.invalidate_if_done();
         }
+    }
+
+    /// Take the task's queued `ReceiveData` callbacks out of the queue.
+    fn drop_undelivered(&mut self, task: TaskId) {
+        let mut dropped = 0;
+        self.callbacks.retain(|(callback, _)| match callback {
+            Callback::ReceiveData { task: t, data } if *t == task => {
+                dropped += data.len() as u64;
+                false
+            }
+            _ => true,
+        });
+        self.buffered -= dropped;
     }
 
     fn invalidate_if_done(&mut self) {

@@ -3,7 +3,7 @@
 //! One session's lifecycle as an engine that does no IO and reads no clock. Inputs are method
 //! calls: the user's (resume, suspend, cancel, invalidate, a handle dropped), the driver's
 //! (a response head, body bytes, the end, an error, a timer fired) and the delivery's
-//! acknowledgements (the delegate's disposition). Outputs are two ordered queues:
+//! acknowledgements (the delegate's disposition, the body bytes it is done with). Outputs are two ordered queues:
 //! - [`Action`]s the driver must carry out: start an exchange on a new or pooled connection,
 //!   pause or resume reading, read the body (into a file for downloads), abort a task's IO,
 //!   close a connection, arm or disarm a timer, remove a temp file;
@@ -27,14 +27,14 @@
 //! | R2 | `Engine::invalidate_if_done` queues `BecomeInvalid` behind every `Complete`; `Engine::invalidate_and_cancel` completes tasks first |
 //! | R3 | [`Delivery`] drops the delegate right after delivering `BecomeInvalid`, or in its own `Drop` |
 //! | R4 | `Engine::invalidate_if_done` closes the pool; [`Core::poll_action`] ends only when released |
-//! | R5 | `Engine::complete` aborts the IO (closing its connection), removes temp files and drops a pipe's bytes; `Engine::body_end` pools only read-whole, reusable connections; `Engine::begin` never gives a stream or websocket a pooled connection |
-//! | R6 | `Engine::intake` (`engine/pipe.rs`) gives a stream's IO no more than its room and nothing while full; `Engine::stream_data` takes no more; a websocket's IO reads one message at a time |
+//! | R5 | `Engine::complete` aborts the IO (closing its connection), removes temp files, drops a pipe's bytes and, unless the IO ended the task itself, the body its delegate was not handed; `Engine::body_end` pools only read-whole, reusable connections; `Engine::begin` never gives a stream or websocket a pooled connection |
+//! | R6 | `Engine::intake` (`engine/pipe.rs`) gives a stream's IO no more than its room and nothing while full; `Engine::stream_data` takes no more; a websocket's IO reads one message at a time; `Engine::body_room` gives a data task's IO no more than its delegate's window has room for, and `Engine::data_delivered` (the delivery's acknowledgement) opens it again |
 //! | R7 | `Engine::suspend` pauses reading and disarms both timers; `Engine::intake` gives a suspended task nothing |
 //! | R8 | `Engine::create_task` refuses before allocating |
 //! | R9 | `Config::shared` makes the invalidation inputs no-ops; `Core::idle_expired` |
 //! | R10 | `Drop for SessionHandle` and `Drop for TaskHandle`; `Engine::task_handle_dropped` also cancels a stream and closes a websocket nobody holds |
 //! | R11 | `Engine::cancel_with` (`engine/pipe.rs`) arms `Timeout::Close`; `Engine::timer_fired` completes the task at the deadline, `Engine::ws_peer_closed` on the peer's answer; either way `Action::Abort` closes the socket |
-//! | R12 | `Engine::timer_fired` (stale generations ignored) and `Engine::failed` |
+//! | R12 | `Engine::timer_fired` (stale generations ignored) and `Engine::failed`; `Engine::body_data` disarms the request timeout while the IO waits for the delegate, `Engine::data_delivered` arms it again |
 
 mod engine;
 mod error;
@@ -291,8 +291,8 @@ pub struct Ledger {
     pub open_connections: u32,
     /// Connections in the pool.
     pub idle_connections: u32,
-    /// Bytes read and held for the user: body bytes queued for the delegate, streams'
-    /// read-ahead, websockets' received messages (R6).
+    /// Bytes read and held for the user: body bytes queued for the delegate (at most its
+    /// window, R6), streams' read-ahead, websockets' received messages (R6).
     pub buffered_bytes: u64,
     /// The most `buffered_bytes` has ever been.
     pub peak_buffered_bytes: u64,

@@ -176,7 +176,25 @@ impl Core {
         self.update(|e| e.take_outcome(task))
     }
 
-    /// Body bytes arrived (for a download, after they were written to its file).
+    /// How many body bytes the task's IO may read and report with [`Core::body_data`] now
+    /// (R6): the room in the delegate's window for a delegated data or upload task, else no
+    /// limit. Pending while the delegate is a window behind: the IO must not read the socket
+    /// meanwhile, and is woken once the delegate has caught up. `None` once the task reads no
+    /// body (it is over).
+    pub fn poll_body_room(&self, task: TaskId, cx: &mut Context<'_>) -> Poll<Option<usize>> {
+        self.update(|e| e.body_room(task, Some(cx.waker())))
+    }
+
+    /// [`Core::poll_body_room`] without waiting: `Some(0)` while the delegate is behind.
+    pub fn try_body_room(&self, task: TaskId) -> Option<usize> {
+        match self.update(|e| e.body_room(task, None)) {
+            Poll::Ready(room) => room,
+            Poll::Pending => Some(0),
+        }
+    }
+
+    /// Body bytes arrived (for a download, after they were written to its file). A delegated
+    /// data or upload task's IO reports no more than [`Core::poll_body_room`] allowed.
     pub fn body_data(&self, task: TaskId, data: Bytes) {
         self.update(|e| e.body_data(task, data));
     }
@@ -500,6 +518,8 @@ impl<D> fmt::Debug for Delivery<D> {
 enum Ack {
     None,
     Answer(TaskId),
+    /// Body bytes the delegate is done with: its window has room again (R6).
+    Data(TaskId, u64),
     FileHandedOver(TaskId),
     Invalid,
 }
@@ -559,6 +579,7 @@ impl<D> Delivery<D> {
         };
         let ack = match callback {
             Callback::ReceiveResponse { task, .. } => Ack::Answer(task),
+            Callback::ReceiveData { task, ref data } => Ack::Data(task, data.len() as u64),
             Callback::FinishDownloading { task, .. } => Ack::FileHandedOver(task),
             Callback::BecomeInvalid => Ack::Invalid,
             _ => Ack::None,
@@ -571,6 +592,7 @@ impl<D> Delivery<D> {
         match ack {
             Ack::None => {}
             Ack::Answer(task) => self.core.update(|e| e.answer(task, disposition)),
+            Ack::Data(task, len) => self.core.update(|e| e.data_delivered(task, len)),
             Ack::FileHandedOver(task) => self.core.update(|e| e.file_handed_over(task)),
             Ack::Invalid => {
                 self.release();

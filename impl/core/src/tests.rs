@@ -741,3 +741,98 @@ fn did_complete_waits_until_the_actions_before_it_are_carried_out() {
     assert!(heard[0].contains("Cancelled"), "{heard:?}");
     assert_eq!(core.ledger().pending_actions, 0);
 }
+
+/// Whether the task's request timer is armed, by the driver's account of the actions.
+fn request_timer_armed(got: &[Action], task: TaskId, before: bool) -> bool {
+    got.iter().fold(before, |armed, action| match action {
+        Action::ArmTimer { timer, .. } if timer.task == task => {
+            armed || timer.timeout == Timeout::Request
+        }
+        Action::DisarmTimer { timer }
+            if timer.task == task && timer.timeout == Timeout::Request =>
+        {
+            false
+        }
+        _ => armed,
+    })
+}
+
+#[test]
+fn a_delegate_a_window_behind_stops_the_body_and_its_request_timeout() {
+    let (session, core, mut delivery) = session(
+        Config {
+            delegate_ahead: 8,
+            ..Config::default()
+        },
+        Some(Recorder),
+    );
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    let id = task.id();
+    task.resume();
+    let _ = core.response(id, ok_response());
+    deliver(&mut delivery, Disposition::Allow);
+    let armed = request_timer_armed(&actions(&core), id, false);
+    assert!(armed);
+    assert_eq!(core.try_body_room(id), Some(8));
+    core.body_data(id, Bytes::from_static(b"leak"));
+    assert_eq!(core.try_body_room(id), Some(4));
+    core.body_data(id, Bytes::from_static(b"proof"));
+    // A window behind: no room, and the network's idle time is not counted (R6, R12).
+    assert_eq!(core.try_body_room(id), Some(0));
+    let armed = request_timer_armed(&actions(&core), id, armed);
+    assert!(!armed, "disarmed while the delegate is behind");
+    assert_eq!(core.ledger().timers, 1, "the resource timeout runs on");
+    // Suspended and resumed while behind: still no request timer.
+    task.suspend();
+    task.resume();
+    let armed = request_timer_armed(&actions(&core), id, armed);
+    assert!(!armed);
+    assert_eq!(core.ledger().timers, 1);
+    // The delegate catches up: room again, and the request timeout is armed again.
+    let heard = deliver(&mut delivery, Disposition::Allow);
+    assert_eq!(heard.len(), 2, "{heard:?}");
+    assert_eq!(core.try_body_room(id), Some(8));
+    assert!(request_timer_armed(&actions(&core), id, armed));
+    assert_eq!(core.ledger().timers, 2);
+}
+
+#[test]
+fn a_cancelled_task_drops_the_body_its_delegate_was_not_handed() {
+    let (session, core, mut delivery) = delegated();
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    task.resume();
+    let _ = core.response(task.id(), ok_response());
+    deliver(&mut delivery, Disposition::Allow);
+    core.body_data(task.id(), Bytes::from_static(b"stale"));
+    core.body_data(task.id(), Bytes::from_static(b"bytes"));
+    assert_eq!(core.ledger().buffered_bytes, 10);
+    task.cancel();
+    assert_eq!(core.ledger().buffered_bytes, 0, "R5");
+    assert_eq!(core.try_body_room(task.id()), None);
+    actions(&core); // did_complete waits for the abort to be carried out
+    let heard = deliver(&mut delivery, Disposition::Allow);
+    assert_eq!(heard.len(), 1, "{heard:?}");
+    assert!(heard[0].starts_with("Complete"), "{heard:?}");
+}
+
+#[test]
+fn a_network_failure_delivers_the_body_read_before_it() {
+    let (session, core, mut delivery) = delegated();
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    task.resume();
+    let _ = core.response(task.id(), ok_response());
+    deliver(&mut delivery, Disposition::Allow);
+    core.body_data(task.id(), Bytes::from_static(b"read"));
+    core.failed(task.id(), Error::ConnectionReset);
+    actions(&core); // did_complete waits for the driver to disarm the timers
+    let heard = deliver(&mut delivery, Disposition::Allow);
+    assert!(heard[0].starts_with("ReceiveData"), "{heard:?}");
+    assert!(heard[1].starts_with("Complete"), "{heard:?}");
+    assert_eq!(core.ledger().buffered_bytes, 0);
+}

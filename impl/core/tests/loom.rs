@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
+use bytes::Bytes;
 use leakproof_core::{
     Action, Callback, Config, ConnId, Core, Delivered, Delivery, Error, Message, Outgoing, Release,
     Route, SessionHandle, TaskHandle, TaskId, TaskKind, Timeout, TimerId,
@@ -430,6 +431,52 @@ fn a_released_connection_vs_cancelling_the_task_waiting_for_it() {
             // Whichever won, the connection went to the waiting task (then was aborted with it)
             // or stayed pooled: the driver checks each step, `finish` that nothing is left.
             w.finish(deliverer, vec![busy, waiting]);
+        },
+    );
+}
+
+#[test]
+fn delivered_bytes_vs_the_io_waiting_for_room_vs_cancel() {
+    explore(
+        "delivered_bytes_vs_the_io_waiting_for_room_vs_cancel",
+        || {
+            let mut w = world_with(Config {
+                delegate_ahead: 4,
+                ..Config::default()
+            });
+            let task = w.reading_task();
+            let id = task.id();
+            // The delegate is a window behind: the IO may read nothing more (R6), and the
+            // request timeout, the network's idle time, is not armed meanwhile.
+            w.core.body_data(id, Bytes::from_static(b"leak"));
+            assert_eq!(w.core.try_body_room(id), Some(0));
+            w.driver.run(&w.core);
+            assert!(!w.driver.timers.contains(&(id, Timeout::Request as u8)));
+            // The delegate acknowledges on its thread; the IO waits for room and reports what
+            // fits; the user cancels.
+            let deliverer = w.deliver_in_background();
+            let core = w.core.clone();
+            let io = thread::spawn(move || {
+                let mut rest = Bytes::from_static(b"proof");
+                while !rest.is_empty() {
+                    match wait(|cx| core.poll_body_room(id, cx)) {
+                        Some(room) => core.body_data(id, rest.split_to(room.min(rest.len()))),
+                        None => return false, // the task is over: the IO stops
+                    }
+                }
+                true
+            });
+            task.cancel();
+            let _read_all = io.join().unwrap();
+            assert_eq!(w.core.try_body_room(id), None);
+            let ledger = w.core.ledger();
+            assert!(
+                ledger.peak_buffered_bytes <= 4,
+                "R6: more than the window was queued: {ledger:?}"
+            );
+            // R5: what the delegate was not handed went with the task.
+            assert_eq!(ledger.buffered_bytes, 0, "{ledger:?}");
+            w.finish(deliverer, vec![task]);
         },
     );
 }
