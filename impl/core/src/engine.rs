@@ -399,22 +399,23 @@ impl Engine {
     }
 
     /// Give the task a connection: a kept-alive one to its origin, else a new one within the
-    /// origin's limit, else a place in the queue.
+    /// origin's limit, else a place in the queue. A stream or a websocket takes a new
+    /// connection of its own at once: it never gives it back, so it is outside the pool and
+    /// its per-origin limit, which bound HTTP exchanges (a host with open websockets still
+    /// serves requests).
     fn begin(&mut self, task: TaskId) {
         let origin = self.tasks[&task].origin.clone();
-        // A stream or a websocket takes a connection of its own, and never gives it back.
-        let poolable = !matches!(
-            self.tasks[&task].kind,
-            TaskKind::Stream | TaskKind::WebSocket
-        );
+        let own = !is_http(self.tasks[&task].kind);
         let pooled = self
             .idle
             .iter()
             .rposition(|(o, _)| *o == origin)
-            .filter(|_| poolable);
+            .filter(|_| !own);
         let (conn, reused) = match pooled {
             Some(i) => (self.idle.remove(i).1, true),
-            None if self.connections_to(&origin) < self.config.max_connections_per_origin => {
+            None if own
+                || self.connections_to(&origin) < self.config.max_connections_per_origin =>
+            {
                 self.next_conn += 1;
                 (ConnId(self.next_conn), false)
             }
@@ -442,12 +443,12 @@ impl Engine {
         }
     }
 
-    /// Connections to `origin`, busy and idle.
+    /// The pool's connections to `origin`, busy and idle: its HTTP exchanges'.
     fn connections_to(&self, origin: &str) -> usize {
         let busy = self
             .tasks
             .values()
-            .filter(|c| c.conn.is_some() && c.origin == origin)
+            .filter(|c| c.conn.is_some() && c.origin == origin && is_http(c.kind))
             .count();
         busy + self.idle.iter().filter(|(o, _)| o == origin).count()
     }
@@ -984,4 +985,10 @@ impl Engine {
             self.say(Callback::BecomeInvalid);
         }
     }
+}
+
+/// Whether a task of `kind` is an HTTP exchange, whose connection comes from the pool and goes
+/// back to it; a stream or a websocket has one of its own.
+fn is_http(kind: TaskKind) -> bool {
+    matches!(kind, TaskKind::Data | TaskKind::Download | TaskKind::Upload)
 }

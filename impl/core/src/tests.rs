@@ -836,3 +836,43 @@ fn a_network_failure_delivers_the_body_read_before_it() {
     assert!(heard[1].starts_with("Complete"), "{heard:?}");
     assert_eq!(core.ledger().buffered_bytes, 0);
 }
+
+#[test]
+fn streams_and_websockets_take_no_http_slot() {
+    let (session, core, _delivery) = crate::session(
+        Config {
+            max_connections_per_origin: 1,
+            ..Config::default()
+        },
+        Some(Recorder),
+    );
+    let mut tasks = Vec::new();
+    for kind in [
+        TaskKind::WebSocket,
+        TaskKind::WebSocket,
+        TaskKind::Stream,
+        TaskKind::Data,
+    ] {
+        let task = session.create_task(kind, "a", Route::Delegate).unwrap();
+        task.resume();
+        let started = actions(&core)
+            .iter()
+            .any(|a| matches!(a, Action::Start { reused: false, .. }));
+        assert!(
+            started,
+            "a {kind:?} starts at once on a host at its HTTP limit of 1"
+        );
+        tasks.push(task);
+    }
+    let second = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    second.resume();
+    assert!(
+        !actions(&core)
+            .iter()
+            .any(|a| matches!(a, Action::Start { .. })),
+        "the second HTTP exchange waits for the one slot"
+    );
+    assert_eq!(core.ledger().open_connections, 4);
+}
