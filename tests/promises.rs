@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use leakproof::{Configuration, Delegate, Disposition, Error, Session, TaskInfo};
 use leakproof_check::scenario::{PATIENCE, bounded};
@@ -157,4 +158,57 @@ async fn did_complete_comes_once_the_tasks_socket_and_file_are_gone() {
         drop(delegate);
         assert!(weak.upgrade().is_none(), "run {run}: R3");
     }
+}
+
+/// R4's "no background future of the session left alive", at the moment `invalidated()`
+/// resolves: the session runs on a runtime of its own, where nothing else runs, and that
+/// runtime's count of live tasks (tokio's metrics, not the session's word) is then zero. The
+/// test awaits on its own runtime, with the stage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidated_resolves_once_no_task_of_the_session_is_alive() {
+    let sessions = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for run in 0..RUNS {
+        let stage = Stage::start().await.unwrap();
+        let session = {
+            let _on = sessions.enter();
+            Session::new(Configuration::default(), None)
+        };
+        let tasks = [
+            session
+                .download_task(get(stage.url("/bytes/200000")))
+                .unwrap(),
+            session
+                .download_task(get(stage.url("/bytes/1000000?stall_after=4096")))
+                .unwrap(),
+        ];
+        let data = session
+            .data_task(get(stage.url("/bytes/1000000?stall_after=4096")))
+            .unwrap();
+        tasks.iter().for_each(|t| t.resume());
+        data.resume();
+        if run % 2 == 0 {
+            let began = stage.wait_until(|s| s.requests() >= 3, PATIENCE).await;
+            assert!(began, "run {run}: the requests arrived");
+        }
+        session.invalidate_and_cancel();
+        bounded("invalidated", session.invalidated()).await;
+        // The session's futures are dropped now. tokio counts a task alive until it has woken
+        // its waiters and then released it: that last step of its own may trail by a moment.
+        let counted = tokio::time::timeout(Duration::from_millis(200), async {
+            while sessions.metrics().num_alive_tasks() > 0 {
+                tokio::time::sleep(Duration::from_micros(100)).await;
+            }
+        })
+        .await;
+        let alive = sessions.metrics().num_alive_tasks();
+        assert!(
+            counted.is_ok(),
+            "run {run}: {alive} tasks of the session still alive"
+        );
+    }
+    sessions.shutdown_background();
 }

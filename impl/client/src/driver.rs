@@ -257,9 +257,13 @@ fn spawn_io(
     io: impl Future<Output = ()> + Send + 'static,
 ) -> JoinHandle<()> {
     let shared = shared.clone();
-    shared.runtime.clone().spawn(async move {
-        io.await;
-        shared.forget(task);
-        shared.pool.note(Note::IoEnded(task));
-    })
+    let runtime = shared.runtime.clone();
+    shared.tasks.clone().spawn_on(
+        async move {
+            io.await;
+            shared.forget(task);
+            shared.pool.note(Note::IoEnded(task));
+        },
+        &runtime,
+    )
 }

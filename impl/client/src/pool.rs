@@ -26,6 +26,7 @@ use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
 use crate::{ConnId, Error};
 
@@ -216,12 +217,20 @@ pub(crate) struct Pool {
     sockets: Sockets,
     read_buffer: usize,
     runtime: Handle,
+    /// Every future the session runs, so that its release can wait for the last one.
+    tasks: TaskTracker,
     notes: mpsc::UnboundedSender<Note>,
 }
 
 impl Pool {
-    pub fn new(read_buffer: usize, runtime: Handle, notes: mpsc::UnboundedSender<Note>) -> Self {
+    pub fn new(
+        read_buffer: usize,
+        runtime: Handle,
+        tasks: TaskTracker,
+        notes: mpsc::UnboundedSender<Note>,
+    ) -> Self {
         Self {
+            tasks,
             idle: Mutex::new(Idle::default()),
             sockets: Sockets::default(),
             read_buffer,
@@ -324,13 +333,16 @@ impl Pool {
         let (socket, registered) = self.open(id, origin).await?;
         let (sender, connection) = self.handshake(socket).await?;
         let notes = self.notes.clone();
-        let io = self.runtime.spawn(async move {
-            // Ends when the socket closes or the sender is dropped while idle; an idle
-            // connection the server closed must leave the pool (and the ledger) now, not at
-            // its idle timeout. (Aborted, it says nothing: whoever aborted it knows.)
-            let _ = connection.await;
-            let _ = notes.send(Note::Closed(id));
-        });
+        let io = self.tasks.spawn_on(
+            async move {
+                // Ends when the socket closes or the sender is dropped while idle; an idle
+                // connection the server closed must leave the pool (and the ledger) now, not at
+                // its idle timeout. (Aborted, it says nothing: whoever aborted it knows.)
+                let _ = connection.await;
+                let _ = notes.send(Note::Closed(id));
+            },
+            &self.runtime,
+        );
         self.read_by(id, io.abort_handle());
         Ok(Connection {
             sender,
@@ -350,9 +362,12 @@ impl Pool {
     ) -> Result<Connection, Error> {
         let (socket, registered) = self.open(id, origin).await?;
         let (sender, connection) = self.handshake(socket).await?;
-        let io = self.runtime.spawn(async move {
-            let _ = connection.with_upgrades().await;
-        });
+        let io = self.tasks.spawn_on(
+            async move {
+                let _ = connection.with_upgrades().await;
+            },
+            &self.runtime,
+        );
         self.read_by(id, io.abort_handle());
         Ok(Connection {
             sender,

@@ -12,6 +12,7 @@ use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, Full, StreamBody};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
+use tokio_util::task::TaskTracker;
 
 use crate::config::Configuration;
 use crate::delegate::{Delegate, TaskInfo};
@@ -64,6 +65,9 @@ pub(crate) struct Shared {
     infos: Option<Infos>,
     /// Serializes creating a download's file (an exchange) with removing it (the driver).
     pub files: Mutex<()>,
+    /// Every future the session runs (its driver, the tasks' IO, hyper's connections): the
+    /// release waits for the last one to end (R4).
+    pub tasks: TaskTracker,
 }
 
 /// A task's job until its IO starts, and the control its IO listens to.
@@ -227,18 +231,20 @@ impl Session {
         let delegated = delegate.is_some();
         let (handle, core, delivery) = crate::session(engine_config, delegate);
         let (notes, notes_rx) = mpsc::unbounded_channel();
+        let tasks = TaskTracker::new();
         let infos: Option<Infos> = delegated.then(Default::default);
         let shared = Arc::new(Shared {
             core,
-            pool: Pool::new(config.read_buffer, runtime.clone(), notes),
+            pool: Pool::new(config.read_buffer, runtime.clone(), tasks.clone(), notes),
             config,
             runtime: runtime.clone(),
             name: name.clone(),
             records: Mutex::new(HashMap::new()),
             infos: infos.clone(),
             files: Mutex::new(()),
+            tasks: tasks.clone(),
         });
-        runtime.spawn(Driver::new(shared.clone(), notes_rx).run());
+        tasks.spawn_on(Driver::new(shared.clone(), notes_rx).run(), &runtime);
         match infos {
             Some(infos) => {
                 if let Err(error) = delivery::spawn(&name, delivery, infos, Arc::downgrade(&shared))
@@ -566,6 +572,10 @@ impl Observer {
     pub async fn invalidated(&self) {
         let core = self.shared.core.clone();
         poll_fn(|cx| core.poll_released(cx)).await;
+        // Released: nothing new starts, and what runs is ending (aborted, or done). Resolve
+        // once the last of it has, so that no future of the session outlives the promise.
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
     }
 
     pub fn state(&self) -> SessionState {
