@@ -222,8 +222,12 @@ impl ClientWorld {
     fn act(&mut self, op: &Op) -> (Option<Refusal>, Option<Returned>) {
         let runtime = self.runtime.handle().clone();
         match *op {
-            Op::CreateSession { session, kind } => {
-                let sim = runtime.block_on(Sim::new(session, kind));
+            Op::CreateSession {
+                session,
+                kind,
+                per_host,
+            } => {
+                let sim = runtime.block_on(Sim::new(session, kind, per_host));
                 self.sessions.insert(session, sim);
             }
             Op::FinishTasksAndInvalidate(s) => self.user_session(s).finish_tasks_and_invalidate(),
@@ -512,11 +516,13 @@ impl ClientWorld {
 }
 
 impl Sim {
-    async fn new(id: SessionId, kind: SessionKind) -> Sim {
+    async fn new(id: SessionId, kind: SessionKind, per_host: Option<u32>) -> Sim {
         let stage = Stage::start().await.expect("a stage");
         let downloads = tempfile::tempdir().expect("a download dir");
         let config = Configuration::builder()
             .download_dir(downloads.path())
+            .max_connections_per_host(per_host.map_or(usize::MAX, |l| l as usize))
+            .max_idle_per_host(usize::MAX)
             .build()
             .expect("a valid configuration");
         let ear = Arc::new(Ear::default());

@@ -49,6 +49,8 @@ pub fn universe_scopes() -> Vec<(Alphabet, usize)> {
         (
             Alphabet {
                 tasks: 1,
+                // One task never waits for a slot.
+                per_host: vec![None],
                 ..every.clone()
             },
             11,
@@ -57,9 +59,18 @@ pub fn universe_scopes() -> Vec<(Alphabet, usize)> {
         (
             Alphabet {
                 session_kinds: vec![SessionKind::Delegated],
-                ..every
+                ..every.clone()
             },
             8,
+        ),
+        // A data task waiting for its host's one slot while its session finishes, of every
+        // kind of session: two tasks resumed, then the session and the clock, seven ops in.
+        (
+            Alphabet {
+                task_kinds: vec![TaskKind::Data],
+                ..every
+            },
+            7,
         ),
     ]
 }
@@ -699,6 +710,7 @@ mod tests {
             Op::CreateSession {
                 session: S,
                 kind: SessionKind::Delegated,
+                per_host: None,
             },
             Op::CreateTask {
                 session: S,

@@ -130,8 +130,13 @@ impl System for EngineWorld {
         let mut refused = None;
         let mut returned = None;
         let touched = match *op {
-            Op::CreateSession { session, kind } => {
-                self.sessions.insert(session, Sim::new(session, kind));
+            Op::CreateSession {
+                session,
+                kind,
+                per_host,
+            } => {
+                self.sessions
+                    .insert(session, Sim::new(session, kind, per_host));
                 session
             }
             Op::FinishTasksAndInvalidate(s) => {
@@ -349,9 +354,10 @@ impl EngineWorld {
 }
 
 impl Sim {
-    fn new(id: SessionId, kind: SessionKind) -> Self {
+    fn new(id: SessionId, kind: SessionKind, per_host: Option<u32>) -> Self {
         let config = core::Config {
             shared: kind == SessionKind::Shared,
+            max_connections_per_origin: per_host.map_or(usize::MAX, |l| l as usize),
             name: format!("engine-check-{id}"),
             ..core::Config::default()
         };

@@ -44,6 +44,8 @@ pub struct Alphabet {
     pub tasks: u32,
     pub task_kinds: Vec<TaskKind>,
     pub body_sizes: Vec<u32>,
+    /// The sessions' `max_connections_per_host` (`None`: no limit).
+    pub per_host: Vec<Option<u32>>,
 }
 
 impl Default for Alphabet {
@@ -57,6 +59,7 @@ impl Default for Alphabet {
             tasks: 2,
             task_kinds: ALL_KINDS.to_vec(),
             body_sizes: vec![1, 65_536],
+            per_host: vec![None],
         }
     }
 }
@@ -74,6 +77,8 @@ impl Alphabet {
                 SessionKind::Shared,
             ],
             body_sizes: vec![65_536],
+            // One connection per host: the second of two HTTP tasks waits for it (R12).
+            per_host: vec![Some(1)],
             ..Self::default()
         }
     }
@@ -98,11 +103,15 @@ impl Alphabet {
         let mut ops = Vec::new();
         let session = model.next_session_id();
         if session.0 < self.sessions {
-            ops.extend(
-                self.session_kinds
+            ops.extend(self.session_kinds.iter().flat_map(|&kind| {
+                self.per_host
                     .iter()
-                    .map(|&kind| Op::CreateSession { session, kind }),
-            );
+                    .map(move |&per_host| Op::CreateSession {
+                        session,
+                        kind,
+                        per_host,
+                    })
+            }));
         }
         let task = model.next_task_id();
         for (session, _) in model.sessions() {

@@ -210,9 +210,19 @@ pub fn print(repro: &Repro) -> String {
 /// One op as its `.ops` line, without the newline.
 pub fn line(op: &Op) -> String {
     match *op {
-        Op::CreateSession { session, kind } => {
-            format!("session {session} {}", session_kind_word(kind))
-        }
+        Op::CreateSession {
+            session,
+            kind,
+            per_host: None,
+        } => format!("session {session} {}", session_kind_word(kind)),
+        Op::CreateSession {
+            session,
+            kind,
+            per_host: Some(limit),
+        } => format!(
+            "session {session} {} with {limit} per host",
+            session_kind_word(kind)
+        ),
         Op::CreateTask {
             session,
             task,
@@ -269,6 +279,12 @@ fn parse_op(words: &[&str]) -> Option<Op> {
         ["session", s, kind] => Op::CreateSession {
             session: session(s)?,
             kind: parse_word(&SESSION_KINDS, session_kind_word, kind)?,
+            per_host: None,
+        },
+        ["session", s, kind, "with", limit, "per", "host"] => Op::CreateSession {
+            session: session(s)?,
+            kind: parse_word(&SESSION_KINDS, session_kind_word, kind)?,
+            per_host: Some(limit.parse().ok().filter(|l| *l > 0)?),
         },
         ["task", t, kind, "in", s] => Op::CreateTask {
             session: session(s)?,
@@ -499,9 +515,14 @@ impl Renumbering {
     pub fn op(&self, op: &Op) -> Op {
         let (s, t) = (|id| self.session(id), |id| self.task(id));
         match *op {
-            Op::CreateSession { session, kind } => Op::CreateSession {
+            Op::CreateSession {
+                session,
+                kind,
+                per_host,
+            } => Op::CreateSession {
                 session: s(session),
                 kind,
+                per_host,
             },
             Op::CreateTask {
                 session,
@@ -752,11 +773,16 @@ fn rust_literal(op: &Op) -> Literal {
         fields: fields.to_vec(),
     };
     match *op {
-        Op::CreateSession { session, kind } => named(
+        Op::CreateSession {
+            session,
+            kind,
+            per_host,
+        } => named(
             "CreateSession",
             &[
                 ("session", s(session)),
                 ("kind", format!("SessionKind::{kind:?}")),
+                ("per_host", format!("{per_host:?}")),
             ],
         ),
         Op::CreateTask {

@@ -61,6 +61,16 @@ pub fn session_kind() -> impl Strategy<Value = SessionKind> + Clone {
     ]
 }
 
+/// A session's `max_connections_per_host`: mostly a limit small enough that resumed tasks
+/// wait for a slot (and their timers run meanwhile, R12), sometimes none.
+pub fn per_host() -> impl Strategy<Value = Option<u32>> + Clone {
+    prop_oneof![
+        3 => Just(Some(1)),
+        3 => Just(Some(2)),
+        2 => Just(None),
+    ]
+}
+
 /// Any kind of task, each as likely.
 pub fn task_kind() -> impl Strategy<Value = TaskKind> + Clone {
     task_kind_in(&ALL_KINDS)
@@ -163,7 +173,12 @@ pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
         });
         families.push((
             if session_count == 0 { 100 } else { 3 },
-            kind.prop_map(move |kind| Op::CreateSession { session, kind })
+            (kind, per_host())
+                .prop_map(move |(kind, per_host)| Op::CreateSession {
+                    session,
+                    kind,
+                    per_host,
+                })
                 .boxed(),
         ));
     }

@@ -17,7 +17,7 @@ use leakproof_check::ops::{
 };
 use leakproof_check::reference::Reference;
 use leakproof_check::run::{Failure, Report};
-use leakproof_check::strategies::{disposition, fault, session_kind, task_kind, timer};
+use leakproof_check::strategies::{disposition, fault, per_host, session_kind, task_kind, timer};
 use leakproof_model::rules::Rule;
 use leakproof_model::{
     Callback, Disposition, Model, Op, Outcome, Returned, SessionId, Step, TaskId, TaskKind, Timer,
@@ -37,7 +37,13 @@ fn task_id() -> impl Strategy<Value = TaskId> + Clone {
 fn any_op() -> impl Strategy<Value = Op> {
     let (s, t) = (session_id(), task_id());
     prop_oneof![
-        (s.clone(), session_kind()).prop_map(|(session, kind)| Op::CreateSession { session, kind }),
+        (s.clone(), session_kind(), per_host()).prop_map(|(session, kind, per_host)| {
+            Op::CreateSession {
+                session,
+                kind,
+                per_host,
+            }
+        }),
         (s.clone(), t.clone(), task_kind()).prop_map(|(session, task, kind)| Op::CreateTask {
             session,
             task,
@@ -664,6 +670,7 @@ fn download_cancelled_mid_body() {
         Op::CreateSession {
             session: SessionId(0),
             kind: SessionKind::Delegated,
+            per_host: None,
         },
         Op::CreateTask {
             session: SessionId(0),
@@ -722,6 +729,7 @@ fn websocket_close_times_out() {
         Op::CreateSession {
             session: SessionId(0),
             kind: SessionKind::Delegated,
+            per_host: None,
         },
         Op::CreateTask {
             session: SessionId(0),

@@ -94,10 +94,13 @@ pub enum Fault {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Op {
     // The user's ops on sessions.
-    /// Create a session.
+    /// Create a session. `per_host` is its `max_connections_per_host`: at most that many
+    /// connections for HTTP exchanges to its host, busy or pooled, and more resumed tasks
+    /// wait for one (`None`: no limit). Streams and websocket take none of them.
     CreateSession {
         session: SessionId,
         kind: SessionKind,
+        per_host: Option<u32>,
     },
     /// `finish_tasks_and_invalidate`: no new tasks; invalidate once running ones complete.
     FinishTasksAndInvalidate(SessionId),

@@ -48,6 +48,9 @@ pub enum TaskState {
 pub enum Exchange {
     /// Never resumed: no connection, no request.
     NotStarted,
+    /// Resumed, waiting for one of its host's connection slots (`per_host`): no connection
+    /// and no request yet, but its timers run (R12).
+    AwaitingConnection,
     /// The request is sent on a connection; the response head is awaited.
     AwaitingResponse,
     /// The delegate allowed the response; the body is being read.
@@ -101,6 +104,10 @@ pub struct Session {
     pub idle_connections: u32,
     /// Its tasks, in creation order.
     pub tasks: Vec<TaskId>,
+    /// At most this many connections for HTTP exchanges to its host, busy or pooled.
+    pub per_host: Option<u32>,
+    /// Resumed HTTP tasks waiting for a connection, first come first served.
+    pub waiting: VecDeque<TaskId>,
 }
 
 /// A task of the model.
@@ -148,7 +155,9 @@ impl Task {
             && match self.kind {
                 TaskKind::Data | TaskKind::Download | TaskKind::Upload => matches!(
                     self.exchange,
-                    Exchange::AwaitingResponse | Exchange::ReceivingBody
+                    Exchange::AwaitingConnection
+                        | Exchange::AwaitingResponse
+                        | Exchange::ReceivingBody
                 ),
                 TaskKind::WebSocket => self.exchange == Exchange::AwaitingResponse,
                 TaskKind::Stream => false,
@@ -325,8 +334,13 @@ impl Model {
         let user_task = |id: &TaskId| task(id).is_some_and(|t| t.handle);
         let user_session = |id: &SessionId| self.sessions.get(id).is_some_and(|s| s.handle);
         match op {
-            Op::CreateSession { session, kind } => {
+            Op::CreateSession {
+                session,
+                kind,
+                per_host,
+            } => {
                 !self.sessions.contains_key(session)
+                    && *per_host != Some(0)
                     && (*kind != SessionKind::Shared
                         || self
                             .sessions
@@ -386,7 +400,11 @@ impl Model {
         assert!(self.allows(op), "op not allowed in this state: {op:?}");
         let mut out = Step::default();
         match *op {
-            Op::CreateSession { session, kind } => {
+            Op::CreateSession {
+                session,
+                kind,
+                per_host,
+            } => {
                 self.sessions.insert(
                     session,
                     Session {
@@ -395,6 +413,8 @@ impl Model {
                         handle: true,
                         idle_connections: 0,
                         tasks: Vec::new(),
+                        per_host,
+                        waiting: VecDeque::new(),
                     },
                 );
             }
@@ -443,6 +463,12 @@ impl Model {
                 let task = self.task_mut(t);
                 if task.state == TaskState::Running {
                     task.state = TaskState::Suspended;
+                    if task.exchange == Exchange::AwaitingConnection {
+                        // It gives up its place; resuming queues it again.
+                        task.exchange = Exchange::NotStarted;
+                        let session = task.session;
+                        self.session_mut(session).waiting.retain(|w| *w != t);
+                    }
                 }
             }
             Op::Cancel(t) => {
@@ -512,7 +538,11 @@ impl Model {
             Op::TimePasses { task, timer } => {
                 self.complete(task, Outcome::TimedOut(timer), &mut out);
             }
-            Op::IdleTimeoutPasses(s) => self.session_mut(s).idle_connections = 0,
+            Op::IdleTimeoutPasses(s) => {
+                self.session_mut(s).idle_connections = 0;
+                // Their slots are free: waiting tasks take them.
+                self.admit(s, &mut out);
+            }
         }
         out
     }
@@ -543,29 +573,67 @@ impl Model {
         let task = self.task_mut(t);
         task.state = TaskState::Running;
         if task.exchange == Exchange::NotStarted {
-            task.connection = true;
             match task.kind {
                 TaskKind::Stream => {
-                    // A raw TCP connection: open once connected, never pooled.
+                    // A raw TCP connection of its own, at once (no HTTP slot): open once
+                    // connected, never pooled.
+                    task.connection = true;
                     task.exchange = Exchange::Open;
                     task.server = ServerPhase::SendingBody;
                 }
                 TaskKind::WebSocket => {
-                    // The upgrade takes a connection of its own; it never returns to the pool.
+                    // The upgrade takes a connection of its own at once (no HTTP slot); it
+                    // never returns to the pool.
+                    task.connection = true;
                     task.exchange = Exchange::AwaitingResponse;
                     task.server = ServerPhase::RequestReceived;
                 }
                 TaskKind::Data | TaskKind::Download | TaskKind::Upload => {
-                    task.exchange = Exchange::AwaitingResponse;
-                    task.server = ServerPhase::RequestReceived;
-                    // A kept-alive connection is reused before a new one is opened.
-                    let pool = &mut self.session_mut(session).idle_connections;
-                    *pool = pool.saturating_sub(1);
+                    task.exchange = Exchange::AwaitingConnection;
+                    self.session_mut(session).waiting.push_back(t);
+                    self.admit(session, out);
                 }
             }
         }
         // R7: what the server sent while the task was suspended is read now, in order.
         self.pump(t, out);
+    }
+
+    /// The HTTP connections to the session's host, busy and pooled: what `per_host` bounds.
+    fn http_connections(&self, s: SessionId) -> u32 {
+        let session = &self.sessions[&s];
+        let busy = session
+            .tasks
+            .iter()
+            .map(|t| &self.tasks[t])
+            .filter(|t| t.connection && is_http(t.kind))
+            .count() as u32;
+        busy + session.idle_connections
+    }
+
+    /// Start the waiting tasks that can have a connection now, in order: a pooled one first
+    /// (reused), else a new one while the host has a free slot.
+    fn admit(&mut self, s: SessionId, out: &mut Step) {
+        while let Some(&t) = self.sessions[&s].waiting.front() {
+            let session = &self.sessions[&s];
+            let reuse = session.idle_connections > 0;
+            let free = session
+                .per_host
+                .is_none_or(|limit| self.http_connections(s) < limit);
+            if !reuse && !free {
+                return;
+            }
+            let session = self.session_mut(s);
+            session.waiting.pop_front();
+            if reuse {
+                session.idle_connections -= 1;
+            }
+            let task = self.task_mut(t);
+            task.connection = true;
+            task.exchange = Exchange::AwaitingResponse;
+            task.server = ServerPhase::RequestReceived;
+            self.pump(t, out);
+        }
     }
 
     /// The server did something: a running task reads it now, a suspended one later (R7), a
@@ -701,6 +769,9 @@ impl Model {
                         task.from_response = true;
                         let kept = task.handle;
                         self.say(t, Callback::BecomeStream { task: t }, out);
+                        // Its connection is the stream's now, out of the host's HTTP slots.
+                        let session = self.tasks[&t].session;
+                        self.admit(session, out);
                         // The suite's delegates keep the stream's handle while the user holds
                         // the task's; a stream nobody holds is cancelled.
                         if !kept {
@@ -812,6 +883,7 @@ impl Model {
     fn complete(&mut self, t: TaskId, outcome: Outcome, out: &mut Step) {
         let task = self.task_mut(t);
         debug_assert!(task.is_live(), "R1: {t} completes twice");
+        let waited = task.exchange == Exchange::AwaitingConnection;
         task.state = TaskState::Completed;
         task.exchange = Exchange::Done;
         task.connection = false; // closed, unless complete_success pooled it first
@@ -821,7 +893,12 @@ impl Model {
         task.inbox = None;
         task.unread.clear();
         let session = task.session;
+        if waited {
+            self.session_mut(session).waiting.retain(|w| *w != t);
+        }
         self.say(t, Callback::Complete { task: t, outcome }, out);
+        // Its connection is closed or pooled: a waiting task takes the slot, or the connection.
+        self.admit(session, out);
         if matches!(
             self.sessions[&session].state,
             SessionState::Finishing | SessionState::Cancelling
@@ -884,4 +961,10 @@ fn fault_outcome(fault: Fault) -> Outcome {
         Fault::Reset => Outcome::Reset,
         Fault::Malformed => Outcome::Malformed,
     }
+}
+
+/// Whether a task of `kind` is an HTTP exchange, whose connection takes one of its host's
+/// slots; a stream or a websocket has one of its own.
+fn is_http(kind: TaskKind) -> bool {
+    matches!(kind, TaskKind::Data | TaskKind::Download | TaskKind::Upload)
 }

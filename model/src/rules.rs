@@ -176,6 +176,45 @@ pub fn check_model(model: &Model) -> Result<(), Violation> {
         if session.state == SessionState::Invalidated && !held.is_zero() {
             return broken(Rule::R4, format!("invalidated {id} still holds {held:?}"));
         }
+        // The host's slots: HTTP exchanges' connections, busy and pooled, within `per_host`;
+        // a task waits for one only while none is to be had (R12 times it meanwhile).
+        let http = |t: &&crate::Task| {
+            t.connection
+                && matches!(
+                    t.kind,
+                    crate::TaskKind::Data | crate::TaskKind::Download | crate::TaskKind::Upload
+                )
+        };
+        let busy = session
+            .tasks
+            .iter()
+            .filter_map(|t| model.task(*t))
+            .filter(http)
+            .count() as u32;
+        if let Some(limit) = session.per_host
+            && busy + session.idle_connections > limit
+        {
+            return broken(
+                Rule::R12,
+                format!(
+                    "{id} has {busy} busy and {} idle connections, past its {limit} per host",
+                    session.idle_connections
+                ),
+            );
+        }
+        let can_start = session.idle_connections > 0
+            || session
+                .per_host
+                .is_none_or(|limit| busy + session.idle_connections < limit);
+        if !session.waiting.is_empty() && can_start {
+            return broken(
+                Rule::R12,
+                format!(
+                    "{id} keeps {:?} waiting with a connection to be had",
+                    session.waiting
+                ),
+            );
+        }
         if session.state != SessionState::Active
             && session.state != SessionState::Invalidated
             && live.is_empty()

@@ -20,7 +20,19 @@ fn run(model: &mut Model, ops: &[Op]) -> Vec<Callback> {
 }
 
 fn session(kind: SessionKind) -> Op {
-    Op::CreateSession { session: S, kind }
+    Op::CreateSession {
+        session: S,
+        kind,
+        per_host: None,
+    }
+}
+
+fn limited(kind: SessionKind, per_host: u32) -> Op {
+    Op::CreateSession {
+        session: S,
+        kind,
+        per_host: Some(per_host),
+    }
 }
 
 fn task(task: TaskId, kind: TaskKind) -> Op {
@@ -695,4 +707,127 @@ fn dropping_an_open_websocket_closes_it_and_cancel_cuts_the_handshake_short() {
             Callback::BecomeInvalid { session: S }
         ]
     );
+}
+
+#[test]
+fn a_task_waits_for_its_hosts_slot_with_its_timers_running_and_takes_the_pooled_connection() {
+    let mut m = Model::new();
+    run(
+        &mut m,
+        &[
+            limited(SessionKind::Delegated, 1),
+            task(T, TaskKind::Data),
+            task(U, TaskKind::Data),
+            Op::Resume(T),
+            Op::Resume(U),
+        ],
+    );
+    let waiting = m.task(U).unwrap();
+    assert_eq!(waiting.exchange, Exchange::AwaitingConnection);
+    assert!(!waiting.connection, "no connection while it waits");
+    assert!(
+        waiting.armed(Timer::Request) && waiting.armed(Timer::Resource),
+        "R12"
+    );
+    assert!(!m.allows(&Op::ServerHeaders {
+        task: U,
+        answer: Disposition::Allow
+    }));
+    assert_eq!(m.resources(S).open_connections, 1);
+    run(
+        &mut m,
+        &[
+            Op::ServerHeaders {
+                task: T,
+                answer: Disposition::Allow,
+            },
+            Op::ServerEnds {
+                task: T,
+                reusable: true,
+            },
+        ],
+    );
+    // T's connection went to the pool and U took it at once.
+    let started = m.task(U).unwrap();
+    assert_eq!(started.exchange, Exchange::AwaitingResponse);
+    assert_eq!(started.server, ServerPhase::RequestReceived);
+    assert_eq!(m.resources(S).idle_connections, 0);
+    assert_eq!(m.resources(S).open_connections, 1);
+}
+
+#[test]
+fn a_waiting_task_that_times_out_or_is_suspended_leaves_nothing_behind() {
+    let mut m = Model::new();
+    let heard = run(
+        &mut m,
+        &[
+            limited(SessionKind::Delegated, 1),
+            task(T, TaskKind::Data),
+            task(U, TaskKind::Data),
+            task(TaskId(2), TaskKind::Data),
+            Op::Resume(T),
+            Op::Resume(U),
+            Op::Resume(TaskId(2)),
+            Op::TimePasses {
+                task: U,
+                timer: Timer::Resource,
+            },
+            Op::Suspend(TaskId(2)),
+        ],
+    );
+    assert_eq!(heard, [complete(U, Outcome::TimedOut(Timer::Resource))]);
+    let suspended = m.task(TaskId(2)).unwrap();
+    assert_eq!(
+        suspended.exchange,
+        Exchange::NotStarted,
+        "it gave up its place"
+    );
+    assert_eq!(suspended.armed_timers(), 0, "R7");
+    assert!(m.session(S).unwrap().waiting.is_empty());
+    // T fails: its slot is free, and the resumed task takes it.
+    run(
+        &mut m,
+        &[
+            Op::ServerFails {
+                task: T,
+                fault: Fault::Reset,
+            },
+            Op::Resume(TaskId(2)),
+        ],
+    );
+    assert_eq!(
+        m.task(TaskId(2)).unwrap().exchange,
+        Exchange::AwaitingResponse
+    );
+}
+
+#[test]
+fn streams_websockets_and_a_response_made_a_stream_take_no_http_slot() {
+    let mut m = Model::new();
+    run(
+        &mut m,
+        &[
+            limited(SessionKind::Delegated, 1),
+            task(T, TaskKind::Data),
+            task(U, TaskKind::Data),
+            task(TaskId(2), TaskKind::WebSocket),
+            task(TaskId(3), TaskKind::Stream),
+            Op::Resume(TaskId(2)),
+            Op::Resume(TaskId(3)),
+            Op::Resume(T),
+            Op::Resume(U),
+        ],
+    );
+    assert_eq!(m.task(T).unwrap().exchange, Exchange::AwaitingResponse);
+    assert_eq!(m.task(U).unwrap().exchange, Exchange::AwaitingConnection);
+    run(
+        &mut m,
+        &[Op::ServerHeaders {
+            task: T,
+            answer: Disposition::BecomeStream,
+        }],
+    );
+    // T's connection is its stream's now: U takes a new one.
+    assert_eq!(m.task(U).unwrap().exchange, Exchange::AwaitingResponse);
+    assert_eq!(m.resources(S).open_connections, 4);
 }

@@ -637,5 +637,9 @@ impl Engine {
         self.disarm_all(task);
         self.say(Callback::BecomeStream { task, stream: None });
         self.actions.push_back(Action::ReadStream { task });
+        // Its connection is the stream's now, out of the origin's HTTP slots: a task waiting
+        // for one takes it.
+        let origin = self.tasks[&task].origin.clone();
+        self.admit(&origin);
     }
 }
