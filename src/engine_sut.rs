@@ -691,7 +691,7 @@ impl Network {
                             let message = Message::Binary(Bytes::from(vec![0; n as usize]));
                             core.ws_message(task, message);
                         }
-                        Sent::PeerClose => core.ws_peer_closed(task, 1000, String::new()),
+                        Sent::PeerClose => core.ws_peer_closed(task, Some(1000), String::new()),
                         Sent::Fault(fault) => {
                             self.end(task);
                             self.open.remove(&conn);
