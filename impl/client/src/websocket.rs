@@ -15,7 +15,7 @@
 //! the close timeout, then the task completes and the socket is closed.
 //!
 //! The peer's close frame is reported as it was on the wire. A frame with a code no close frame
-//! may carry (below 1000, 1004-1006, 1014-2999 and 1015, above 4999: RFC 6455, 7.4) is the peer
+//! may carry (below 1000, 1004-1006, 1014-2999, above 4999: RFC 6455, 7.4) is the peer
 //! breaking the protocol: the task fails with [`Error::WebSocketProtocol`] naming the code, and
 //! the delegate hears no `did_close` (its code would be one the peer never sent). tungstenite
 //! answers such a first close frame with 1002, and that answer goes out as any other; but it
