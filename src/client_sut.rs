@@ -14,8 +14,8 @@ use leakproof::{
     Configuration, Delegate, Error, Observer, Session, StreamTask, TaskInfo, Timeout, UploadBody,
 };
 use leakproof_model::{
-    Callback, Disposition, Fault, Op, Refusal, Resources, Returned, SessionId, SessionKind, TaskId,
-    TaskKind, Timer,
+    Callback, CloseFrame, Disposition, Fault, Op, Refusal, Resources, Returned, SessionId,
+    SessionKind, TaskId, TaskKind, Timer,
 };
 
 use crate::assertions::{SessionView, View};
@@ -322,9 +322,15 @@ impl ClientWorld {
                 }));
                 self.task(task).ws = upgraded.flatten();
             }
-            Op::PeerCloses(task) => {
+            Op::PeerCloses { task, frame } => {
+                // The frame's payload as the wire carries it: 1000, nothing, or 999.
+                let payload: &[u8] = match frame {
+                    CloseFrame::Code => &[0x03, 0xe8],
+                    CloseFrame::NoCode => &[],
+                    CloseFrame::InvalidCode => &[0x03, 0xe7],
+                };
                 if let Some(ws) = &self.task(task).ws {
-                    let _ = runtime.block_on(ws.close(1000, ""));
+                    let _ = runtime.block_on(ws.close_with_payload(payload));
                 }
             }
             Op::TimePasses { task, timer } => {

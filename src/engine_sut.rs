@@ -14,7 +14,7 @@ use leakproof_core::{
     Action, ConnId, Core, Delivered, Delivery, Intake, Message, Proceed, Release, Timeout, TimerId,
 };
 use leakproof_model::{
-    Callback, Disposition, Fault, Op, Outcome, Refusal, Resources, Returned, SessionId,
+    Callback, CloseFrame, Disposition, Fault, Op, Outcome, Refusal, Resources, Returned, SessionId,
     SessionKind, SessionState, TaskId, TaskKind, TaskState, Timer,
 };
 
@@ -122,7 +122,7 @@ enum Sent {
     End { reusable: bool },
     Fault(Fault),
     Upgrade { accept: bool },
-    PeerClose,
+    PeerClose(CloseFrame),
 }
 
 impl System for EngineWorld {
@@ -259,7 +259,7 @@ impl System for EngineWorld {
             Op::ServerAnswersUpgrade { task, accept } => {
                 self.server(task, Sent::Upgrade { accept })
             }
-            Op::PeerCloses(task) => self.server(task, Sent::PeerClose),
+            Op::PeerCloses { task, frame } => self.server(task, Sent::PeerClose(frame)),
             Op::TimePasses { task, timer } => {
                 let s = self.session_of[&task];
                 let sim = self.sim(s);
@@ -718,7 +718,15 @@ impl Network {
                             let message = Message::Binary(Bytes::from(vec![0; n as usize]));
                             core.ws_message(task, message);
                         }
-                        Sent::PeerClose => core.ws_peer_closed(task, 1000, String::new()),
+                        // The code as the IO read it off the wire; the engine judges it.
+                        Sent::PeerClose(frame) => {
+                            let code = match frame {
+                                CloseFrame::Code => Some(1000),
+                                CloseFrame::NoCode => None,
+                                CloseFrame::InvalidCode => Some(999),
+                            };
+                            core.ws_peer_closed(task, code, String::new());
+                        }
                         Sent::Fault(fault) => {
                             self.end(task);
                             self.open.remove(&conn);

@@ -10,25 +10,25 @@ use std::rc::Rc;
 
 use leakproof_model::rules::{Rule, Violation, check_model, check_trace};
 use leakproof_model::{
-    Callback, Disposition, Fault, Model, Op, SessionId, SessionKind, SessionState, Step, TaskKind,
-    Timer,
+    Callback, CloseFrame, Disposition, Fault, Model, Op, SessionId, SessionKind, SessionState,
+    Step, TaskKind, Timer,
 };
 
 use crate::machine::{Divergence, System, run_sequence, teardown_ops};
 use crate::strategies::ALL_KINDS;
 
 /// The depth `cargo test` explores and replays against the engine with the default alphabet:
-/// 18,740 states, 100,293 transitions, so 100,294 paths and 927,000 ops with their teardowns;
+/// 18,262 states, 98,412 transitions, so 98,413 paths and 909,000 ops with their teardowns;
 /// about 31 s in a debug build on two cores (exploring 2 s, replaying 29 s), 1.4 s in release.
 /// Streams and websockets make each depth cost about three times the one before: depth 8 has
-/// 327,627 transitions, so the depth that was 8 for data, download and upload tasks alone
+/// 316,067 transitions, so the depth that was 8 for data, download and upload tasks alone
 /// (65,464 transitions then) is 7 now.
 pub const DEFAULT_DEPTH: usize = 7;
 
-/// The depth to explore [`Alphabet::every_kind`] to: 14,980 states, 68,547 transitions and
-/// 588,000 ops, about 17 s against the engine in a debug build. Its three kinds of session
-/// make each depth cost about three and a half times the one before: depth 7 has 240,836
-/// transitions (2.3 million ops, about a minute in a debug build).
+/// The depth to explore [`Alphabet::every_kind`] to: 14,809 states, 68,055 transitions and
+/// 584,000 ops, about 17 s against the engine in a debug build. Its three kinds of session
+/// make each depth cost about three and a half times the one before: depth 7 has 236,343
+/// transitions (2.2 million ops, about a minute in a debug build).
 pub const EVERY_KIND_DEPTH: usize = 6;
 
 /// The ops the search may try: how many sessions and tasks it creates and of which kinds, and
@@ -165,7 +165,14 @@ impl Alphabet {
                     .map(|&bytes| Op::ServerSends { task, bytes }),
             );
             ops.extend([true, false].map(|reusable| Op::ServerEnds { task, reusable }));
-            ops.push(Op::PeerCloses(task));
+            ops.extend(
+                [
+                    CloseFrame::Code,
+                    CloseFrame::NoCode,
+                    CloseFrame::InvalidCode,
+                ]
+                .map(|frame| Op::PeerCloses { task, frame }),
+            );
             ops.extend(
                 [Fault::Reset, Fault::Malformed].map(|fault| Op::ServerFails { task, fault }),
             );
@@ -506,7 +513,9 @@ mod tests {
             OpKind::CloseWith,
             OpKind::ServerAnswersUpgrade { accept: true },
             OpKind::ServerAnswersUpgrade { accept: false },
-            OpKind::PeerCloses,
+            OpKind::PeerCloses(CloseFrame::Code),
+            OpKind::PeerCloses(CloseFrame::NoCode),
+            OpKind::PeerCloses(CloseFrame::InvalidCode),
             OpKind::TimePasses(Timer::Close),
         ] {
             assert!(kinds.contains(&kind), "{kind} never tried");

@@ -77,6 +77,15 @@
 //! resume t13
 //! server t13 upgrades
 //! server t13 closes websocket
+//! task t14 websocket in s0
+//! resume t14
+//! server t14 upgrades
+//! server t14 closes websocket with an invalid code
+//! task t15 websocket in s0
+//! resume t15
+//! server t15 upgrades
+//! close t15 going away
+//! server t15 closes websocket without a code
 //! finish tasks and invalidate s1
 //! invalidate and cancel s0
 //! drop session s2
@@ -85,7 +94,9 @@
 //! A stream's `read` takes everything its window holds (`read t9` above takes 48 KiB of the
 //! 64 KiB sent, then the rest, then sees the end). `close t11 going away` is the websocket's
 //! `cancel_with(going away)`: the peer's close frame (`server TASK closes websocket`, which
-//! for t13 comes first) is then awaited at most the close timeout, and t11's never comes.
+//! for t13 comes first) is then awaited at most the close timeout, and t11's never comes. A
+//! peer's close frame carries a code a close frame may carry, none (`... without a code`), or
+//! one it may not (`... with an invalid code`, as t14's: a protocol error).
 //!
 //! [`print()`] writes the canonical form (the expect line, the notes, a blank line, the ops), so
 //! `print(&parse(x)?) == x` for whatever `print` wrote, and `parse(&print(r)) == r`.
@@ -101,7 +112,7 @@ use std::path::{Path, PathBuf};
 
 use leakproof_model::rules::Rule;
 use leakproof_model::{
-    Disposition, Fault, Model, Op, SessionId, SessionKind, TaskId, TaskKind, Timer,
+    CloseFrame, Disposition, Fault, Model, Op, SessionId, SessionKind, TaskId, TaskKind, Timer,
 };
 
 use crate::machine::{Divergence, System, run_sequence};
@@ -266,7 +277,18 @@ pub fn line(op: &Op) -> String {
             task,
             accept: false,
         } => format!("server {task} refuses upgrade"),
-        Op::PeerCloses(task) => format!("server {task} closes websocket"),
+        Op::PeerCloses {
+            task,
+            frame: CloseFrame::Code,
+        } => format!("server {task} closes websocket"),
+        Op::PeerCloses {
+            task,
+            frame: CloseFrame::NoCode,
+        } => format!("server {task} closes websocket without a code"),
+        Op::PeerCloses {
+            task,
+            frame: CloseFrame::InvalidCode,
+        } => format!("server {task} closes websocket with an invalid code"),
         Op::TimePasses { task, timer } => {
             format!("time {task} passes {} timeout", timer_word(timer))
         }
@@ -336,7 +358,27 @@ fn parse_op(words: &[&str]) -> Option<Op> {
             task: task(t)?,
             accept: false,
         },
-        ["server", t, "closes", "websocket"] => Op::PeerCloses(task(t)?),
+        ["server", t, "closes", "websocket"] => Op::PeerCloses {
+            task: task(t)?,
+            frame: CloseFrame::Code,
+        },
+        ["server", t, "closes", "websocket", "without", "a", "code"] => Op::PeerCloses {
+            task: task(t)?,
+            frame: CloseFrame::NoCode,
+        },
+        [
+            "server",
+            t,
+            "closes",
+            "websocket",
+            "with",
+            "an",
+            "invalid",
+            "code",
+        ] => Op::PeerCloses {
+            task: task(t)?,
+            frame: CloseFrame::InvalidCode,
+        },
         ["time", s, "passes", "idle", "timeout"] => Op::IdleTimeoutPasses(session(s)?),
         ["time", t, "passes", timer, "timeout"] => Op::TimePasses {
             task: task(t)?,
@@ -362,7 +404,7 @@ fn usage(verb: &str) -> &'static str {
         "finish" => "finish tasks and invalidate SESSION",
         "invalidate" => "invalidate and cancel SESSION",
         "server" => {
-            "server TASK head allow|cancel|become-download|become-stream|sends N|ends|ends and closes|resets|sends garbage|upgrades|refuses upgrade|closes websocket"
+            "server TASK head allow|cancel|become-download|become-stream|sends N|ends|ends and closes|resets|sends garbage|upgrades|refuses upgrade|closes websocket [without a code|with an invalid code]"
         }
         "time" => {
             "time TASK passes request|resource|close timeout|time SESSION passes idle timeout"
@@ -551,7 +593,10 @@ impl Renumbering {
                 task: t(task),
                 accept,
             },
-            Op::PeerCloses(task) => Op::PeerCloses(t(task)),
+            Op::PeerCloses { task, frame } => Op::PeerCloses {
+                task: t(task),
+                frame,
+            },
             Op::ServerHeaders { task, answer } => Op::ServerHeaders {
                 task: t(task),
                 answer,
@@ -811,7 +856,6 @@ fn rust_literal(op: &Op) -> Literal {
         Op::CloseWrite(task) => tuple("CloseWrite", t(task)),
         Op::Receive(task) => tuple("Receive", t(task)),
         Op::CloseWith(task) => tuple("CloseWith", t(task)),
-        Op::PeerCloses(task) => tuple("PeerCloses", t(task)),
         Op::ServerAnswersUpgrade { task, accept } => named(
             "ServerAnswersUpgrade",
             &[("task", t(task)), ("accept", accept.to_string())],
@@ -834,6 +878,13 @@ fn rust_literal(op: &Op) -> Literal {
         Op::ServerFails { task, fault } => named(
             "ServerFails",
             &[("task", t(task)), ("fault", format!("Fault::{fault:?}"))],
+        ),
+        Op::PeerCloses { task, frame } => named(
+            "PeerCloses",
+            &[
+                ("task", t(task)),
+                ("frame", format!("CloseFrame::{frame:?}")),
+            ],
         ),
         Op::TimePasses { task, timer } => named(
             "TimePasses",

@@ -10,7 +10,8 @@ use proptest::prelude::*;
 use proptest::strategy::Union;
 
 use leakproof_model::{
-    Disposition, Fault, Model, Op, SessionId, SessionKind, SessionState, TaskId, TaskKind, Timer,
+    CloseFrame, Disposition, Fault, Model, Op, SessionId, SessionKind, SessionState, TaskId,
+    TaskKind, Timer,
 };
 
 /// How big generated worlds get: enough to race sessions and tasks against each other, small
@@ -131,6 +132,15 @@ pub fn timer() -> impl Strategy<Value = Timer> + Clone {
 
 pub fn fault() -> impl Strategy<Value = Fault> + Clone {
     prop_oneof![Just(Fault::Reset), Just(Fault::Malformed)]
+}
+
+/// What a peer's close frame carries: mostly a code, now and then none or an invalid one.
+pub fn close_frame() -> impl Strategy<Value = CloseFrame> + Clone {
+    prop_oneof![
+        3 => Just(CloseFrame::Code),
+        1 => Just(CloseFrame::NoCode),
+        1 => Just(CloseFrame::InvalidCode),
+    ]
 }
 
 /// Any op the model allows now, over every kind of task.
@@ -347,14 +357,22 @@ pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
         ));
     }
     // A websocket's messages, then the peer's close frame (first, or answering ours).
-    let messaging = tasks_allowing(Op::PeerCloses);
+    let messaging = tasks_allowing(|task| Op::PeerCloses {
+        task,
+        frame: CloseFrame::Code,
+    });
     if !messaging.is_empty() {
         families.push((
             10,
-            (proptest::sample::select(messaging), body_bytes(), 0..4u8)
-                .prop_map(|(task, bytes, which)| match which {
+            (
+                proptest::sample::select(messaging),
+                body_bytes(),
+                0..4u8,
+                close_frame(),
+            )
+                .prop_map(|(task, bytes, which, frame)| match which {
                     0..=2 => Op::ServerSends { task, bytes },
-                    _ => Op::PeerCloses(task),
+                    _ => Op::PeerCloses { task, frame },
                 })
                 .boxed(),
         ));

@@ -191,6 +191,134 @@ async fn the_servers_close_is_recorded_with_its_code_and_reason() {
     teardown(session, delegate, weak, &stage).await;
 }
 
+/// How a websocket ends when its peer's close frame carries `payload`.
+enum Ends {
+    /// `did_close(code, reason)`, then success.
+    Closed(u16, &'static str),
+    /// No `did_close`: a protocol error whose message has this in it.
+    Violation(&'static str),
+}
+
+type Case = (&'static [u8], Ends, Option<Option<u16>>);
+
+#[tokio::test]
+async fn a_peer_close_with_an_invalid_code_is_a_protocol_error() {
+    let stage = Stage::start().await.unwrap();
+    let (session, delegate, weak) = delegated(Configuration::default());
+    // (the close frame's payload, how the websocket ends, the code of our answering close:
+    // `None` for none, `Some(None)` for one without a code)
+    let cases: [Case; 11] = [
+        (&[0x03, 0xe7], Ends::Violation("999"), Some(Some(1002))),
+        (&[0x03, 0xed], Ends::Violation("1005"), Some(Some(1002))),
+        (
+            &[0x03, 0xee, b'x'],
+            Ends::Violation("1006"),
+            Some(Some(1002)),
+        ),
+        (&[0x03, 0xf8], Ends::Violation("1016"), Some(Some(1002))),
+        (&[0x13, 0x88], Ends::Violation("5000"), Some(Some(1002))),
+        (&[0x03], Ends::Violation("1 byte"), None),
+        (&[0x0f, 0xa0, 0xff, 0xfe], Ends::Violation("UTF-8"), None),
+        // The contrast: codes a peer may send, none at all, and a peer that sends 1002 itself.
+        (&[0x03, 0xe8], Ends::Closed(1000, ""), Some(Some(1000))),
+        (
+            &[0x0f, 0xa0, b'b', b'y', b'e'],
+            Ends::Closed(4000, "bye"),
+            Some(Some(4000)),
+        ),
+        (&[], Ends::Closed(1005, ""), Some(None)),
+        (
+            b"\x03\xeaProtocol violation",
+            Ends::Closed(1002, "Protocol violation"),
+            Some(Some(1002)),
+        ),
+    ];
+    for (i, (payload, ends, answer)) in cases.into_iter().enumerate() {
+        let key = format!("close{i}");
+        let ws = session
+            .websocket_task(stage.ws_url(&format!("/ws/hold/{key}")), &[])
+            .unwrap();
+        ws.resume();
+        let mut held = bounded("held", stage.held_ws(&key, PATIENCE))
+            .await
+            .unwrap();
+        delegate.opened(ws.id()).await;
+        held.close_with_payload(payload).await.unwrap();
+        let heard = delegate.completed(ws.id()).await;
+        let case = format!("close payload {payload:02x?}: {heard:?}");
+        match ends {
+            Ends::Closed(code, reason) => {
+                assert!(
+                    matches!(
+                        heard.as_slice(),
+                        [Heard::Open(None), Heard::Close(c, r), Heard::Complete(Ok(()))]
+                            if *c == code && r == reason
+                    ),
+                    "{case}"
+                );
+                assert_eq!(ws.close_code(), Some(code), "{case}");
+            }
+            Ends::Violation(named) => {
+                assert!(
+                    matches!(
+                        heard.as_slice(),
+                        [Heard::Open(None), Heard::Complete(Err(Error::WebSocketProtocol(why)))]
+                            if why.contains(named)
+                    ),
+                    "{case}"
+                );
+                assert_eq!(ws.close_code(), None, "{case}");
+            }
+        }
+        // Our answer, if any, reached the peer; then the socket is closed.
+        let answered = match held.expect_message(PATIENCE).await {
+            Some(WsMessage::Close(frame)) => Some(frame.map(|f| u16::from(f.code))),
+            None => None,
+            Some(other) => panic!("{case}: the client sent {other:?}"),
+        };
+        assert_eq!(answered, answer, "{case}");
+        assert!(
+            stage
+                .wait_until(|s| s.closed() == i as u64 + 1, PATIENCE)
+                .await,
+            "{case}: {} open",
+            stage.open()
+        );
+        assert!(!held.liveness().is_open(), "{case}");
+    }
+
+    // The peer's answer to our close is held to the same rules.
+    let ws = session
+        .websocket_task(stage.ws_url("/hold/answer"), &[])
+        .unwrap();
+    ws.resume();
+    let held = bounded("held", stage.held("answer", PATIENCE))
+        .await
+        .unwrap();
+    let mut held = held.upgrade().await.unwrap();
+    delegate.opened(ws.id()).await;
+    ws.cancel_with(1000, "done");
+    let ours = held.expect_message(PATIENCE).await;
+    assert!(matches!(ours, Some(WsMessage::Close(Some(_)))), "{ours:?}");
+    held.close_with_payload(&[0x03, 0xe7]).await.unwrap();
+    let heard = delegate.completed(ws.id()).await;
+    assert!(
+        matches!(
+            heard.as_slice(),
+            [Heard::Open(None), Heard::Complete(Err(Error::WebSocketProtocol(why)))]
+                if why.contains("999")
+        ),
+        "answering our close with 999: {heard:?}"
+    );
+    assert!(
+        stage.wait_all_closed(PATIENCE).await,
+        "{} open",
+        stage.open()
+    );
+    drop(held);
+    teardown(session, delegate, weak, &stage).await;
+}
+
 #[tokio::test]
 async fn a_refused_upgrade_is_only_did_complete_with_the_status() {
     let stage = Stage::start().await.unwrap();

@@ -17,10 +17,13 @@ use leakproof_check::ops::{
 };
 use leakproof_check::reference::Reference;
 use leakproof_check::run::{Failure, Report};
-use leakproof_check::strategies::{disposition, fault, per_host, session_kind, task_kind, timer};
+use leakproof_check::strategies::{
+    close_frame, disposition, fault, per_host, session_kind, task_kind, timer,
+};
 use leakproof_model::rules::Rule;
 use leakproof_model::{
-    Callback, Disposition, Model, Op, Outcome, Returned, SessionId, Step, TaskId, TaskKind, Timer,
+    Callback, CloseFrame, Disposition, Model, Op, Outcome, Returned, SessionId, Step, TaskId,
+    TaskKind, Timer,
 };
 
 const CASES: u32 = 256;
@@ -70,7 +73,7 @@ fn any_op() -> impl Strategy<Value = Op> {
         t.clone().prop_map(Op::CloseWith),
         (t.clone(), any::<bool>())
             .prop_map(|(task, accept)| Op::ServerAnswersUpgrade { task, accept }),
-        t.prop_map(Op::PeerCloses),
+        (t, close_frame()).prop_map(|(task, frame)| Op::PeerCloses { task, frame }),
     ]
 }
 
@@ -321,6 +324,8 @@ const STREAM_AND_WEBSOCKET_GRAMMAR: &[&str] = &[
     "server _ upgrades",
     "server _ refuses upgrade",
     "server _ closes websocket",
+    "server _ closes websocket without a code",
+    "server _ closes websocket with an invalid code",
     "time _ passes close timeout",
 ];
 
@@ -389,7 +394,7 @@ fn the_module_docs_extend_the_every_op_file() {
 #[test]
 fn the_docs_example_does_what_its_comment_says() {
     // `read t9` takes the window, then the rest, then sees the end; the websocket's close
-    // times out; the peer's close completes the other.
+    // times out; the peer's close completes the others, the invalid one with an error.
     let repro = parse(&docs_example()).expect("parses");
     let mut model = Model::new();
     let mut returned = Vec::new();
@@ -415,6 +420,8 @@ fn the_docs_example_does_what_its_comment_says() {
         (11, Outcome::TimedOut(Timer::Close)),
         (12, Outcome::NoUpgrade),
         (13, Outcome::Success),
+        (14, Outcome::Malformed),
+        (15, Outcome::Success),
     ] {
         let task = TaskId(task);
         assert!(
@@ -424,6 +431,9 @@ fn the_docs_example_does_what_its_comment_says() {
     }
     assert!(heard.contains(&Callback::BecomeStream { task: TaskId(10) }));
     assert!(heard.contains(&Callback::Close { task: TaskId(13) }));
+    // An invalid close code is no close: no did_close; a close without a code is one.
+    assert!(!heard.contains(&Callback::Close { task: TaskId(14) }));
+    assert!(heard.contains(&Callback::Close { task: TaskId(15) }));
 }
 
 #[test]
@@ -473,7 +483,27 @@ fn the_stream_and_websocket_lines_read_as_urlsession_does() {
             },
             "server t1 refuses upgrade",
         ),
-        (Op::PeerCloses(t), "server t1 closes websocket"),
+        (
+            Op::PeerCloses {
+                task: t,
+                frame: CloseFrame::Code,
+            },
+            "server t1 closes websocket",
+        ),
+        (
+            Op::PeerCloses {
+                task: t,
+                frame: CloseFrame::NoCode,
+            },
+            "server t1 closes websocket without a code",
+        ),
+        (
+            Op::PeerCloses {
+                task: t,
+                frame: CloseFrame::InvalidCode,
+            },
+            "server t1 closes websocket with an invalid code",
+        ),
         (
             Op::TimePasses {
                 task: t,
@@ -500,7 +530,7 @@ fn a_file_without_an_expect_line_expects_a_pass() {
 
 #[test]
 fn malformed_lines_are_named_with_their_number_and_grammar() {
-    let server = "server TASK head allow|cancel|become-download|become-stream|sends N|ends|ends and closes|resets|sends garbage|upgrades|refuses upgrade|closes websocket";
+    let server = "server TASK head allow|cancel|become-download|become-stream|sends N|ends|ends and closes|resets|sends garbage|upgrades|refuses upgrade|closes websocket [without a code|with an invalid code]";
     let time = "time TASK passes request|resource|close timeout|time SESSION passes idle timeout";
     let close = "close read TASK|close write TASK|close TASK going away";
     let cases = [

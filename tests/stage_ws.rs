@@ -414,6 +414,49 @@ async fn a_silenced_held_websocket_answers_nothing() {
 }
 
 #[tokio::test]
+async fn a_held_websocket_sends_any_close_payload_as_it_is() {
+    let stage = Stage::start().await.unwrap();
+    for (i, payload) in [
+        &[0x03, 0xe7][..],         // 999: not a close code
+        &[0x03, 0xed],             // 1005 on the wire: reserved
+        &[0x03, 0xee, b'x'],       // 1006: reserved
+        &[0x03],                   // a single byte
+        &[0x0f, 0xa0, 0xff, 0xfe], // 4000, a reason that is not UTF-8
+        &[],                       // no code
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // A client of raw bytes: nothing of tungstenite's checks stands between.
+        let (mut tcp, mut got) = raw_upgrade(&stage, "/ws/hold/raw").await;
+        let held = stage.held_ws("raw", LIMIT).await.unwrap();
+        held.close_with_payload(payload).await.unwrap();
+        let mut frame = vec![0x88, payload.len() as u8];
+        frame.extend_from_slice(payload);
+        while got.len() < frame.len() {
+            let n = bounded(tcp.read_buf(&mut got)).await.unwrap();
+            assert_ne!(n, 0, "the stage closed early: {got:?}");
+        }
+        assert_eq!(got, frame);
+        drop(tcp);
+        // The client's end of TCP ends the held websocket.
+        assert!(
+            stage
+                .wait_until(|s| s.closed() == i as u64 + 1, LIMIT)
+                .await
+        );
+        assert!(!held.liveness().is_open());
+    }
+    let long = [0x03; 126];
+    let (tcp, _) = raw_upgrade(&stage, "/ws/hold/long").await;
+    let held = stage.held_ws("long", LIMIT).await.unwrap();
+    let err = held.close_with_payload(&long).await.unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    drop(tcp);
+    all_closed(&stage).await;
+}
+
+#[tokio::test]
 async fn held_drop_tcp_and_reset_return_once_the_close_is_counted() {
     let stage = Stage::start().await.unwrap();
     let mut ws = connect(&stage, "/ws/hold/d").await;

@@ -90,6 +90,19 @@ pub enum Fault {
     Malformed,
 }
 
+/// What the peer's websocket close frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseFrame {
+    /// A code a close frame may carry: `did_close` with it, then success.
+    Code,
+    /// No payload, so no code: `did_close(1005)` (RFC 6455, 7.1.5), then success.
+    NoCode,
+    /// A code no close frame may carry (below 1000, 1005 or 1006 on the wire, an unassigned
+    /// one, RFC 6455 7.4): the peer broke the protocol. No `did_close`; the task completes
+    /// [`Outcome::Malformed`].
+    InvalidCode,
+}
+
 /// One step of a sequence: something the user does, or something the server or the clock does.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Op {
@@ -156,8 +169,8 @@ pub enum Op {
     /// The server answers a websocket's upgrade request: `101 Switching Protocols` if
     /// `accept`, else a plain response.
     ServerAnswersUpgrade { task: TaskId, accept: bool },
-    /// The peer sends a websocket close frame (first, or answering ours).
-    PeerCloses(TaskId),
+    /// The peer sends a websocket close frame carrying `frame` (first, or answering ours).
+    PeerCloses { task: TaskId, frame: CloseFrame },
     /// The server stalls until `timer` fires for the task.
     TimePasses { task: TaskId, timer: Timer },
     /// The pool's idle timeout passes for the session's idle connections (R9).
@@ -180,7 +193,7 @@ impl Op {
             | Op::Receive(task)
             | Op::CloseWith(task)
             | Op::ServerAnswersUpgrade { task, .. }
-            | Op::PeerCloses(task)
+            | Op::PeerCloses { task, .. }
             | Op::ServerHeaders { task, .. }
             | Op::ServerSends { task, .. }
             | Op::ServerEnds { task, .. }
@@ -203,7 +216,7 @@ impl Op {
                 | Op::ServerEnds { .. }
                 | Op::ServerFails { .. }
                 | Op::ServerAnswersUpgrade { .. }
-                | Op::PeerCloses(_)
+                | Op::PeerCloses { .. }
                 | Op::TimePasses { .. }
                 | Op::IdleTimeoutPasses(_)
         )
@@ -217,6 +230,7 @@ pub enum Outcome {
     Cancelled,
     TimedOut(Timer),
     Reset,
+    /// The server's bytes broke HTTP, or the peer broke the websocket protocol.
     Malformed,
     InvalidDisposition,
     /// A websocket's upgrade request got a plain response.

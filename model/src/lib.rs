@@ -37,6 +37,10 @@
 //! wait behind it. `cancel_with` begins the close handshake: the task is `Canceling`, drops
 //! what it held and what still arrives, and completes when the peer's close frame arrives
 //! (`did_close`, then success) or when [`Timer::Close`] fires (timed out): never later (R11).
+//! The peer's close frame, first or answering ours, carries a code, none (`did_close` all the
+//! same: the client reports 1005), or a code no close frame may carry ([`CloseFrame`]): that
+//! is the peer breaking the protocol, so no `did_close`, and the task completes
+//! [`Outcome::Malformed`].
 //!
 //! ## Choices the rules leave open, and what this model decides
 //!
@@ -86,8 +90,8 @@ mod resources;
 pub mod rules;
 
 pub use alphabet::{
-    Callback, Disposition, Fault, Op, Outcome, Refusal, Returned, SessionId, SessionKind, TaskId,
-    TaskKind, Timer,
+    Callback, CloseFrame, Disposition, Fault, Op, Outcome, Refusal, Returned, SessionId,
+    SessionKind, TaskId, TaskKind, Timer,
 };
 pub use machine::{
     DEFAULT_READ_AHEAD, Exchange, Model, ServerPhase, Session, SessionState, Step, Task, TaskState,

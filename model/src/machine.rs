@@ -9,8 +9,8 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::alphabet::{
-    Callback, Disposition, Fault, Op, Outcome, Refusal, Returned, SessionId, SessionKind, TaskId,
-    TaskKind, Timer,
+    Callback, CloseFrame, Disposition, Fault, Op, Outcome, Refusal, Returned, SessionId,
+    SessionKind, TaskId, TaskKind, Timer,
 };
 use crate::resources::Resources;
 
@@ -90,7 +90,7 @@ enum Unread {
         accept: bool,
     },
     /// A websocket close frame.
-    PeerClose,
+    PeerClose(CloseFrame),
 }
 
 /// A session of the model.
@@ -372,7 +372,7 @@ impl Model {
             Op::ServerEnds { task: t, .. } => task(t).is_some_and(|t| {
                 t.server == ServerPhase::SendingBody && t.kind != TaskKind::WebSocket
             }),
-            Op::PeerCloses(t) => task(t).is_some_and(|t| {
+            Op::PeerCloses { task: t, .. } => task(t).is_some_and(|t| {
                 t.server == ServerPhase::SendingBody && t.kind == TaskKind::WebSocket
             }),
             Op::ServerFails { task: t, fault } => task(t).is_some_and(|t| {
@@ -518,9 +518,9 @@ impl Model {
                 };
                 self.network(task, Unread::Upgrade { accept }, &mut out);
             }
-            Op::PeerCloses(task) => {
+            Op::PeerCloses { task, frame } => {
                 self.task_mut(task).server = ServerPhase::Done;
-                self.network(task, Unread::PeerClose, &mut out);
+                self.network(task, Unread::PeerClose(frame), &mut out);
             }
             Op::ServerHeaders { task, answer } => {
                 self.task_mut(task).server = ServerPhase::SendingBody;
@@ -698,7 +698,7 @@ impl Model {
                             task.unread.pop_front();
                             self.complete(t, fault_outcome(fault), out);
                         }
-                        Unread::Headers(_) | Unread::Upgrade { .. } | Unread::PeerClose => {
+                        Unread::Headers(_) | Unread::Upgrade { .. } | Unread::PeerClose(_) => {
                             unreachable!("{t}: a stream gets no {event:?}")
                         }
                     }
@@ -722,11 +722,16 @@ impl Model {
                         // A closing websocket drops what still arrives (R11).
                         Unread::Bytes(_) if closing => {}
                         Unread::Bytes(n) => task.inbox = Some(u64::from(n)),
-                        Unread::PeerClose => {
+                        Unread::PeerClose(CloseFrame::Code | CloseFrame::NoCode) => {
                             // Ours answers theirs, or theirs answers ours: the handshake is
                             // done and the connection closes.
                             self.say(t, Callback::Close { task: t }, out);
                             self.complete(t, Outcome::Success, out);
+                        }
+                        // The peer broke the protocol: no did_close, whose code would be one
+                        // the peer never sent; the connection closes.
+                        Unread::PeerClose(CloseFrame::InvalidCode) => {
+                            self.complete(t, Outcome::Malformed, out);
                         }
                         Unread::Fault(fault) => self.complete(t, fault_outcome(fault), out),
                         Unread::Headers(_) | Unread::End { .. } => {
@@ -799,7 +804,7 @@ impl Model {
             }
             Unread::End { reusable } => self.complete_success(t, reusable, out),
             Unread::Fault(fault) => self.complete(t, fault_outcome(fault), out),
-            Unread::Upgrade { .. } | Unread::PeerClose => {
+            Unread::Upgrade { .. } | Unread::PeerClose(_) => {
                 unreachable!("{t}: an HTTP exchange gets no {event:?}")
             }
         }

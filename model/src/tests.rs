@@ -578,7 +578,10 @@ fn a_websocket_opens_holds_one_message_and_completes_on_the_peers_close() {
         &[
             Op::ServerSends { task: T, bytes: 5 },
             Op::ServerSends { task: T, bytes: 7 },
-            Op::PeerCloses(T),
+            Op::PeerCloses {
+                task: T,
+                frame: CloseFrame::Code,
+            },
         ],
     );
     // One message held; the next and the close wait in the network.
@@ -666,12 +669,47 @@ fn our_close_answered_by_the_peer_records_did_close() {
     assert_eq!(m.apply(&Op::Receive(T)).refused, Some(Refusal::Closed));
     let heard = run(
         &mut m,
-        &[Op::ServerSends { task: T, bytes: 9 }, Op::PeerCloses(T)],
+        &[
+            Op::ServerSends { task: T, bytes: 9 },
+            Op::PeerCloses {
+                task: T,
+                frame: CloseFrame::NoCode,
+            },
+        ],
     );
     assert_eq!(
         heard,
         [Callback::Close { task: T }, complete(T, Outcome::Success)]
     );
+}
+
+#[test]
+fn a_peer_close_with_an_invalid_code_is_a_protocol_error_without_did_close() {
+    for closing in [false, true] {
+        let mut m = Model::new();
+        open_websocket(&mut m);
+        if closing {
+            run(&mut m, &[Op::CloseWith(T)]);
+        }
+        let heard = run(
+            &mut m,
+            &[Op::PeerCloses {
+                task: T,
+                frame: CloseFrame::InvalidCode,
+            }],
+        );
+        assert_eq!(
+            heard,
+            [complete(T, Outcome::Malformed)],
+            "closing: {closing}"
+        );
+        let held = m.resources(S);
+        assert_eq!(
+            (held.open_connections, held.live_tasks, held.timers),
+            (0, 0, 0),
+            "closing: {closing}"
+        );
+    }
 }
 
 #[test]

@@ -59,8 +59,8 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Control, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 
@@ -244,6 +244,19 @@ impl HeldWs {
         self.step(WsStep::Close(code, reason.to_owned())).await
     }
 
+    /// Sends a close frame whose payload is `payload`, as it is: a code and a reason, nothing
+    /// at all (no code), or what no peer may send (a code reserved or unassigned, 1005 or 1006
+    /// on the wire, a single byte, a reason that is not UTF-8): a misbehaving peer on purpose.
+    /// Otherwise as [`HeldWs::close`], except that the stage's tungstenite does not know it
+    /// closed: it answers the client's close frame as a first one, and messages can still be
+    /// sent after it.
+    pub async fn close_with_payload(&self, payload: &[u8]) -> io::Result<()> {
+        if payload.len() > MAX_CONTROL as usize {
+            return Err(invalid("a close frame's payload longer than 125 bytes"));
+        }
+        self.step(WsStep::RawClose(payload.to_vec())).await
+    }
+
     /// From now on the stage answers nothing: no pong, no close reply, and it does not close
     /// TCP when the client's close comes. It keeps reading, so messages still arrive here.
     /// Sending steps fail with `InvalidInput` afterwards.
@@ -282,6 +295,7 @@ enum WsStep {
     Binary(usize),
     Text(String),
     Close(u16, String),
+    RawClose(Vec<u8>),
     Silent,
     Drop,
     Reset,
@@ -1047,8 +1061,14 @@ impl Session<'_> {
             WsStep::Binary(bytes) => Message::Binary(body(bytes).into()),
             WsStep::Text(text) => Message::text(text),
             WsStep::Close(code, reason) => close_message(code, &reason),
+            WsStep::RawClose(payload) => {
+                Message::Frame(Frame::from_payload(FrameHeader::default(), payload.into()))
+            }
         };
-        let closing = message.is_close();
+        let closing = match &message {
+            Message::Frame(frame) => frame.header().opcode == OpCode::Control(Control::Close),
+            message => message.is_close(),
+        };
         match self.ws.send(message).await {
             Ok(()) if closing && held.manual => self.await_tcp_close(reply, held).await,
             Ok(()) => {

@@ -13,9 +13,20 @@
 //! `TimedOut(Close)` and the driver's abort closes the socket, whatever the peer does. The
 //! peer's close is answered (tungstenite queues the answer), the answer is flushed for at most
 //! the close timeout, then the task completes and the socket is closed.
+//!
+//! The peer's close frame is reported as it was on the wire. A frame with a code no close frame
+//! may carry (below 1000, 1004-1006, 1014-2999, above 4999: RFC 6455, 7.4) is the peer
+//! breaking the protocol: the task fails with [`Error::WebSocketProtocol`] naming the code, and
+//! the delegate hears no `did_close` (its code would be one the peer never sent). tungstenite
+//! answers such a first close frame with 1002, and that answer goes out as any other; but it
+//! also hands us its 1002 in place of the peer's code, so a [`Watched`] socket under tungstenite
+//! keeps the peer's first close frame as it came. A close frame tungstenite cannot read (a
+//! 1-byte payload, a reason that is not UTF-8) fails the websocket at once, unanswered. A close
+//! frame without a payload is a close without a code: `did_close(1005, "")` (RFC 6455, 7.1.5).
 
 use std::fmt;
 use std::future::poll_fn;
+use std::io::{self, Cursor};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -27,12 +38,16 @@ use http::uri::Scheme;
 use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{
+    CloseCode, Control as OpControl, OpCode,
+};
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 
@@ -49,9 +64,6 @@ const MAX_FRAME_HEADER: usize = 14;
 
 /// The most a close frame's reason may take (125 bytes of payload, less the code).
 const MAX_CLOSE_REASON: usize = 123;
-
-/// The close code reported when the peer's close frame carries none (RFC 6455, 7.1.5).
-const NO_STATUS: u16 = 1005;
 
 /// What [`Session::websocket_task`](crate::Session::websocket_task) takes: a URL (`ws://` or
 /// `http://`; `wss://` and `https://` are refused, leakproof speaks HTTP/1.1 over TCP), or an
@@ -272,7 +284,7 @@ impl WebSocketTask {
 
 // ---- the IO ----
 
-type Socket = WebSocketStream<TokioIo<Upgraded>>;
+type Socket = WebSocketStream<Watched<TokioIo<Upgraded>>>;
 
 /// What a websocket's IO needs to open it.
 pub(crate) struct Upgrade {
@@ -358,7 +370,7 @@ pub(crate) async fn run(upgrade: Upgrade, mut control: watch::Receiver<Control>)
         }
     };
     let config = ws_config(&shared.config);
-    let io = TokioIo::new(upgraded);
+    let io = Watched::new(TokioIo::new(upgraded));
     let ws = WebSocketStream::from_raw_socket(io, Role::Client, Some(config)).await;
     tracing::debug!(?task, ?protocol, "websocket open");
     core.ws_opened(task, protocol);
@@ -384,7 +396,7 @@ pub(crate) async fn run(upgrade: Upgrade, mut control: watch::Receiver<Control>)
             if unless_aborted(&control, flushed).await.is_none() {
                 return;
             }
-            tracing::debug!(?task, code, %reason, "websocket closed by the peer's close frame");
+            tracing::debug!(?task, ?code, %reason, "websocket closed by the peer's close frame");
             Some(Ok((code, reason)))
         }
         Outcome::Gone => {
@@ -482,8 +494,9 @@ fn accepted<B>(
 
 /// How an open websocket's loop ended.
 enum Outcome {
-    /// The peer's close frame arrived (first, or answering ours).
-    PeerClosed { code: u16, reason: String },
+    /// The peer's close frame arrived (first, or answering ours), with its code if it had a
+    /// payload; the code is as sent, whether or not a close frame may carry it.
+    PeerClosed { code: Option<u16>, reason: String },
     /// The task is over: nothing more to read or write.
     Gone,
     /// The socket or the protocol failed.
@@ -552,6 +565,12 @@ impl Open {
             };
             let message = match ready!(Pin::new(&mut self.ws).poll_next(cx)) {
                 Some(Ok(message)) => message,
+                Some(Err(WsError::Protocol(ProtocolError::InvalidCloseSequence))) => {
+                    let error = Error::WebSocketProtocol(
+                        "the peer's close frame has a 1 byte payload: a close code takes 2".into(),
+                    );
+                    return Poll::Ready(Err(Outcome::Failed(error)));
+                }
                 Some(Err(error)) => return Poll::Ready(Err(Outcome::Failed(ws_error(error)))),
                 // The stream ended without a close frame.
                 None => return Poll::Ready(Err(Outcome::Failed(Error::ConnectionReset))),
@@ -569,9 +588,21 @@ impl Open {
                 WsMessage::Ping(_) => self.flush = true,
                 WsMessage::Pong(_) => self.core.ws_pong(self.task),
                 WsMessage::Close(frame) => {
-                    let (code, reason) = match frame {
-                        Some(frame) => (u16::from(frame.code), frame.reason.as_str().to_owned()),
-                        None => (NO_STATUS, String::new()),
+                    // tungstenite reports a first close frame's invalid code as its own 1002:
+                    // the frame as it came says what the peer sent.
+                    let (code, reason) = match self.ws.get_ref().peer_close() {
+                        Some([high, low, reason @ ..]) => (
+                            Some(u16::from_be_bytes([*high, *low])),
+                            String::from_utf8_lossy(reason).into_owned(),
+                        ),
+                        Some(_) => (None, String::new()),
+                        None => match frame {
+                            Some(frame) => (
+                                Some(u16::from(frame.code)),
+                                frame.reason.as_str().to_owned(),
+                            ),
+                            None => (None, String::new()),
+                        },
                     };
                     return Poll::Ready(Err(Outcome::PeerClosed { code, reason }));
                 }
@@ -667,5 +698,202 @@ fn ws_error(error: WsError) -> Error {
             _ => Error::Io(Arc::new(error)),
         },
         error => Error::WebSocketProtocol(error.to_string()),
+    }
+}
+
+/// The socket under tungstenite, which keeps the payload of the peer's first close frame as it
+/// came: tungstenite hands over a first close frame whose code no close frame may carry with
+/// its own 1002 in place of that code. It follows the frames in the bytes read (a frame's
+/// header, then its payload) and keeps nothing but the header being read and that one payload
+/// (a close frame's is at most 125 bytes; a longer or fragmented one tungstenite refuses).
+pub(crate) struct Watched<S> {
+    io: S,
+    /// The header being read (at most 14 bytes).
+    header: Vec<u8>,
+    /// Bytes of the current frame's payload still to come.
+    payload_left: u64,
+    /// Collecting the current frame's payload: a close frame's, with its mask if it has one.
+    collecting: Option<(Vec<u8>, Option<[u8; 4]>)>,
+    /// The first close frame's payload, once whole.
+    close: Option<Vec<u8>>,
+    /// The bytes stopped making frames tungstenite can read: it fails the websocket.
+    lost: bool,
+}
+
+impl<S> Watched<S> {
+    fn new(io: S) -> Self {
+        Watched {
+            io,
+            header: Vec::new(),
+            payload_left: 0,
+            collecting: None,
+            close: None,
+            lost: false,
+        }
+    }
+
+    /// The payload of the peer's first close frame, once it was read whole.
+    fn peer_close(&self) -> Option<&[u8]> {
+        self.close.as_deref()
+    }
+
+    /// Follow the frames through `bytes`, read from the peer in order.
+    fn follow(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && self.close.is_none() && !self.lost {
+            if self.payload_left > 0 {
+                let n = bytes
+                    .len()
+                    .min(usize::try_from(self.payload_left).unwrap_or(usize::MAX));
+                if let Some((payload, _)) = &mut self.collecting {
+                    payload.extend_from_slice(&bytes[..n]);
+                }
+                self.payload_left -= n as u64;
+                bytes = &bytes[n..];
+                if self.payload_left == 0 {
+                    self.frame_read();
+                }
+                continue;
+            }
+            let had = self.header.len();
+            let n = bytes.len().min(MAX_FRAME_HEADER - had);
+            self.header.extend_from_slice(&bytes[..n]);
+            let mut cursor = Cursor::new(&self.header[..]);
+            match FrameHeader::parse(&mut cursor) {
+                Ok(Some((header, len))) => {
+                    let used = usize::try_from(cursor.position()).unwrap_or(MAX_FRAME_HEADER);
+                    bytes = &bytes[used - had..];
+                    self.header.clear();
+                    let close = header.opcode == OpCode::Control(OpControl::Close)
+                        && header.is_final
+                        && len <= 125;
+                    self.collecting = close.then(|| (Vec::new(), header.mask));
+                    self.payload_left = len;
+                    if len == 0 {
+                        self.frame_read();
+                    }
+                }
+                Ok(None) => bytes = &bytes[n..],
+                Err(_) => self.lost = true,
+            }
+        }
+    }
+
+    /// The current frame's payload is read whole.
+    fn frame_read(&mut self) {
+        if let Some((mut payload, mask)) = self.collecting.take() {
+            if let Some(mask) = mask {
+                for (byte, mask) in payload.iter_mut().zip(mask.iter().cycle()) {
+                    *byte ^= mask;
+                }
+            }
+            self.close = Some(payload);
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        this.follow(&buf.filled()[before..]);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_allowed_are_tungstenites() {
+        for code in 0..=u16::MAX {
+            assert_eq!(
+                leakproof_core::close_code_allowed(code),
+                CloseCode::from(code).is_allowed(),
+                "{code}"
+            );
+        }
+    }
+
+    /// A server's frame: final, unmasked.
+    fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0x80 | opcode];
+        match payload.len() {
+            n @ 0..=125 => frame.push(n as u8),
+            n => {
+                frame.push(126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    #[test]
+    fn the_watch_keeps_the_first_close_frame_as_it_came_however_the_bytes_are_cut() {
+        let mut bytes = frame(0x2, &[7; 300]);
+        bytes.extend(frame(0x9, b"ping"));
+        bytes.extend(frame(0x1, b"text"));
+        bytes.extend(frame(0x8, &[0x03, 0xe7, b'w', b'h', b'y']));
+        let close_read = bytes.len();
+        bytes.extend(frame(0x8, &[0x03, 0xe8]));
+        for cut in [1, 2, 3, 7, 64, bytes.len()] {
+            let mut watched = Watched::new(());
+            let mut read = 0;
+            for chunk in bytes.chunks(cut) {
+                watched.follow(chunk);
+                read += chunk.len();
+                if read < close_read {
+                    assert_eq!(watched.peer_close(), None, "{cut}");
+                }
+            }
+            assert_eq!(
+                watched.peer_close(),
+                Some(&[0x03, 0xe7, b'w', b'h', b'y'][..]),
+                "{cut}"
+            );
+        }
+        let mut watched = Watched::new(());
+        watched.follow(&frame(0x8, &[]));
+        assert_eq!(watched.peer_close(), Some(&[][..]));
+        // Masked (a server must not mask, and tungstenite refuses it; the watch still reads it).
+        let mut watched = Watched::new(());
+        watched.follow(&[0x88, 0x82, 1, 2, 3, 4, 0x03 ^ 1, 0xe7 ^ 2]);
+        assert_eq!(watched.peer_close(), Some(&[0x03, 0xe7][..]));
     }
 }

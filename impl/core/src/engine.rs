@@ -19,8 +19,8 @@ use crate::{
     Action, Callback, ConnId, Disposition, Ledger, Proceed, Release, Route, Start, TaskId,
     TaskKind, TimerId,
 };
-pub use pipe::GOING_AWAY;
 use pipe::{End, Pipe};
+pub use pipe::{GOING_AWAY, NO_STATUS, close_code_allowed};
 
 /// What the engine needs to know about its session. Durations are data: the engine never
 /// reads a clock, it asks the driver to arm timers.

@@ -46,7 +46,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-pub use engine::{Config, GOING_AWAY, SessionState, TaskState};
+pub use engine::{Config, GOING_AWAY, NO_STATUS, SessionState, TaskState, close_code_allowed};
 pub use error::{Error, Timeout};
 pub use session::{Core, Delivered, Delivery, SessionHandle, TaskHandle, session};
 

@@ -275,9 +275,12 @@ impl Core {
         self.update(|e| e.ws_pong(task));
     }
 
-    /// The peer's close frame arrived and, if it came first, the IO has answered it. The task
-    /// completes; the driver gets [`Action::Abort`] and closes the connection.
-    pub fn ws_peer_closed(&self, task: TaskId, code: u16, reason: String) {
+    /// The peer's close frame arrived, with `code` if its payload was not empty, and, if it
+    /// came first, the IO has answered it. The task completes: with `did_close` and success, or
+    /// with [`Error::WebSocketProtocol`] if no close frame may carry `code`
+    /// ([`close_code_allowed`](crate::close_code_allowed)); either way the driver gets
+    /// [`Action::Abort`] and closes the connection.
+    pub fn ws_peer_closed(&self, task: TaskId, code: Option<u16>, reason: String) {
         self.update(|e| e.ws_peer_closed(task, code, reason));
     }
 

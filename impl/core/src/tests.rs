@@ -645,7 +645,7 @@ fn our_close_waits_for_the_peers_at_most_the_close_timeout() {
 fn the_peers_close_is_recorded_and_completes_the_websocket() {
     let (session, core, mut delivery) = delegated();
     let task = open_websocket(&session, &core);
-    core.ws_peer_closed(task.id(), 4000, "done".into());
+    core.ws_peer_closed(task.id(), Some(4000), "done".into());
     assert_eq!(task.state(), TaskState::Completed);
     assert_eq!(task.close_frame(), Some((4000, "done".into())));
     let heard = deliver(&mut delivery, Disposition::Allow);
@@ -654,6 +654,61 @@ fn the_peers_close_is_recorded_and_completes_the_websocket() {
     assert!(matches!(actions(&core)[..], [Action::Abort { .. }]));
     let heard = deliver(&mut delivery, Disposition::Allow);
     assert!(heard[0].starts_with("Complete"), "{heard:?}");
+}
+
+#[test]
+fn a_peer_close_without_a_code_is_reported_as_1005() {
+    let (session, core, mut delivery) = delegated();
+    let task = open_websocket(&session, &core);
+    core.ws_peer_closed(task.id(), None, String::new());
+    assert_eq!(task.close_frame(), Some((crate::NO_STATUS, String::new())));
+    actions(&core); // did_complete waits for the abort
+    let heard = deliver(&mut delivery, Disposition::Allow);
+    assert!(
+        heard[1].starts_with("Close") && heard[1].contains("1005"),
+        "{heard:?}"
+    );
+    assert!(heard[2].contains("Ok"), "{heard:?}");
+}
+
+#[test]
+fn a_peer_close_with_a_code_no_frame_may_carry_is_a_protocol_error() {
+    for code in [
+        0,
+        999,
+        1004,
+        1005,
+        1006,
+        1014,
+        1015,
+        1016,
+        2999,
+        5000,
+        u16::MAX,
+    ] {
+        let (session, core, mut delivery) = delegated();
+        let task = open_websocket(&session, &core);
+        core.ws_peer_closed(task.id(), Some(code), "why".into());
+        assert_eq!(task.state(), TaskState::Completed);
+        assert_eq!(
+            task.close_frame(),
+            None,
+            "{code}: no close code the peer never sent"
+        );
+        assert!(matches!(actions(&core)[..], [Action::Abort { .. }]));
+        let heard = deliver(&mut delivery, Disposition::Allow);
+        let names: Vec<&str> = heard.iter().map(|h| h.split(' ').next().unwrap()).collect();
+        assert_eq!(names, ["Open", "Complete"], "{code}: no did_close");
+        assert!(
+            heard[1].contains("WebSocketProtocol") && heard[1].contains(&code.to_string()),
+            "{code}: {heard:?}"
+        );
+    }
+    for code in [
+        1000, 1001, 1002, 1003, 1007, 1011, 1013, 3000, 3999, 4000, 4999,
+    ] {
+        assert!(crate::close_code_allowed(code), "{code}");
+    }
 }
 
 #[test]

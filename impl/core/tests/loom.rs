@@ -600,7 +600,7 @@ fn our_close_vs_the_peers_close() {
         let user = task.clone();
         let closer = thread::spawn(move || user.cancel_with(1000, "done"));
         // The IO read the peer's close frame (and answered it, had it come first).
-        w.core.ws_peer_closed(id, 1001, "away".into());
+        w.core.ws_peer_closed(id, Some(1001), "away".into());
         closer.join().unwrap();
         // Whichever came first, the handshake is complete: the peer's frame is the record.
         assert_eq!(task.close_frame(), Some((1001, "away".into())));
@@ -630,7 +630,7 @@ fn the_close_deadline_vs_a_late_close_frame() {
         let core = w.core.clone();
         // The clock fires the deadline while the IO reads the peer's late answer.
         let clock = thread::spawn(move || core.timer_fired(deadline));
-        w.core.ws_peer_closed(id, 1001, String::new());
+        w.core.ws_peer_closed(id, Some(1001), String::new());
         clock.join().unwrap();
         // Exactly one ending (the driver checks one Abort and no timer left); the socket is
         // closed either way.
@@ -658,7 +658,7 @@ fn receive_vs_the_peers_message_and_close() {
         let receiver = thread::spawn(move || wait(|cx| user.poll_receive(cx)));
         w.core.ws_message(id, Message::Text("hi".into()));
         // The message is the receiver's or goes with the task; the receiver never hangs.
-        w.core.ws_peer_closed(id, 1000, String::new());
+        w.core.ws_peer_closed(id, Some(1000), String::new());
         match receiver.join().unwrap() {
             Ok(Message::Text(text)) => assert_eq!(text, "hi"),
             Ok(other) => panic!("got {other:?}"),

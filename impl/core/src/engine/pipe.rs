@@ -26,6 +26,20 @@ use crate::{Action, Callback, Intake, Message, Outgoing, TaskId, TaskKind, TaskS
 /// The close code `going away` (RFC 6455, 7.4.1): what a websocket nobody holds sends.
 pub const GOING_AWAY: u16 = 1001;
 
+/// The close code reported when the peer's close frame carries none (RFC 6455, 7.1.5). It
+/// never appears on the wire.
+pub const NO_STATUS: u16 = 1005;
+
+/// Whether a close frame may carry `code` (RFC 6455, 7.4): 1000-1003 and 1007-1013 (defined
+/// for the protocol), 3000-3999 (registered) and 4000-4999 (private use). Not 1005, 1006 or
+/// 1015, which are reserved to say what no frame said; not 1004 or the other unassigned ones
+/// (1014 and 1016-2999); not below 1000 or above 4999. It is tungstenite's
+/// `CloseCode::is_allowed`, which the client's websocket speaks through (its tests check they
+/// agree on every code).
+pub fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1013 | 3000..=4999)
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Pipe {
     /// A stream's read-ahead.
@@ -559,11 +573,26 @@ impl Engine {
         }
     }
 
-    /// The peer's close frame arrived (and the IO has answered it, if it was first): the
-    /// handshake is done, the websocket completes and its connection closes.
-    pub(crate) fn ws_peer_closed(&mut self, task: TaskId, code: u16, reason: String) {
+    /// The peer's close frame arrived, with `code` if it carried one (and the IO has answered
+    /// it, if it was first): the handshake is done, the websocket completes and its connection
+    /// closes. A code no close frame may carry is the peer breaking the protocol: the websocket
+    /// fails with [`Error::WebSocketProtocol`] and no `did_close`, whose code would be one the
+    /// peer never sent.
+    pub(crate) fn ws_peer_closed(&mut self, task: TaskId, code: Option<u16>, reason: String) {
         let Some(pipe) = self.pipe_mut(task) else {
             return;
+        };
+        let code = match code {
+            None => NO_STATUS,
+            Some(code) if close_code_allowed(code) => code,
+            Some(code) => {
+                let error = Error::WebSocketProtocol(format!(
+                    "the peer's close frame carries the code {code}, which no close frame may \
+                     carry (RFC 6455, 7.4)"
+                ));
+                self.complete(task, Err(error), EndedBy::Other);
+                return;
+            }
         };
         pipe.close = Some((code, reason.clone()));
         if self.config.delegated {
