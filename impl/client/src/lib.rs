@@ -35,13 +35,14 @@ mod pool;
 mod session;
 mod stream;
 mod task;
+mod tls;
 mod websocket;
 
 pub use config::{Configuration, ConfigurationBuilder};
 pub use delegate::{Delegate, TaskInfo};
 pub use leakproof_core::{
     Disposition, Error, GOING_AWAY, Ledger, Message, SessionState, TaskId, TaskKind, TaskState,
-    Timeout,
+    Timeout, TlsFailure,
 };
 pub use session::{DownloadedFile, Observer, Session, SessionBuilder, UploadBody};
 pub use stream::StreamTask;
