@@ -181,6 +181,11 @@ impl Stage {
         )
     }
 
+    /// TLS handshakes that resumed a session the client had cached (the rest were full).
+    pub fn tls_resumptions(&self) -> u64 {
+        self.shared.counters.tls_resumed.load(Relaxed)
+    }
+
     /// Whether the stage speaks TLS ([`Builder::tls`]).
     pub fn is_tls(&self) -> bool {
         self.tls
@@ -511,6 +516,8 @@ struct Counters {
     ws_messages_received: AtomicU64,
     /// Close frames received.
     ws_close_frames_received: AtomicU64,
+    /// TLS handshakes that resumed a session the client had cached.
+    tls_resumed: AtomicU64,
     /// Raw sockets accepted and closed (also counted in `accepted` and `closed`).
     raw_accepted: AtomicU64,
     raw_closed: AtomicU64,
@@ -578,7 +585,12 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>, tls: Option<TlsAcceptor>)
     let stream = match tls {
         None => Wire::Tcp(stream),
         Some(acceptor) => match acceptor.accept(stream).await {
-            Ok(stream) => Wire::Tls(Box::new(stream)),
+            Ok(stream) => {
+                if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    shared.counters.tls_resumed.fetch_add(1, Relaxed);
+                }
+                Wire::Tls(Box::new(stream))
+            }
             Err(_) => {
                 // The client refused the certificate, or did not speak TLS: its socket is
                 // dropped, so closed, and counted as every other.
