@@ -1,8 +1,9 @@
-//! Seed 004: a session's TLS state (its client configuration and its resumption cache) is its
-//! own, bounded by `tls_session_cache`, counted in the ledger, and dropped once `invalidated()`
-//! resolves, so that a session per request does not grow memory without bound. The witness is
-//! a `Weak` to the configuration (which holds the cache), and the stage's count of resumed
-//! handshakes shows the cache is used. Every wait is bounded.
+//! The seeds' leak 4 (the session memory-leak post): a session's TLS state (its client
+//! configuration and its resumption cache) is its own, bounded by `tls_session_cache`,
+//! counted in the ledger, and dropped once `invalidated()` resolves, so that a session per
+//! request does not grow memory without bound. The witness is a `Weak` to the configuration
+//! (which holds the cache), and the stage's count of resumed handshakes shows the cache is
+//! used. Every wait is bounded.
 
 #[path = "support/tls_ca.rs"]
 mod tls_ca;

@@ -79,7 +79,7 @@ async fn invalidated_resolves_once_every_socket_and_file_is_gone() {
 }
 
 /// D2 over TLS: the same moment for https connections, whose TLS lives inside the socket the
-/// driver closes; and the session's TLS state is gone by then too (seed 004).
+/// driver closes; and the session's TLS state is gone by then too (leak 4).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidated_resolves_once_every_tls_socket_and_the_tls_state_are_gone() {
     let ca = TestCa::new("leakproof test CA");

@@ -1,9 +1,10 @@
-//! Seed 004, the figure: cycles of a new session, one https request to the stage over TLS,
-//! `finish_tasks_and_invalidate`, `invalidated()`. A session's TLS state (its configuration
-//! and its resumption cache) must go with it: the heap (a counting allocator, so this binary
-//! holds one test) comes back within 64 KiB of the warmed-up baseline, and the process's file
-//! descriptors stay flat. `LEAKPROOF_TLS_CYCLES` sets the number of measured cycles (300 by
-//! default; the figure in the README is 10,000 in release mode).
+//! The seeds' leak 4 (the session memory-leak post), the figure: cycles of a new session, one
+//! https request to the stage over TLS, `finish_tasks_and_invalidate`, `invalidated()`. A
+//! session's TLS state (its configuration and its resumption cache) must go with it: the heap
+//! (a counting allocator, so this binary holds one test) comes back within 64 KiB of the
+//! warmed-up baseline, and the process's file descriptors stay flat. `LEAKPROOF_TLS_CYCLES`
+//! sets the number of measured cycles (300 by default; the README gives the figure for
+//! 10,000 in release mode).
 
 #[path = "support/tls_ca.rs"]
 mod tls_ca;

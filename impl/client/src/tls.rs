@@ -86,6 +86,7 @@ impl TlsState {
     }
 
     /// The session's client configuration, as its connections hold it.
+    #[cfg(feature = "test-util")]
     pub fn config(&self) -> &Arc<ClientConfig> {
         &self.config
     }
