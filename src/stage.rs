@@ -26,6 +26,10 @@
 //! or not; echo; held and driven through [`HeldRaw`]). See [`raw`]. Their sockets count in the
 //! same witness.
 //!
+//! With [`Builder::tls`] the listener speaks TLS (ALPN `http/1.1`) and serves the same scripts
+//! and websockets over it ([`Stage::https_url`], [`Stage::wss_url`]); a connection whose
+//! handshake fails is counted accepted and closed as any other.
+//!
 //! The stage is the connection witness of DESIGN.md's "Observability": it counts the sockets it
 //! accepts and sees closed. It never closes a connection unless scripted to, so a connection
 //! the client leaks stays in [`Stage::open`]. Stalled and garbled connections are held until
@@ -42,15 +46,19 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::ControlFlow;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{self, AsyncReadExt, AsyncWriteExt};
+use rustls::ServerConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{self, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
 
 /// How long a [`Held`] step waits for its connection to carry it out.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -95,12 +103,16 @@ pub struct Stage {
     buffers: Buffers,
     /// The raw listeners' accept loops ([`Stage::listen_raw`]), aborted with the stage.
     raw_listeners: Mutex<Vec<JoinHandle<()>>>,
+    /// Whether the listener speaks TLS.
+    tls: bool,
 }
 
 /// Options for a [`Stage`], from [`Stage::builder`].
 #[derive(Debug, Default)]
 pub struct Builder {
     buffers: Buffers,
+    /// TLS on the listener, or why it cannot be.
+    tls: Option<Result<Arc<ServerConfig>, String>>,
 }
 
 /// `SO_SNDBUF` and `SO_RCVBUF` of every socket a stage accepts, on any of its listeners.
@@ -155,6 +167,28 @@ impl Stage {
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// `https://127.0.0.1:PORT` followed by `path_and_query`, for a stage built with
+    /// [`Builder::tls`] (the certificate must name 127.0.0.1).
+    pub fn https_url(&self, path_and_query: &str) -> String {
+        assert!(self.tls, "https_url: this stage was built without tls");
+        format!(
+            "https{}",
+            self.url(path_and_query)
+                .strip_prefix("http")
+                .unwrap_or_default()
+        )
+    }
+
+    /// TLS handshakes that resumed a session the client had cached (the rest were full).
+    pub fn tls_resumptions(&self) -> u64 {
+        self.shared.counters.tls_resumed.load(Relaxed)
+    }
+
+    /// Whether the stage speaks TLS ([`Builder::tls`]).
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     /// `http://127.0.0.1:PORT` followed by `path_and_query` (a leading `/` is added if missing).
@@ -254,18 +288,45 @@ impl Builder {
         self
     }
 
+    /// Speak TLS on the listener (TLS 1.2 and 1.3, ALPN `http/1.1`) with this certificate
+    /// chain (the server's first) and its key; the raw listeners stay plain TCP.
+    pub fn tls(
+        mut self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Builder {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .and_then(|builder| builder.with_no_client_auth().with_single_cert(chain, key))
+            .map(|mut config| {
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Arc::new(config)
+            })
+            .map_err(|e| format!("the stage's TLS certificate or key: {e}"));
+        self.tls = Some(config);
+        self
+    }
+
     /// Binds 127.0.0.1:0 and spawns the accept loop on the current tokio runtime.
     pub async fn start(self) -> io::Result<Stage> {
+        let tls = match self.tls {
+            None => None,
+            Some(Ok(config)) => Some(TlsAcceptor::from(config)),
+            Some(Err(why)) => return Err(io::Error::new(io::ErrorKind::InvalidInput, why)),
+        };
         let listener = self.buffers.listen()?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::default());
-        let accept = tokio::spawn(accept(listener, Arc::clone(&shared)));
+        let is_tls = tls.is_some();
+        let accept = tokio::spawn(accept(listener, Arc::clone(&shared), tls));
         Ok(Stage {
             addr,
             shared,
             accept,
             buffers: self.buffers,
             raw_listeners: Mutex::default(),
+            tls: is_tls,
         })
     }
 }
@@ -455,6 +516,8 @@ struct Counters {
     ws_messages_received: AtomicU64,
     /// Close frames received.
     ws_close_frames_received: AtomicU64,
+    /// TLS handshakes that resumed a session the client had cached.
+    tls_resumed: AtomicU64,
     /// Raw sockets accepted and closed (also counted in `accepted` and `closed`).
     raw_accepted: AtomicU64,
     raw_closed: AtomicU64,
@@ -498,7 +561,7 @@ impl<T> Lot<T> {
     }
 }
 
-async fn accept(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept(listener: TcpListener, shared: Arc<Shared>, tls: Option<TlsAcceptor>) {
     // Dropped with this task when the stage drops, aborting every connection.
     let mut connections = JoinSet::new();
     loop {
@@ -508,7 +571,7 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
                     shared.counters.accepted.fetch_add(1, Relaxed);
                     // Framing and body go out in separate small writes: no Nagle delay.
                     let _ = stream.set_nodelay(true);
-                    connections.spawn(serve(stream, Arc::clone(&shared)));
+                    connections.spawn(serve(stream, Arc::clone(&shared), tls.clone()));
                 }
                 // Out of descriptors, say: back off instead of spinning.
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -518,7 +581,24 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn serve(stream: TcpStream, shared: Arc<Shared>) {
+async fn serve(stream: TcpStream, shared: Arc<Shared>, tls: Option<TlsAcceptor>) {
+    let stream = match tls {
+        None => Wire::Tcp(stream),
+        Some(acceptor) => match acceptor.accept(stream).await {
+            Ok(stream) => {
+                if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    shared.counters.tls_resumed.fetch_add(1, Relaxed);
+                }
+                Wire::Tls(Box::new(stream))
+            }
+            Err(_) => {
+                // The client refused the certificate, or did not speak TLS: its socket is
+                // dropped, so closed, and counted as every other.
+                shared.counters.closed.fetch_add(1, Relaxed);
+                return;
+            }
+        },
+    };
     let mut conn = Conn {
         stream,
         ahead: Vec::new(),
@@ -601,8 +681,61 @@ enum Incoming {
     Malformed(&'static str),
 }
 
+/// A connection's socket: TCP, or TLS over TCP.
+pub(crate) enum Wire {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Wire {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Wire::Tcp(stream) => stream,
+            Wire::Tls(stream) => stream.get_ref().0,
+        }
+    }
+}
+
+/// Forward a poll to the wire's stream, whichever it is.
+macro_rules! wire {
+    ($wire:expr, $stream:ident => $poll:expr) => {
+        match $wire.get_mut() {
+            Wire::Tcp($stream) => $poll,
+            Wire::Tls($stream) => $poll,
+        }
+    };
+}
+
+impl AsyncRead for Wire {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        wire!(self, stream => Pin::new(stream).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Wire {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        wire!(self, stream => Pin::new(stream).poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        wire!(self, stream => Pin::new(stream).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        wire!(self, stream => Pin::new(stream).poll_shutdown(cx))
+    }
+}
+
 struct Conn {
-    stream: TcpStream,
+    stream: Wire,
     /// Bytes read from the client and not yet parsed.
     ahead: Vec<u8>,
     shared: Arc<Shared>,
@@ -803,7 +936,7 @@ impl Conn {
                 let _ = self.stream.shutdown().await;
             }
             Hangup::Reset => {
-                let _ = self.stream.set_zero_linger();
+                let _ = self.stream.tcp().set_zero_linger();
             }
             Hangup::WaitForClient => {
                 let mut sink = [0; 4096];

@@ -25,7 +25,11 @@ fn plain() -> Session {
 #[tokio::test]
 async fn bad_urls_are_typed_errors_that_allocate_no_task() {
     let session = plain();
-    for url in ["/relative", "https://example.com/", "ftp://example.com/x"] {
+    for url in [
+        "/relative",
+        "ftp://example.com/x",
+        "http://127.0.0.1:99999/",
+    ] {
         let error = session.data_task(get(url.into())).unwrap_err();
         assert!(matches!(error, Error::InvalidUrl { .. }), "{url}: {error}");
         assert!(error.to_string().contains(url), "{error}");

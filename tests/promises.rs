@@ -12,6 +12,10 @@ use leakproof::{Configuration, Delegate, Disposition, Error, Session, TaskInfo};
 use leakproof_check::scenario::{PATIENCE, bounded};
 use leakproof_check::stage::Stage;
 use leakproof_check::witness::{client_sockets_to, files_in};
+use tls_ca::TestCa;
+
+#[path = "support/tls_ca.rs"]
+mod tls_ca;
 
 /// Runs of each case: the races this catches showed in 10-20 % of runs.
 const RUNS: usize = 40;
@@ -71,6 +75,61 @@ async fn invalidated_resolves_once_every_socket_and_file_is_gone() {
             (sockets, files),
             (0, vec![]),
             "run {run}: R4 at the moment invalidated() resolved (client sockets, files)"
+        );
+    }
+}
+
+/// D2 over TLS: the same moment for https connections, whose TLS lives inside the socket the
+/// driver closes; and the session's TLS state is gone by then too (leak 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidated_resolves_once_every_tls_socket_and_the_tls_state_are_gone() {
+    let ca = TestCa::new("leakproof test CA");
+    for run in 0..RUNS {
+        let cert = ca.server();
+        let stage = Stage::builder()
+            .tls(cert.chain, cert.key)
+            .start()
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = Configuration::builder()
+            .download_dir(dir.path())
+            .add_root_certificate(ca.root())
+            .build()
+            .unwrap();
+        let session = Session::new(config, None);
+        let tls = session.tls_config().unwrap();
+        let whole = session
+            .download_task(get(stage.https_url("/bytes/200000")))
+            .unwrap();
+        let stalled = session
+            .download_task(get(stage.https_url("/bytes/1000000?stall_after=4096")))
+            .unwrap();
+        let data = session
+            .data_task(get(stage.https_url("/bytes/1000000?stall_after=4096")))
+            .unwrap();
+        whole.resume();
+        stalled.resume();
+        data.resume();
+        // Half the runs end the session mid-exchange, half while the handshakes are in flight.
+        if run % 4 < 2 {
+            let reached = stage.wait_until(|s| s.requests() >= 3, PATIENCE).await;
+            assert!(reached, "run {run}: the three requests arrived");
+        }
+        if run % 2 == 0 {
+            session.invalidate_and_cancel();
+        } else {
+            stalled.cancel();
+            data.cancel();
+            session.finish_tasks_and_invalidate();
+        }
+        bounded("invalidated", session.invalidated()).await;
+        let (sockets, files) = witnessed(&stage, dir.path());
+        assert_eq!(
+            (sockets, files, tls.upgrade().is_none()),
+            (0, vec![], true),
+            "run {run}: R4 at the moment invalidated() resolved (client sockets, files, \
+             the TLS state dropped)"
         );
     }
 }

@@ -54,7 +54,6 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
@@ -66,7 +65,7 @@ use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 
 use super::{
     Answer, BadQuery, Conn, Counters, GONE, Hangup, Liveness, Reply, Request, Route, Stage, Then,
-    body, carry_out, within,
+    Wire, body, carry_out, within,
 };
 
 /// How long the stage waits for the client's close after sending its own, and for its close
@@ -94,6 +93,16 @@ impl Stage {
     pub fn ws_url(&self, path_and_query: &str) -> String {
         let url = self.url(path_and_query);
         format!("ws{}", url.strip_prefix("http").expect("url() is http://"))
+    }
+
+    /// `wss://127.0.0.1:PORT` followed by `path_and_query`, for a stage built with
+    /// [`Builder::tls`](super::Builder::tls).
+    pub fn wss_url(&self, path_and_query: &str) -> String {
+        let url = self.https_url(path_and_query);
+        format!(
+            "wss{}",
+            url.strip_prefix("https").expect("https_url() is https://")
+        )
     }
 
     /// Websocket upgrades answered (`101`) so far.
@@ -605,7 +614,7 @@ fn close_message(code: u16, reason: &str) -> Message {
 /// The socket under a websocket. Muted, it swallows every write: tungstenite goes on reading,
 /// counting and "answering", and nothing reaches the client. Reads go through [`Inbound`].
 struct Io<'a> {
-    stream: &'a mut TcpStream,
+    stream: &'a mut Wire,
     mute: bool,
     inbound: Inbound,
 }

@@ -7,7 +7,13 @@ use std::time::Duration;
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 
+use rustls::pki_types::CertificateDer;
+
 use crate::Error;
+
+/// TLS sessions a session keeps for resumption by default: see
+/// [`ConfigurationBuilder::tls_session_cache`].
+const DEFAULT_TLS_SESSION_CACHE: usize = 64;
 
 /// How a session behaves. Build one with [`Configuration::builder`], or take a preset:
 /// [`Configuration::default`] or [`Configuration::ephemeral`].
@@ -27,6 +33,11 @@ pub struct Configuration {
     pub(crate) close_timeout: Duration,
     pub(crate) max_message_size: usize,
     pub(crate) max_body_size: usize,
+    pub(crate) tls_session_cache: usize,
+    /// Roots trusted besides (or, without `webpki_roots`, instead of) webpki-roots', checked
+    /// when built.
+    pub(crate) root_certificates: Vec<CertificateDer<'static>>,
+    pub(crate) webpki_roots: bool,
 }
 
 /// The smallest `read_buffer` hyper accepts (`http1::Builder::max_buf_size`).
@@ -37,7 +48,8 @@ impl Default for Configuration {
     /// ones per host, idle connections closed after 90 s, downloads in the system temp dir;
     /// a 16 KiB read buffer, a 64 KiB stream window, delegate window and write buffer, a 5 s
     /// websocket close timeout, 16 MiB websocket messages and 16 MiB bodies collected by the
-    /// conveniences.
+    /// conveniences; https trusting the webpki-roots (Mozilla's) roots, and at most 64 TLS
+    /// sessions kept for resumption.
     fn default() -> Self {
         Self {
             request_timeout: Duration::from_secs(60),
@@ -54,6 +66,9 @@ impl Default for Configuration {
             close_timeout: Duration::from_secs(5),
             max_message_size: 16 * 1024 * 1024,
             max_body_size: 16 * 1024 * 1024,
+            tls_session_cache: DEFAULT_TLS_SESSION_CACHE,
+            root_certificates: Vec::new(),
+            webpki_roots: true,
         }
     }
 }
@@ -144,6 +159,22 @@ impl Configuration {
     /// [`Session::upload`](crate::Session::upload) collect in memory.
     pub fn max_body_size(&self) -> usize {
         self.max_body_size
+    }
+
+    /// The most TLS sessions kept for resumption (0: none, every https connection makes a
+    /// full handshake).
+    pub fn tls_session_cache(&self) -> usize {
+        self.tls_session_cache
+    }
+
+    /// The roots https trusts besides webpki-roots' (DER).
+    pub fn root_certificates(&self) -> &[CertificateDer<'static>] {
+        &self.root_certificates
+    }
+
+    /// Whether https trusts the roots of the webpki-roots crate (Mozilla's).
+    pub fn webpki_roots(&self) -> bool {
+        self.webpki_roots
     }
 
     /// What the engine may hold for a stream: the window less the transport's buffer (R6).
@@ -306,6 +337,37 @@ impl ConfigurationBuilder {
         self.check(bytes > 0, || "max_body_size must be more than zero".into())
     }
 
+    /// The most TLS sessions (TLS 1.3 tickets and TLS 1.2 sessions, all servers together) the
+    /// session keeps for resumption, 64 by default; the oldest goes first. Each is a few
+    /// hundred bytes to a few KiB, so the default bounds the cache at some 100 KiB in the worst
+    /// case while covering the few servers a session usually talks to (a server hands out a
+    /// couple of tickets per connection, and each resumption takes one). 0 keeps none: every
+    /// https connection makes a full handshake. The cache is the session's own, never shared
+    /// with another session, and is dropped when the session is invalidated; the ledger counts
+    /// it ([`Ledger::tls_sessions`](crate::Ledger::tls_sessions)).
+    pub fn tls_session_cache(mut self, sessions: usize) -> Self {
+        self.config.tls_session_cache = sessions;
+        self
+    }
+
+    /// Trust this root certificate (DER) for https and wss, besides the webpki-roots ones
+    /// (see [`webpki_roots`](Self::webpki_roots)): a private CA, a test CA. A certificate that
+    /// is not one is reported by [`build`](Self::build).
+    pub fn add_root_certificate(mut self, der: impl Into<Vec<u8>>) -> Self {
+        self.config
+            .root_certificates
+            .push(CertificateDer::from(der.into()));
+        self
+    }
+
+    /// Whether https trusts the roots of the webpki-roots crate (Mozilla's, compiled in), true
+    /// by default. False trusts only the roots added with
+    /// [`add_root_certificate`](Self::add_root_certificate).
+    pub fn webpki_roots(mut self, trust: bool) -> Self {
+        self.config.webpki_roots = trust;
+        self
+    }
+
     /// The configuration, or [`Error::InvalidConfiguration`] naming the first invalid value.
     pub fn build(self) -> Result<Configuration, Error> {
         let (window, read_buffer) = (self.config.stream_window, self.config.read_buffer);
@@ -325,6 +387,11 @@ impl ConfigurationBuilder {
                      delegate's queue (R6)"
                 )
             });
+        let roots = crate::tls::roots(&this.config);
+        let this = match roots {
+            Ok(_) => this,
+            Err(why) => this.check(false, || why),
+        };
         match this.error {
             Some(error) => Err(Error::InvalidConfiguration(error)),
             None => Ok(this.config),

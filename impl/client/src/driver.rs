@@ -80,8 +80,10 @@ impl Driver {
                 Some(note) = self.notes.recv() => self.noted(note),
             }
         }
-        // Released: by the engine's account nothing is pooled; make sure of it.
+        // Released: by the engine's account nothing is pooled; make sure of it. Every socket
+        // closed, the TLS state goes too.
         self.shared.pool.close_all();
+        self.shared.pool.release_tls();
     }
 
     fn carry_out(&mut self, action: Action) {

@@ -1,6 +1,7 @@
 //! # leakproof: an HTTP client that cannot leak
 //!
-//! A URLSession-style HTTP/1.1 client on tokio and hyper: [`Session`]s with a
+//! A URLSession-style HTTP/1.1 client on tokio and hyper, over TCP or TLS (rustls on ring:
+//! `https://` and `wss://`): [`Session`]s with a
 //! [`Configuration`] and an optional [`Delegate`]; data, download and upload tasks that start
 //! suspended; async conveniences ([`Session::data`], [`Session::download`],
 //! [`Session::upload`]); a connection pool per session. Stream tasks ([`StreamTask`], direct
@@ -11,6 +12,11 @@
 //! `leakproof-model`: every terminal path of a task or a session releases its connections,
 //! buffered bytes, temp files and delegate. Forgetting to invalidate is harmless: dropping the
 //! last [`Session`] clone finishes its tasks and releases everything (R10).
+//!
+//! https trusts the webpki-roots roots, and those the configuration adds
+//! ([`ConfigurationBuilder::add_root_certificate`]); a failed handshake is [`Error::Tls`]
+//! with a [`TlsFailure`]. Each session has its own TLS configuration and resumption cache
+//! (at most [`ConfigurationBuilder::tls_session_cache`] sessions), dropped with the session.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), leakproof::Error> {
@@ -35,13 +41,14 @@ mod pool;
 mod session;
 mod stream;
 mod task;
+mod tls;
 mod websocket;
 
 pub use config::{Configuration, ConfigurationBuilder};
 pub use delegate::{Delegate, TaskInfo};
 pub use leakproof_core::{
     Disposition, Error, GOING_AWAY, Ledger, Message, SessionState, TaskId, TaskKind, TaskState,
-    Timeout,
+    Timeout, TlsFailure,
 };
 pub use session::{DownloadedFile, Observer, Session, SessionBuilder, UploadBody};
 pub use stream::StreamTask;

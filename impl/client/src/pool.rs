@@ -26,23 +26,53 @@ use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
 use tokio_util::task::TaskTracker;
 
+use crate::tls::TlsState;
 use crate::{ConnId, Error};
 
 /// A request body: bytes or a file, streamed.
 pub(crate) type Body = BoxBody<Bytes, io::Error>;
 
-/// Where connections go: host and port.
+/// How a connection speaks to its origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Scheme {
+    /// HTTP over TCP (`http://`, `ws://`).
+    Http,
+    /// HTTP over TLS (`https://`, `wss://`).
+    Https,
+    /// A direct stream's bytes over TCP.
+    Tcp,
+}
+
+/// Where connections go: scheme, host and port.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Origin {
+    pub scheme: Scheme,
     pub host: String,
     pub port: u16,
 }
 
 impl Origin {
+    /// The origin's name for the engine's per-origin accounting: the scheme is part of it, so
+    /// that http and https to one host and port never share a pooled connection.
     pub fn key(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        let scheme = match self.scheme {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+            Scheme::Tcp => "tcp",
+        };
+        format!("{scheme}://{}", self.addr())
+    }
+
+    /// `host:port`.
+    pub fn addr(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
     }
 }
 
@@ -55,7 +85,27 @@ pub(crate) struct Connection {
     _socket: Registered,
 }
 
-/// A TCP socket the session can close at once from outside the future that reads it.
+/// What a [`Socket`] carries: TCP, or TLS over TCP. The TLS connection lives inside the
+/// socket, so that closing the socket drops it too (its buffers, and its hold on the session's
+/// TLS configuration) there and then.
+#[derive(Debug)]
+enum Wire {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// Forward a poll to the wire's stream, whichever it is.
+macro_rules! wire {
+    ($wire:expr, $stream:ident => $poll:expr) => {
+        match $wire {
+            Wire::Tcp($stream) => $poll,
+            Wire::Tls($stream) => $poll,
+        }
+    };
+}
+
+/// A socket (TCP, or TLS over TCP) the session can close at once from outside the future that
+/// reads it.
 ///
 /// Its reader (hyper's connection future, a stream's or a websocket's IO) is a task of its
 /// own, and aborting or waking a task only asks it to end some time later. A promise that
@@ -64,11 +114,11 @@ pub(crate) struct Connection {
 /// with its owner and the session's registry ([`Pool`]): the owner dropping it, or the driver
 /// carrying out an `Abort`, closes it where it stands. Its reader then sees the end.
 #[derive(Debug, Clone)]
-pub(crate) struct Socket(Arc<Mutex<Option<TcpStream>>>);
+pub(crate) struct Socket(Arc<Mutex<Option<Wire>>>);
 
 impl Socket {
-    fn new(stream: TcpStream) -> Self {
-        Socket(Arc::new(Mutex::new(Some(stream))))
+    fn new(wire: Wire) -> Self {
+        Socket(Arc::new(Mutex::new(Some(wire))))
     }
 
     /// Close it now (the file descriptor is released); a no-op if it is closed already.
@@ -92,7 +142,7 @@ impl AsyncRead for Socket {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match lock(&self.0).as_mut() {
-            Some(stream) => Pin::new(stream).poll_read(cx, buf),
+            Some(wire) => wire!(wire, stream => Pin::new(stream).poll_read(cx, buf)),
             None => Poll::Ready(Err(Socket::closed())),
         }
     }
@@ -105,7 +155,7 @@ impl AsyncWrite for Socket {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match lock(&self.0).as_mut() {
-            Some(stream) => Pin::new(stream).poll_write(cx, buf),
+            Some(wire) => wire!(wire, stream => Pin::new(stream).poll_write(cx, buf)),
             None => Poll::Ready(Err(Socket::closed())),
         }
     }
@@ -116,25 +166,25 @@ impl AsyncWrite for Socket {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match lock(&self.0).as_mut() {
-            Some(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Some(wire) => wire!(wire, stream => Pin::new(stream).poll_write_vectored(cx, bufs)),
             None => Poll::Ready(Err(Socket::closed())),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        true // a TcpStream's are
+        true // a TcpStream's are; a TLS stream's gathers them into one record
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match lock(&self.0).as_mut() {
-            Some(stream) => Pin::new(stream).poll_flush(cx),
+            Some(wire) => wire!(wire, stream => Pin::new(stream).poll_flush(cx)),
             None => Poll::Ready(Ok(())),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match lock(&self.0).as_mut() {
-            Some(stream) => Pin::new(stream).poll_shutdown(cx),
+            Some(wire) => wire!(wire, stream => Pin::new(stream).poll_shutdown(cx)),
             None => Poll::Ready(Ok(())),
         }
     }
@@ -220,6 +270,17 @@ pub(crate) struct Pool {
     /// Every future the session runs, so that its release can wait for the last one.
     tasks: TaskTracker,
     notes: mpsc::UnboundedSender<Note>,
+    tls: Mutex<Tls>,
+}
+
+/// The session's TLS state, from its creation to its release.
+#[derive(Debug)]
+enum Tls {
+    Ready(TlsState),
+    /// The configuration could not be made: https fails with this.
+    Failed(Error),
+    /// The session is released: so is its TLS state.
+    Released,
 }
 
 impl Pool {
@@ -228,6 +289,7 @@ impl Pool {
         runtime: Handle,
         tasks: TaskTracker,
         notes: mpsc::UnboundedSender<Note>,
+        tls: Result<TlsState, Error>,
     ) -> Self {
         Self {
             tasks,
@@ -236,7 +298,43 @@ impl Pool {
             read_buffer,
             runtime,
             notes,
+            tls: Mutex::new(tls.map_or_else(Tls::Failed, Tls::Ready)),
         }
+    }
+
+    /// TLS sessions cached for resumption.
+    pub fn tls_sessions(&self) -> u32 {
+        match &*lock(&self.tls) {
+            Tls::Ready(state) => state.cached(),
+            Tls::Failed(_) | Tls::Released => 0,
+        }
+    }
+
+    /// Drop the TLS state (the client configuration and the resumption store): the session
+    /// is released, every socket closed, so nothing holds it but this.
+    pub fn release_tls(&self) {
+        let state = std::mem::replace(&mut *lock(&self.tls), Tls::Released);
+        drop(state);
+    }
+
+    /// For the suite: the session's TLS client configuration, if it has not been released.
+    #[cfg(feature = "test-util")]
+    pub fn tls_config(&self) -> Option<Arc<rustls::ClientConfig>> {
+        match &*lock(&self.tls) {
+            Tls::Ready(state) => Some(state.config().clone()),
+            Tls::Failed(_) | Tls::Released => None,
+        }
+    }
+
+    /// A TLS connection over `tcp` to `origin`, with the session's configuration.
+    async fn tls(&self, tcp: TcpStream, origin: &Origin) -> Result<TlsStream<TcpStream>, Error> {
+        // The state is cloned out of the lock: the handshake is awaited without it.
+        let config = match &*lock(&self.tls) {
+            Tls::Ready(state) => Ok(state.clone()),
+            Tls::Failed(error) => Err(error.clone()),
+            Tls::Released => Err(Error::SessionInvalidated),
+        };
+        config?.connect(tcp, &origin.host).await
     }
 
     pub fn note(&self, note: Note) {
@@ -315,10 +413,17 @@ impl Pool {
         }
     }
 
-    /// Connect to `origin` as connection `id`: the socket, registered, and its registration,
+    /// Connect to `origin` as connection `id` (TCP, and TLS over it for https): the socket,
+    /// registered, and its registration,
     /// whose owner closes it by dropping it.
     pub async fn open(&self, id: ConnId, origin: &Origin) -> Result<(Socket, Registered), Error> {
-        let socket = Socket::new(connect_tcp(origin).await?);
+        let tcp = connect_tcp(origin).await?;
+        let wire = match origin.scheme {
+            Scheme::Http | Scheme::Tcp => Wire::Tcp(tcp),
+            // Within the connect the exchange awaits, so its request timeout bounds it.
+            Scheme::Https => Wire::Tls(Box::new(self.tls(tcp, origin).await?)),
+        };
+        let socket = Socket::new(wire);
         lock(&self.sockets).insert(id, (socket.clone(), None));
         let registered = Registered {
             sockets: self.sockets.clone(),
@@ -415,7 +520,9 @@ pub(crate) async fn connect_tcp(origin: &Origin) -> Result<TcpStream, Error> {
 
 fn connect_error(origin: &Origin, error: io::Error) -> Error {
     match error.kind() {
-        io::ErrorKind::ConnectionRefused => Error::ConnectionRefused { addr: origin.key() },
+        io::ErrorKind::ConnectionRefused => Error::ConnectionRefused {
+            addr: origin.addr(),
+        },
         _ => Error::Io(Arc::new(error)),
     }
 }

@@ -19,9 +19,10 @@ use crate::delegate::{Delegate, TaskInfo};
 use crate::delivery::{self, Infos};
 use crate::driver::Driver;
 use crate::exchange::{Clock, Collected, Control, Exchange};
-use crate::pool::{Body, Note, Origin, Pool};
+use crate::pool::{Body, Note, Origin, Pool, Scheme};
 use crate::stream::StreamTask;
 use crate::task::{DataTask, DownloadTask, Task, UploadTask};
+use crate::tls::TlsState;
 use crate::websocket::{IntoWebSocketRequest, WebSocketTask};
 use crate::{Core, Error, Ledger, Route, SessionState, TaskId, TaskKind};
 
@@ -235,7 +236,13 @@ impl Session {
         let infos: Option<Infos> = delegated.then(Default::default);
         let shared = Arc::new(Shared {
             core,
-            pool: Pool::new(config.read_buffer, runtime.clone(), tasks.clone(), notes),
+            pool: Pool::new(
+                config.read_buffer,
+                runtime.clone(),
+                tasks.clone(),
+                notes,
+                TlsState::new(&config),
+            ),
             config,
             runtime: runtime.clone(),
             name: name.clone(),
@@ -309,6 +316,7 @@ impl Session {
             .build()
             .map_err(|_| invalid("bad host"))?;
         let origin = Origin {
+            scheme: Scheme::Tcp,
             host: host.to_owned(),
             port,
         };
@@ -540,7 +548,7 @@ impl Session {
 
     /// What the session holds now, by its own account.
     pub fn resources(&self) -> Ledger {
-        self.inner.shared.core.ledger()
+        self.inner.shared.resources()
     }
 
     /// The session's name, unique in the process; download temp files start with it.
@@ -550,6 +558,17 @@ impl Session {
 
     pub fn configuration(&self) -> &Configuration {
         &self.inner.shared.config
+    }
+
+    /// For the suite's witnesses: the session's TLS client configuration (which holds its
+    /// resumption store), not kept alive; `None` once the session released it.
+    #[cfg(feature = "test-util")]
+    pub fn tls_config(&self) -> Option<std::sync::Weak<rustls::ClientConfig>> {
+        self.inner
+            .shared
+            .pool
+            .tls_config()
+            .map(|config| Arc::downgrade(&config))
     }
 
     /// A view of the session that does not keep it alive: dropping every [`Session`] clone
@@ -576,6 +595,9 @@ impl Observer {
         // once the last of it has, so that no future of the session outlives the promise.
         self.shared.tasks.close();
         self.shared.tasks.wait().await;
+        // Every socket is closed and every future gone, and with them the TLS connections:
+        // the TLS state goes now, not when the driver next runs.
+        self.shared.pool.release_tls();
     }
 
     pub fn state(&self) -> SessionState {
@@ -583,7 +605,7 @@ impl Observer {
     }
 
     pub fn resources(&self) -> Ledger {
-        self.shared.core.ledger()
+        self.shared.resources()
     }
 
     /// A task's state, whether or not anyone still holds its handle.
@@ -606,6 +628,15 @@ impl Observer {
 }
 
 impl Shared {
+    /// The engine's ledger, with the TLS sessions the pool's store caches (the engine knows
+    /// nothing of TLS).
+    pub fn resources(&self) -> Ledger {
+        Ledger {
+            tls_sessions: self.pool.tls_sessions(),
+            ..self.core.ledger()
+        }
+    }
+
     /// The driver starts a task's IO: its job and its control.
     pub fn take_job(&self, task: TaskId) -> Option<(Job, watch::Receiver<Control>)> {
         let mut records = lock(&self.records);
@@ -707,16 +738,16 @@ fn prepare(
         url: uri.to_string(),
         reason: reason.into(),
     };
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
+    let (scheme, default_port) = match uri.scheme_str() {
+        Some("http") => (Scheme::Http, 80),
+        Some("https") => (Scheme::Https, 443),
+        Some(_) => return Err(invalid("the scheme must be http or https")),
+        None => {
             return Err(invalid(
-                "https is not supported: leakproof speaks HTTP/1.1 over TCP",
+                "the URL must be absolute, with http:// or https:// and a host",
             ));
         }
-        Some(_) => return Err(invalid("the scheme must be http")),
-        None => return Err(invalid("the URL must be absolute, with http:// and a host")),
-    }
+    };
     let host = uri
         .host()
         .filter(|h| !h.is_empty())
@@ -725,8 +756,9 @@ fn prepare(
         .authority()
         .map_or(Ok(None), |a| explicit_port(a.as_str()))
         .map_err(|reason| invalid(&reason))?
-        .unwrap_or(80);
+        .unwrap_or(default_port);
     let origin = Origin {
+        scheme,
         host: host
             .trim_start_matches('[')
             .trim_end_matches(']')

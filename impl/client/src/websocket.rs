@@ -66,7 +66,7 @@ const MAX_FRAME_HEADER: usize = 14;
 const MAX_CLOSE_REASON: usize = 123;
 
 /// What [`Session::websocket_task`](crate::Session::websocket_task) takes: a URL (`ws://` or
-/// `http://`; `wss://` and `https://` are refused, leakproof speaks HTTP/1.1 over TCP), or an
+/// `http://`; `wss://` or `https://` for TLS), or an
 /// `http::Request<()>` (a `GET`) to send headers of your own with the upgrade.
 pub trait IntoWebSocketRequest {
     /// The request the upgrade is made of, its URI as given.
@@ -129,14 +129,10 @@ pub(crate) fn upgrade_request(
     };
     let scheme = match uri.scheme_str() {
         Some("ws") => Some(Scheme::HTTP),
-        Some("wss") => {
-            return Err(invalid(
-                "wss is not supported: leakproof speaks HTTP/1.1 over TCP",
-            ));
-        }
+        Some("wss") => Some(Scheme::HTTPS),
         // The session's checks say what is wrong with the others.
         Some("http" | "https") | None => None,
-        Some(_) => return Err(invalid("the scheme must be ws or http")),
+        Some(_) => return Err(invalid("the scheme must be ws, wss, http or https")),
     };
     if let Some(scheme) = scheme {
         let mut parts = uri.clone().into_parts();

@@ -253,6 +253,7 @@ impl Engine {
             delegate_held: self.delegate_held,
             pending_actions: (self.actions.len() as u64 + self.taken - self.done) as u32,
             pending_callbacks: self.callbacks.len() as u32,
+            tls_sessions: 0, // the client's to fill in
         }
     }
 

@@ -27,6 +27,42 @@ impl fmt::Display for Timeout {
     }
 }
 
+/// Why a TLS handshake failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TlsFailure {
+    /// The server's certificate does not chain to a trusted root.
+    UnknownIssuer,
+    /// The server's certificate is not valid for the host the URL names.
+    NameMismatch,
+    /// The server's certificate (or one in its chain) has expired.
+    Expired,
+    /// The server's certificate (or one in its chain) is not valid yet.
+    NotYetValid,
+    /// The server's certificate is unusable otherwise (revoked, badly encoded, a bad signature,
+    /// not meant for a server).
+    BadCertificate,
+    /// The peer does not speak TLS as it should: not TLS at all, an alert, no common version or
+    /// cipher suite, a closed connection mid-handshake.
+    Protocol,
+}
+
+impl fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsFailure::UnknownIssuer => {
+                "the server's certificate is not signed by a trusted root (a private CA's root \
+                 can be added with add_root_certificate in the Configuration)"
+            }
+            TlsFailure::NameMismatch => "the server's certificate is not valid for this host",
+            TlsFailure::Expired => "the server's certificate has expired",
+            TlsFailure::NotYetValid => "the server's certificate is not valid yet",
+            TlsFailure::BadCertificate => "the server's certificate is invalid",
+            TlsFailure::Protocol => "TLS protocol error",
+        })
+    }
+}
+
 /// Every way a task or an op can fail. Cheap to clone: a completed task keeps its error and
 /// the delegate gets a copy.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -77,6 +113,12 @@ pub enum Error {
          collects in memory: raise it in the Configuration, or use download() or a data task"
     )]
     BodyTooLarge { limit: u64 },
+    #[error("TLS handshake with {host} failed: {kind}: {detail}")]
+    Tls {
+        host: String,
+        kind: TlsFailure,
+        detail: String,
+    },
     #[error("I/O error: {0}")]
     Io(Arc<io::Error>),
 }

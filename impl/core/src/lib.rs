@@ -47,7 +47,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub use engine::{Config, GOING_AWAY, NO_STATUS, SessionState, TaskState, close_code_allowed};
-pub use error::{Error, Timeout};
+pub use error::{Error, Timeout, TlsFailure};
 pub use session::{Core, Delivered, Delivery, SessionHandle, TaskHandle, session};
 
 /// A task of one session, numbered from 0 in creation order.
@@ -309,6 +309,9 @@ pub struct Ledger {
     pub pending_actions: u32,
     /// Callbacks not delivered yet.
     pub pending_callbacks: u32,
+    /// TLS sessions cached for resumption (tickets and TLS 1.2 sessions). The engine knows
+    /// nothing of TLS and leaves it 0: the client fills it in from its session's store.
+    pub tls_sessions: u32,
 }
 
 impl Ledger {
