@@ -109,9 +109,16 @@ pub fn disposition_for(kinds: &[TaskKind]) -> impl Strategy<Value = Disposition>
     )
 }
 
-/// A body chunk or a websocket message: small ones, and ones up to 64 KiB.
+/// A body chunk or a websocket message: small ones, ones up to 64 KiB, and now and then one of
+/// several windows.
 pub fn body_bytes() -> impl Strategy<Value = u32> + Clone {
-    prop_oneof![1u32..=16, 1u32..=65_536]
+    prop_oneof![
+        4 => 1u32..=16,
+        4 => 1u32..=65_536,
+        // Several of a delegate's windows (48 KiB queued for it) at once: the IO reports what
+        // the window has room for and the rest waits in the network (R6).
+        1 => 65_537u32..=262_144,
+    ]
 }
 
 /// A stream's bytes from the server, for a window of `read_ahead` bytes: a few, up to a
