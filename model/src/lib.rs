@@ -64,6 +64,11 @@
 //!   0)` takes everything held ([`Returned::Read`], [`Returned::Eof`]), `receive` takes the
 //!   held message if there is one ([`Returned::Received`]). Ops on a completed or closing task
 //!   fail at once ([`Refusal::Closed`]).
+//! - A session's `per_host` ([`Op::CreateSession`]) bounds its HTTP exchanges' connections,
+//!   busy and pooled: a resumed data, download or upload task takes a pooled connection, else
+//!   a new one within the bound, else waits its turn ([`Exchange::AwaitingConnection`]) with
+//!   its timers running; suspending it gives up its place. A stream, a websocket and a
+//!   response made a stream have connections of their own, outside the bound.
 //! - A peer's close completes the websocket at once, once read; a message not yet received
 //!   goes with the task (R5), and `receive` then fails.
 //!
@@ -82,7 +87,7 @@
 //! | R9 | the shared session ignores invalidation; idle connections still expire | `Model::finish_tasks_and_invalidate`, `Model::invalidate_and_cancel`, `Op::IdleTimeoutPasses` |
 //! | R10 | the last session handle dropped is finish_tasks_and_invalidate; unreachable suspended tasks are cancelled | `Op::DropSession` and `Op::DropTask` in [`Model::apply`] |
 //! | R11 | a websocket close completes within the close timeout | `Model::close_websocket` makes the task `Canceling`, where [`Task::armed`] arms [`Timer::Close`]; `Model::pump` completes it on the peer's close, `Op::TimePasses` at the deadline |
-//! | R12 | timeouts and network errors end a task with a typed outcome and release as R5 | `Op::TimePasses`, `Model::read` for faults, both through `Model::complete` |
+//! | R12 | timeouts and network errors end a task with a typed outcome and release as R5; a task's timers run while it waits for one of its host's connection slots | `Op::TimePasses`, `Model::read` for faults, both through `Model::complete`; `Exchange::AwaitingConnection` arms both timers ([`Task::timers_armed`]); `Model::admit` starts waiters as connections are released; [`rules::check_model`] checks the per-host bound |
 
 mod alphabet;
 mod machine;
