@@ -383,12 +383,21 @@ impl Session {
             | Job::Stream { origin }
             | Job::WebSocket { origin, .. } => origin.key(),
         };
+        // The delegate's view of the task is in place before the engine lets anyone else see
+        // the task: a concurrent invalidate_and_cancel may queue its did_complete at once, and
+        // the delivery, which looks the task up under this lock, must find it (R1). (Lock
+        // order: the infos, then the engine's; nothing takes them the other way round.)
+        let mut infos = shared.infos.as_ref().map(|infos| lock(infos));
         // R8: refused here, and whatever was built is dropped.
         let handle = self
             .inner
             .handle
             .create_task(kind, &origin, Route::Delegate)?;
         let id = handle.id();
+        if let Some(infos) = &mut infos {
+            infos.insert(id, Arc::new(TaskInfo { id, ..info }));
+        }
+        drop(infos);
         let (control, _) = watch::channel(Control::default());
         lock(&shared.records).insert(
             id,
@@ -397,9 +406,6 @@ impl Session {
                 control,
             },
         );
-        if let Some(infos) = &shared.infos {
-            lock(infos).insert(id, Arc::new(TaskInfo { id, ..info }));
-        }
         Ok(Task::new(handle, shared.clone()))
     }
 
