@@ -146,6 +146,9 @@ impl Driver {
                 // Every kind of IO races its awaits with the control: an exchange, a stream,
                 // a websocket (R11: a close that timed out ends here, its socket closed).
                 shared.control(task, |c| c.aborted = true);
+                // Its job goes now: a task that never started has nothing else to drop it
+                // (R5); a running IO has seen the abort and keeps its own copy of the control.
+                shared.forget(task);
                 if let Some(conn) = conn {
                     // Closed here, not when the IO next runs: did_complete, which waits for
                     // this action, finds the socket closed (R5).

@@ -917,8 +917,10 @@ impl Engine {
         }
         self.wake_later.extend(cell.start_waker);
         // The IO that ended the task closes its own connection (or pooled it in body_end);
-        // any other ending must abort the IO, which closes the connection it holds.
-        if started && ended_by == EndedBy::Other {
+        // any other ending must abort the IO, which closes the connection it holds. A
+        // delegate task that never started is aborted too: the driver drops the job it would
+        // have started (a resumed task waiting for a slot holds its request and body there).
+        if ended_by == EndedBy::Other && (started || cell.route == Route::Delegate) {
             self.actions.push_back(Action::Abort {
                 task,
                 conn: cell.conn,

@@ -164,7 +164,8 @@ pub enum Action {
     /// [`Core::poll_intake`] and [`Core::stream_data`] (R6).
     ReadStream { task: TaskId },
     /// Tear the task's IO down; the connection it holds (or has parked, see
-    /// [`Core::body_end`]) is closed, not pooled (R5).
+    /// [`Core::body_end`]) is closed, not pooled (R5). For a task whose IO never started,
+    /// drop the job it would have started.
     Abort { task: TaskId, conn: Option<ConnId> },
     /// Close an idle connection (the session's pool is closing, R4).
     Close { conn: ConnId },
