@@ -87,6 +87,13 @@ impl StreamTask {
         self.handle().cancel();
     }
 
+    /// The task's result once it is `Completed` (both halves closed, cancelled or failed): the
+    /// one the delegate's `did_complete` gets. Awaiting it keeps nothing alive; it may be
+    /// awaited after completion, and from several places at once.
+    pub async fn result(&self) -> Result<(), Error> {
+        poll_fn(|cx| self.handle().poll_result(cx)).await
+    }
+
     /// Read between `min` and `max` bytes: `Some(bytes)` (empty only if `min` is 0 and nothing
     /// was there), `None` at the end of the stream. A `min` larger than the stream's queue can
     /// hold is lowered to it. Fails at once after [`close_read`](Self::close_read) or once the

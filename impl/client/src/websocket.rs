@@ -219,6 +219,14 @@ impl WebSocketTask {
         self.handle().cancel();
     }
 
+    /// The task's result once it is `Completed` (the close handshake done, timed out, or the
+    /// websocket failed or was cancelled): the one the delegate's `did_complete` gets.
+    /// Awaiting it keeps nothing alive; it may be awaited after completion, and from several
+    /// places at once.
+    pub async fn result(&self) -> Result<(), Error> {
+        poll_fn(|cx| self.handle().poll_result(cx)).await
+    }
+
     /// Send `message` once the write buffer has room (before the websocket opens, it waits
     /// for it). A message larger than the configuration's `max_message_size` is refused with
     /// [`Error::WebSocketProtocol`], and the websocket goes on. Fails once the close began or

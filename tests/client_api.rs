@@ -1,0 +1,210 @@
+//! The client in the async ecosystem, against the stage: a task's result awaited without a
+//! delegate, and kept only while a handle to the task exists (R5, R10). Every wait is bounded;
+//! no assertion is about speed.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use leakproof::{Configuration, Delegate, Error, Session, TaskId, TaskInfo, TaskState, UploadBody};
+use leakproof_check::scenario::{PATIENCE, bounded, eventually};
+use leakproof_check::stage::{RawScript, Stage};
+
+fn get(url: String) -> http::Request<()> {
+    http::Request::get(url).body(()).unwrap()
+}
+
+fn plain() -> Session {
+    Session::new(Configuration::default(), None)
+}
+
+/// Records what `did_complete` got, per task.
+#[derive(Default)]
+struct Completions(Mutex<Vec<(TaskId, Result<(), Error>)>>);
+
+impl Delegate for Completions {
+    fn did_complete(&self, task: &TaskInfo, result: Result<(), Error>) {
+        self.0.lock().unwrap().push((task.id, result));
+    }
+}
+
+impl Completions {
+    fn of(&self, task: TaskId) -> Option<Result<(), Error>> {
+        let heard = self.0.lock().unwrap();
+        heard
+            .iter()
+            .find(|(t, _)| *t == task)
+            .map(|(_, r)| r.clone())
+    }
+}
+
+#[tokio::test]
+async fn each_kind_of_http_task_can_be_awaited_for_its_result_without_a_delegate() {
+    let stage = Stage::start().await.unwrap();
+    let session = plain();
+    let data = session.data_task(get(stage.url("/bytes/1000"))).unwrap();
+    let download = session
+        .download_task(get(stage.url("/bytes/70000")))
+        .unwrap();
+    let upload = session
+        .upload_task(
+            http::Request::post(stage.url("/bytes/10"))
+                .body(())
+                .unwrap(),
+            UploadBody::Bytes(Bytes::from_static(b"leakproof")),
+        )
+        .unwrap();
+    data.resume();
+    download.resume();
+    upload.resume();
+    bounded("data", data.result()).await.unwrap();
+    bounded("download", download.result()).await.unwrap();
+    bounded("upload", upload.result()).await.unwrap();
+    assert_eq!(data.state(), TaskState::Completed);
+    // Asked again after completion: the same result, at once.
+    bounded("data again", data.result()).await.unwrap();
+    assert!(stage.request_body_bytes() >= 9);
+}
+
+#[tokio::test]
+async fn a_failed_or_cancelled_task_resolves_with_its_error() {
+    let stage = Stage::start().await.unwrap();
+    let session = plain();
+    let reset = session
+        .data_task(get(stage.url("/bytes/1000?reset_after=10")))
+        .unwrap();
+    reset.resume();
+    let error = bounded("reset", reset.result()).await.unwrap_err();
+    assert!(matches!(error, Error::ConnectionReset), "{error}");
+
+    let stalled = session
+        .data_task(get(stage.url("/bytes/1000?stall_headers=1")))
+        .unwrap();
+    stalled.resume();
+    let (result, ()) = tokio::join!(bounded("stalled", stalled.result()), async {
+        assert!(stage.wait_until(|s| s.requests() >= 2, PATIENCE).await);
+        stalled.cancel();
+    });
+    assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
+    assert!(
+        stage.wait_all_closed(PATIENCE).await,
+        "the sockets are closed"
+    );
+}
+
+#[tokio::test]
+async fn the_result_is_the_one_did_complete_gets() {
+    let stage = Stage::start().await.unwrap();
+    let delegate = Arc::new(Completions::default());
+    let session = Session::new(Configuration::default(), Some(delegate.clone()));
+    let ok = session.data_task(get(stage.url("/bytes/100"))).unwrap();
+    let failed = session
+        .data_task(get(stage.url("/bytes/100?close_after=10")))
+        .unwrap();
+    ok.resume();
+    failed.resume();
+    bounded("ok", ok.result()).await.unwrap();
+    let error = bounded("failed", failed.result()).await.unwrap_err();
+    // did_complete is delivered on the delegate's thread, after the task completed.
+    eventually("did_complete", || delegate.of(failed.id()).is_some()).await;
+    assert!(delegate.of(ok.id()).unwrap().is_ok());
+    let heard = delegate.of(failed.id()).unwrap().unwrap_err();
+    assert_eq!(heard.to_string(), error.to_string());
+}
+
+#[tokio::test]
+async fn two_waiters_on_one_task_both_wake_when_it_completes() {
+    let stage = Stage::start().await.unwrap();
+    let session = plain();
+    let task = session.data_task(get(stage.url("/hold/two"))).unwrap();
+    task.resume();
+    let held = stage.held("two", PATIENCE).await.expect("the request came");
+    let (first, second, ()) = tokio::join!(
+        bounded("first", task.result()),
+        bounded("second", task.result()),
+        async {
+            // Both wait on a task that is still running.
+            tokio::task::yield_now().await;
+            assert_eq!(task.state(), TaskState::Running);
+            held.head(200, false, Some(5)).await.unwrap();
+            held.send(5).await.unwrap();
+            held.end().await.unwrap();
+        }
+    );
+    first.unwrap();
+    second.unwrap();
+}
+
+#[tokio::test]
+async fn awaiting_a_suspended_task_does_not_resume_it_and_dropping_it_still_cancels_it() {
+    let stage = Stage::start().await.unwrap();
+    let session = plain();
+    let task = session.data_task(get(stage.url("/bytes/10"))).unwrap();
+    // Nothing resumes it: the wait can only end by the bound.
+    let waited = tokio::time::timeout(Duration::from_millis(50), task.result()).await;
+    assert!(
+        waited.is_err(),
+        "a suspended task has no result: {waited:?}"
+    );
+    assert_eq!(task.state(), TaskState::Suspended);
+    drop(task);
+    // R10: its handle gone, nothing could resume it: cancelled, nothing kept.
+    assert_eq!(session.resources().live_tasks, 0);
+    assert_eq!(session.kept_results(), 0);
+    assert_eq!(stage.accepted(), 0, "the request was never sent");
+}
+
+#[tokio::test]
+async fn a_completed_task_keeps_its_result_only_while_a_handle_exists() {
+    const TASKS: usize = 200;
+    let stage = Stage::start().await.unwrap();
+    let shared = Session::shared();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| shared.data_task(get(stage.url("/bytes/10"))).unwrap())
+        .collect();
+    for task in &tasks {
+        task.resume();
+    }
+    for task in &tasks {
+        bounded("result", task.result()).await.unwrap();
+    }
+    // One small result each, for handles still held (other tests of this binary do not use
+    // the shared session).
+    assert_eq!(shared.kept_results(), TASKS);
+    assert_eq!(shared.resources().live_tasks, 0);
+    drop(tasks);
+    assert_eq!(
+        shared.kept_results(),
+        0,
+        "R5: nothing kept once handles are gone"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_resolves_once_both_halves_are_closed_and_a_websocket_once_closed() {
+    let stage = Stage::start().await.unwrap();
+    let session = plain();
+    let addr = stage.listen_raw(RawScript::echo()).await.unwrap();
+    let stream = session.stream_task("127.0.0.1", addr.port()).unwrap();
+    stream.resume();
+    bounded("write", stream.write(b"ping", PATIENCE))
+        .await
+        .unwrap();
+    let echoed = bounded("read", stream.read(4, 4, PATIENCE)).await.unwrap();
+    assert_eq!(echoed.as_deref(), Some(&b"ping"[..]));
+    stream.close_write();
+    stream.close_read();
+    bounded("stream", stream.result()).await.unwrap();
+
+    let ws = session
+        .websocket_task(stage.ws_url("/ws/echo"), &[])
+        .unwrap();
+    ws.resume();
+    let (result, ()) = tokio::join!(bounded("websocket", ws.result()), async {
+        bounded("ping", ws.ping()).await.unwrap();
+        ws.cancel_with(1000, "done");
+    });
+    result.unwrap();
+    assert_eq!(ws.state(), TaskState::Completed);
+}
