@@ -7,7 +7,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use leakproof::{Configuration, Delegate, Error, Session, TaskId, TaskInfo, TaskState, UploadBody};
+use leakproof::{
+    Configuration, Delegate, Error, Message, Session, TaskId, TaskInfo, TaskState, UploadBody,
+};
 use leakproof_check::scenario::{PATIENCE, bounded, eventually};
 use leakproof_check::stage::{RawScript, Stage};
 
@@ -207,4 +209,25 @@ async fn a_stream_resolves_once_both_halves_are_closed_and_a_websocket_once_clos
     });
     result.unwrap();
     assert_eq!(ws.state(), TaskState::Completed);
+}
+
+#[tokio::test]
+async fn a_close_code_no_close_frame_may_carry_is_refused_and_never_sent() {
+    let stage = Stage::start().await.unwrap();
+    let session = plain();
+    let ws = session
+        .websocket_task(stage.ws_url("/ws/echo"), &[])
+        .unwrap();
+    ws.resume();
+    bounded("ping", ws.ping()).await.unwrap();
+    for code in [0, 999, 1004, 1005, 1006, 1014, 1015, 2999, 5000, u16::MAX] {
+        ws.cancel_with(code, "not on the wire");
+        assert_eq!(ws.state(), TaskState::Running, "{code}: the close began");
+        assert_eq!(ws.close_code(), None, "{code}");
+    }
+    // Still open both ways, and the stage saw no close frame.
+    let message = Message::Text("still open".into());
+    bounded("send", ws.send(message.clone())).await.unwrap();
+    assert_eq!(bounded("receive", ws.receive()).await.unwrap(), message);
+    assert_eq!(stage.ws_close_frames_received(), 0);
 }
