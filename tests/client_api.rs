@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use leakproof::{
-    Configuration, Delegate, Error, Message, Session, TaskId, TaskInfo, TaskState, UploadBody,
+    CloseCode, Configuration, Delegate, Error, Message, Session, TaskId, TaskInfo, TaskState,
+    UploadBody,
 };
 use leakproof_check::scenario::{PATIENCE, bounded, eventually};
 use leakproof_check::stage::{RawScript, Stage};
@@ -205,7 +206,7 @@ async fn a_stream_resolves_once_both_halves_are_closed_and_a_websocket_once_clos
     ws.resume();
     let (result, ()) = tokio::join!(bounded("websocket", ws.result()), async {
         bounded("ping", ws.ping()).await.unwrap();
-        ws.cancel_with(1000, "done");
+        ws.cancel_with(CloseCode::NORMAL, "done").unwrap();
     });
     result.unwrap();
     assert_eq!(ws.state(), TaskState::Completed);
@@ -221,7 +222,12 @@ async fn a_close_code_no_close_frame_may_carry_is_refused_and_never_sent() {
     ws.resume();
     bounded("ping", ws.ping()).await.unwrap();
     for code in [0, 999, 1004, 1005, 1006, 1014, 1015, 2999, 5000, u16::MAX] {
-        ws.cancel_with(code, "not on the wire");
+        let refused = ws.cancel_with(code, "not on the wire").unwrap_err();
+        assert!(
+            matches!(refused, Error::InvalidCloseCode(c) if c == code),
+            "{code}: {refused}"
+        );
+        assert!(refused.to_string().contains(&code.to_string()), "{refused}");
         assert_eq!(ws.state(), TaskState::Running, "{code}: the close began");
         assert_eq!(ws.close_code(), None, "{code}");
     }
@@ -230,4 +236,9 @@ async fn a_close_code_no_close_frame_may_carry_is_refused_and_never_sent() {
     bounded("send", ws.send(message.clone())).await.unwrap();
     assert_eq!(bounded("receive", ws.receive()).await.unwrap(), message);
     assert_eq!(stage.ws_close_frames_received(), 0);
+    // A code that may be sent closes it, as before.
+    ws.cancel_with(CloseCode::from(4001), "done").unwrap();
+    assert_eq!(ws.close_code(), Some(CloseCode::from(4001)));
+    bounded("closed", ws.result()).await.unwrap();
+    assert_eq!(stage.ws_close_frames_received(), 1);
 }

@@ -32,6 +32,7 @@
 //! # Ok(()) }
 //! ```
 
+mod close;
 mod config;
 mod delegate;
 mod delivery;
@@ -44,6 +45,7 @@ mod task;
 mod tls;
 mod websocket;
 
+pub use close::CloseCode;
 pub use config::{Configuration, ConfigurationBuilder};
 pub use delegate::{Delegate, TaskInfo};
 pub use leakproof_core::{

@@ -266,18 +266,31 @@ impl WebSocketTask {
     /// Begin the close handshake with `code` and `reason` (cut to 123 bytes, a close frame's
     /// room): messages still arriving are dropped, and the task completes when the peer's close
     /// frame arrives, or with [`Error::TimedOut`]`(Close)` after the close timeout, then the
-    /// socket is closed (R11). A websocket not open yet is cancelled.
-    pub fn cancel_with(&self, code: u16, reason: &str) {
+    /// socket is closed (R11). A websocket not open yet is cancelled; one already closing or
+    /// over is left as it is.
+    ///
+    /// A code no close frame may carry ([`CloseCode::is_allowed`]: 1005, 1006, below 1000...)
+    /// is refused with [`Error::InvalidCloseCode`], and the websocket goes on untouched.
+    pub fn cancel_with(
+        &self,
+        code: impl Into<crate::CloseCode>,
+        reason: &str,
+    ) -> Result<(), Error> {
+        let code = code.into();
+        if !code.is_allowed() {
+            return Err(Error::InvalidCloseCode(code.get()));
+        }
         let mut end = reason.len().min(MAX_CLOSE_REASON);
         while !reason.is_char_boundary(end) {
             end -= 1;
         }
-        self.handle().cancel_with(code, &reason[..end]);
+        self.handle().cancel_with(code.get(), &reason[..end]);
+        Ok(())
     }
 
     /// The close code: the peer's once its close frame arrived, ours while it is awaited.
-    pub fn close_code(&self) -> Option<u16> {
-        self.handle().close_frame().map(|(code, _)| code)
+    pub fn close_code(&self) -> Option<crate::CloseCode> {
+        self.handle().close_frame().map(|(code, _)| code.into())
     }
 
     /// The close reason, as [`close_code`](Self::close_code).
