@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
 use leakproof::{
     CloseCode, Configuration, Delegate, Error, Message, Session, TaskId, TaskInfo, TaskState,
     UploadBody,
@@ -241,4 +242,146 @@ async fn a_close_code_no_close_frame_may_carry_is_refused_and_never_sent() {
     assert_eq!(ws.close_code(), Some(CloseCode::from(4001)));
     bounded("closed", ws.result()).await.unwrap();
     assert_eq!(stage.ws_close_frames_received(), 1);
+}
+
+// ---- the websocket as a Stream and a Sink ----
+
+#[tokio::test]
+async fn a_websocket_is_a_stream_of_messages_and_a_sink_whose_close_is_the_handshake() {
+    let stage = Stage::start().await.unwrap();
+    let session = plain();
+    let mut ws = session
+        .websocket_task(stage.ws_url("/ws/echo"), &[])
+        .unwrap();
+    ws.resume();
+    let one = Message::Text("one".into());
+    bounded("sink send", SinkExt::send(&mut ws, one.clone()))
+        .await
+        .unwrap();
+    assert_eq!(bounded("next", ws.next()).await.unwrap().unwrap(), one);
+    let many: Vec<Message> = (0..3)
+        .map(|i| Message::Binary(vec![i; 10].into()))
+        .collect();
+    let mut outgoing = futures_util::stream::iter(many.clone().into_iter().map(Ok));
+    bounded("send_all", ws.send_all(&mut outgoing))
+        .await
+        .unwrap();
+    for expected in &many {
+        assert_eq!(
+            &bounded("next", ws.next()).await.unwrap().unwrap(),
+            expected
+        );
+    }
+    // The sink's close is the close handshake with 1000, done when the peer answered.
+    bounded("close", SinkExt::close(&mut ws)).await.unwrap();
+    assert_eq!(ws.state(), TaskState::Completed);
+    assert_eq!(ws.close_code(), Some(CloseCode::NORMAL));
+    assert!(
+        bounded("next", ws.next()).await.is_none(),
+        "closed: no more"
+    );
+    assert_eq!(stage.ws_close_frames_received(), 1);
+    assert_eq!(stage.ws_messages_received(), 4);
+    bounded("result", ws.result()).await.unwrap();
+    assert!(stage.wait_all_closed(PATIENCE).await);
+}
+
+#[tokio::test]
+async fn the_message_stream_ends_at_the_peers_close_and_yields_a_failure_once() {
+    let stage = Stage::start().await.unwrap();
+    let session = plain();
+    let mut closed = session
+        .websocket_task(stage.ws_url("/ws/hold/closes"), &[])
+        .unwrap();
+    closed.resume();
+    let held = stage.held_ws("closes", PATIENCE).await.unwrap();
+    held.send_text("last words").await.unwrap();
+    held.close(4001, "bye").await.unwrap();
+    let first = bounded("next", closed.next()).await.unwrap().unwrap();
+    assert_eq!(first, Message::Text("last words".into()));
+    assert!(bounded("next", closed.next()).await.is_none());
+    assert!(bounded("next again", closed.next()).await.is_none());
+    bounded("result", closed.result()).await.unwrap();
+    assert_eq!(closed.close_code(), Some(CloseCode::from(4001)));
+
+    let mut dropped = session
+        .websocket_task(stage.ws_url("/ws/hold/drops"), &[])
+        .unwrap();
+    dropped.resume();
+    let held = stage.held_ws("drops", PATIENCE).await.unwrap();
+    held.reset().await.unwrap();
+    let failed = bounded("next", dropped.next()).await.unwrap();
+    let error = failed.unwrap_err();
+    assert!(!matches!(error, Error::Closed(_)), "{error}");
+    assert!(bounded("next again", dropped.next()).await.is_none());
+    let result = bounded("result", dropped.result()).await.unwrap_err();
+    assert_eq!(result.to_string(), error.to_string());
+}
+
+#[tokio::test]
+async fn split_halves_send_and_receive_concurrently_and_the_sinks_close_keeps_our_code() {
+    let stage = Stage::start().await.unwrap();
+    let session = plain();
+    let ws = session
+        .websocket_task(stage.ws_url("/ws/echo"), &[])
+        .unwrap();
+    ws.resume();
+    let (mut sink, mut stream) = ws.split();
+    let messages: Vec<Message> = (0..20).map(|i| Message::Text(format!("{i}"))).collect();
+    let sent = messages.clone();
+    let (sent, received) = tokio::join!(
+        bounded("send", async move {
+            for message in sent {
+                sink.send(message).await?;
+            }
+            Ok::<_, Error>(sink)
+        }),
+        bounded("receive", async {
+            let mut received = Vec::new();
+            while received.len() < 20 {
+                received.push(stream.next().await.unwrap().unwrap());
+            }
+            received
+        })
+    );
+    assert_eq!(received, messages);
+    let sink = sent.unwrap();
+    let ws = sink.reunite(stream).unwrap();
+    // A code of our own first: the sink's close keeps the handshake under way.
+    ws.cancel_with(CloseCode::GOING_AWAY, "leaving").unwrap();
+    let (mut sink, mut stream) = ws.split();
+    bounded("close", sink.close()).await.unwrap();
+    assert!(bounded("next", stream.next()).await.is_none());
+    let ws = sink.reunite(stream).unwrap();
+    assert_eq!(ws.close_code(), Some(CloseCode::GOING_AWAY));
+}
+
+#[tokio::test]
+async fn the_sink_refuses_a_message_too_large_and_the_websocket_goes_on() {
+    let stage = Stage::start().await.unwrap();
+    let config = Configuration::builder()
+        .max_message_size(1024)
+        .build()
+        .unwrap();
+    let session = Session::new(config, None);
+    let mut ws = session
+        .websocket_task(stage.ws_url("/ws/echo"), &[])
+        .unwrap();
+    ws.resume();
+    let large = Message::Binary(vec![0; 2048].into());
+    let refused = bounded("send", SinkExt::send(&mut ws, large)).await;
+    assert!(
+        matches!(refused, Err(Error::WebSocketProtocol(_))),
+        "{refused:?}"
+    );
+    let small = Message::Text("small".into());
+    bounded("send", SinkExt::send(&mut ws, small.clone()))
+        .await
+        .unwrap();
+    assert_eq!(bounded("next", ws.next()).await.unwrap().unwrap(), small);
+    // Closing a websocket that is already over reports how it ended.
+    ws.cancel();
+    let closed = bounded("close", SinkExt::close(&mut ws)).await;
+    assert!(matches!(closed, Err(Error::Cancelled)), "{closed:?}");
+    assert!(bounded("next", ws.next()).await.unwrap().is_err());
 }
