@@ -385,3 +385,37 @@ async fn the_sink_refuses_a_message_too_large_and_the_websocket_goes_on() {
     assert!(matches!(closed, Err(Error::Cancelled)), "{closed:?}");
     assert!(bounded("next", ws.next()).await.unwrap().is_err());
 }
+
+// ---- stream reads and writes without a timeout of their own ----
+
+#[tokio::test]
+async fn untimed_stream_reads_and_writes_compose_with_tokio_timeout() {
+    let stage = Stage::start().await.unwrap();
+    let session = plain();
+    let addr = stage.listen_raw(RawScript::hold("untimed")).await.unwrap();
+    let stream = session.stream_task("127.0.0.1", addr.port()).unwrap();
+    stream.resume();
+    let held = stage.held_raw("untimed", PATIENCE).await.unwrap();
+    // Nothing was sent: the caller's own bound ends the wait, and the task goes on.
+    let waited = tokio::time::timeout(Duration::from_millis(50), stream.read_some(1, 64)).await;
+    assert!(waited.is_err(), "nothing to read: {waited:?}");
+    assert_eq!(stream.state(), TaskState::Running);
+    held.send(9).await.unwrap();
+    let read = bounded("read_some", stream.read_some(9, 9)).await.unwrap();
+    assert_eq!(read.as_deref(), Some(&leakproof_check::stage::body(9)[..]));
+
+    bounded("write_all", stream.write_all(b"hello"))
+        .await
+        .unwrap();
+    bounded("flushed", stream.flushed()).await.unwrap();
+    assert!(held.wait_received(5, PATIENCE).await);
+    assert_eq!(held.received(), b"hello");
+
+    held.end().await.unwrap();
+    assert_eq!(bounded("end", stream.read_some(1, 64)).await.unwrap(), None);
+    stream.close_write();
+    bounded("result", stream.result()).await.unwrap();
+    let over = bounded("read_some", stream.read_some(1, 64)).await;
+    assert!(over.is_err(), "{over:?}");
+    assert!(stage.wait_all_closed(PATIENCE).await);
+}
