@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use leakproof::{
-    CloseCode, Configuration, Delegate, Error, Message, Session, TaskId, TaskInfo, TaskState,
-    UploadBody,
+    CloseCode, Configuration, Delegate, Disposition, Error, Message, Session, StreamTask, TaskId,
+    TaskInfo, TaskState, UploadBody,
 };
 use leakproof_check::scenario::{PATIENCE, bounded, eventually};
 use leakproof_check::stage::{RawScript, Stage};
@@ -417,5 +417,55 @@ async fn untimed_stream_reads_and_writes_compose_with_tokio_timeout() {
     bounded("result", stream.result()).await.unwrap();
     let over = bounded("read_some", stream.read_some(1, 64)).await;
     assert!(over.is_err(), "{over:?}");
+    assert!(stage.wait_all_closed(PATIENCE).await);
+}
+
+/// Turns every response into a stream and keeps the stream's handle.
+#[derive(Default)]
+struct Streams(Mutex<Option<StreamTask>>);
+
+impl Delegate for Streams {
+    fn did_receive_response(&self, _: &TaskInfo, _: &http::Response<()>) -> Disposition {
+        Disposition::BecomeStream
+    }
+
+    fn did_become_stream(&self, _: &TaskInfo, stream: StreamTask) {
+        *self.0.lock().unwrap() = Some(stream);
+    }
+}
+
+#[tokio::test]
+async fn a_result_two_handles_share_is_kept_until_the_last_one_goes() {
+    let stage = Stage::start().await.unwrap();
+    let delegate = Arc::new(Streams::default());
+    let session = Session::new(Configuration::default(), Some(delegate.clone()));
+    let task = session.data_task(get(stage.url("/bytes/100"))).unwrap();
+    task.resume();
+    eventually("did_become_stream", || delegate.0.lock().unwrap().is_some()).await;
+    let stream = delegate.0.lock().unwrap().take().unwrap();
+    let mut read = 0;
+    while let Some(bytes) = bounded("read", stream.read_some(1, 64)).await.unwrap() {
+        read += bytes.len();
+    }
+    assert_eq!(read, 100);
+    // The end read, and a response's stream has no write half: completed, both handles see it.
+    bounded("the data task's result", task.result())
+        .await
+        .unwrap();
+    bounded("the stream's result", stream.result())
+        .await
+        .unwrap();
+    assert_eq!(session.kept_results(), 1);
+    drop(task);
+    assert_eq!(
+        session.kept_results(),
+        1,
+        "the stream's handle still holds it"
+    );
+    bounded("the stream's result", stream.result())
+        .await
+        .unwrap();
+    drop(stream);
+    assert_eq!(session.kept_results(), 0);
     assert!(stage.wait_all_closed(PATIENCE).await);
 }

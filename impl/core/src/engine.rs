@@ -547,10 +547,15 @@ impl Engine {
         )
     }
 
-    /// How many completed tasks' results, ends and outcomes the engine keeps for handles
-    /// still held: none once every handle to a completed task is gone (R5).
+    /// How many completed tasks the engine keeps something of (a result, a stream's end, a
+    /// handler's outcome) for handles still held: none once every handle to a completed task
+    /// is gone (R5).
     pub(crate) fn kept(&self) -> usize {
-        self.results.len() + self.ends.len() + self.outcomes.len()
+        let kept: std::collections::BTreeSet<&TaskId> = (self.results.keys())
+            .chain(self.ends.keys())
+            .chain(self.outcomes.keys())
+            .collect();
+        kept.len()
     }
 
     pub(crate) fn task_handle_dropped(&mut self, task: TaskId) {

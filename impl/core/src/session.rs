@@ -98,8 +98,9 @@ impl Core {
         self.read(Engine::ledger)
     }
 
-    /// How many completed tasks' results (and streams' ends, handlers' outcomes) the engine
-    /// keeps because a handle to them is still held; 0 once every such handle is gone (R5).
+    /// How many completed tasks the engine keeps something of (their result, a stream's end, a
+    /// handler's outcome) because a handle to them is still held; 0 once every such handle is
+    /// gone (R5).
     pub fn kept_results(&self) -> usize {
         self.read(Engine::kept)
     }
