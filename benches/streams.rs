@@ -260,7 +260,7 @@ impl Echoes {
     /// Both close handshakes: leakproof's is bounded by its close timeout; tungstenite's is
     /// awaited here, bounded by [`LIMIT`].
     async fn close(&self) {
-        self.leakproof.cancel_with(1000, "bench over");
+        let _ = self.leakproof.cancel_with(1000, "bench over");
         let mut ws = self.tungstenite.lock().await;
         timeout(LIMIT, async {
             ws.close(None).await.expect("tungstenite close");

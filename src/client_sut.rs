@@ -118,7 +118,7 @@ impl Delegate for Listener {
         self.hear(task, |task| Callback::Open { task });
     }
 
-    fn did_close(&self, task: &TaskInfo, _: u16, _: &str) {
+    fn did_close(&self, task: &TaskInfo, _: leakproof::CloseCode, _: &str) {
         self.hear(task, |task| Callback::Close { task });
     }
 
@@ -311,7 +311,10 @@ impl ClientWorld {
                 }
                 Err(error) => return (Some(refusal(&error)), None),
             },
-            Op::CloseWith(t) => self.websocket(t).cancel_with(1001, "going away"),
+            Op::CloseWith(t) => self
+                .websocket(t)
+                .cancel_with(1001, "going away")
+                .expect("1001 may be sent"),
             Op::ServerAnswersUpgrade { task, accept } => {
                 let upgraded = runtime.block_on(self.server(task, |held| async move {
                     if accept {

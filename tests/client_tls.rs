@@ -82,7 +82,7 @@ async fn a_wss_websocket_echoes_over_tls() {
         bounded("send", ws.send(message.clone())).await.unwrap();
         assert_eq!(bounded("receive", ws.receive()).await.unwrap(), message);
     }
-    ws.cancel_with(1000, "done");
+    ws.cancel_with(1000, "done").unwrap();
     assert_eq!(stage.ws_upgrades(), 1);
     teardown(session, &stage).await;
 }

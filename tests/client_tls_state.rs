@@ -61,7 +61,7 @@ async fn the_tls_state_is_dropped_once_invalidated_resolves() {
             session.invalidate_and_cancel();
         } else {
             stalled.cancel();
-            ws.cancel_with(1000, "done");
+            ws.cancel_with(1000, "done").unwrap();
             session.finish_tasks_and_invalidate();
         }
         bounded("invalidated", session.invalidated()).await;

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use leakproof::{
-    Configuration, Delegate, Error, Message, Session, SessionState, TaskId, TaskInfo, TaskKind,
-    TaskState, Timeout, WebSocketTask,
+    CloseCode, Configuration, Delegate, Error, Message, Session, SessionState, TaskId, TaskInfo,
+    TaskKind, TaskState, Timeout, WebSocketTask,
 };
 use leakproof_check::stage::{self, Stage, WsMessage};
 
@@ -39,8 +39,8 @@ impl Delegate for Recorder {
             .push((task.id, Heard::Open(protocol)));
     }
 
-    fn did_close(&self, task: &TaskInfo, code: u16, reason: &str) {
-        let heard = Heard::Close(code, reason.to_owned());
+    fn did_close(&self, task: &TaskInfo, code: CloseCode, reason: &str) {
+        let heard = Heard::Close(code.get(), reason.to_owned());
         self.heard.lock().unwrap().push((task.id, heard));
     }
 
@@ -132,8 +132,8 @@ async fn a_websocket_echoes_messages_and_pings_then_closes_with_our_code() {
     bounded("ping", ws.ping()).await.unwrap();
     assert_eq!(ws.try_receive().unwrap(), None);
 
-    ws.cancel_with(1000, "done");
-    assert_eq!(ws.close_code(), Some(1000));
+    ws.cancel_with(1000, "done").unwrap();
+    assert_eq!(ws.close_code(), Some(CloseCode::from(1000)));
     let heard = delegate.completed(ws.id()).await;
     assert!(
         matches!(
@@ -179,7 +179,7 @@ async fn the_servers_close_is_recorded_with_its_code_and_reason() {
         ),
         "{heard:?}"
     );
-    assert_eq!(ws.close_code(), Some(4001));
+    assert_eq!(ws.close_code(), Some(CloseCode::from(4001)));
     assert_eq!(ws.close_reason().as_deref(), Some("bye now"));
     assert!(matches!(ws.receive().await, Err(Error::Closed(_))));
     // Our answer reached the server before the socket closed.
@@ -256,7 +256,7 @@ async fn a_peer_close_with_an_invalid_code_is_a_protocol_error() {
                     ),
                     "{case}"
                 );
-                assert_eq!(ws.close_code(), Some(code), "{case}");
+                assert_eq!(ws.close_code(), Some(CloseCode::from(code)), "{case}");
             }
             Ends::Violation(named) => {
                 assert!(
@@ -297,7 +297,7 @@ async fn a_peer_close_with_an_invalid_code_is_a_protocol_error() {
         .unwrap();
     let mut held = held.upgrade().await.unwrap();
     delegate.opened(ws.id()).await;
-    ws.cancel_with(1000, "done");
+    ws.cancel_with(1000, "done").unwrap();
     let ours = held.expect_message(PATIENCE).await;
     assert!(matches!(ours, Some(WsMessage::Close(Some(_)))), "{ours:?}");
     held.close_with_payload(&[0x03, 0xe7]).await.unwrap();
@@ -458,7 +458,7 @@ async fn cancel_with_against_a_silent_peer_invalidates_within_the_close_timeout(
     ws.resume();
     delegate.opened(ws.id()).await;
 
-    ws.cancel_with(1001, "going away");
+    ws.cancel_with(1001, "going away").unwrap();
     assert_eq!(ws.state(), TaskState::Canceling);
     assert!(matches!(ws.receive().await, Err(Error::Closed(_))));
     session.finish_tasks_and_invalidate();
@@ -486,7 +486,7 @@ async fn cancel_with_against_a_silent_peer_invalidates_within_the_close_timeout(
         ),
         "{heard:?}"
     );
-    assert_eq!(ws.close_code(), Some(1001));
+    assert_eq!(ws.close_code(), Some(CloseCode::from(1001)));
     assert_eq!(ws.close_reason().as_deref(), Some("going away"));
     assert_eq!(
         stage.ws_close_frames_received(),

@@ -5,7 +5,7 @@ use std::path::Path;
 use bytes::Bytes;
 
 use crate::stream::StreamTask;
-use crate::{Disposition, Error, TaskId, TaskKind};
+use crate::{CloseCode, Disposition, Error, TaskId, TaskKind};
 
 /// What a callback is about.
 #[derive(Debug, Clone)]
@@ -72,11 +72,12 @@ pub trait Delegate: Send + Sync + 'static {
     }
 
     /// The websocket's close handshake is done: the peer's close frame arrived, with this code
-    /// and reason (ours went first, or it answers the peer's); 1005 if the frame had no code.
+    /// and reason (ours went first, or it answers the peer's); [`CloseCode::NO_STATUS`] (1005) if the frame
+    /// had no code.
     /// `did_complete` follows. A close frame the peer may not send (a code reserved or
     /// unassigned, one byte, a reason that is not UTF-8) gets no `did_close`: the websocket
     /// completes with [`Error::WebSocketProtocol`] instead.
-    fn did_close(&self, task: &TaskInfo, code: u16, reason: &str) {
+    fn did_close(&self, task: &TaskInfo, code: CloseCode, reason: &str) {
         let _ = (task, code, reason);
     }
 

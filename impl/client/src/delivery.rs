@@ -100,7 +100,7 @@ fn hand_over(
             None
         }
         Callback::Close { task, code, reason } => {
-            delegate.did_close(&*info(task)?, code, &reason);
+            delegate.did_close(&*info(task)?, code.into(), &reason);
             None
         }
         Callback::Complete { task, result } => {

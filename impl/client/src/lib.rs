@@ -8,6 +8,12 @@
 //! or a response's body) read no further ahead than their window (R6); websocket tasks
 //! ([`WebSocketTask`]) close within the close timeout whatever the peer does (R11).
 //!
+//! In the async ecosystem: every task's `result()` can be awaited for the outcome its
+//! delegate's `did_complete` gets, with or without a delegate; [`StreamTask`] is a tokio
+//! `AsyncRead` + `AsyncWrite` with untimed reads and writes for `tokio::time::timeout` to
+//! bound; [`WebSocketTask`] is a futures `Stream` of messages and `Sink` of messages, its close
+//! codes a [`CloseCode`].
+//!
 //! Its lifecycle is `leakproof-core`'s engine, checked against the specification in
 //! `leakproof-model`: every terminal path of a task or a session releases its connections,
 //! buffered bytes, temp files and delegate. Forgetting to invalidate is harmless: dropping the
@@ -32,6 +38,7 @@
 //! # Ok(()) }
 //! ```
 
+mod close;
 mod config;
 mod delegate;
 mod delivery;
@@ -44,6 +51,7 @@ mod task;
 mod tls;
 mod websocket;
 
+pub use close::CloseCode;
 pub use config::{Configuration, ConfigurationBuilder};
 pub use delegate::{Delegate, TaskInfo};
 pub use leakproof_core::{

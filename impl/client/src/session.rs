@@ -557,6 +557,12 @@ impl Session {
         self.inner.shared.resources()
     }
 
+    /// How many completed tasks' results this session keeps because a handle to them is still
+    /// held (for `result()`); 0 once every such handle is dropped (R5).
+    pub fn kept_results(&self) -> usize {
+        self.inner.shared.core.kept_results()
+    }
+
     /// The session's name, unique in the process; download temp files start with it.
     pub fn name(&self) -> &str {
         &self.inner.shared.name

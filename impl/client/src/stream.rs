@@ -87,47 +87,69 @@ impl StreamTask {
         self.handle().cancel();
     }
 
+    /// The task's result once it is `Completed` (both halves closed, cancelled or failed): the
+    /// one the delegate's `did_complete` gets. Awaiting it keeps nothing alive; it may be
+    /// awaited after completion, and from several places at once.
+    pub async fn result(&self) -> Result<(), Error> {
+        poll_fn(|cx| self.handle().poll_result(cx)).await
+    }
+
     /// Read between `min` and `max` bytes: `Some(bytes)` (empty only if `min` is 0 and nothing
     /// was there), `None` at the end of the stream. A `min` larger than the stream's queue can
     /// hold is lowered to it. Fails at once after [`close_read`](Self::close_read) or once the
-    /// task is over (with its own error if it failed), and with
-    /// [`Error::OpTimedOut`]`("read")` if nothing could be read within `timeout`: the task goes
-    /// on, and bytes that arrive stay queued for the next read.
+    /// task is over (with its own error if it failed). It waits as long as it takes: bound it
+    /// with `tokio::time::timeout` (dropping it early loses nothing: bytes that arrive stay
+    /// queued for the next read), or use [`read`](Self::read).
+    pub async fn read_some(&self, min: usize, max: usize) -> Result<Option<Bytes>, Error> {
+        poll_fn(|cx| self.handle().poll_read(cx, min, max)).await
+    }
+
+    /// [`read_some`](Self::read_some) within `timeout`, URLSession's
+    /// `readData(ofMinLength:maxLength:timeout:)`: [`Error::OpTimedOut`]`("read")` if nothing
+    /// could be read by then; the task goes on, and bytes that arrive stay queued for the next
+    /// read.
     pub async fn read(
         &self,
         min: usize,
         max: usize,
         timeout: Duration,
     ) -> Result<Option<Bytes>, Error> {
-        let read = poll_fn(|cx| self.handle().poll_read(cx, min, max));
-        tokio::time::timeout(timeout, read)
+        tokio::time::timeout(timeout, self.read_some(min, max))
             .await
             .unwrap_or(Err(Error::OpTimedOut("read")))
     }
 
     /// Queue all of `data` for the stream's IO, waiting while the write buffer is full (its
-    /// bound is the configuration's `write_buffer`). Fails with [`Error::OpTimedOut`]`("write")`
-    /// if it could not all be queued within `timeout`: what was queued by then stays queued.
-    /// Returns once queued, not once written: see [`flush`](Self::flush).
-    pub async fn write(&self, data: impl AsRef<[u8]>, timeout: Duration) -> Result<(), Error> {
+    /// bound is the configuration's `write_buffer`). Returns once queued, not once written: see
+    /// [`flushed`](Self::flushed). It waits as long as it takes: bound it with
+    /// `tokio::time::timeout` (what was queued by then stays queued), or use
+    /// [`write`](Self::write).
+    pub async fn write_all(&self, data: impl AsRef<[u8]>) -> Result<(), Error> {
         let data = data.as_ref();
-        let write = async {
-            let mut written = 0;
-            while written < data.len() {
-                written += poll_fn(|cx| self.handle().poll_write(cx, &data[written..])).await?;
-            }
-            Ok(())
-        };
-        tokio::time::timeout(timeout, write)
+        let mut written = 0;
+        while written < data.len() {
+            written += poll_fn(|cx| self.handle().poll_write(cx, &data[written..])).await?;
+        }
+        Ok(())
+    }
+
+    /// [`write_all`](Self::write_all) within `timeout`, URLSession's
+    /// `write(_:timeout:)`: [`Error::OpTimedOut`]`("write")` if it could not all be queued by
+    /// then; what was queued stays queued.
+    pub async fn write(&self, data: impl AsRef<[u8]>, timeout: Duration) -> Result<(), Error> {
+        tokio::time::timeout(timeout, self.write_all(data))
             .await
             .unwrap_or(Err(Error::OpTimedOut("write")))
     }
 
-    /// Wait until the IO has written everything queued; [`Error::OpTimedOut`]`("flush")` after
-    /// `timeout`.
+    /// Wait until the IO has written everything queued, as long as it takes.
+    pub async fn flushed(&self) -> Result<(), Error> {
+        poll_fn(|cx| self.handle().poll_flush(cx)).await
+    }
+
+    /// [`flushed`](Self::flushed) within `timeout`: [`Error::OpTimedOut`]`("flush")` after it.
     pub async fn flush(&self, timeout: Duration) -> Result<(), Error> {
-        let flush = poll_fn(|cx| self.handle().poll_flush(cx));
-        tokio::time::timeout(timeout, flush)
+        tokio::time::timeout(timeout, self.flushed())
             .await
             .unwrap_or(Err(Error::OpTimedOut("flush")))
     }

@@ -78,6 +78,14 @@ macro_rules! task_kind {
             pub fn cancel(&self) {
                 self.0.handle().cancel();
             }
+
+            /// The task's result once it is `Completed`: the one the delegate's
+            /// `did_complete` gets, with or without a delegate. Awaiting it keeps nothing
+            /// alive and changes nothing (a suspended task stays suspended: resume it); it
+            /// may be awaited after completion, and from several places at once.
+            pub async fn result(&self) -> Result<(), crate::Error> {
+                std::future::poll_fn(|cx| self.0.handle().poll_result(cx)).await
+            }
         }
     };
 }

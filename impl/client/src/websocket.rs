@@ -177,21 +177,72 @@ pub(crate) fn upgrade_request(
 /// reason, bounded by the close timeout (R11); [`cancel`](Self::cancel) closes the socket at
 /// once. Dropping the handle of an open websocket closes it with 1001 (going away), also
 /// bounded; of one not yet open, cancels it.
-pub struct WebSocketTask(Task);
+///
+/// Like tokio-tungstenite's `WebSocketStream`, it is a [`Stream`] of the messages received and
+/// a [`Sink`] of the messages to send (`StreamExt::split` makes two halves of it):
+/// - the stream yields `Ok(message)`s and ends (`None`) once the websocket is closing (our
+///   close or the peer's) or over; a websocket that failed or was cancelled yields its error
+///   once, then ends;
+/// - [`Sink::poll_ready`] waits for room in the write buffer for one message, `start_send`
+///   refuses a message larger than `max_message_size` (as [`send`](Self::send) does), and
+///   [`Sink::poll_flush`] waits until the IO has written every message queued;
+/// - [`Sink::poll_close`] flushes what it can, begins the close handshake with
+///   [`CloseCode::NORMAL`](crate::CloseCode::NORMAL) (1000) and an empty reason (for another
+///   code, call [`cancel_with`](Self::cancel_with) first: the handshake under way is kept), and
+///   resolves once the task is completed, with its [`result`](Self::result): `Ok` when the peer
+///   answered, [`Error::TimedOut`]`(Close)` after the close timeout (R11). A websocket not
+///   open yet is cancelled: `Err(Cancelled)`.
+pub struct WebSocketTask {
+    task: Task,
+    /// The message stream ended (`None`, or an error, was yielded).
+    received_done: bool,
+    /// The sink's message, taken by `start_send` and queued by the next poll.
+    outgoing: Option<Message>,
+    /// The sink's close began our close handshake.
+    closing: bool,
+}
 
 impl fmt::Debug for WebSocketTask {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("WebSocketTask").field(&self.0).finish()
+        f.debug_tuple("WebSocketTask").field(&self.task).finish()
     }
 }
 
 impl WebSocketTask {
     pub(crate) fn new(task: Task) -> Self {
-        Self(task)
+        Self {
+            task,
+            received_done: false,
+            outgoing: None,
+            closing: false,
+        }
     }
 
     fn handle(&self) -> &TaskHandle {
-        self.0.handle()
+        self.task.handle()
+    }
+
+    /// A message `send` refuses: one larger than `max_message_size`.
+    fn too_large(&self, message: &Message) -> Result<(), Error> {
+        let max = self.task.shared().config.max_message_size;
+        if message.len() > max {
+            return Err(Error::WebSocketProtocol(format!(
+                "a {}-byte message is larger than max_message_size ({max} bytes)",
+                message.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Queue the sink's message, if it holds one, once the write buffer has room.
+    fn poll_outgoing(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        if self.outgoing.is_none() {
+            return Poll::Ready(Ok(()));
+        }
+        let result = ready!(self.task.handle().poll_send(cx, &mut self.outgoing));
+        // A message the websocket can no longer take goes: the error says why.
+        self.outgoing = None;
+        Poll::Ready(result)
     }
 
     /// The task's id in its session.
@@ -219,18 +270,20 @@ impl WebSocketTask {
         self.handle().cancel();
     }
 
+    /// The task's result once it is `Completed` (the close handshake done, timed out, or the
+    /// websocket failed or was cancelled): the one the delegate's `did_complete` gets.
+    /// Awaiting it keeps nothing alive; it may be awaited after completion, and from several
+    /// places at once.
+    pub async fn result(&self) -> Result<(), Error> {
+        poll_fn(|cx| self.handle().poll_result(cx)).await
+    }
+
     /// Send `message` once the write buffer has room (before the websocket opens, it waits
     /// for it). A message larger than the configuration's `max_message_size` is refused with
     /// [`Error::WebSocketProtocol`], and the websocket goes on. Fails once the close began or
     /// the websocket is over.
     pub async fn send(&self, message: Message) -> Result<(), Error> {
-        let max = self.0.shared().config.max_message_size;
-        if message.len() > max {
-            return Err(Error::WebSocketProtocol(format!(
-                "a {}-byte message is larger than max_message_size ({max} bytes)",
-                message.len()
-            )));
-        }
+        self.too_large(&message)?;
         let mut message = Some(message);
         poll_fn(|cx| self.handle().poll_send(cx, &mut message)).await
     }
@@ -258,23 +311,96 @@ impl WebSocketTask {
     /// Begin the close handshake with `code` and `reason` (cut to 123 bytes, a close frame's
     /// room): messages still arriving are dropped, and the task completes when the peer's close
     /// frame arrives, or with [`Error::TimedOut`]`(Close)` after the close timeout, then the
-    /// socket is closed (R11). A websocket not open yet is cancelled.
-    pub fn cancel_with(&self, code: u16, reason: &str) {
+    /// socket is closed (R11). A websocket not open yet is cancelled; one already closing or
+    /// over is left as it is.
+    ///
+    /// A code no close frame may carry ([`CloseCode::is_allowed`]: 1005, 1006, below 1000...)
+    /// is refused with [`Error::InvalidCloseCode`], and the websocket goes on untouched.
+    pub fn cancel_with(
+        &self,
+        code: impl Into<crate::CloseCode>,
+        reason: &str,
+    ) -> Result<(), Error> {
+        let code = code.into();
+        if !code.is_allowed() {
+            return Err(Error::InvalidCloseCode(code.get()));
+        }
         let mut end = reason.len().min(MAX_CLOSE_REASON);
         while !reason.is_char_boundary(end) {
             end -= 1;
         }
-        self.handle().cancel_with(code, &reason[..end]);
+        self.handle().cancel_with(code.get(), &reason[..end]);
+        Ok(())
     }
 
     /// The close code: the peer's once its close frame arrived, ours while it is awaited.
-    pub fn close_code(&self) -> Option<u16> {
-        self.handle().close_frame().map(|(code, _)| code)
+    pub fn close_code(&self) -> Option<crate::CloseCode> {
+        self.handle().close_frame().map(|(code, _)| code.into())
     }
 
     /// The close reason, as [`close_code`](Self::close_code).
     pub fn close_reason(&self) -> Option<String> {
         self.handle().close_frame().map(|(_, reason)| reason)
+    }
+}
+
+/// The messages received, as [`receive`](WebSocketTask::receive) takes them; see
+/// [`WebSocketTask`].
+impl Stream for WebSocketTask {
+    type Item = Result<Message, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.received_done {
+            return Poll::Ready(None);
+        }
+        let item = match ready!(this.handle().poll_receive(cx)) {
+            Ok(message) => return Poll::Ready(Some(Ok(message))),
+            // Closing, or closed cleanly: the end of the messages.
+            Err(Error::Closed(_)) => None,
+            Err(error) => Some(Err(error)),
+        };
+        this.received_done = true;
+        Poll::Ready(item)
+    }
+}
+
+/// The messages to send; see [`WebSocketTask`] for what each step waits for, and for the
+/// close.
+impl Sink<Message> for WebSocketTask {
+    type Error = Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.get_mut().poll_outgoing(cx)
+    }
+
+    fn start_send(self: Pin<&mut Self>, message: Message) -> Result<(), Error> {
+        let this = self.get_mut();
+        this.too_large(&message)?;
+        // poll_ready was Ready: the slot is empty.
+        this.outgoing = Some(message);
+        Ok(())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let this = self.get_mut();
+        ready!(this.poll_outgoing(cx))?;
+        this.handle().poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let this = self.get_mut();
+        if !this.closing {
+            // What cannot be flushed any more (the websocket is closing or over) is told by
+            // the result.
+            let _ = ready!(Pin::new(&mut *this).poll_flush(cx));
+            if this.handle().state() != TaskState::Canceling {
+                let code = crate::CloseCode::NORMAL.get();
+                this.handle().cancel_with(code, String::new());
+            }
+            this.closing = true;
+        }
+        this.handle().poll_result(cx)
     }
 }
 

@@ -140,6 +140,16 @@ struct Cell {
     undelivered: u64,
     /// The IO waiting for the delegate to catch up ([`Engine::body_room`]).
     room_waker: Option<Waker>,
+    /// The users waiting for the task's result ([`Engine::poll_result`]).
+    result_wakers: Vec<Waker>,
+}
+
+/// A completed task's result, kept while its user holds a handle (R5: nothing more, and
+/// only that long).
+#[derive(Debug)]
+struct Kept {
+    handles: u32,
+    result: Result<(), Error>,
 }
 
 const TIMEOUTS: [Timeout; 3] = [Timeout::Request, Timeout::Resource, Timeout::Close];
@@ -182,6 +192,9 @@ pub(crate) struct Engine {
     delegate_held: bool,
     /// How handler-routed tasks ended, kept until their handler takes it.
     outcomes: BTreeMap<TaskId, Result<(), Error>>,
+    /// How completed tasks ended, kept while their user holds a handle, for
+    /// [`Engine::poll_result`].
+    results: BTreeMap<TaskId, Kept>,
     /// Tasks waiting for a connection, first come first served.
     waiting: VecDeque<TaskId>,
     /// Wakers to wake once the lock is released.
@@ -213,6 +226,7 @@ impl Engine {
             ends: BTreeMap::new(),
             handed_over: Vec::new(),
             outcomes: BTreeMap::new(),
+            results: BTreeMap::new(),
             waiting: VecDeque::new(),
             wake_later: Vec::new(),
         }
@@ -357,6 +371,7 @@ impl Engine {
                 start_waker: None,
                 undelivered: 0,
                 room_waker: None,
+                result_wakers: Vec::new(),
             },
         );
         Ok(id)
@@ -515,10 +530,44 @@ impl Engine {
         self.outcomes.remove(&task)
     }
 
+    /// The task's result once it is completed, as `did_complete` gets it; meanwhile `waker`
+    /// is woken when it completes. Every waiter is woken, not only the last one.
+    pub(crate) fn poll_result(&mut self, task: TaskId, waker: &Waker) -> Poll<Result<(), Error>> {
+        if let Some(cell) = self.tasks.get_mut(&task) {
+            if !cell.result_wakers.iter().any(|w| w.will_wake(waker)) {
+                cell.result_wakers.push(waker.clone());
+            }
+            return Poll::Pending;
+        }
+        // A handle exists (the caller holds one), so its result is kept.
+        Poll::Ready(
+            self.results
+                .get(&task)
+                .map_or(Err(Error::Cancelled), |kept| kept.result.clone()),
+        )
+    }
+
+    /// How many completed tasks the engine keeps something of (a result, a stream's end, a
+    /// handler's outcome) for handles still held: none once every handle to a completed task
+    /// is gone (R5).
+    pub(crate) fn kept(&self) -> usize {
+        let kept: std::collections::BTreeSet<&TaskId> = (self.results.keys())
+            .chain(self.ends.keys())
+            .chain(self.outcomes.keys())
+            .collect();
+        kept.len()
+    }
+
     pub(crate) fn task_handle_dropped(&mut self, task: TaskId) {
         let Some(cell) = self.tasks.get_mut(&task) else {
             self.outcomes.remove(&task);
             self.ends.remove(&task);
+            if let Some(kept) = self.results.get_mut(&task) {
+                kept.handles -= 1;
+                if kept.handles == 0 {
+                    self.results.remove(&task);
+                }
+            }
             return;
         };
         cell.handles -= 1;
@@ -892,6 +941,14 @@ impl Engine {
         self.disarm_all(task);
         let mut cell = self.tasks.remove(&task).expect("live task");
         self.wake_later.extend(cell.room_waker.take());
+        self.wake_later.append(&mut cell.result_wakers);
+        if cell.handles > 0 {
+            let kept = Kept {
+                handles: cell.handles,
+                result: result.clone(),
+            };
+            self.results.insert(task, kept);
+        }
         if result.is_err() && ended_by == EndedBy::Other && cell.undelivered > 0 {
             // R5: a task cancelled, timed out or invalidated drops the body its delegate was
             // not handed yet: its did_complete comes next (R1: nothing about it after). A

@@ -98,6 +98,11 @@ pub enum Error {
     NoUpgrade { status: u16 },
     #[error("websocket protocol error: {0}")]
     WebSocketProtocol(String),
+    #[error(
+        "close code {0} may not be sent in a close frame (RFC 6455, 7.4): use 1000-1003, \
+         1007-1013 or 3000-4999"
+    )]
+    InvalidCloseCode(u16),
     #[error("the stream's read half is closed (close_read, or the end was read)")]
     ReadClosed,
     #[error("the stream's write half is closed (close_write, or it is a response's stream)")]

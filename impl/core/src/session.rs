@@ -98,6 +98,13 @@ impl Core {
         self.read(Engine::ledger)
     }
 
+    /// How many completed tasks the engine keeps something of (their result, a stream's end, a
+    /// handler's outcome) because a handle to them is still held; 0 once every such handle is
+    /// gone (R5).
+    pub fn kept_results(&self) -> usize {
+        self.read(Engine::kept)
+    }
+
     /// Invalidated, delivered, delegate dropped, no action left (R4).
     pub fn is_released(&self) -> bool {
         self.read(Engine::is_released)
@@ -392,6 +399,14 @@ impl TaskHandle {
 
     pub fn cancel(&self) {
         self.core.update(|e| e.cancel(self.id));
+    }
+
+    /// Ready with the task's result once it is `Completed`: the one its delegate's
+    /// `did_complete` gets, with or without a delegate. It is kept while a handle to the task
+    /// exists, so it can be asked for after completion and from several places; asking
+    /// changes nothing about the task.
+    pub fn poll_result(&self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.core.update(|e| e.poll_result(self.id, cx.waker()))
     }
 
     // ---- streams ----

@@ -244,7 +244,7 @@ impl World {
     }
 
     /// Drop every user handle, let the session finish, and check every rule on the way out.
-    fn finish(self, deliverer: Deliverer, tasks: Vec<TaskHandle>) {
+    fn finish(self, deliverer: Deliverer, tasks: Vec<TaskHandle>) -> Vec<model::Callback> {
         let World {
             session,
             core,
@@ -258,6 +258,7 @@ impl World {
         driver.run_to_release(&core);
         trace.extend(deliverer.join().unwrap());
         assert_released(&core, &delegate, &driver, &trace);
+        trace
     }
 }
 
@@ -270,6 +271,7 @@ fn assert_released(core: &Core, delegate: &Weak<()>, driver: &Driver, trace: &[m
     );
     assert!(core.is_released(), "not released: {core:?}");
     assert!(core.ledger().is_zero(), "R4: {:?}", core.ledger());
+    assert_eq!(core.kept_results(), 0, "R5: a result kept with no handle");
     assert!(
         driver.holds_nothing(),
         "R4: the driver still holds something"
@@ -292,6 +294,42 @@ fn cancel_vs_completion() {
         let task = canceller.join().unwrap();
         w.driver.io_ended(id, release);
         w.finish(deliverer, vec![task]);
+    });
+}
+
+#[test]
+fn a_result_awaited_vs_cancel_vs_completion() {
+    explore("a_result_awaited_vs_cancel_vs_completion", || {
+        let mut w = world();
+        let task = Arc::new(w.reading_task());
+        let id = task.id();
+        let deliverer = w.deliver_in_background();
+        // The user awaits the result while the task is cancelled and its IO completes it: the
+        // waiter must be woken whichever wins, with the result did_complete gets.
+        let user = task.clone();
+        let waiter = thread::spawn(move || wait(|cx| user.poll_result(cx)));
+        let canceller = task.clone();
+        let canceller = thread::spawn(move || canceller.cancel());
+        w.driver.park(id);
+        let release = w.core.body_end(id, true);
+        canceller.join().unwrap();
+        w.driver.io_ended(id, release);
+        let result = waiter.join().unwrap();
+        // Asked again once completed: the same, at once.
+        let again = wait(|cx| task.poll_result(cx));
+        assert_eq!(result.is_ok(), again.is_ok());
+        let task = Arc::into_inner(task).unwrap();
+        let trace = w.finish(deliverer, vec![task]);
+        let completed = trace.iter().find_map(|callback| match callback {
+            model::Callback::Complete { outcome, .. } => Some(*outcome),
+            _ => None,
+        });
+        let expected = if result.is_ok() {
+            model::Outcome::Success
+        } else {
+            model::Outcome::Cancelled
+        };
+        assert_eq!(completed, Some(expected), "{result:?} vs {trace:?}");
     });
 }
 
