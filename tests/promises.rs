@@ -32,6 +32,40 @@ fn witnessed(stage: &Stage, dir: &std::path::Path) -> (usize, Vec<PathBuf>) {
     )
 }
 
+/// One download read whole, one stalled mid-body, and a data task stalled mid-body (at
+/// `url(path)` on the stage); then the session ends, in half the runs mid-exchange, in half
+/// while the connects are in flight, by `invalidate_and_cancel` or by cancelling the stalled
+/// ones and `finish_tasks_and_invalidate`. Returns once `invalidated()` resolves.
+async fn three_tasks_until_invalidated(
+    run: usize,
+    session: &Session,
+    stage: &Stage,
+    url: impl Fn(&str) -> String,
+) {
+    let whole = session.download_task(get(url("/bytes/200000"))).unwrap();
+    let stalled = session
+        .download_task(get(url("/bytes/1000000?stall_after=4096")))
+        .unwrap();
+    let data = session
+        .data_task(get(url("/bytes/1000000?stall_after=4096")))
+        .unwrap();
+    whole.resume();
+    stalled.resume();
+    data.resume();
+    if run % 4 < 2 {
+        let reached = stage.wait_until(|s| s.requests() >= 3, PATIENCE).await;
+        assert!(reached, "run {run}: the three requests arrived");
+    }
+    if run % 2 == 0 {
+        session.invalidate_and_cancel();
+    } else {
+        stalled.cancel();
+        data.cancel();
+        session.finish_tasks_and_invalidate();
+    }
+    bounded("invalidated", session.invalidated()).await;
+}
+
 /// D2: `invalidated()` resolves once the session holds nothing: every socket closed, every
 /// temp file removed (R4), not merely once the driver took its last action off the queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,32 +78,7 @@ async fn invalidated_resolves_once_every_socket_and_file_is_gone() {
             .build()
             .unwrap();
         let session = Session::new(config, None);
-        // One download read whole, one stalled mid-body, and a data task stalled mid-body.
-        let whole = session
-            .download_task(get(stage.url("/bytes/200000")))
-            .unwrap();
-        let stalled = session
-            .download_task(get(stage.url("/bytes/1000000?stall_after=4096")))
-            .unwrap();
-        let data = session
-            .data_task(get(stage.url("/bytes/1000000?stall_after=4096")))
-            .unwrap();
-        whole.resume();
-        stalled.resume();
-        data.resume();
-        // Half the runs end the session mid-exchange, half while the connects are in flight.
-        if run % 4 < 2 {
-            let reached = stage.wait_until(|s| s.requests() >= 3, PATIENCE).await;
-            assert!(reached, "run {run}: the three requests arrived");
-        }
-        if run % 2 == 0 {
-            session.invalidate_and_cancel();
-        } else {
-            stalled.cancel();
-            data.cancel();
-            session.finish_tasks_and_invalidate();
-        }
-        bounded("invalidated", session.invalidated()).await;
+        three_tasks_until_invalidated(run, &session, &stage, |path| stage.url(path)).await;
         let (sockets, files) = witnessed(&stage, dir.path());
         assert_eq!(
             (sockets, files),
@@ -99,31 +108,7 @@ async fn invalidated_resolves_once_every_tls_socket_and_the_tls_state_are_gone()
             .unwrap();
         let session = Session::new(config, None);
         let tls = session.tls_config().unwrap();
-        let whole = session
-            .download_task(get(stage.https_url("/bytes/200000")))
-            .unwrap();
-        let stalled = session
-            .download_task(get(stage.https_url("/bytes/1000000?stall_after=4096")))
-            .unwrap();
-        let data = session
-            .data_task(get(stage.https_url("/bytes/1000000?stall_after=4096")))
-            .unwrap();
-        whole.resume();
-        stalled.resume();
-        data.resume();
-        // Half the runs end the session mid-exchange, half while the handshakes are in flight.
-        if run % 4 < 2 {
-            let reached = stage.wait_until(|s| s.requests() >= 3, PATIENCE).await;
-            assert!(reached, "run {run}: the three requests arrived");
-        }
-        if run % 2 == 0 {
-            session.invalidate_and_cancel();
-        } else {
-            stalled.cancel();
-            data.cancel();
-            session.finish_tasks_and_invalidate();
-        }
-        bounded("invalidated", session.invalidated()).await;
+        three_tasks_until_invalidated(run, &session, &stage, |path| stage.https_url(path)).await;
         let (sockets, files) = witnessed(&stage, dir.path());
         assert_eq!(
             (sockets, files, tls.upgrade().is_none()),
