@@ -216,12 +216,14 @@ impl Driver {
             Note::IoEnded(task) => {
                 self.io.remove(&task);
             }
+            #[cfg(feature = "test-util")]
             Note::Expire(task, timeout) => {
                 if let Some((key, timer)) = self.timers.remove(&(task, timeout)) {
                     self.clock.try_remove(&key);
                     self.due(Due::Timer(timer));
                 }
             }
+            #[cfg(feature = "test-util")]
             Note::ExpireIdle => {
                 for conn in self.shared.pool.idle_ids() {
                     if let Some(key) = self.idle.remove(&conn) {

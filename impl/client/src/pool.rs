@@ -253,8 +253,10 @@ pub(crate) enum Note {
     /// The task's IO ended.
     IoEnded(crate::TaskId),
     /// For the suite: the task's `timeout` timer runs out now.
+    #[cfg(feature = "test-util")]
     Expire(crate::TaskId, crate::Timeout),
     /// For the suite: every idle connection's idle timeout runs out now.
+    #[cfg(feature = "test-util")]
     ExpireIdle,
 }
 
@@ -388,6 +390,7 @@ impl Pool {
     }
 
     /// The idle connections' ids.
+    #[cfg(feature = "test-util")]
     pub fn idle_ids(&self) -> Vec<ConnId> {
         lock(&self.idle).connections.keys().copied().collect()
     }

@@ -19,7 +19,7 @@ use crate::delegate::{Delegate, TaskInfo};
 use crate::delivery::{self, Infos};
 use crate::driver::Driver;
 use crate::exchange::{Clock, Collected, Control, Exchange};
-use crate::pool::{Body, Note, Origin, Pool, Scheme};
+use crate::pool::{Body, Origin, Pool, Scheme};
 use crate::stream::StreamTask;
 use crate::task::{DataTask, DownloadTask, Task, UploadTask};
 use crate::tls::TlsState;
@@ -143,7 +143,7 @@ impl SessionBuilder {
 
     /// For the suite: a session that behaves as [`Session::shared`] does (R9) without being
     /// the process-wide one, so each test case can have its own.
-    #[doc(hidden)]
+    #[cfg(feature = "test-util")]
     pub fn ignore_invalidation(mut self) -> Self {
         self.ignore_invalidation = true;
         self
@@ -627,15 +627,17 @@ impl Observer {
 
     /// For the suite: the task's `timeout` runs out now, as if that much time had passed for
     /// it alone (the model's `TimePasses`). A no-op if that timer is not armed.
-    #[doc(hidden)]
+    #[cfg(feature = "test-util")]
     pub fn time_passes(&self, task: TaskId, timeout: crate::Timeout) {
-        self.shared.pool.note(Note::Expire(task, timeout));
+        self.shared
+            .pool
+            .note(crate::pool::Note::Expire(task, timeout));
     }
 
     /// For the suite: every idle connection's idle timeout runs out now.
-    #[doc(hidden)]
+    #[cfg(feature = "test-util")]
     pub fn idle_time_passes(&self) {
-        self.shared.pool.note(Note::ExpireIdle);
+        self.shared.pool.note(crate::pool::Note::ExpireIdle);
     }
 }
 
