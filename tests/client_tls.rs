@@ -17,16 +17,6 @@ fn get(url: String) -> http::Request<()> {
     http::Request::get(url).body(()).unwrap()
 }
 
-/// A stage speaking TLS with a certificate `ca` signed for 127.0.0.1.
-async fn tls_stage(ca: &TestCa) -> Stage {
-    let cert = ca.server();
-    Stage::builder()
-        .tls(cert.chain, cert.key)
-        .start()
-        .await
-        .unwrap()
-}
-
 /// A session trusting `ca`.
 fn trusting(ca: &TestCa) -> Session {
     let config = Configuration::builder()
@@ -52,7 +42,7 @@ async fn teardown(session: Session, stage: &Stage) {
 #[tokio::test]
 async fn an_https_request_is_answered_over_tls_and_its_connection_is_reused() {
     let ca = TestCa::new("leakproof test CA");
-    let stage = tls_stage(&ca).await;
+    let stage = ca.stage().await;
     let session = trusting(&ca);
     for _ in 0..3 {
         let response = bounded("data", session.data(get(stage.https_url("/bytes/100000"))))
@@ -69,7 +59,7 @@ async fn an_https_request_is_answered_over_tls_and_its_connection_is_reused() {
 #[tokio::test]
 async fn a_wss_websocket_echoes_over_tls() {
     let ca = TestCa::new("leakproof test CA");
-    let stage = tls_stage(&ca).await;
+    let stage = ca.stage().await;
     let session = trusting(&ca);
     let ws = session
         .websocket_task(stage.wss_url("/ws/echo"), &[])
@@ -90,7 +80,7 @@ async fn a_wss_websocket_echoes_over_tls() {
 #[tokio::test]
 async fn http_and_https_to_one_host_and_port_never_share_a_connection() {
     let ca = TestCa::new("leakproof test CA");
-    let stage = tls_stage(&ca).await;
+    let stage = ca.stage().await;
     let session = trusting(&ca);
     let response = bounded("https", session.data(get(stage.https_url("/bytes/10"))))
         .await
@@ -149,7 +139,7 @@ async fn refused(session: &Session, stage: &Stage, kind: TlsFailure) -> String {
 #[tokio::test]
 async fn a_server_signed_by_an_unknown_ca_is_an_unknown_issuer() {
     let ca = TestCa::new("leakproof test CA");
-    let stage = tls_stage(&ca).await;
+    let stage = ca.stage().await;
     // The default configuration trusts webpki-roots' roots only.
     let session = Session::new(Configuration::default(), None);
     let message = refused(&session, &stage, TlsFailure::UnknownIssuer).await;
@@ -258,7 +248,7 @@ async fn roots_are_checked_when_the_configuration_is_built() {
 #[tokio::test]
 async fn without_webpki_roots_only_the_added_roots_are_trusted() {
     let ca = TestCa::new("leakproof test CA");
-    let stage = tls_stage(&ca).await;
+    let stage = ca.stage().await;
     let config = Configuration::builder()
         .webpki_roots(false)
         .add_root_certificate(ca.root())

@@ -10,7 +10,6 @@ mod tls_ca;
 
 use leakproof::{Configuration, Session};
 use leakproof_check::scenario::{PATIENCE, bounded, eventually};
-use leakproof_check::stage::Stage;
 use tls_ca::TestCa;
 
 /// Runs of the release case: it races the release against the connections' ends.
@@ -20,15 +19,6 @@ fn get(url: String) -> http::Request<()> {
     http::Request::get(url).body(()).unwrap()
 }
 
-async fn tls_stage(ca: &TestCa) -> Stage {
-    let cert = ca.server();
-    Stage::builder()
-        .tls(cert.chain, cert.key)
-        .start()
-        .await
-        .unwrap()
-}
-
 fn config(ca: &TestCa) -> leakproof::ConfigurationBuilder {
     Configuration::builder().add_root_certificate(ca.root())
 }
@@ -36,7 +26,7 @@ fn config(ca: &TestCa) -> leakproof::ConfigurationBuilder {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tls_state_is_dropped_once_invalidated_resolves() {
     let ca = TestCa::new("leakproof test CA");
-    let stage = tls_stage(&ca).await;
+    let stage = ca.stage().await;
     for run in 0..RUNS {
         let session = Session::new(config(&ca).build().unwrap(), None);
         let weak = session
@@ -84,7 +74,7 @@ async fn the_tls_state_is_dropped_once_invalidated_resolves() {
 #[tokio::test]
 async fn dropping_the_last_session_handle_drops_its_tls_state_too() {
     let ca = TestCa::new("leakproof test CA");
-    let stage = tls_stage(&ca).await;
+    let stage = ca.stage().await;
     let session = Session::new(config(&ca).build().unwrap(), None);
     let weak = session.tls_config().unwrap();
     let observer = session.observer();
@@ -108,7 +98,7 @@ async fn dropping_the_last_session_handle_drops_its_tls_state_too() {
 #[tokio::test]
 async fn the_resumption_cache_is_used_and_holds_at_most_tls_session_cache_sessions() {
     let ca = TestCa::new("leakproof test CA");
-    let stage = tls_stage(&ca).await;
+    let stage = ca.stage().await;
     // No connection kept alive: every request makes a handshake.
     let config = config(&ca)
         .max_idle_per_host(0)
@@ -139,7 +129,7 @@ async fn the_resumption_cache_is_used_and_holds_at_most_tls_session_cache_sessio
 #[tokio::test]
 async fn a_zero_tls_session_cache_caches_nothing_and_never_resumes() {
     let ca = TestCa::new("leakproof test CA");
-    let stage = tls_stage(&ca).await;
+    let stage = ca.stage().await;
     let config = config(&ca)
         .max_idle_per_host(0)
         .tls_session_cache(0)
@@ -160,7 +150,7 @@ async fn a_zero_tls_session_cache_caches_nothing_and_never_resumes() {
 #[tokio::test]
 async fn sessions_do_not_share_their_tls_state() {
     let ca = TestCa::new("leakproof test CA");
-    let stage = tls_stage(&ca).await;
+    let stage = ca.stage().await;
     let first = Session::new(config(&ca).max_idle_per_host(0).build().unwrap(), None);
     bounded("data", first.data(get(stage.https_url("/bytes/10"))))
         .await

@@ -94,12 +94,7 @@ async fn invalidated_resolves_once_every_socket_and_file_is_gone() {
 async fn invalidated_resolves_once_every_tls_socket_and_the_tls_state_are_gone() {
     let ca = TestCa::new("leakproof test CA");
     for run in 0..RUNS {
-        let cert = ca.server();
-        let stage = Stage::builder()
-            .tls(cert.chain, cert.key)
-            .start()
-            .await
-            .unwrap();
+        let stage = ca.stage().await;
         let dir = tempfile::tempdir().unwrap();
         let config = Configuration::builder()
             .download_dir(dir.path())

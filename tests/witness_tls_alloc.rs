@@ -82,12 +82,7 @@ fn sessions_over_tls_return_the_heap_and_the_fds_to_their_baseline() {
         .unwrap();
     runtime.block_on(async {
         let ca = TestCa::new("leakproof test CA");
-        let cert = ca.server();
-        let stage = Stage::builder()
-            .tls(cert.chain, cert.key)
-            .start()
-            .await
-            .unwrap();
+        let stage = ca.stage().await;
         for _ in 0..WARM_UP {
             cycle(&stage, &ca).await;
         }

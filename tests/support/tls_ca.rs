@@ -35,6 +35,16 @@ impl TestCa {
         self.issuer.der().to_vec()
     }
 
+    /// A stage speaking TLS with a certificate of this CA's for 127.0.0.1 and `localhost`.
+    pub async fn stage(&self) -> leakproof_check::stage::Stage {
+        let cert = self.server();
+        leakproof_check::stage::Stage::builder()
+            .tls(cert.chain, cert.key)
+            .start()
+            .await
+            .unwrap()
+    }
+
     /// A certificate for the stage's address (127.0.0.1) and `localhost`.
     pub fn server(&self) -> ServerCert {
         self.server_for(&["localhost", "127.0.0.1"], None)
