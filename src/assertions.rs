@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use leakproof_model::rules::{Rule, Violation, check_trace, coalesce};
 use leakproof_model::{
-    Callback, Model, Refusal, Resources, Returned, SessionId, SessionKind, SessionState, Step,
-    TaskId, TaskState,
+    Callback, Model, Outcome, Refusal, Resources, Returned, SessionId, SessionKind, SessionState,
+    Step, TaskId, TaskState,
 };
 
 /// What one session showed.
@@ -33,6 +33,8 @@ pub struct View {
     pub returned: Option<Returned>,
     /// Callbacks heard during this op, all sessions, in delivery order.
     pub callbacks: Vec<Callback>,
+    /// What conveniences' futures returned during this op.
+    pub awaited: Vec<(TaskId, Outcome)>,
     pub tasks: BTreeMap<TaskId, TaskState>,
     pub sessions: BTreeMap<SessionId, SessionView>,
 }
@@ -80,6 +82,24 @@ pub fn compare(view: &View, model: &Model, step: &Step) -> Result<(), Violation>
         return broken(
             rule,
             format!("delegates heard {heard:?}, the model says {expected:?}"),
+        );
+    }
+    let mut returned = view.awaited.clone();
+    let mut expected = step.awaited.clone();
+    returned.sort_by_key(|(t, _)| *t);
+    expected.sort_by_key(|(t, _)| *t);
+    if returned != expected {
+        // A future that returned other than the model's result, or twice, or never.
+        let timed =
+            |a: &[(TaskId, Outcome)]| a.iter().any(|(_, o)| matches!(o, Outcome::TimedOut(_)));
+        let rule = if timed(&returned) || timed(&expected) {
+            Rule::R12
+        } else {
+            Rule::R1
+        };
+        return broken(
+            rule,
+            format!("futures returned {returned:?}, the model says {expected:?}"),
         );
     }
     for (id, task) in model.tasks() {

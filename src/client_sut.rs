@@ -14,7 +14,7 @@ use leakproof::{
     Configuration, Delegate, Error, Observer, Session, StreamTask, TaskInfo, Timeout, UploadBody,
 };
 use leakproof_model::{
-    Callback, CloseFrame, Disposition, Fault, Op, Refusal, Resources, Returned, SessionId,
+    Callback, CloseFrame, Disposition, Fault, Op, Outcome, Refusal, Resources, Returned, SessionId,
     SessionKind, TaskId, TaskKind, Timer,
 };
 
@@ -161,6 +161,10 @@ struct Sim {
     ear: Arc<Ear>,
     /// How many of the heard callbacks earlier views reported.
     reported: usize,
+    /// What conveniences' futures returned, as they returned, and how many earlier views
+    /// reported.
+    awaited: Arc<Mutex<Vec<(TaskId, Outcome)>>>,
+    reported_awaited: usize,
     tasks: BTreeMap<TaskId, SimTask>,
 }
 
@@ -168,6 +172,9 @@ struct SimTask {
     client: leakproof::TaskId,
     kind: TaskKind,
     handle: Option<AnyTask>,
+    /// A convenience: its future, spawned after its first poll. Kept after it was dropped
+    /// (aborted), to witness when the runtime has dropped it.
+    future: Option<tokio::task::JoinHandle<()>>,
     /// The server's side of the exchange, once its request arrived.
     held: Option<Held>,
     /// The server's side of a raw stream, once it connected.
@@ -212,6 +219,7 @@ impl System for ClientWorld {
         };
         for sim in self.sessions.values_mut() {
             sim.reported = sim.ear.heard.lock().unwrap().len();
+            sim.reported_awaited = sim.awaited.lock().unwrap().len();
         }
         view
     }
@@ -257,6 +265,21 @@ impl ClientWorld {
                     Err(error) => panic!("R8: creating {task} failed: {error}"),
                 }
             }
+            Op::Await {
+                session,
+                task,
+                kind,
+            } => {
+                let _guard = runtime.enter();
+                if let Err(error) = self.sim(session).convenience(task, kind, &runtime) {
+                    assert!(
+                        matches!(error, Error::SessionInvalidated),
+                        "R8: {task}'s first poll failed: {error}"
+                    );
+                    return (Some(Refusal::SessionInvalidated), None);
+                }
+                self.session_of.insert(task, session);
+            }
             Op::Resume(t) => {
                 self.user_task(t).resume();
                 self.task(t).resumed = true;
@@ -269,6 +292,10 @@ impl ClientWorld {
                 let task = sim.tasks.get_mut(&t).expect("task");
                 let client = task.client;
                 let handle = task.handle.take();
+                if let Some(future) = &task.future {
+                    // Dropping a spawned future: the runtime drops it at its next turn.
+                    future.abort();
+                }
                 sim.ear.dropped.lock().unwrap().insert(client);
                 let stream = sim.ear.streams.lock().unwrap().remove(&client);
                 drop((handle, stream));
@@ -514,6 +541,9 @@ impl ClientWorld {
         for (id, sim) in &self.sessions {
             let heard = sim.ear.heard.lock().unwrap().clone();
             view.callbacks.extend_from_slice(&heard[sim.reported..]);
+            let awaited = sim.awaited.lock().unwrap();
+            view.awaited
+                .extend_from_slice(&awaited[sim.reported_awaited..]);
             for (t, task) in &sim.tasks {
                 view.tasks
                     .insert(*t, model_task_state(sim.observer.task_state(task.client)));
@@ -559,8 +589,80 @@ impl Sim {
             delegate,
             ear,
             reported: 0,
+            awaited: Arc::default(),
+            reported_awaited: 0,
             tasks: BTreeMap::new(),
         }
+    }
+
+    /// Start a convenience as a user does: poll its future once here (it creates and starts
+    /// its task, or is refused), then spawn it, holding a clone of the session as a spawned
+    /// future must. What it returns is recorded as it returns; a finished download's file is
+    /// dropped (so removed) first, and the future's clone of the session with it.
+    fn convenience(
+        &mut self,
+        task: TaskId,
+        kind: TaskKind,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<(), Error> {
+        use std::future::Future;
+        let user = self.session.clone().expect("the user holds the session");
+        let url = self.stage.url(&format!("/hold/{task}"));
+        let mut future = Box::pin(async move {
+            let get = http::Request::get(url.clone()).body(()).unwrap();
+            let result = match kind {
+                TaskKind::Data => user.data(get).await.map(drop),
+                TaskKind::Download => user.download(get).await.map(drop),
+                TaskKind::Upload => {
+                    let post = http::Request::post(url).body(()).unwrap();
+                    let body = UploadBody::Bytes(Bytes::from(vec![b'u'; UPLOAD]));
+                    user.upload(post, body).await.map(drop)
+                }
+                TaskKind::Stream | TaskKind::WebSocket => unreachable!("no {kind:?} convenience"),
+            };
+            drop(user);
+            result
+        });
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(result) = future.as_mut().poll(&mut cx) {
+            return match result {
+                Err(error) => Err(error),
+                Ok(()) => panic!("{task}: a convenience returned Ok at its first poll"),
+            };
+        }
+        // Task ids count from 0 in creation order; this one was created by that poll.
+        let client = leakproof::TaskId(self.tasks.len() as u64);
+        assert_eq!(
+            self.observer.task_state(client),
+            leakproof::TaskState::Running,
+            "{task}: a convenience runs from its first poll"
+        );
+        let returned = self.awaited.clone();
+        let spawned = runtime.spawn(async move {
+            let result = future.await;
+            returned
+                .lock()
+                .unwrap()
+                .push((task, model_outcome(&result)));
+        });
+        self.ear.ids.lock().unwrap().insert(client, task);
+        self.tasks.insert(
+            task,
+            SimTask {
+                client,
+                kind,
+                handle: None,
+                future: Some(spawned),
+                held: None,
+                raw: None,
+                ws: None,
+                write_shut: false,
+                resumed: true,
+                socket: None,
+                server_closed: false,
+            },
+        );
+        Ok(())
     }
 
     fn create_task(
@@ -596,6 +698,7 @@ impl Sim {
                 client,
                 kind,
                 handle: Some(handle),
+                future: None,
                 held: None,
                 raw: None,
                 ws: None,
@@ -615,6 +718,13 @@ impl Sim {
             .iter()
             .filter(|c| matches!(c, Callback::Complete { .. }))
             .count();
+        // A convenience is live until its future is gone: returned, or dropped by the runtime
+        // after an abort. No delegate hears it.
+        let conveniences = self.tasks.values().filter(|t| t.future.is_some());
+        let (futures, futures_live) = conveniences.fold((0, 0), |(n, live), t| {
+            let finished = t.future.as_ref().is_some_and(|f| f.is_finished());
+            (n + 1, live + usize::from(!finished))
+        });
         let files = witness::files_in(self.downloads.path()).map_or(u32::MAX, |f| f.len() as u32);
         // A connection the server broke is dead at once, and may be closed at once (hyper drops
         // a socket that sent garbage); the client holds its dead end until the task reads the
@@ -639,7 +749,7 @@ impl Sim {
                 idle_connections: ledger.idle_connections.min(sockets),
                 buffered_bytes: ledger.buffered_bytes,
                 live_tasks: if delegated {
-                    (self.tasks.len() - completed) as u32
+                    (self.tasks.len() - futures - completed + futures_live) as u32
                 } else {
                     ledger.live_tasks
                 },

@@ -14,8 +14,8 @@ use std::fmt;
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 use leakproof_model::{
-    CloseFrame, Disposition, Exchange, Fault, Model, Op, ServerPhase, SessionKind, SessionState,
-    Task, TaskKind, TaskState, Timer,
+    CloseFrame, Disposition, Exchange, Fault, Model, Op, Route, ServerPhase, SessionKind,
+    SessionState, Task, TaskKind, TaskState, Timer,
 };
 
 use crate::explore::{Alphabet, Exploration, explore_where, search};
@@ -82,6 +82,8 @@ pub enum Class {
     /// An op on a live task, by the user or the environment, and the task's session.
     Task {
         kind: TaskKind,
+        /// A task object, or a convenience's future.
+        route: Route,
         state: TaskState,
         exchange: Exchange,
         server: ServerPhase,
@@ -229,6 +231,7 @@ pub enum OpKind {
     InvalidateAndCancel,
     DropSession,
     CreateTask(TaskKind),
+    Await(TaskKind),
     Resume,
     Suspend,
     Cancel,
@@ -274,6 +277,7 @@ impl Class {
         match *op {
             Op::CreateSession { .. } => Class::NoSession,
             Op::CreateTask { session, .. }
+            | Op::Await { session, .. }
             | Op::FinishTasksAndInvalidate(session)
             | Op::InvalidateAndCancel(session)
             | Op::DropSession(session)
@@ -307,6 +311,7 @@ impl Class {
                 }
                 Class::Task {
                     kind: task.kind,
+                    route: task.route,
                     state: task.state,
                     exchange: task.exchange,
                     server: task.server,
@@ -320,19 +325,20 @@ impl Class {
 
     /// The sort key: the model's enums are not `Ord`, and their declaration order is the
     /// order of the lifecycle, which is how a table should read.
-    fn key(&self) -> ([u8; 7], [u8; 5]) {
+    fn key(&self) -> ([u8; 8], [u8; 5]) {
         match *self {
-            Class::NoSession => ([0; 7], [0; 5]),
+            Class::NoSession => ([0; 8], [0; 5]),
             Class::Session {
                 state,
                 kind,
                 live_tasks,
             } => (
-                [1, kind as u8, state as u8, live_tasks.into(), 0, 0, 0],
+                [1, kind as u8, state as u8, live_tasks.into(), 0, 0, 0, 0],
                 [0; 5],
             ),
             Class::Task {
                 kind,
+                route,
                 state,
                 exchange,
                 server,
@@ -345,6 +351,7 @@ impl Class {
                     session_kind as u8,
                     session as u8,
                     kind as u8,
+                    route as u8,
                     state as u8,
                     exchange as u8,
                     server as u8,
@@ -352,7 +359,7 @@ impl Class {
                 held.key(),
             ),
             Class::Completed { kind, session } => {
-                ([3, session as u8, kind as u8, 0, 0, 0, 0], [0; 5])
+                ([3, session as u8, kind as u8, 0, 0, 0, 0, 0], [0; 5])
             }
         }
     }
@@ -367,6 +374,7 @@ impl OpKind {
             Op::InvalidateAndCancel(_) => OpKind::InvalidateAndCancel,
             Op::DropSession(_) => OpKind::DropSession,
             Op::CreateTask { kind, .. } => OpKind::CreateTask(kind),
+            Op::Await { kind, .. } => OpKind::Await(kind),
             Op::Resume(_) => OpKind::Resume,
             Op::Suspend(_) => OpKind::Suspend,
             Op::Cancel(_) => OpKind::Cancel,
@@ -396,6 +404,7 @@ impl OpKind {
             OpKind::InvalidateAndCancel => (2, 0),
             OpKind::DropSession => (3, 0),
             OpKind::CreateTask(kind) => (4, kind as u8),
+            OpKind::Await(kind) => (4, 8 + kind as u8),
             OpKind::Resume => (5, 0),
             OpKind::Suspend => (6, 0),
             OpKind::Cancel => (7, 0),
@@ -478,6 +487,7 @@ impl fmt::Display for Class {
             ),
             Class::Task {
                 kind,
+                route,
                 state,
                 exchange,
                 server,
@@ -489,7 +499,10 @@ impl fmt::Display for Class {
                 "session {:<9} {:<11} task {:<9} {:<9} {:<16} server {}{held}",
                 name(session_kind),
                 name(session),
-                name(kind),
+                match route {
+                    Route::Handle => name(kind),
+                    Route::Future => format!("{kind:?}()"),
+                },
                 name(state),
                 name(exchange),
                 name(server)
@@ -509,6 +522,7 @@ impl fmt::Display for OpKind {
         match *self {
             OpKind::CreateSession(kind) => write!(f, "CreateSession({kind:?})"),
             OpKind::CreateTask(kind) => write!(f, "CreateTask({kind:?})"),
+            OpKind::Await(kind) => write!(f, "Await({kind:?})"),
             OpKind::ServerHeaders(answer) => write!(f, "ServerHeaders({answer:?})"),
             OpKind::ServerEnds { reusable: true } => write!(f, "ServerEnds(reusable)"),
             OpKind::ServerEnds { reusable: false } => write!(f, "ServerEnds(not reusable)"),

@@ -35,7 +35,8 @@ struct Delegate;
 #[derive(Debug)]
 struct Sim {
     id: SessionId,
-    handle: Option<core::SessionHandle>,
+    /// The user's handle; a running convenience holds a clone too, as its future does.
+    handle: Option<Arc<core::SessionHandle>>,
     core: Core,
     delivery: Delivery<Arc<Delegate>>,
     delivery_done: bool,
@@ -55,6 +56,11 @@ struct SimTask {
     stream: Option<core::TaskHandle>,
     /// What the delegate answers to this task's response head.
     answer: Disposition,
+    /// A convenience: the future's clone of the session while it has not returned (or been
+    /// dropped). Its handler is this simulation: it starts the exchange, keeps the clock,
+    /// and takes the outcome.
+    future: Option<Arc<core::SessionHandle>>,
+    convenience: bool,
 }
 
 impl SimTask {
@@ -90,6 +96,11 @@ struct Network {
     /// the task let go of (the driver's own account of what the pipe holds).
     piped: BTreeMap<core::TaskId, (u64, u64)>,
     kinds: BTreeMap<core::TaskId, core::TaskKind>,
+    /// Conveniences' tasks, whose IO and clock are their future's: no delegate hears their
+    /// bytes, and their timers are the future's, counted here from the first poll.
+    handlers: BTreeSet<core::TaskId>,
+    /// Each download's temp file.
+    file_of: BTreeMap<core::TaskId, PathBuf>,
 }
 
 /// One exchange in flight on a connection.
@@ -176,6 +187,8 @@ impl System for EngineWorld {
                                 handle: Some(handle),
                                 stream: None,
                                 answer: Disposition::Allow,
+                                future: None,
+                                convenience: false,
                             },
                         );
                         self.session_of.insert(task, session);
@@ -187,12 +200,69 @@ impl System for EngineWorld {
                 }
                 session
             }
+            Op::Await {
+                session,
+                task,
+                kind,
+            } => {
+                let sim = self.sim(session);
+                let user = sim.handle.clone().expect("the user holds the session");
+                match user.create_task(engine_kind(kind), "stage", core::Route::Handler) {
+                    Ok(handle) => {
+                        let id = handle.id();
+                        sim.model_id.insert(id, task);
+                        sim.net.kinds.insert(id, engine_kind(kind));
+                        sim.net.handlers.insert(id);
+                        // The future's clock runs from its first poll: both timeouts.
+                        for timeout in [Timeout::Request, Timeout::Resource] {
+                            let timer = TimerId {
+                                task: id,
+                                timeout,
+                                generation: 0,
+                            };
+                            sim.net.timers.insert((id, timeout), timer);
+                        }
+                        let start = handle.resume_inline();
+                        sim.tasks.insert(
+                            task,
+                            SimTask {
+                                engine: id,
+                                handle: Some(handle),
+                                stream: None,
+                                answer: Disposition::Allow,
+                                future: Some(user),
+                                convenience: true,
+                            },
+                        );
+                        if let Some(start) = start {
+                            sim.net.start_handler(&sim.core, id, start);
+                        }
+                        self.session_of.insert(task, session);
+                    }
+                    Err(core::Error::SessionInvalidated) => {
+                        refused = Some(Refusal::SessionInvalidated);
+                    }
+                    Err(other) => panic!("R8: a convenience failed with {other}"),
+                }
+                session
+            }
             Op::Resume(t) => self.user_task(t, core::TaskHandle::resume),
             Op::Suspend(t) => self.user_task(t, core::TaskHandle::suspend),
             Op::Cancel(t) => self.user_task(t, core::TaskHandle::cancel),
             Op::DropTask(t) => {
                 let s = self.session_of[&t];
-                let task = self.sim(s).tasks.get_mut(&t).expect("task");
+                let sim = self.sim(s);
+                let task = sim.tasks.get_mut(&t).expect("task");
+                if task.future.take().is_some() {
+                    // Dropping the future cancels its task and forgets the outcome.
+                    let engine = task.engine;
+                    if let Some(handle) = &task.handle {
+                        handle.cancel();
+                    }
+                    sim.core.take_outcome(engine);
+                    sim.net.clock_stops(engine);
+                }
+                let task = sim.tasks.get_mut(&t).expect("task");
                 let handles = (task.handle.take(), task.stream.take());
                 drop(handles);
                 s
@@ -271,13 +341,19 @@ impl System for EngineWorld {
                 };
                 let armed = sim.net.timers.get(&(engine, timeout)).copied();
                 let armed = armed.unwrap_or_else(|| panic!("R12: no {timer:?} timer armed"));
-                sim.core.timer_fired(armed);
+                if sim.net.handlers.contains(&engine) {
+                    // The future's own clock ran out.
+                    sim.core.handler_timed_out(engine, timeout);
+                } else {
+                    sim.core.timer_fired(armed);
+                }
                 s
             }
         };
-        let callbacks = self.sim(touched).settle();
+        let (callbacks, awaited) = self.sim(touched).settle();
         let mut view = self.view(refused, callbacks);
         view.returned = returned;
+        view.awaited = awaited;
         view
     }
 }
@@ -366,7 +442,7 @@ impl Sim {
         let (handle, core, delivery) = core::session(config, delegate);
         Sim {
             id,
-            handle: Some(handle),
+            handle: Some(Arc::new(handle)),
             core,
             delivery,
             delivery_done: false,
@@ -381,10 +457,11 @@ impl Sim {
         }
     }
 
-    /// Carry out actions and deliver callbacks until neither queue has anything; return what
-    /// the delegate heard.
-    fn settle(&mut self) -> Vec<Callback> {
+    /// Carry out actions, deliver callbacks and run the conveniences' futures until nothing
+    /// moves; return what the delegate heard and what the futures returned.
+    fn settle(&mut self) -> (Vec<Callback>, Vec<(TaskId, Outcome)>) {
         let before = self.heard.len();
+        let mut awaited = Vec::new();
         loop {
             let mut progressed = false;
             while let Some(action) = self.core.try_action() {
@@ -392,6 +469,7 @@ impl Sim {
                 progressed = true;
             }
             progressed |= self.net.pump(&self.core);
+            progressed |= self.poll_futures(&mut awaited);
             let Sim {
                 id,
                 delivery,
@@ -436,7 +514,45 @@ impl Sim {
                 break;
             }
         }
-        self.heard[before..].to_vec()
+        (self.heard[before..].to_vec(), awaited)
+    }
+
+    /// Poll the conveniences' futures: one waiting for a connection slot starts when it gets
+    /// one; one whose task completed returns its outcome, lets go of its handle and its clone
+    /// of the session, and hands a finished download's file to its caller, who drops it.
+    fn poll_futures(&mut self, awaited: &mut Vec<(TaskId, Outcome)>) -> bool {
+        let mut moved = false;
+        for (id, task) in &mut self.tasks {
+            if task.future.is_none() {
+                continue;
+            }
+            let engine = task.engine;
+            let started =
+                self.net.exchanges.contains_key(&engine) || self.net.ended.contains(&engine);
+            if !started && let Poll::Ready(Some(start)) = self.core.poll_start(engine, &mut noop())
+            {
+                self.net.start_handler(&self.core, engine, start);
+                moved = true;
+            }
+            if self.core.task_state(engine) != core::TaskState::Completed {
+                continue;
+            }
+            let outcome = self
+                .core
+                .take_outcome(engine)
+                .unwrap_or_else(|| panic!("R1: {id}'s future found no outcome"));
+            if outcome.is_ok()
+                && let Some(path) = self.net.file_of.get(&engine)
+            {
+                self.net.files.remove(path);
+            }
+            self.net.clock_stops(engine);
+            awaited.push((*id, model_outcome(&outcome)));
+            task.future = None;
+            task.handle = None;
+            moved = true;
+        }
+        moved
     }
 
     fn view(&self) -> SessionView {
@@ -470,7 +586,17 @@ impl Sim {
                     ledger.buffered_bytes
                 },
                 live_tasks: if delegated {
-                    (self.tasks.len() - completed.len()) as u32
+                    // A convenience is live while its future waits; no delegate hears it.
+                    self.tasks
+                        .iter()
+                        .filter(|(id, t)| {
+                            if t.convenience {
+                                t.future.is_some()
+                            } else {
+                                !completed.contains(id)
+                            }
+                        })
+                        .count() as u32
                 } else {
                     ledger.live_tasks
                 },
@@ -484,6 +610,18 @@ impl Sim {
 }
 
 impl Network {
+    /// A convenience's future starts its exchange where the engine says: its handler is its
+    /// own IO, so no `Start` action comes for it.
+    fn start_handler(&mut self, core: &Core, task: core::TaskId, start: core::Start) {
+        let (conn, reused) = (start.conn, start.reused);
+        self.carry_out(core, Action::Start { task, conn, reused });
+    }
+
+    /// A convenience's clock stops: its future returned or was dropped.
+    fn clock_stops(&mut self, task: core::TaskId) {
+        self.timers.retain(|(t, _), _| *t != task);
+    }
+
     /// Do what the engine asks, checking that each request makes sense for what the driver
     /// holds. A nonsensical action is a bug in the engine: panic with the rule it breaks.
     fn carry_out(&mut self, core: &Core, action: Action) {
@@ -596,6 +734,7 @@ impl Network {
             into_file: into.is_some(),
         };
         if let Some(path) = into {
+            self.file_of.insert(task, path.clone());
             assert!(self.files.insert(path), "R5: a temp file made twice");
         }
     }
@@ -645,7 +784,7 @@ impl Network {
                             n
                         }
                     };
-                    if !into_file && self.delegated {
+                    if !into_file && self.delegated && !self.handlers.contains(&task) {
                         self.bytes_fed += u64::from(n);
                     }
                     core.body_data(task, Bytes::from(vec![0u8; n as usize]));

@@ -239,6 +239,11 @@ pub fn line(op: &Op) -> String {
             task,
             kind,
         } => format!("task {task} {} in {session}", task_kind_word(kind)),
+        Op::Await {
+            session,
+            task,
+            kind,
+        } => format!("await {task} {} in {session}", task_kind_word(kind)),
         Op::Resume(task) => format!("resume {task}"),
         Op::Suspend(task) => format!("suspend {task}"),
         Op::Cancel(task) => format!("cancel {task}"),
@@ -309,6 +314,11 @@ fn parse_op(words: &[&str]) -> Option<Op> {
             per_host: Some(limit.parse().ok().filter(|l| *l > 0)?),
         },
         ["task", t, kind, "in", s] => Op::CreateTask {
+            session: session(s)?,
+            task: task(t)?,
+            kind: parse_word(&TASK_KINDS, task_kind_word, kind)?,
+        },
+        ["await", t, kind, "in", s] => Op::Await {
             session: session(s)?,
             task: task(t)?,
             kind: parse_word(&TASK_KINDS, task_kind_word, kind)?,
@@ -393,6 +403,7 @@ fn usage(verb: &str) -> &'static str {
     match verb {
         "session" => "session SESSION plain|delegated|shared",
         "task" => "task TASK data|download|upload|stream|websocket in SESSION",
+        "await" => "await TASK data|download|upload in SESSION",
         "resume" => "resume TASK",
         "suspend" => "suspend TASK",
         "cancel" => "cancel TASK",
@@ -410,7 +421,7 @@ fn usage(verb: &str) -> &'static str {
             "time TASK passes request|resource|close timeout|time SESSION passes idle timeout"
         }
         _ => {
-            "# a comment, or an op: session, task, resume, suspend, cancel, drop, read, write, close, receive, finish, invalidate, server, time"
+            "# a comment, or an op: session, task, await, resume, suspend, cancel, drop, read, write, close, receive, finish, invalidate, server, time"
         }
     }
 }
@@ -575,6 +586,15 @@ impl Renumbering {
                 task: t(task),
                 kind,
             },
+            Op::Await {
+                session,
+                task,
+                kind,
+            } => Op::Await {
+                session: s(session),
+                task: t(task),
+                kind,
+            },
             Op::FinishTasksAndInvalidate(session) => Op::FinishTasksAndInvalidate(s(session)),
             Op::InvalidateAndCancel(session) => Op::InvalidateAndCancel(s(session)),
             Op::DropSession(session) => Op::DropSession(s(session)),
@@ -629,7 +649,9 @@ fn ids(op: &Op) -> (Option<SessionId>, Option<TaskId>) {
         | Op::InvalidateAndCancel(session)
         | Op::DropSession(session)
         | Op::IdleTimeoutPasses(session) => (Some(session), None),
-        Op::CreateTask { session, task, .. } => (Some(session), Some(task)),
+        Op::CreateTask { session, task, .. } | Op::Await { session, task, .. } => {
+            (Some(session), Some(task))
+        }
         _ => (None, op.task()),
     }
 }
@@ -836,6 +858,18 @@ fn rust_literal(op: &Op) -> Literal {
             kind,
         } => named(
             "CreateTask",
+            &[
+                ("session", s(session)),
+                ("task", t(task)),
+                ("kind", format!("TaskKind::{kind:?}")),
+            ],
+        ),
+        Op::Await {
+            session,
+            task,
+            kind,
+        } => named(
+            "Await",
             &[
                 ("session", s(session)),
                 ("task", t(task)),

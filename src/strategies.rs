@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use proptest::strategy::Union;
 
 use leakproof_model::{
-    CloseFrame, Disposition, Fault, Model, Op, SessionId, SessionKind, SessionState, TaskId,
+    CloseFrame, Disposition, Fault, Model, Op, Route, SessionId, SessionKind, SessionState, TaskId,
     TaskKind, Timer,
 };
 
@@ -208,11 +208,20 @@ pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
                 .session(**s)
                 .is_some_and(|s| s.state == SessionState::Active)
         });
+        // Conveniences (`session.data(request).await` and the like), of the HTTP kinds asked.
+        let http: Vec<TaskKind> = kinds
+            .iter()
+            .copied()
+            .filter(|k| HTTP_KINDS.contains(k))
+            .collect();
         for (weight, sessions) in [(8, active), (1, refusing)] {
             if !sessions.is_empty() {
                 families.push((
                     weight,
-                    (proptest::sample::select(sessions), task_kind_in(kinds))
+                    (
+                        proptest::sample::select(sessions.clone()),
+                        task_kind_in(kinds),
+                    )
                         .prop_map(move |(session, kind)| Op::CreateTask {
                             session,
                             task,
@@ -220,6 +229,18 @@ pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
                         })
                         .boxed(),
                 ));
+                if !http.is_empty() {
+                    families.push((
+                        (weight / 3).max(1),
+                        (proptest::sample::select(sessions), task_kind_in(&http))
+                            .prop_map(move |(session, kind)| Op::Await {
+                                session,
+                                task,
+                                kind,
+                            })
+                            .boxed(),
+                    ));
+                }
             }
         }
     }
@@ -265,6 +286,14 @@ pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
         10,
         tasks_allowing(Op::Resume),
     );
+    // A convenience's future can only be dropped (its task is cancelled); now and then, so
+    // that most run to their end.
+    let futures: Vec<TaskId> = model
+        .tasks()
+        .filter(|(_, t)| t.route == Route::Future && t.handle)
+        .map(|(id, _)| id)
+        .collect();
+    user_family(1, |t, _| Op::DropTask(t), 1, futures);
     // Streams: reads rarer than the server's sends, so the window fills now and then (R6);
     // closing a half rarer still, so streams live long enough to fill.
     user_family(

@@ -52,6 +52,11 @@ fn any_op() -> impl Strategy<Value = Op> {
             task,
             kind
         }),
+        (s.clone(), t.clone(), task_kind()).prop_map(|(session, task, kind)| Op::Await {
+            session,
+            task,
+            kind
+        }),
         s.clone().prop_map(Op::FinishTasksAndInvalidate),
         s.clone().prop_map(Op::InvalidateAndCancel),
         s.clone().prop_map(Op::DropSession),
@@ -194,10 +199,16 @@ fn rename(step: &Step, renumbering: &Renumbering) -> Step {
             },
         })
         .collect();
+    let awaited = step
+        .awaited
+        .iter()
+        .map(|&(task, outcome)| (t(task), outcome))
+        .collect();
     Step {
         refused: step.refused,
         returned: step.returned,
         callbacks,
+        awaited,
     }
 }
 
@@ -211,6 +222,7 @@ const WORDS: &[&str] = &[
     "R13",
     "session",
     "task",
+    "await",
     "in",
     "resume",
     "suspend",

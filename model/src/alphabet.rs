@@ -53,6 +53,21 @@ pub enum TaskKind {
     WebSocket,
 }
 
+/// How the user holds a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// A task object (`data_task(request)` and the like): it starts suspended; the user
+    /// resumes, suspends, cancels and drops it; the session's delegate, if any, hears it.
+    Handle,
+    /// A convenience future (`session.data(request).await`, `download`, `upload`): it runs
+    /// from its first poll, its timeouts count from that poll (a wait for a connection slot
+    /// included), no delegate hears it and every response is allowed, dropping the future
+    /// cancels the task, and its result is what the future returns. The future holds a clone
+    /// of the session, so a session whose user let go is finished (R10) when the last of its
+    /// futures returns.
+    Future,
+}
+
 /// The delegate's answer to `did_receive_response`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Disposition {
@@ -129,6 +144,15 @@ pub enum Op {
         task: TaskId,
         kind: TaskKind,
     },
+    /// Start a convenience (`session.data(request)`, `download`, `upload`; `kind` is one of
+    /// the three) and keep polling it: a `Running` task whose handle is the future
+    /// ([`Route::Future`]), or refused with `SessionInvalidated` (R8) by its first poll.
+    /// `DropTask` drops the future.
+    Await {
+        session: SessionId,
+        task: TaskId,
+        kind: TaskKind,
+    },
     /// Run the task; the first resume sends the request.
     Resume(TaskId),
     /// Stop reading; timers stop too (R7).
@@ -182,6 +206,7 @@ impl Op {
     pub fn task(&self) -> Option<TaskId> {
         match *self {
             Op::CreateTask { task, .. }
+            | Op::Await { task, .. }
             | Op::Resume(task)
             | Op::Suspend(task)
             | Op::Cancel(task)

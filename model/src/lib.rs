@@ -69,6 +69,12 @@
 //!   a new one within the bound, else waits its turn ([`Exchange::AwaitingConnection`]) with
 //!   its timers running; suspending it gives up its place. A stream, a websocket and a
 //!   response made a stream have connections of their own, outside the bound.
+//! - A convenience ([`Op::Await`], [`Route::Future`]) is a data, download or upload task that
+//!   runs from its future's first poll: no delegate hears it, every response is allowed, its
+//!   timeouts count from that poll, and its result is the future's output
+//!   ([`Step::awaited`]). The user cannot resume, suspend or cancel it; dropping the future
+//!   cancels it. The future holds a clone of the session, so dropping the user's last handle
+//!   finishes the session (R10) only once its last convenience has returned.
 //! - A peer's close completes the websocket at once, once read; a message not yet received
 //!   goes with the task (R5), and `receive` then fails.
 //!
@@ -83,9 +89,9 @@
 //! | R5 | a completed task holds nothing; its connection is pooled only if read whole and reusable | `Model::complete` and `Model::complete_success`; streams and websockets never pool theirs (`Model::resume`) |
 //! | R6 | a stream holds at most its read-ahead and reads nothing past it | `Model::pump` stops a stream at `read_ahead` and a websocket at one message; [`Resources::buffered_bytes`] counts them; [`rules::check_model`] |
 //! | R7 | a suspended task reads nothing and has no timers | `Model::network` queues what a suspended task would read; [`Task::timers_armed`]; [`Model::allows`] lets no timer fire then |
-//! | R8 | no task after invalidation begins, nothing allocated | `Op::CreateTask` in [`Model::apply`] returns [`Refusal::SessionInvalidated`] |
+//! | R8 | no task after invalidation begins, nothing allocated | `Op::CreateTask` and `Op::Await` in [`Model::apply`] returns [`Refusal::SessionInvalidated`] |
 //! | R9 | the shared session ignores invalidation; idle connections still expire | `Model::finish_tasks_and_invalidate`, `Model::invalidate_and_cancel`, `Op::IdleTimeoutPasses` |
-//! | R10 | the last session handle dropped is finish_tasks_and_invalidate; unreachable suspended tasks are cancelled | `Op::DropSession` and `Op::DropTask` in [`Model::apply`] |
+//! | R10 | the last session handle dropped is finish_tasks_and_invalidate; unreachable suspended tasks are cancelled | `Op::DropSession` and `Op::DropTask` in [`Model::apply`]; a convenience's future is a handle on its session (`Model::complete` finishes a session let go of when its last future returns) and dropping it cancels its task (`Model::drop_task`) |
 //! | R11 | a websocket close completes within the close timeout | `Model::close_websocket` makes the task `Canceling`, where [`Task::armed`] arms [`Timer::Close`]; `Model::pump` completes it on the peer's close, `Op::TimePasses` at the deadline |
 //! | R12 | timeouts and network errors end a task with a typed outcome and release as R5; a task's timers run while it waits for one of its host's connection slots | `Op::TimePasses`, `Model::read` for faults, both through `Model::complete`; `Exchange::AwaitingConnection` arms both timers ([`Task::timers_armed`]); `Model::admit` starts waiters as connections are released; [`rules::check_model`] checks the per-host bound |
 
@@ -95,7 +101,7 @@ mod resources;
 pub mod rules;
 
 pub use alphabet::{
-    Callback, CloseFrame, Disposition, Fault, Op, Outcome, Refusal, Returned, SessionId,
+    Callback, CloseFrame, Disposition, Fault, Op, Outcome, Refusal, Returned, Route, SessionId,
     SessionKind, TaskId, TaskKind, Timer,
 };
 pub use machine::{

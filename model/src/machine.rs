@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::alphabet::{
-    Callback, CloseFrame, Disposition, Fault, Op, Outcome, Refusal, Returned, SessionId,
+    Callback, CloseFrame, Disposition, Fault, Op, Outcome, Refusal, Returned, Route, SessionId,
     SessionKind, TaskId, TaskKind, Timer,
 };
 use crate::resources::Resources;
@@ -116,8 +116,10 @@ pub struct Task {
     pub session: SessionId,
     /// The kind now: a data task that became a download is a download task.
     pub kind: TaskKind,
+    /// A task object, or a convenience's future.
+    pub route: Route,
     pub state: TaskState,
-    /// The user still holds a handle.
+    /// The user still holds a handle (for a convenience: the future).
     pub handle: bool,
     pub exchange: Exchange,
     pub server: ServerPhase,
@@ -232,6 +234,9 @@ pub struct Step {
     /// What a stream or websocket op returned, when it was not refused.
     pub returned: Option<Returned>,
     pub callbacks: Vec<Callback>,
+    /// The conveniences whose future returned in this step, with what it returned. Several
+    /// futures wake in no defined order, so compare them as a set.
+    pub awaited: Vec<(TaskId, Outcome)>,
 }
 
 /// The read-ahead queue of a stream, in bytes, unless the model is made with another: the
@@ -353,7 +358,16 @@ impl Model {
             Op::CreateTask { session, task, .. } => {
                 user_session(session) && !self.tasks.contains_key(task)
             }
-            Op::Resume(t) | Op::Suspend(t) | Op::Cancel(t) | Op::DropTask(t) => user_task(t),
+            Op::Await {
+                session,
+                task,
+                kind,
+            } => user_session(session) && !self.tasks.contains_key(task) && is_http(*kind),
+            // A future offers none of these: it is awaited or dropped.
+            Op::Resume(t) | Op::Suspend(t) | Op::Cancel(t) => {
+                user_task(t) && self.tasks[t].route == Route::Handle
+            }
+            Op::DropTask(t) => user_task(t),
             Op::Read(t) | Op::Write(t) | Op::CloseRead(t) | Op::CloseWrite(t) => {
                 user_task(t) && self.tasks[t].kind == TaskKind::Stream
             }
@@ -423,39 +437,26 @@ impl Model {
             Op::DropSession(s) => {
                 self.session_mut(s).handle = false;
                 // R10: dropping the last handle is finish_tasks_and_invalidate. Suspended tasks
-                // without a handle were cancelled when their handle went.
-                self.finish_tasks_and_invalidate(s, &mut out);
+                // without a handle were cancelled when their handle went. A running
+                // convenience's future holds the session until it returns.
+                if !self.futures_hold(s) {
+                    self.finish_tasks_and_invalidate(s, &mut out);
+                }
             }
             Op::CreateTask {
                 session,
                 task,
                 kind,
+            } => self.create_task(session, task, kind, Route::Handle, &mut out),
+            Op::Await {
+                session,
+                task,
+                kind,
             } => {
-                // R8: refused, and nothing is allocated.
-                if self.sessions[&session].state != SessionState::Active {
-                    out.refused = Some(Refusal::SessionInvalidated);
-                } else {
-                    self.session_mut(session).tasks.push(task);
-                    self.tasks.insert(
-                        task,
-                        Task {
-                            session,
-                            kind,
-                            state: TaskState::Suspended,
-                            handle: true,
-                            exchange: Exchange::NotStarted,
-                            server: ServerPhase::NoRequest,
-                            connection: false,
-                            temp_file: false,
-                            buffered: 0,
-                            read_closed: false,
-                            write_closed: false,
-                            peer_ended: false,
-                            from_response: false,
-                            inbox: None,
-                            unread: VecDeque::new(),
-                        },
-                    );
+                self.create_task(session, task, kind, Route::Future, &mut out);
+                if out.refused.is_none() {
+                    // Its first poll resumes it.
+                    self.resume(task, &mut out);
                 }
             }
             Op::Resume(t) => self.resume(t, &mut out),
@@ -555,8 +556,56 @@ impl Model {
         self.tasks.get_mut(&id).expect("task exists")
     }
 
+    /// Create a `Suspended` task, or refuse it: R8, and nothing is allocated.
+    fn create_task(
+        &mut self,
+        session: SessionId,
+        task: TaskId,
+        kind: TaskKind,
+        route: Route,
+        out: &mut Step,
+    ) {
+        if self.sessions[&session].state != SessionState::Active {
+            out.refused = Some(Refusal::SessionInvalidated);
+            return;
+        }
+        self.session_mut(session).tasks.push(task);
+        self.tasks.insert(
+            task,
+            Task {
+                session,
+                kind,
+                route,
+                state: TaskState::Suspended,
+                handle: true,
+                exchange: Exchange::NotStarted,
+                server: ServerPhase::NoRequest,
+                connection: false,
+                temp_file: false,
+                buffered: 0,
+                read_closed: false,
+                write_closed: false,
+                peer_ended: false,
+                from_response: false,
+                inbox: None,
+                unread: VecDeque::new(),
+            },
+        );
+    }
+
+    /// Whether the task's callbacks go to a delegate: the session has one, and the task is
+    /// not a convenience.
     fn delegated(&self, task: TaskId) -> bool {
-        self.sessions[&self.tasks[&task].session].kind == SessionKind::Delegated
+        let t = &self.tasks[&task];
+        t.route == Route::Handle && self.sessions[&t.session].kind == SessionKind::Delegated
+    }
+
+    /// Whether a running convenience's future still holds a clone of the session.
+    fn futures_hold(&self, s: SessionId) -> bool {
+        self.sessions[&s].tasks.iter().any(|t| {
+            let task = &self.tasks[t];
+            task.route == Route::Future && task.handle && task.is_live()
+        })
     }
 
     fn say(&self, task: TaskId, callback: Callback, out: &mut Step) {
@@ -860,6 +909,13 @@ impl Model {
     fn drop_task(&mut self, t: TaskId, out: &mut Step) {
         let task = self.task_mut(t);
         task.handle = false;
+        if task.route == Route::Future {
+            // Dropping the future cancels its task; nobody is there to hear the result.
+            if task.is_live() {
+                self.complete(t, Outcome::Cancelled, out);
+            }
+            return;
+        }
         match (task.state, task.kind) {
             (TaskState::Suspended, _) | (TaskState::Running, TaskKind::Stream) => {
                 self.complete(t, Outcome::Cancelled, out);
@@ -898,12 +954,21 @@ impl Model {
         task.inbox = None;
         task.unread.clear();
         let session = task.session;
+        let future = task.route == Route::Future;
+        if future && task.handle {
+            out.awaited.push((t, outcome));
+        }
         if waited {
             self.session_mut(session).waiting.retain(|w| *w != t);
         }
         self.say(t, Callback::Complete { task: t, outcome }, out);
         // Its connection is closed or pooled: a waiting task takes the slot, or the connection.
         self.admit(session, out);
+        // The future returned and dropped its clone of the session: the last one, if the user
+        // let go of theirs (R10).
+        if future && !self.sessions[&session].handle && !self.futures_hold(session) {
+            self.finish_tasks_and_invalidate(session, out);
+        }
         if matches!(
             self.sessions[&session].state,
             SessionState::Finishing | SessionState::Cancelling

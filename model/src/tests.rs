@@ -869,3 +869,123 @@ fn streams_websockets_and_a_response_made_a_stream_take_no_http_slot() {
     assert_eq!(m.task(U).unwrap().exchange, Exchange::AwaitingResponse);
     assert_eq!(m.resources(S).open_connections, 4);
 }
+
+fn awaiting(task: TaskId, kind: TaskKind) -> Op {
+    Op::Await {
+        session: S,
+        task,
+        kind,
+    }
+}
+
+#[test]
+fn a_convenience_runs_from_its_first_poll_and_returns_its_result_to_nobody_else() {
+    let mut m = Model::new();
+    let mut step = |m: &mut Model, op: Op| {
+        let step = m.apply(&op);
+        check_model(m).unwrap();
+        step
+    };
+    step(&mut m, session(SessionKind::Delegated));
+    let first = step(&mut m, awaiting(T, TaskKind::Download));
+    assert_eq!(first.refused, None);
+    let t = m.task(T).unwrap();
+    assert_eq!((t.state, t.route), (TaskState::Running, Route::Future));
+    assert_eq!(
+        m.resources(S).timers,
+        2,
+        "its timeouts count from the first poll"
+    );
+    // Resume, suspend and cancel are not the future's to offer.
+    assert!(!m.allows(&Op::Resume(T)) && !m.allows(&Op::Cancel(T)));
+    let head = step(
+        &mut m,
+        Op::ServerHeaders {
+            task: T,
+            answer: Disposition::Cancel,
+        },
+    );
+    assert!(head.callbacks.is_empty(), "no delegate hears a convenience");
+    assert_eq!(m.resources(S).temp_files, 1, "every response is allowed");
+    let end = step(
+        &mut m,
+        Op::ServerEnds {
+            task: T,
+            reusable: true,
+        },
+    );
+    assert!(end.callbacks.is_empty());
+    assert_eq!(end.awaited, [(T, Outcome::Success)]);
+    let held = m.resources(S);
+    assert_eq!((held.temp_files, held.idle_connections), (0, 1));
+}
+
+#[test]
+fn a_queued_convenience_times_out_and_a_dropped_one_is_cancelled_silently() {
+    let mut m = Model::new();
+    run(
+        &mut m,
+        &[
+            limited(SessionKind::Plain, 1),
+            awaiting(T, TaskKind::Data),
+            awaiting(U, TaskKind::Upload),
+        ],
+    );
+    assert_eq!(m.task(U).unwrap().exchange, Exchange::AwaitingConnection);
+    let timed_out = m.apply(&Op::TimePasses {
+        task: U,
+        timer: Timer::Resource,
+    });
+    assert_eq!(timed_out.awaited, [(U, Outcome::TimedOut(Timer::Resource))]);
+    assert!(m.session(S).unwrap().waiting.is_empty());
+    let dropped = m.apply(&Op::DropTask(T));
+    assert!(
+        dropped.awaited.is_empty(),
+        "a dropped future returns nothing"
+    );
+    assert_eq!(m.task(T).unwrap().state, TaskState::Completed);
+    assert!(m.resources(S).open_connections == 0 && m.resources(S).live_tasks == 0);
+}
+
+#[test]
+fn a_running_convenience_holds_its_session_after_the_user_let_go() {
+    let mut m = Model::new();
+    let heard = run(
+        &mut m,
+        &[
+            session(SessionKind::Delegated),
+            awaiting(T, TaskKind::Data),
+            Op::DropSession(S),
+        ],
+    );
+    assert!(heard.is_empty());
+    assert_eq!(m.session(S).unwrap().state, SessionState::Active);
+    let end = m.apply(&Op::ServerFails {
+        task: T,
+        fault: Fault::Reset,
+    });
+    assert_eq!(end.awaited, [(T, Outcome::Reset)]);
+    // The future returned with the session's last clone: R10, and nothing is left to finish.
+    assert_eq!(end.callbacks, [Callback::BecomeInvalid { session: S }]);
+    assert_eq!(m.session(S).unwrap().state, SessionState::Invalidated);
+    assert!(m.resources(S).is_zero());
+}
+
+#[test]
+fn a_convenience_after_invalidation_began_is_refused_and_invalidate_and_cancel_ends_one() {
+    let mut m = Model::new();
+    run(
+        &mut m,
+        &[session(SessionKind::Plain), awaiting(T, TaskKind::Data)],
+    );
+    let cancelled = m.apply(&Op::InvalidateAndCancel(S));
+    assert_eq!(cancelled.awaited, [(T, Outcome::Cancelled)]);
+    let mut m = Model::new();
+    run(
+        &mut m,
+        &[session(SessionKind::Plain), Op::FinishTasksAndInvalidate(S)],
+    );
+    let refused = m.apply(&awaiting(T, TaskKind::Data));
+    assert_eq!(refused.refused, Some(Refusal::SessionInvalidated));
+    assert!(m.task(T).is_none(), "R8: nothing allocated");
+}

@@ -221,6 +221,10 @@ impl Driver {
                 if let Some((key, timer)) = self.timers.remove(&(task, timeout)) {
                     self.clock.try_remove(&key);
                     self.due(Due::Timer(timer));
+                } else {
+                    // A convenience keeps its own clock in its future: it runs out as that
+                    // clock would have it.
+                    self.shared.core.handler_timed_out(task, timeout);
                 }
             }
             #[cfg(feature = "test-util")]
