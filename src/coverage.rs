@@ -32,8 +32,12 @@ use crate::explore::{Alphabet, Exploration, explore_where, search};
 ///   apart).
 /// - Data tasks only, every kind of session, to depth 7: a task waiting for its host's slot
 ///   while its session finishes, and its timers firing then.
+/// - Conveniences only ([`Op::Await`]), to depth 7: each op on a future, waiting for the
+///   host's slot or not, in each session state.
+/// - Download and upload tasks beside a data convenience, to depth 6: a task object waiting
+///   behind a future, which takes one op less to reach than behind another task object.
 ///
-/// Together, measured on 2026-12-02: 2617 pairs, in about 10 s of a debug build
+/// Together, measured on 2026-12-02: 2983 pairs, in about 12 s of a debug build
 /// (`tests/coverage.rs` checks that the suite applies every one, and none beyond them).
 pub fn universe_scopes() -> Vec<(Alphabet, usize)> {
     let every = Alphabet::every_kind();
@@ -60,9 +64,29 @@ pub fn universe_scopes() -> Vec<(Alphabet, usize)> {
         (
             Alphabet {
                 task_kinds: vec![TaskKind::Data],
-                ..every
+                ..every.clone()
             },
             7,
+        ),
+        // Conveniences, of every kind of session: the second waits for the first's slot, and
+        // each op on a future in each state its exchange and its session can be in.
+        (
+            Alphabet {
+                task_kinds: Vec::new(),
+                conveniences: vec![TaskKind::Data, TaskKind::Download, TaskKind::Upload],
+                ..every.clone()
+            },
+            7,
+        ),
+        // A task object of each HTTP kind waiting behind a convenience: four ops in, where
+        // behind another task object it is five.
+        (
+            Alphabet {
+                task_kinds: vec![TaskKind::Download, TaskKind::Upload],
+                conveniences: vec![TaskKind::Data],
+                ..every
+            },
+            6,
         ),
     ]
 }

@@ -10,8 +10,8 @@ use std::rc::Rc;
 
 use leakproof_model::rules::{Rule, Violation, check_model, check_trace};
 use leakproof_model::{
-    Callback, CloseFrame, Disposition, Fault, Model, Op, SessionId, SessionKind, SessionState,
-    Step, TaskKind, Timer,
+    Callback, CloseFrame, Disposition, Fault, Model, Op, Route, SessionId, SessionKind,
+    SessionState, Step, TaskKind, Timer,
 };
 
 use crate::machine::{Divergence, System, run_sequence, teardown_ops};
@@ -46,6 +46,8 @@ pub struct Alphabet {
     pub body_sizes: Vec<u32>,
     /// The sessions' `max_connections_per_host` (`None`: no limit).
     pub per_host: Vec<Option<u32>>,
+    /// The conveniences (`Op::Await`) it may start, of these kinds; they count among `tasks`.
+    pub conveniences: Vec<TaskKind>,
 }
 
 impl Default for Alphabet {
@@ -60,6 +62,7 @@ impl Default for Alphabet {
             task_kinds: ALL_KINDS.to_vec(),
             body_sizes: vec![1, 65_536],
             per_host: vec![None],
+            conveniences: Vec::new(),
         }
     }
 }
@@ -121,6 +124,11 @@ impl Alphabet {
                     task,
                     kind,
                 }));
+                ops.extend(self.conveniences.iter().map(|&kind| Op::Await {
+                    session,
+                    task,
+                    kind,
+                }));
             }
             ops.extend([
                 Op::FinishTasksAndInvalidate(session),
@@ -139,7 +147,12 @@ impl Alphabet {
                 answers.push(answer);
             }
         }
-        for (task, _) in model.tasks() {
+        for (task, t) in model.tasks() {
+            // A convenience allows every response whatever the answer would have been.
+            let answers = match t.route {
+                Route::Handle => answers.clone(),
+                Route::Future => DISPOSITIONS.to_vec(),
+            };
             ops.extend([
                 Op::Resume(task),
                 Op::Suspend(task),
@@ -185,6 +198,14 @@ impl Alphabet {
         ops
     }
 }
+
+/// Every answer to `did_receive_response`.
+const DISPOSITIONS: [Disposition; 4] = [
+    Disposition::Allow,
+    Disposition::Cancel,
+    Disposition::BecomeDownload,
+    Disposition::BecomeStream,
+];
 
 /// How big a search was.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -881,7 +881,7 @@ fn awaiting(task: TaskId, kind: TaskKind) -> Op {
 #[test]
 fn a_convenience_runs_from_its_first_poll_and_returns_its_result_to_nobody_else() {
     let mut m = Model::new();
-    let mut step = |m: &mut Model, op: Op| {
+    let step = |m: &mut Model, op: Op| {
         let step = m.apply(&op);
         check_model(m).unwrap();
         step

@@ -965,10 +965,12 @@ impl Engine {
                 self.ends.insert(task, end);
             }
         }
+        // A handler handed a start it has not taken yet never opened that connection: there is
+        // no IO to abort, and the handler finds the task gone when it looks.
         let started = !matches!(
             cell.exchange,
             Exchange::NotStarted | Exchange::AwaitingConnection
-        );
+        ) && cell.start.is_none();
         if cell.exchange == Exchange::AwaitingConnection {
             self.waiting.retain(|t| *t != task);
         }
