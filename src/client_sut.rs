@@ -280,6 +280,7 @@ impl ClientWorld {
                 }
                 self.session_of.insert(task, session);
             }
+            Op::Par(ref a, ref b) => return (self.par([a, b], &runtime), None),
             Op::Resume(t) => {
                 self.user_task(t).resume();
                 self.task(t).resumed = true;
@@ -444,6 +445,112 @@ impl ClientWorld {
             }
         }
         (None, None)
+    }
+
+    /// The session `op` is about.
+    fn session_of_op(&self, op: &Op) -> SessionId {
+        match *op {
+            Op::CreateTask { session, .. }
+            | Op::FinishTasksAndInvalidate(session)
+            | Op::InvalidateAndCancel(session)
+            | Op::DropSession(session) => session,
+            _ => self.session_of[&op.task().expect("a task op")],
+        }
+    }
+
+    /// Two user ops of one session at once, from two threads released together; then the
+    /// world's own account of what they did. The refusal, if one was refused.
+    fn par(&mut self, ops: [&Op; 2], runtime: &tokio::runtime::Handle) -> Option<Refusal> {
+        let s = self.session_of_op(ops[0]);
+        // Made ready first: a stream's listener, the name the delegate will hear a new task
+        // by (its callbacks may come before this thread learns it was created), and what the
+        // user lets go of, to be dropped on its thread.
+        let mut owned: Vec<Option<Box<dyn Send>>> = Vec::new();
+        let mut raw = None;
+        for op in ops {
+            owned.push(match *op {
+                Op::CreateTask { task, kind, .. } => {
+                    if kind == TaskKind::Stream {
+                        let stage = &self.sim(s).stage;
+                        let listener =
+                            runtime.block_on(stage.listen_raw(RawScript::hold(task.to_string())));
+                        raw = Some(listener.expect("a raw listener"));
+                    }
+                    let sim = self.sim(s);
+                    let next = leakproof::TaskId(sim.tasks.len() as u64);
+                    sim.ear.ids.lock().unwrap().insert(next, task);
+                    None
+                }
+                Op::DropSession(_) => Some(Box::new(self.sim(s).session.take())),
+                Op::DropTask(t) => {
+                    let sim = self.sim(s);
+                    let task = sim.tasks.get_mut(&t).expect("task");
+                    let client = task.client;
+                    let handle = task.handle.take();
+                    sim.ear.dropped.lock().unwrap().insert(client);
+                    let stream = sim.ear.streams.lock().unwrap().remove(&client);
+                    Some(Box::new((handle, stream)))
+                }
+                _ => None,
+            });
+        }
+        let sim = &self.sessions[&s];
+        let barrier = std::sync::Barrier::new(2);
+        let results: Vec<Option<Result<AnyTask, Error>>> = std::thread::scope(|scope| {
+            let threads: Vec<_> = ops
+                .into_iter()
+                .zip(owned)
+                .map(|(op, owned)| {
+                    let barrier = &barrier;
+                    scope.spawn(move || {
+                        let _runtime = runtime.enter();
+                        let user = || sim.session.as_ref().expect("the user holds the session");
+                        barrier.wait();
+                        match *op {
+                            Op::CreateTask { task, kind, .. } => {
+                                return Some(sim.make_task(task, kind, raw));
+                            }
+                            Op::FinishTasksAndInvalidate(_) => user().finish_tasks_and_invalidate(),
+                            Op::InvalidateAndCancel(_) => user().invalidate_and_cancel(),
+                            Op::Resume(t) => sim.tasks[&t].handle.as_ref().expect("held").resume(),
+                            Op::Suspend(t) => {
+                                sim.tasks[&t].handle.as_ref().expect("held").suspend()
+                            }
+                            Op::Cancel(t) => sim.tasks[&t].handle.as_ref().expect("held").cancel(),
+                            Op::DropSession(_) | Op::DropTask(_) => drop(owned),
+                            ref other => panic!("{other:?} does not run in parallel"),
+                        }
+                        None
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("a user op panicked"))
+                .collect()
+        });
+        let mut refused = None;
+        for (op, result) in ops.into_iter().zip(results) {
+            match (op, result) {
+                (Op::CreateTask { task, kind, .. }, Some(Ok(handle))) => {
+                    self.session_of.insert(*task, s);
+                    self.sim(s).adopt(*task, *kind, handle);
+                }
+                (Op::CreateTask { task, .. }, Some(Err(error))) => {
+                    assert!(
+                        matches!(error, Error::SessionInvalidated),
+                        "R8: creating {task} failed: {error}"
+                    );
+                    let sim = self.sim(s);
+                    let next = leakproof::TaskId(sim.tasks.len() as u64);
+                    sim.ear.ids.lock().unwrap().remove(&next);
+                    refused = Some(Refusal::SessionInvalidated);
+                }
+                (Op::Resume(t), _) => self.task(*t).resumed = true,
+                _ => {}
+            }
+        }
+        refused
     }
 
     /// Do `f` with the user's handle on a stream task, or on the stream a data task became.
@@ -671,6 +778,18 @@ impl Sim {
         kind: TaskKind,
         raw: Option<std::net::SocketAddr>,
     ) -> Result<(), Error> {
+        let handle = self.make_task(task, kind, raw)?;
+        self.adopt(task, kind, handle);
+        Ok(())
+    }
+
+    /// Make a task object of `kind`, as `task`, against this session's stage.
+    fn make_task(
+        &self,
+        task: TaskId,
+        kind: TaskKind,
+        raw: Option<std::net::SocketAddr>,
+    ) -> Result<AnyTask, Error> {
         let session = self.session.as_ref().expect("the user holds the session");
         let url = self.stage.url(&format!("/hold/{task}"));
         let get = || http::Request::get(url.clone()).body(()).unwrap();
@@ -690,6 +809,11 @@ impl Sim {
                 AnyTask::WebSocket(session.websocket_task(url.as_str(), &[])?)
             }
         };
+        Ok(handle)
+    }
+
+    /// Keep a task object the user made, and its name for the delegate.
+    fn adopt(&mut self, task: TaskId, kind: TaskKind, handle: AnyTask) {
         let client = handle.id();
         self.ear.ids.lock().unwrap().insert(client, task);
         self.tasks.insert(
@@ -708,7 +832,6 @@ impl Sim {
                 server_closed: false,
             },
         );
-        Ok(())
     }
 
     fn view(&self, heard: Vec<Callback>) -> SessionView {

@@ -299,6 +299,8 @@ impl Class {
             }
         };
         match *op {
+            // Recorded as its two ops (see `record`); alone, it is its first op's.
+            Op::Par(ref first, _) => Class::of(before, first),
             Op::CreateSession { .. } => Class::NoSession,
             Op::CreateTask { session, .. }
             | Op::Await { session, .. }
@@ -393,6 +395,7 @@ impl OpKind {
     /// The kind of `op`.
     pub fn of(op: &Op) -> Self {
         match *op {
+            Op::Par(ref first, _) => OpKind::of(first),
             Op::CreateSession { kind, .. } => OpKind::CreateSession(kind),
             Op::FinishTasksAndInvalidate(_) => OpKind::FinishTasksAndInvalidate,
             Op::InvalidateAndCancel(_) => OpKind::InvalidateAndCancel,
@@ -622,6 +625,14 @@ static COUNTS: Mutex<BTreeMap<Pair, u64>> = Mutex::new(BTreeMap::new());
 
 /// Note that `op` was applied to a system when the model stood at `before`.
 pub fn record(before: &Model, op: &Op) {
+    if let Op::Par(first, second) = op {
+        // Two ops at once apply the transitions of both, in either order: counted as written.
+        record(before, first);
+        let mut after = before.clone();
+        after.apply(first);
+        record(&after, second);
+        return;
+    }
     // A test that panicked elsewhere leaves the counts as valid as they were.
     let mut counts = COUNTS.lock().unwrap_or_else(PoisonError::into_inner);
     *counts.entry(Pair::of(before, op)).or_default() += 1;

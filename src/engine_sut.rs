@@ -176,29 +176,14 @@ impl System for EngineWorld {
             } => {
                 let sim = self.sim(session);
                 let handle = sim.handle.as_ref().expect("the user holds the session");
-                match handle.create_task(engine_kind(kind), "stage", core::Route::Delegate) {
-                    Ok(handle) => {
-                        sim.model_id.insert(handle.id(), task);
-                        sim.net.kinds.insert(handle.id(), engine_kind(kind));
-                        sim.tasks.insert(
-                            task,
-                            SimTask {
-                                engine: handle.id(),
-                                handle: Some(handle),
-                                stream: None,
-                                answer: Disposition::Allow,
-                                future: None,
-                                convenience: false,
-                            },
-                        );
-                        self.session_of.insert(task, session);
-                    }
-                    Err(core::Error::SessionInvalidated) => {
-                        refused = Some(Refusal::SessionInvalidated);
-                    }
-                    Err(other) => panic!("R8: create_task failed with {other}"),
-                }
+                let created = handle.create_task(engine_kind(kind), "stage", core::Route::Delegate);
+                refused = self.adopt(session, task, kind, created);
                 session
+            }
+            Op::Par(ref a, ref b) => {
+                let s = self.session_of_op(a);
+                refused = self.par(s, [a, b]);
+                s
             }
             Op::Await {
                 session,
@@ -372,7 +357,151 @@ fn refusal(error: &core::Error) -> Refusal {
     }
 }
 
+/// What one of two user ops at once does on its thread.
+enum Job<'a> {
+    Create(&'a core::SessionHandle, core::TaskKind),
+    Task(&'a core::TaskHandle, fn(&core::TaskHandle)),
+    Session(&'a core::SessionHandle, fn(&core::SessionHandle)),
+    /// Drop what the user let go of: a session's handle, or a task's.
+    Drop(Box<dyn Send>),
+}
+
+impl Job<'_> {
+    fn run(self) -> Option<Result<core::TaskHandle, core::Error>> {
+        match self {
+            Job::Create(session, kind) => {
+                Some(session.create_task(kind, "stage", core::Route::Delegate))
+            }
+            Job::Task(task, op) => {
+                op(task);
+                None
+            }
+            Job::Session(session, op) => {
+                op(session);
+                None
+            }
+            Job::Drop(held) => {
+                drop(held);
+                None
+            }
+        }
+    }
+}
+
 impl EngineWorld {
+    /// The session `op` is about.
+    fn session_of_op(&self, op: &Op) -> SessionId {
+        match *op {
+            Op::CreateTask { session, .. }
+            | Op::FinishTasksAndInvalidate(session)
+            | Op::InvalidateAndCancel(session)
+            | Op::DropSession(session) => session,
+            _ => self.session_of[&op.task().expect("a task op")],
+        }
+    }
+
+    /// Two user ops of session `s` at once, from two threads released together; then the
+    /// world's own account of what they did. The refusal, if one was refused.
+    fn par(&mut self, s: SessionId, ops: [&Op; 2]) -> Option<Refusal> {
+        // What the user lets go of leaves the world first, to be dropped on its thread.
+        let mut owned: Vec<Option<Box<dyn Send>>> = Vec::new();
+        for op in ops {
+            let sim = self.sim(s);
+            owned.push(match *op {
+                Op::DropSession(_) => Some(Box::new(sim.handle.take())),
+                Op::DropTask(t) => {
+                    let task = sim.tasks.get_mut(&t).expect("task");
+                    Some(Box::new((task.handle.take(), task.stream.take())))
+                }
+                _ => None,
+            });
+        }
+        let sim = &self.sessions[&s];
+        let jobs = ops.into_iter().zip(owned).map(|(op, owned)| match *op {
+            Op::CreateTask { kind, .. } => {
+                let handle = sim.handle.as_deref().expect("the user holds the session");
+                Job::Create(handle, engine_kind(kind))
+            }
+            Op::FinishTasksAndInvalidate(_) | Op::InvalidateAndCancel(_) => {
+                let handle = sim.handle.as_deref().expect("the user holds the session");
+                let op: fn(&core::SessionHandle) = match *op {
+                    Op::FinishTasksAndInvalidate(_) => {
+                        core::SessionHandle::finish_tasks_and_invalidate
+                    }
+                    _ => core::SessionHandle::invalidate_and_cancel,
+                };
+                Job::Session(handle, op)
+            }
+            Op::Resume(t) | Op::Suspend(t) | Op::Cancel(t) => {
+                let op: fn(&core::TaskHandle) = match *op {
+                    Op::Resume(_) => core::TaskHandle::resume,
+                    Op::Suspend(_) => core::TaskHandle::suspend,
+                    _ => core::TaskHandle::cancel,
+                };
+                Job::Task(sim.tasks[&t].user(), op)
+            }
+            Op::DropSession(_) | Op::DropTask(_) => Job::Drop(owned.expect("taken above")),
+            ref other => panic!("{other:?} does not run in parallel"),
+        });
+        let jobs: Vec<Job> = jobs.collect();
+        let barrier = std::sync::Barrier::new(2);
+        let results: Vec<_> = std::thread::scope(|scope| {
+            let threads: Vec<_> = jobs
+                .into_iter()
+                .map(|job| {
+                    let barrier = &barrier;
+                    scope.spawn(move || {
+                        barrier.wait();
+                        job.run()
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("a user op panicked"))
+                .collect()
+        });
+        let mut refused = None;
+        for (op, result) in ops.into_iter().zip(results) {
+            if let (Op::CreateTask { task, kind, .. }, Some(created)) = (op, result) {
+                refused = refused.or(self.adopt(s, *task, *kind, created));
+            }
+        }
+        refused
+    }
+
+    /// The world's account of a task object `create_task` made, or its refusal.
+    fn adopt(
+        &mut self,
+        session: SessionId,
+        task: TaskId,
+        kind: TaskKind,
+        created: Result<core::TaskHandle, core::Error>,
+    ) -> Option<Refusal> {
+        let sim = self.sim(session);
+        match created {
+            Ok(handle) => {
+                sim.model_id.insert(handle.id(), task);
+                sim.net.kinds.insert(handle.id(), engine_kind(kind));
+                sim.tasks.insert(
+                    task,
+                    SimTask {
+                        engine: handle.id(),
+                        handle: Some(handle),
+                        stream: None,
+                        answer: Disposition::Allow,
+                        future: None,
+                        convenience: false,
+                    },
+                );
+                self.session_of.insert(task, session);
+                None
+            }
+            Err(core::Error::SessionInvalidated) => Some(Refusal::SessionInvalidated),
+            Err(other) => panic!("R8: create_task failed with {other}"),
+        }
+    }
+
     fn sim(&mut self, s: SessionId) -> &mut Sim {
         self.sessions.get_mut(&s).expect("session exists")
     }

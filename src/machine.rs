@@ -6,7 +6,7 @@
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use proptest_state_machine::{ReferenceStateMachine, StateMachineTest};
+use proptest_state_machine::StateMachineTest;
 
 use leakproof_model::rules::Violation;
 use leakproof_model::{Model, Op, SessionKind, Timer};
@@ -32,13 +32,15 @@ pub trait System: Default {
 /// Ops applied across every case so far, for the report.
 pub static OPS_APPLIED: AtomicU64 = AtomicU64::new(0);
 
-/// The system under test, how far into its sequence it is, and the model as it stood before
-/// the op being applied (for coverage).
+/// The system under test, how far into its sequence it is, and the model as the system has
+/// taken it: where an op had two outcomes ([`Op::Par`]), the one the system showed. The
+/// generator's reference takes the order as written, so an op it generates after a `Par`
+/// that went the other way may not be allowed here: it is skipped, as a replay skips it.
 #[derive(Debug, Default)]
 pub struct Run<S> {
     pub system: S,
     pub step: usize,
-    pub before: Model,
+    pub actual: RefState,
 }
 
 /// The proptest-state-machine test of `S` against the model.
@@ -64,20 +66,38 @@ impl std::fmt::Display for Divergence {
     }
 }
 
-/// Apply `op` to the model and the system and compare them.
-fn step<S: System>(run: &mut Run<S>, model: &mut RefState, op: &Op) -> Result<(), Divergence> {
+/// Apply `op` to the system and compare what it shows with the model's outcomes of `op`
+/// (one, or a `Par`'s two serial orders); the model goes on from the outcome it showed. An op
+/// the model does not allow where it stands is skipped.
+fn step<S: System>(run: &mut Run<S>, op: &Op) -> Result<(), Divergence> {
+    if !run.actual.model.allows(op) {
+        return Ok(());
+    }
     run.step += 1;
     OPS_APPLIED.fetch_add(1, Ordering::Relaxed);
-    crate::coverage::record(&model.model, op);
-    let next = Reference::apply(std::mem::take(model), op);
-    *model = next;
-    let view = run
-        .system
-        .apply_until(op, &|view| compare(view, &model.model, &model.last).is_ok());
-    compare(&view, &model.model, &model.last).map_err(|violation| Divergence {
+    crate::coverage::record(&run.actual.model, op);
+    let outcomes = run.actual.model.linearizations(op);
+    let view = run.system.apply_until(op, &|view| {
+        outcomes
+            .iter()
+            .any(|(model, step)| compare(view, model, step).is_ok())
+    });
+    let mut first = None;
+    for (model, step) in outcomes {
+        match compare(&view, &model, &step) {
+            Ok(()) => {
+                run.actual = RefState { model, last: step };
+                return Ok(());
+            }
+            Err(violation) => {
+                first.get_or_insert(violation);
+            }
+        }
+    }
+    Err(Divergence {
         step: run.step,
         op: op.clone(),
-        violation,
+        violation: first.expect("an allowed op has an outcome"),
     })
 }
 
@@ -86,14 +106,11 @@ fn step<S: System>(run: &mut Run<S>, model: &mut RefState, op: &Op) -> Result<()
 /// where they stand are skipped, as the generator's shrinking does.
 pub fn run_sequence<S: System>(ops: &[Op]) -> Result<usize, Divergence> {
     let mut run = Run::<S>::default();
-    let mut model = RefState::default();
     for op in ops {
-        if model.model.allows(op) {
-            step(&mut run, &mut model, op)?;
-        }
+        step(&mut run, op)?;
     }
-    for op in teardown_ops(&model.model) {
-        step(&mut run, &mut model, &op)?;
+    for op in teardown_ops(&run.actual.model) {
+        step(&mut run, &op)?;
     }
     Ok(run.step)
 }
@@ -106,37 +123,23 @@ impl<S: System> StateMachineTest for Conformance<S> {
         Run::default()
     }
 
-    fn apply(mut run: Run<S>, model: &RefState, op: Op) -> Run<S> {
-        // proptest-state-machine has applied `op` to the model already.
-        run.step += 1;
-        OPS_APPLIED.fetch_add(1, Ordering::Relaxed);
-        crate::coverage::record(&run.before, &op);
-        run.before = model.model.clone();
-        let view = run.system.apply_until(&op, &|view| {
-            compare(view, &model.model, &model.last).is_ok()
-        });
-        if let Err(violation) = compare(&view, &model.model, &model.last) {
-            let step = run.step;
-            panic!(
-                "{}",
-                Divergence {
-                    step,
-                    op,
-                    violation
-                }
-            );
+    fn apply(mut run: Run<S>, _: &RefState, op: Op) -> Run<S> {
+        // The reference has applied `op` in the order written; the run follows the system.
+        if let Err(divergence) = step(&mut run, &op) {
+            panic!("{divergence}");
         }
         run
     }
 
-    fn teardown(mut run: Run<S>, mut model: RefState) {
-        for op in teardown_ops(&model.model) {
-            if let Err(divergence) = step(&mut run, &mut model, &op) {
+    fn teardown(mut run: Run<S>, _: RefState) {
+        for op in teardown_ops(&run.actual.model) {
+            if let Err(divergence) = step(&mut run, &op) {
                 panic!("{divergence}");
             }
         }
         // Every session the user could reach is gone now, so each must hold nothing; `compare`
         // above checked it against the model, which says so.
+        let model = &run.actual;
         for (id, session) in model.model.sessions() {
             let held = model.model.resources(id);
             assert!(

@@ -298,11 +298,21 @@ pub fn line(op: &Op) -> String {
             format!("time {task} passes {} timeout", timer_word(timer))
         }
         Op::IdleTimeoutPasses(session) => format!("time {session} passes idle timeout"),
+        Op::Par(ref a, ref b) => format!("par {} | {}", line(a), line(b)),
     }
 }
 
 fn parse_op(words: &[&str]) -> Option<Op> {
     Some(match *words {
+        ["par", ref rest @ ..] => {
+            let bar = rest.iter().position(|w| *w == "|")?;
+            let (a, b) = (&rest[..bar], &rest[bar + 1..]);
+            let (a, b) = (parse_op(a)?, parse_op(b)?);
+            if !a.may_run_in_parallel() || !b.may_run_in_parallel() {
+                return None;
+            }
+            Op::Par(Box::new(a), Box::new(b))
+        }
         ["session", s, kind] => Op::CreateSession {
             session: session(s)?,
             kind: parse_word(&SESSION_KINDS, session_kind_word, kind)?,
@@ -404,6 +414,7 @@ fn usage(verb: &str) -> &'static str {
         "session" => "session SESSION plain|delegated|shared",
         "task" => "task TASK data|download|upload|stream|websocket in SESSION",
         "await" => "await TASK data|download|upload in SESSION",
+        "par" => "par OP | OP (two of: a session op, task, resume, suspend, cancel, drop)",
         "resume" => "resume TASK",
         "suspend" => "suspend TASK",
         "cancel" => "cancel TASK",
@@ -421,7 +432,7 @@ fn usage(verb: &str) -> &'static str {
             "time TASK passes request|resource|close timeout|time SESSION passes idle timeout"
         }
         _ => {
-            "# a comment, or an op: session, task, await, resume, suspend, cancel, drop, read, write, close, receive, finish, invalidate, server, time"
+            "# a comment, or an op: session, task, await, par, resume, suspend, cancel, drop, read, write, close, receive, finish, invalidate, server, time"
         }
     }
 }
@@ -540,7 +551,11 @@ impl Renumbering {
     /// The renaming that makes `ops` read `s0`, `s1`, ... and `t0`, `t1`, ...
     pub fn of(ops: &[Op]) -> Self {
         let mut renumbering = Self::default();
-        for op in ops {
+        let atoms = ops.iter().flat_map(|op| match op {
+            Op::Par(a, b) => vec![&**a, &**b],
+            op => vec![op],
+        });
+        for op in atoms {
             let (session, task) = ids(op);
             if let Some(s) = session {
                 let next = SessionId(renumbering.sessions.len() as u32);
@@ -568,6 +583,7 @@ impl Renumbering {
     pub fn op(&self, op: &Op) -> Op {
         let (s, t) = (|id| self.session(id), |id| self.task(id));
         match *op {
+            Op::Par(ref a, ref b) => Op::Par(Box::new(self.op(a)), Box::new(self.op(b))),
             Op::CreateSession {
                 session,
                 kind,
@@ -787,7 +803,7 @@ fn rust_elements(ops: &[Op]) -> String {
         .iter()
         .filter_map(|literal| match literal {
             Literal::Tuple(text) => Some(text.as_str()),
-            Literal::Struct { .. } => None,
+            Literal::Struct { .. } | Literal::Par(..) => None,
         })
         .collect();
     let one_line = tuples.join(", ");
@@ -813,6 +829,8 @@ enum Literal {
         variant: &'static str,
         fields: Vec<(&'static str, String)>,
     },
+    /// `Op::Par(Box::new(..), Box::new(..))`, one box a line.
+    Par(Box<Literal>, Box<Literal>),
 }
 
 impl Literal {
@@ -827,6 +845,14 @@ impl Literal {
                 }
                 out + indent + "}"
             }
+            Literal::Par(a, b) => {
+                let inner = format!("{indent}    ");
+                format!(
+                    "Op::Par(\n{inner}Box::new({}),\n{inner}Box::new({}),\n{indent})",
+                    a.write(&inner),
+                    b.write(&inner)
+                )
+            }
         }
     }
 }
@@ -840,6 +866,7 @@ fn rust_literal(op: &Op) -> Literal {
         fields: fields.to_vec(),
     };
     match *op {
+        Op::Par(ref a, ref b) => Literal::Par(Box::new(rust_literal(a)), Box::new(rust_literal(b))),
         Op::CreateSession {
             session,
             kind,

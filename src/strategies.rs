@@ -247,7 +247,7 @@ pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
     if !sessions.is_empty() {
         families.push((
             3,
-            (proptest::sample::select(sessions), 0..3u8)
+            (proptest::sample::select(sessions.clone()), 0..3u8)
                 .prop_map(|(s, which)| match which {
                     0 => Op::FinishTasksAndInvalidate(s),
                     1 => Op::InvalidateAndCancel(s),
@@ -317,6 +317,47 @@ pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
         6,
         tasks_allowing(Op::Receive),
     );
+
+    // Two user ops of one session at once (linearizability): now and then, among the ops a
+    // user could make now, so that races like a creation against invalidate_and_cancel, or a
+    // resume against a cancel, come up.
+    let mut candidates: Vec<Op> = Vec::new();
+    for &session in &sessions {
+        candidates.extend([
+            Op::FinishTasksAndInvalidate(session),
+            Op::InvalidateAndCancel(session),
+            Op::DropSession(session),
+        ]);
+        if task_count < MAX_TASKS {
+            let task = model.next_task_id();
+            candidates.extend(kinds.iter().map(|&kind| Op::CreateTask {
+                session,
+                task,
+                kind,
+            }));
+        }
+    }
+    for t in tasks_allowing(Op::Resume) {
+        candidates.extend([
+            Op::Resume(t),
+            Op::Suspend(t),
+            Op::Cancel(t),
+            Op::DropTask(t),
+        ]);
+    }
+    if candidates.len() > 1 {
+        let before = std::sync::Arc::new(model.clone());
+        let pick = proptest::sample::select(candidates);
+        families.push((
+            2,
+            (pick.clone(), pick)
+                .prop_filter_map("two ops allowed in either order", move |(a, b)| {
+                    let par = Op::Par(Box::new(a), Box::new(b));
+                    before.allows(&par).then_some(par)
+                })
+                .boxed(),
+        ));
+    }
 
     // The server: a head for an HTTP request, an answer for an upgrade request.
     let awaiting_head = tasks_allowing(|task| Op::ServerHeaders {

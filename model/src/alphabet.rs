@@ -199,6 +199,13 @@ pub enum Op {
     TimePasses { task: TaskId, timer: Timer },
     /// The pool's idle timeout passes for the session's idle connections (R9).
     IdleTimeoutPasses(SessionId),
+
+    // Concurrency.
+    /// Two user ops of one session at once, from two threads: the outcome must be one of the
+    /// two serial orders ([`crate::Model::linearizations`]). Each is a session op or a task
+    /// object's `create`, `resume`, `suspend`, `cancel` or `drop`, at most one of them a
+    /// creation, and each must be allowed whichever runs first.
+    Par(Box<Op>, Box<Op>),
 }
 
 impl Op {
@@ -228,8 +235,25 @@ impl Op {
             | Op::FinishTasksAndInvalidate(_)
             | Op::InvalidateAndCancel(_)
             | Op::DropSession(_)
-            | Op::IdleTimeoutPasses(_) => None,
+            | Op::IdleTimeoutPasses(_)
+            | Op::Par(..) => None,
         }
+    }
+
+    /// Whether the op may be one of the two of an [`Op::Par`]: a user op of a session or a
+    /// task object that returns nothing but a refusal.
+    pub fn may_run_in_parallel(&self) -> bool {
+        matches!(
+            self,
+            Op::FinishTasksAndInvalidate(_)
+                | Op::InvalidateAndCancel(_)
+                | Op::DropSession(_)
+                | Op::CreateTask { .. }
+                | Op::Resume(_)
+                | Op::Suspend(_)
+                | Op::Cancel(_)
+                | Op::DropTask(_)
+        )
     }
 
     /// Whether the op comes from the environment (server or clock) rather than the user.

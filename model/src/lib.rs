@@ -75,6 +75,10 @@
 //!   ([`Step::awaited`]). The user cannot resume, suspend or cancel it; dropping the future
 //!   cancels it. The future holds a clone of the session, so dropping the user's last handle
 //!   finishes the session (R10) only once its last convenience has returned.
+//! - Two user ops at once ([`Op::Par`]: session ops and task objects' create, resume,
+//!   suspend, cancel and drop, of one session, each allowed in either order) must have the
+//!   outcome of one of their two serial orders ([`Model::linearizations`]): the checks run
+//!   against both, and the model goes on from the one the system showed.
 //! - A peer's close completes the websocket at once, once read; a message not yet received
 //!   goes with the task (R5), and `receive` then fails.
 //!
@@ -82,7 +86,7 @@
 //!
 //! | rule | what it says | where the model encodes it |
 //! |---|---|---|
-//! | R1 | one `did_complete` per task, nothing after | `Model::complete` is the only way to `Completed`; every op on a completed task is a no-op (`Model::network`, `Model::resume`); checked on traces by [`rules::check_trace`] |
+//! | R1 | one `did_complete` per task, nothing after | `Model::complete` is the only way to `Completed`, and the one place a convenience's result is given ([`Step::awaited`]); every op on a completed task is a no-op (`Model::network`, `Model::resume`); checked on traces by [`rules::check_trace`]; under concurrent user ops, against either serial order ([`Model::linearizations`]) |
 //! | R2 | `did_become_invalid` once, after every `did_complete` | `Model::invalidate_if_done`, reached only from `complete` and the invalidation ops; `Model::invalidate_and_cancel` completes tasks first; [`rules::check_trace`] |
 //! | R3 | the delegate is dropped right after `did_become_invalid` | [`Model::resources`]: `delegate_held` is false from `Invalidated` on |
 //! | R4 | nothing held at `Invalidated` | `Model::invalidate_if_done` empties the pool; [`rules::check_model`] checks the zero ledger |

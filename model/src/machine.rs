@@ -403,7 +403,86 @@ impl Model {
             }),
             Op::TimePasses { task: t, timer } => task(t).is_some_and(|t| t.armed(*timer)),
             Op::IdleTimeoutPasses(s) => self.sessions.contains_key(s),
+            Op::Par(a, b) => {
+                let creates = |op: &Op| matches!(op, Op::CreateTask { .. });
+                let after = |first: &Op, then: &Op| {
+                    let mut model = self.clone();
+                    model.apply(first);
+                    model.allows(then)
+                };
+                // A convenience's future is not shared between threads: it is awaited.
+                let object = |op: &Op| {
+                    op.task()
+                        .and_then(|t| self.tasks.get(&t))
+                        .is_none_or(|t| t.route == Route::Handle)
+                };
+                a.may_run_in_parallel()
+                    && b.may_run_in_parallel()
+                    && object(a)
+                    && object(b)
+                    && !(creates(a) && creates(b))
+                    && self.session_of(a).is_some()
+                    && self.session_of(a) == self.session_of(b)
+                    && self.allows(a)
+                    && self.allows(b)
+                    && after(a, b)
+                    && after(b, a)
+            }
         }
+    }
+
+    /// The session an op is about, if it names one or a task of one.
+    pub fn session_of(&self, op: &Op) -> Option<SessionId> {
+        match *op {
+            Op::CreateSession { session, .. }
+            | Op::CreateTask { session, .. }
+            | Op::Await { session, .. }
+            | Op::FinishTasksAndInvalidate(session)
+            | Op::InvalidateAndCancel(session)
+            | Op::DropSession(session)
+            | Op::IdleTimeoutPasses(session) => Some(session),
+            Op::Par(ref a, _) => self.session_of(a),
+            _ => op
+                .task()
+                .and_then(|t| self.tasks.get(&t))
+                .map(|t| t.session),
+        }
+    }
+
+    /// Every outcome `op` may have from here, each as the model after it and its step: one,
+    /// or for [`Op::Par`] the two serial orders (the first as written). A system's outcome
+    /// must be one of them.
+    ///
+    /// # Panics
+    /// If `op` is not allowed.
+    pub fn linearizations(&self, op: &Op) -> Vec<(Model, Step)> {
+        let mut orders = Vec::new();
+        match op {
+            Op::Par(a, b) => {
+                for (first, second) in [(a, b), (b, a)] {
+                    let mut model = self.clone();
+                    let step = model.apply_serially(first, second);
+                    orders.push((model, step));
+                }
+            }
+            _ => {
+                let mut model = self.clone();
+                let step = model.apply(op);
+                orders.push((model, step));
+            }
+        }
+        orders
+    }
+
+    /// `first` then `second`, as one step: their callbacks and results in that order, and the
+    /// first refusal (only a creation is ever refused, and at most one is in a `Par`).
+    fn apply_serially(&mut self, first: &Op, second: &Op) -> Step {
+        let mut step = self.apply(first);
+        let then = self.apply(second);
+        step.refused = step.refused.or(then.refused);
+        step.callbacks.extend(then.callbacks);
+        step.awaited.extend(then.awaited);
+        step
     }
 
     /// Apply `op`, which must be [`allowed`](Self::allows), and say what it did.
@@ -544,6 +623,8 @@ impl Model {
                 // Their slots are free: waiting tasks take them.
                 self.admit(s, &mut out);
             }
+            // As written; `linearizations` gives the other order too.
+            Op::Par(ref a, ref b) => out = self.apply_serially(a, b),
         }
         out
     }

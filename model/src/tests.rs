@@ -989,3 +989,57 @@ fn a_convenience_after_invalidation_began_is_refused_and_invalidate_and_cancel_e
     assert_eq!(refused.refused, Some(Refusal::SessionInvalidated));
     assert!(m.task(T).is_none(), "R8: nothing allocated");
 }
+
+#[test]
+fn two_ops_at_once_have_the_outcomes_of_their_two_serial_orders() {
+    let mut m = Model::new();
+    run(&mut m, &[session(SessionKind::Delegated)]);
+    let par = Op::Par(
+        Box::new(task(T, TaskKind::Data)),
+        Box::new(Op::InvalidateAndCancel(S)),
+    );
+    assert!(m.allows(&par));
+    let orders = m.linearizations(&par);
+    assert_eq!(orders.len(), 2);
+    // Created, then cancelled with the rest: its did_complete comes before did_become_invalid.
+    let (created, step) = &orders[0];
+    assert_eq!(step.refused, None);
+    assert_eq!(
+        step.callbacks,
+        [
+            complete(T, Outcome::Cancelled),
+            Callback::BecomeInvalid { session: S }
+        ]
+    );
+    assert_eq!(created.task(T).unwrap().state, TaskState::Completed);
+    // Invalidated first: the creation is refused and nothing is allocated (R8).
+    let (refused, step) = &orders[1];
+    assert_eq!(step.refused, Some(Refusal::SessionInvalidated));
+    assert_eq!(step.callbacks, [Callback::BecomeInvalid { session: S }]);
+    assert!(refused.task(T).is_none());
+    // The model's own apply takes the order as written.
+    assert_eq!(m.clone().apply(&par), orders[0].1);
+}
+
+#[test]
+fn par_takes_only_user_ops_of_one_session_allowed_in_either_order() {
+    let mut m = Model::new();
+    run(
+        &mut m,
+        &[session(SessionKind::Plain), task(T, TaskKind::Data)],
+    );
+    let par = |a: Op, b: Op| Op::Par(Box::new(a), Box::new(b));
+    assert!(m.allows(&par(Op::Resume(T), Op::Cancel(T))));
+    // Dropping the handle first leaves no handle to resume with.
+    assert!(!m.allows(&par(Op::DropTask(T), Op::Resume(T))));
+    // Two creations would race for the same id.
+    assert!(!m.allows(&par(task(U, TaskKind::Data), task(U, TaskKind::Upload))));
+    // The server is not a user.
+    assert!(!m.allows(&par(
+        Op::Resume(T),
+        Op::ServerFails {
+            task: T,
+            fault: Fault::Reset
+        }
+    )));
+}
