@@ -76,6 +76,23 @@ struct Ear {
     /// convention), and the tasks the user let go of.
     streams: Mutex<HashMap<leakproof::TaskId, StreamTask>>,
     dropped: Mutex<HashSet<leakproof::TaskId>>,
+    /// The delegate is slow: its callbacks other than did_receive_data wait here, once heard,
+    /// until released.
+    slow: Mutex<bool>,
+    released: std::sync::Condvar,
+}
+
+impl Ear {
+    /// Stay in the callback while the delegate is slow.
+    fn keep_up(&self) {
+        let slow = self.slow.lock().unwrap();
+        drop(self.released.wait_while(slow, |slow| *slow).unwrap());
+    }
+
+    fn pace(&self, slow: bool) {
+        *self.slow.lock().unwrap() = slow;
+        self.released.notify_all();
+    }
 }
 
 #[derive(Debug)]
@@ -85,7 +102,14 @@ struct Listener {
 }
 
 impl Listener {
+    /// Record the callback as it comes in, then stay in it while the delegate is slow.
     fn hear(&self, task: &TaskInfo, callback: impl FnOnce(TaskId) -> Callback) {
+        self.hear_only(task, callback);
+        self.ear.keep_up();
+    }
+
+    /// Record the callback; did_receive_data returns at once, whatever the pace.
+    fn hear_only(&self, task: &TaskInfo, callback: impl FnOnce(TaskId) -> Callback) {
         let id = self.ear.ids.lock().unwrap()[&task.id];
         self.ear.heard.lock().unwrap().push(callback(id));
     }
@@ -124,7 +148,7 @@ impl Delegate for Listener {
 
     fn did_receive_data(&self, task: &TaskInfo, data: &Bytes) {
         let bytes = data.len() as u64;
-        self.hear(task, |task| Callback::ReceiveData { task, bytes });
+        self.hear_only(task, |task| Callback::ReceiveData { task, bytes });
     }
 
     fn did_become_download(&self, task: &TaskInfo) {
@@ -147,6 +171,7 @@ impl Delegate for Listener {
             .lock()
             .unwrap()
             .push(Callback::BecomeInvalid { session });
+        self.ear.keep_up();
     }
 }
 
@@ -281,6 +306,8 @@ impl ClientWorld {
                 self.session_of.insert(task, session);
             }
             Op::Par(ref a, ref b) => return (self.par([a, b], &runtime), None),
+            Op::DelegateBlocks(s) => self.sim(s).ear.pace(true),
+            Op::DelegateReturns(s) => self.sim(s).ear.pace(false),
             Op::Resume(t) => {
                 self.user_task(t).resume();
                 self.task(t).resumed = true;
@@ -871,7 +898,8 @@ impl Sim {
                 open_connections: sockets.saturating_sub(ledger.idle_connections),
                 idle_connections: ledger.idle_connections.min(sockets),
                 buffered_bytes: ledger.buffered_bytes,
-                live_tasks: if delegated {
+                // Completions are witnessed by what the delegate heard, while it keeps up.
+                live_tasks: if delegated && !*self.ear.slow.lock().unwrap() {
                     (self.tasks.len() - futures - completed + futures_live) as u32
                 } else {
                     ledger.live_tasks

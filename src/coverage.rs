@@ -36,8 +36,12 @@ use crate::explore::{Alphabet, Exploration, explore_where, search};
 ///   host's slot or not, in each session state.
 /// - Download and upload tasks beside a data convenience, to depth 6: a task object waiting
 ///   behind a future, which takes one op less to reach than behind another task object.
+/// - A delegated session whose delegate may be slow, to depth 7: each op while the delegate is
+///   in a callback, or while callbacks (a response's answer among them) wait behind it; and
+///   one HTTP task with it, to depth 9: a response's answer waiting while the server ends,
+///   the task is suspended and its session finishes.
 ///
-/// Together, measured on 2026-12-02: 2983 pairs, in about 12 s of a debug build
+/// Together, measured on 2026-12-02: 3170 pairs, in about 20 s of a debug build
 /// (`tests/coverage.rs` checks that the suite applies every one, and none beyond them).
 pub fn universe_scopes() -> Vec<(Alphabet, usize)> {
     let every = Alphabet::every_kind();
@@ -84,12 +88,36 @@ pub fn universe_scopes() -> Vec<(Alphabet, usize)> {
             Alphabet {
                 task_kinds: vec![TaskKind::Download, TaskKind::Upload],
                 conveniences: vec![TaskKind::Data],
-                ..every
+                ..every.clone()
             },
             6,
         ),
+        // A slow delegate: each op while it is in a callback, or queued behind one.
+        (
+            Alphabet {
+                session_kinds: vec![SessionKind::Delegated],
+                pace: true,
+                ..every.clone()
+            },
+            PACE_DEPTH,
+        ),
+        // One HTTP task, deeper: a task whose answer waits behind the delegate while its
+        // server ends, it is suspended and its session finishes.
+        (
+            Alphabet {
+                session_kinds: vec![SessionKind::Delegated],
+                task_kinds: vec![TaskKind::Data, TaskKind::Download, TaskKind::Upload],
+                tasks: 1,
+                pace: true,
+                ..every
+            },
+            PACE_DEPTH + 2,
+        ),
     ]
 }
+
+/// How deep the slow delegate's scope goes.
+const PACE_DEPTH: usize = 7;
 
 /// The model around an op: what decides the op's transition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -274,6 +302,8 @@ pub enum OpKind {
     PeerCloses(CloseFrame),
     TimePasses(Timer),
     IdleTimeoutPasses,
+    DelegateBlocks,
+    DelegateReturns,
 }
 
 /// A transition of the model, abstracted: an op kind in a state class. Ordered by op first,
@@ -307,7 +337,9 @@ impl Class {
             | Op::FinishTasksAndInvalidate(session)
             | Op::InvalidateAndCancel(session)
             | Op::DropSession(session)
-            | Op::IdleTimeoutPasses(session) => session_class(session),
+            | Op::IdleTimeoutPasses(session)
+            | Op::DelegateBlocks(session)
+            | Op::DelegateReturns(session) => session_class(session),
             Op::Resume(task)
             | Op::Suspend(task)
             | Op::Cancel(task)
@@ -420,6 +452,8 @@ impl OpKind {
             Op::PeerCloses { frame, .. } => OpKind::PeerCloses(frame),
             Op::TimePasses { timer, .. } => OpKind::TimePasses(timer),
             Op::IdleTimeoutPasses(_) => OpKind::IdleTimeoutPasses,
+            Op::DelegateBlocks(_) => OpKind::DelegateBlocks,
+            Op::DelegateReturns(_) => OpKind::DelegateReturns,
         }
     }
 
@@ -450,6 +484,8 @@ impl OpKind {
             OpKind::PeerCloses(frame) => (20, frame as u8),
             OpKind::TimePasses(timer) => (21, timer as u8),
             OpKind::IdleTimeoutPasses => (22, 0),
+            OpKind::DelegateBlocks => (23, 0),
+            OpKind::DelegateReturns => (24, 0),
         }
     }
 }

@@ -32,6 +32,14 @@ pub struct EngineWorld {
 #[derive(Debug)]
 struct Delegate;
 
+/// A callback the delegate is in and has not returned from.
+#[derive(Debug)]
+struct Stuck {
+    receipt: core::Receipt,
+    answer: Option<core::Disposition>,
+    stream: Option<(TaskId, core::TaskHandle)>,
+}
+
 #[derive(Debug)]
 struct Sim {
     id: SessionId,
@@ -40,6 +48,14 @@ struct Sim {
     core: Core,
     delivery: Delivery<Arc<Delegate>>,
     delivery_done: bool,
+    /// The delegate is slow: it stays in its next callback other than did_receive_data.
+    blocked: bool,
+    /// The callback it is in, not returned from: its receipt, its answer, and a stream it
+    /// was handed (kept on return if the user still holds the task).
+    stuck: Option<Stuck>,
+    /// The delegate was ever slow: bytes it was owed may have been dropped unheard (R5), so
+    /// the buffered bytes take the ledger's word (the bytes fed and heard no longer tell).
+    paced: bool,
     delegate: Option<Weak<Delegate>>,
     tasks: BTreeMap<TaskId, SimTask>,
     model_id: BTreeMap<core::TaskId, TaskId>,
@@ -183,6 +199,20 @@ impl System for EngineWorld {
             Op::Par(ref a, ref b) => {
                 let s = self.session_of_op(a);
                 refused = self.par(s, [a, b]);
+                s
+            }
+            Op::DelegateBlocks(s) => {
+                let sim = self.sim(s);
+                sim.blocked = true;
+                sim.paced = true;
+                s
+            }
+            Op::DelegateReturns(s) => {
+                let sim = self.sim(s);
+                sim.blocked = false;
+                if let Some(stuck) = sim.stuck.take() {
+                    sim.returns(stuck);
+                }
                 s
             }
             Op::Await {
@@ -575,6 +605,9 @@ impl Sim {
             core,
             delivery,
             delivery_done: false,
+            blocked: false,
+            stuck: None,
+            paced: false,
             delegate: weak,
             tasks: BTreeMap::new(),
             model_id: BTreeMap::new(),
@@ -599,44 +632,47 @@ impl Sim {
             }
             progressed |= self.net.pump(&self.core);
             progressed |= self.poll_futures(&mut awaited);
-            let Sim {
-                id,
-                delivery,
-                tasks,
-                model_id,
-                heard,
-                net,
-                ..
-            } = self;
-            let mut hear = |_: &Arc<Delegate>, callback: core::Callback| {
-                if let core::Callback::ReceiveData { data, .. } = &callback {
-                    net.bytes_heard += data.len() as u64;
-                }
-                let shape = model_callback(&callback, model_id, *id);
-                heard.push(shape);
-                match callback {
-                    core::Callback::ReceiveResponse { task, .. } => {
-                        Some(engine_disposition(tasks[&model_id[&task]].answer))
-                    }
-                    core::Callback::BecomeStream { task, stream } => {
-                        let task = tasks.get_mut(&model_id[&task]).expect("task");
-                        // Kept while the user holds the task; dropped (and so cancelled) if not.
-                        if task.handle.is_some() {
-                            task.stream = stream;
-                        }
-                        None
-                    }
-                    _ => None,
-                }
+            // One callback a round: what its return lets the IO do happens before the next
+            // callback, as the model has it (the actions and the reads first).
+            let taken = if self.delivery_done || self.stuck.is_some() {
+                Ok(None)
+            } else {
+                self.delivery.begin()
             };
-            while !self.delivery_done {
-                match delivery.try_deliver(&mut hear) {
-                    Some(Delivered::One) => progressed = true,
-                    Some(Delivered::Done) => {
-                        self.delivery_done = true;
-                        progressed = true;
+            match taken {
+                Err(_) => {
+                    self.delivery_done = true;
+                    progressed = true;
+                }
+                Ok(None) => {}
+                Ok(Some((callback, receipt))) => {
+                    progressed = true;
+                    if let core::Callback::ReceiveData { data, .. } = &callback {
+                        self.net.bytes_heard += data.len() as u64;
                     }
-                    None => break,
+                    let data = matches!(callback, core::Callback::ReceiveData { .. });
+                    self.heard
+                        .push(model_callback(&callback, &self.model_id, self.id));
+                    let (answer, stream) = match callback {
+                        core::Callback::ReceiveResponse { task, .. } => {
+                            let answer = self.tasks[&self.model_id[&task]].answer;
+                            (Some(engine_disposition(answer)), None)
+                        }
+                        core::Callback::BecomeStream { task, stream } => {
+                            (None, stream.map(|s| (self.model_id[&task], s)))
+                        }
+                        _ => (None, None),
+                    };
+                    let stuck = Stuck {
+                        receipt,
+                        answer,
+                        stream,
+                    };
+                    if self.blocked && !data {
+                        self.stuck = Some(stuck);
+                    } else {
+                        self.returns(stuck);
+                    }
                 }
             }
             if !progressed {
@@ -644,6 +680,20 @@ impl Sim {
             }
         }
         (self.heard[before..].to_vec(), awaited)
+    }
+
+    /// The delegate returns from a callback: a stream it was handed is kept while the user
+    /// holds the task (dropped, and so cancelled, if not), and the engine hears of it.
+    fn returns(&mut self, stuck: Stuck) {
+        if let Some((task, stream)) = stuck.stream {
+            let task = self.tasks.get_mut(&task).expect("task");
+            if task.handle.is_some() {
+                task.stream = Some(stream);
+            }
+        }
+        if self.delivery.finish(stuck.receipt, stuck.answer) == Delivered::Done {
+            self.delivery_done = true;
+        }
     }
 
     /// Poll the conveniences' futures: one waiting for a connection slot starts when it gets
@@ -709,12 +759,13 @@ impl Sim {
                 idle_connections: net.idle.len() as u32,
                 // Without a delegate nothing is ever heard, so bytes and completions can only
                 // be witnessed for delegated sessions; the others take the ledger's word.
-                buffered_bytes: if delegated {
+                buffered_bytes: if delegated && !self.paced {
                     net.bytes_fed - net.bytes_heard + net.held_by_pipes(&self.core)
                 } else {
                     ledger.buffered_bytes
                 },
-                live_tasks: if delegated {
+                // Completions are witnessed by what the delegate heard, while it keeps up.
+                live_tasks: if delegated && self.stuck.is_none() {
                     // A convenience is live while its future waits; no delegate hears it.
                     self.tasks
                         .iter()
@@ -744,6 +795,15 @@ impl Network {
     fn start_handler(&mut self, core: &Core, task: core::TaskId, start: core::Start) {
         let (conn, reused) = (start.conn, start.reused);
         self.carry_out(core, Action::Start { task, conn, reused });
+    }
+
+    /// The IO closed its connection on a failure. If the engine had completed the task
+    /// already (a cancel crossed the failure), the abort it queued will find it closed.
+    fn io_closed(&mut self, core: &Core, task: core::TaskId, conn: ConnId) {
+        self.open.remove(&conn);
+        if core.task_state(task) == core::TaskState::Completed {
+            self.closed_by_io.insert(conn);
+        }
     }
 
     /// A convenience's clock stops: its future returned or was dropped.
@@ -913,7 +973,10 @@ impl Network {
                             n
                         }
                     };
-                    if !into_file && self.delegated && !self.handlers.contains(&task) {
+                    // Bytes for a task already completed (an action that crossed a cancel) are
+                    // dropped with its IO: the engine takes none.
+                    let live = core.task_state(task) != core::TaskState::Completed;
+                    if !into_file && self.delegated && !self.handlers.contains(&task) && live {
                         self.bytes_fed += u64::from(n);
                     }
                     core.body_data(task, Bytes::from(vec![0u8; n as usize]));
@@ -921,7 +984,7 @@ impl Network {
                 (Sent::End { reusable }, Phase::ReadingBody { .. }) => {
                     self.end(task);
                     // Park the connection before asking, as Core::body_end requires.
-                    self.open.remove(&conn);
+                    self.io_closed(core, task, conn);
                     self.idle.insert(conn);
                     if core.body_end(task, reusable) == Release::Close {
                         self.idle.remove(&conn);
@@ -955,7 +1018,7 @@ impl Network {
                         }
                         Sent::Fault(fault) => {
                             self.end(task);
-                            self.open.remove(&conn);
+                            self.io_closed(core, task, conn);
                             core.failed(task, fault_error(fault));
                         }
                         other => panic!("a stream got {other:?}"),
@@ -968,7 +1031,7 @@ impl Network {
                         core.ws_opened(task, None);
                     } else {
                         self.end(task);
-                        self.open.remove(&conn);
+                        self.io_closed(core, task, conn);
                         core.failed(task, core::Error::NoUpgrade { status: 403 });
                     }
                 }
@@ -997,7 +1060,7 @@ impl Network {
                         }
                         Sent::Fault(fault) => {
                             self.end(task);
-                            self.open.remove(&conn);
+                            self.io_closed(core, task, conn);
                             let error = match fault {
                                 Fault::Reset => core::Error::ConnectionReset,
                                 Fault::Malformed => {
@@ -1015,7 +1078,7 @@ impl Network {
                     Phase::AwaitingHead | Phase::AwaitingUpgrade | Phase::ReadingBody { .. },
                 ) => {
                     self.end(task);
-                    self.open.remove(&conn);
+                    self.io_closed(core, task, conn);
                     core.failed(task, fault_error(fault));
                 }
                 // Waiting on the engine: the delegate's disposition.

@@ -48,6 +48,8 @@ pub struct Alphabet {
     pub per_host: Vec<Option<u32>>,
     /// The conveniences (`Op::Await`) it may start, of these kinds; they count among `tasks`.
     pub conveniences: Vec<TaskKind>,
+    /// Whether the delegate may be slow (`Op::DelegateBlocks`, `Op::DelegateReturns`).
+    pub pace: bool,
 }
 
 impl Default for Alphabet {
@@ -63,6 +65,7 @@ impl Default for Alphabet {
             body_sizes: vec![1, 65_536],
             per_host: vec![None],
             conveniences: Vec::new(),
+            pace: false,
         }
     }
 }
@@ -136,6 +139,9 @@ impl Alphabet {
                 Op::DropSession(session),
                 Op::IdleTimeoutPasses(session),
             ]);
+            if self.pace {
+                ops.extend([Op::DelegateBlocks(session), Op::DelegateReturns(session)]);
+            }
         }
         // A response turns into a download or a stream only when those are in the alphabet.
         let mut answers = vec![Disposition::Allow, Disposition::Cancel];
@@ -459,8 +465,11 @@ fn hear(traces: &Traces, model: &Model, step: &Step) -> Result<Traces, Violation
         traces.entry(session).or_default().push(*callback);
     }
     for (id, trace) in &traces {
+        // Once nothing waits in its queue (a slow delegate may still owe it callbacks).
         let finished = model.session(*id).is_some_and(|s| {
-            s.state == SessionState::Invalidated && s.kind == SessionKind::Delegated
+            s.state == SessionState::Invalidated
+                && s.kind == SessionKind::Delegated
+                && s.queued() == 0
         });
         check_trace(trace, finished).map_err(|v| Violation {
             rule: v.rule,

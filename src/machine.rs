@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use proptest_state_machine::StateMachineTest;
 
 use leakproof_model::rules::Violation;
-use leakproof_model::{Model, Op, SessionKind, Timer};
+use leakproof_model::{Model, Op, Pace, SessionKind, Timer};
 
 use crate::assertions::{View, compare};
 use crate::reference::{RefState, Reference};
@@ -160,6 +160,15 @@ pub fn teardown_ops(model: &Model) -> Vec<Op> {
         model.apply(&op);
         ops.push(op);
     };
+    // A slow delegate catches up first: a delegate that never returns holds its session.
+    let slow: Vec<_> = model
+        .sessions()
+        .filter(|(_, s)| s.pace != Pace::Prompt)
+        .map(|(id, _)| id)
+        .collect();
+    for s in slow {
+        push(&mut model, Op::DelegateReturns(s));
+    }
     let handles: Vec<_> = model
         .tasks()
         .filter(|(_, t)| t.handle)

@@ -298,6 +298,8 @@ pub fn line(op: &Op) -> String {
             format!("time {task} passes {} timeout", timer_word(timer))
         }
         Op::IdleTimeoutPasses(session) => format!("time {session} passes idle timeout"),
+        Op::DelegateBlocks(session) => format!("delegate {session} blocks"),
+        Op::DelegateReturns(session) => format!("delegate {session} returns"),
         Op::Par(ref a, ref b) => format!("par {} | {}", line(a), line(b)),
     }
 }
@@ -333,6 +335,8 @@ fn parse_op(words: &[&str]) -> Option<Op> {
             task: task(t)?,
             kind: parse_word(&TASK_KINDS, task_kind_word, kind)?,
         },
+        ["delegate", s, "blocks"] => Op::DelegateBlocks(session(s)?),
+        ["delegate", s, "returns"] => Op::DelegateReturns(session(s)?),
         ["resume", t] => Op::Resume(task(t)?),
         ["suspend", t] => Op::Suspend(task(t)?),
         ["cancel", t] => Op::Cancel(task(t)?),
@@ -415,6 +419,7 @@ fn usage(verb: &str) -> &'static str {
         "task" => "task TASK data|download|upload|stream|websocket in SESSION",
         "await" => "await TASK data|download|upload in SESSION",
         "par" => "par OP | OP (two of: a session op, task, resume, suspend, cancel, drop)",
+        "delegate" => "delegate SESSION blocks|returns",
         "resume" => "resume TASK",
         "suspend" => "suspend TASK",
         "cancel" => "cancel TASK",
@@ -432,7 +437,7 @@ fn usage(verb: &str) -> &'static str {
             "time TASK passes request|resource|close timeout|time SESSION passes idle timeout"
         }
         _ => {
-            "# a comment, or an op: session, task, await, par, resume, suspend, cancel, drop, read, write, close, receive, finish, invalidate, server, time"
+            "# a comment, or an op: session, task, await, par, resume, suspend, cancel, drop, read, write, close, receive, finish, invalidate, server, time, delegate"
         }
     }
 }
@@ -615,6 +620,8 @@ impl Renumbering {
             Op::InvalidateAndCancel(session) => Op::InvalidateAndCancel(s(session)),
             Op::DropSession(session) => Op::DropSession(s(session)),
             Op::IdleTimeoutPasses(session) => Op::IdleTimeoutPasses(s(session)),
+            Op::DelegateBlocks(session) => Op::DelegateBlocks(s(session)),
+            Op::DelegateReturns(session) => Op::DelegateReturns(s(session)),
             Op::Resume(task) => Op::Resume(t(task)),
             Op::Suspend(task) => Op::Suspend(t(task)),
             Op::Cancel(task) => Op::Cancel(t(task)),
@@ -664,7 +671,9 @@ fn ids(op: &Op) -> (Option<SessionId>, Option<TaskId>) {
         | Op::FinishTasksAndInvalidate(session)
         | Op::InvalidateAndCancel(session)
         | Op::DropSession(session)
-        | Op::IdleTimeoutPasses(session) => (Some(session), None),
+        | Op::IdleTimeoutPasses(session)
+        | Op::DelegateBlocks(session)
+        | Op::DelegateReturns(session) => (Some(session), None),
         Op::CreateTask { session, task, .. } | Op::Await { session, task, .. } => {
             (Some(session), Some(task))
         }
@@ -907,6 +916,8 @@ fn rust_literal(op: &Op) -> Literal {
         Op::InvalidateAndCancel(session) => tuple("InvalidateAndCancel", s(session)),
         Op::DropSession(session) => tuple("DropSession", s(session)),
         Op::IdleTimeoutPasses(session) => tuple("IdleTimeoutPasses", s(session)),
+        Op::DelegateBlocks(session) => tuple("DelegateBlocks", s(session)),
+        Op::DelegateReturns(session) => tuple("DelegateReturns", s(session)),
         Op::Resume(task) => tuple("Resume", t(task)),
         Op::Suspend(task) => tuple("Suspend", t(task)),
         Op::Cancel(task) => tuple("Cancel", t(task)),

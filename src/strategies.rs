@@ -351,9 +351,11 @@ pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
         families.push((
             2,
             (pick.clone(), pick)
-                .prop_filter_map("two ops allowed in either order", move |(a, b)| {
-                    let par = Op::Par(Box::new(a), Box::new(b));
-                    before.allows(&par).then_some(par)
+                // A pair not allowed together (the same op twice, two creations, one that
+                // undoes the other) is its first op alone, which is allowed: no rejection.
+                .prop_map(move |(a, b)| {
+                    let par = Op::Par(Box::new(a.clone()), Box::new(b));
+                    if before.allows(&par) { par } else { a }
                 })
                 .boxed(),
         ));
@@ -483,6 +485,22 @@ pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
             .collect();
         if !timeouts.is_empty() {
             families.push((weight, proptest::sample::select(timeouts).boxed()));
+        }
+    }
+    // The delegate's pace: now and then slow, so that callbacks queue behind the one it is in
+    // and bodies fill their windows (R6); released more often than blocked, so that most
+    // sequences end with it keeping up.
+    let pace: Vec<Op> = model
+        .sessions()
+        .flat_map(|(s, _)| [Op::DelegateBlocks(s), Op::DelegateReturns(s)])
+        .filter(|op| model.allows(op))
+        .collect();
+    let (blocks, returns): (Vec<Op>, Vec<Op>) = pace
+        .into_iter()
+        .partition(|op| matches!(op, Op::DelegateBlocks(_)));
+    for (weight, ops) in [(3, blocks), (3, returns)] {
+        if !ops.is_empty() {
+            families.push((weight, proptest::sample::select(ops).boxed()));
         }
     }
     // Time always passes for idle connections: this keeps the union non-empty when the user

@@ -60,6 +60,8 @@ fn any_op() -> impl Strategy<Value = Op> {
         s.clone().prop_map(Op::FinishTasksAndInvalidate),
         s.clone().prop_map(Op::InvalidateAndCancel),
         s.clone().prop_map(Op::DropSession),
+        s.clone().prop_map(Op::DelegateBlocks),
+        s.clone().prop_map(Op::DelegateReturns),
         s.prop_map(Op::IdleTimeoutPasses),
         t.clone().prop_map(Op::Resume),
         t.clone().prop_map(Op::Suspend),
@@ -229,6 +231,9 @@ const WORDS: &[&str] = &[
     "session",
     "task",
     "await",
+    "delegate",
+    "blocks",
+    "returns",
     "in",
     "resume",
     "suspend",
@@ -598,7 +603,7 @@ fn malformed_lines_are_named_with_their_number_and_grammar() {
         ),
         (
             "fly t0",
-            "# a comment, or an op: session, task, await, par, resume, suspend, cancel, drop, read, write, close, receive, finish, invalidate, server, time",
+            "# a comment, or an op: session, task, await, par, resume, suspend, cancel, drop, read, write, close, receive, finish, invalidate, server, time, delegate",
         ),
     ];
     for (bad, expected) in cases {

@@ -199,6 +199,13 @@ pub enum Op {
     TimePasses { task: TaskId, timer: Timer },
     /// The pool's idle timeout passes for the session's idle connections (R9).
     IdleTimeoutPasses(SessionId),
+    /// The session's delegate becomes slow: the next callback it hears other than
+    /// `did_receive_data` does not return until [`Op::DelegateReturns`]. Meanwhile the
+    /// session's other callbacks wait in its queue, and a data task whose delegate is a window
+    /// behind stops reading (R6).
+    DelegateBlocks(SessionId),
+    /// The slow delegate returns from the callback it is in (if any) and keeps up again.
+    DelegateReturns(SessionId),
 
     // Concurrency.
     /// Two user ops of one session at once, from two threads: the outcome must be one of the
@@ -236,6 +243,8 @@ impl Op {
             | Op::InvalidateAndCancel(_)
             | Op::DropSession(_)
             | Op::IdleTimeoutPasses(_)
+            | Op::DelegateBlocks(_)
+            | Op::DelegateReturns(_)
             | Op::Par(..) => None,
         }
     }
@@ -268,6 +277,8 @@ impl Op {
                 | Op::PeerCloses { .. }
                 | Op::TimePasses { .. }
                 | Op::IdleTimeoutPasses(_)
+                | Op::DelegateBlocks(_)
+                | Op::DelegateReturns(_)
         )
     }
 }

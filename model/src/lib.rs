@@ -75,6 +75,17 @@
 //!   ([`Step::awaited`]). The user cannot resume, suspend or cancel it; dropping the future
 //!   cancels it. The future holds a clone of the session, so dropping the user's last handle
 //!   finishes the session (R10) only once its last convenience has returned.
+//! - The delegate's pace is the environment's ([`Op::DelegateBlocks`], [`Pace`]): a slow
+//!   delegate stays in its next callback other than `did_receive_data` until released, and
+//!   the session's other callbacks wait in its queue. A data or upload task's body goes to
+//!   its delegate through a window as large as a stream's read-ahead: while the bytes said
+//!   and not returned from fill it, the task reads nothing more and its request timer stops
+//!   (the IO waits on the delegate, not the network). A task cancelled or timed out drops
+//!   the body bytes still queued for it, so its `did_complete` is not behind them (R5); one
+//!   that failed in the network has its bytes delivered first. A response head's answer,
+//!   and a finished download's file going, take effect when the delegate returns
+//!   ([`Exchange::AwaitingDisposition`]); R4 holds of an invalidated session once
+//!   `did_become_invalid` has returned.
 //! - Two user ops at once ([`Op::Par`]: session ops and task objects' create, resume,
 //!   suspend, cancel and drop, of one session, each allowed in either order) must have the
 //!   outcome of one of their two serial orders ([`Model::linearizations`]): the checks run
@@ -91,7 +102,7 @@
 //! | R3 | the delegate is dropped right after `did_become_invalid` | [`Model::resources`]: `delegate_held` is false from `Invalidated` on |
 //! | R4 | nothing held at `Invalidated` | `Model::invalidate_if_done` empties the pool; [`rules::check_model`] checks the zero ledger |
 //! | R5 | a completed task holds nothing; its connection is pooled only if read whole and reusable | `Model::complete` and `Model::complete_success`; streams and websockets never pool theirs (`Model::resume`) |
-//! | R6 | a stream holds at most its read-ahead and reads nothing past it | `Model::pump` stops a stream at `read_ahead` and a websocket at one message; [`Resources::buffered_bytes`] counts them; [`rules::check_model`] |
+//! | R6 | a stream holds at most its read-ahead and reads nothing past it; a delegate is owed at most its window of body bytes | `Model::pump` stops a stream at `read_ahead`, a websocket at one message, and a data or upload task whose delegate is a window behind ([`Task::undelivered`], [`Task::window`]); [`Resources::buffered_bytes`] counts them and the session's queued body bytes; [`rules::check_model`] |
 //! | R7 | a suspended task reads nothing and has no timers | `Model::network` queues what a suspended task would read; [`Task::timers_armed`]; [`Model::allows`] lets no timer fire then |
 //! | R8 | no task after invalidation begins, nothing allocated | `Op::CreateTask` and `Op::Await` in [`Model::apply`] returns [`Refusal::SessionInvalidated`] |
 //! | R9 | the shared session ignores invalidation; idle connections still expire | `Model::finish_tasks_and_invalidate`, `Model::invalidate_and_cancel`, `Op::IdleTimeoutPasses` |
@@ -109,7 +120,8 @@ pub use alphabet::{
     SessionKind, TaskId, TaskKind, Timer,
 };
 pub use machine::{
-    DEFAULT_READ_AHEAD, Exchange, Model, ServerPhase, Session, SessionState, Step, Task, TaskState,
+    DEFAULT_READ_AHEAD, Exchange, Model, Pace, ServerPhase, Session, SessionState, Step, Task,
+    TaskState,
 };
 pub use resources::Resources;
 

@@ -53,6 +53,10 @@ pub enum Exchange {
     AwaitingConnection,
     /// The request is sent on a connection; the response head is awaited.
     AwaitingResponse,
+    /// The head arrived; the delegate's answer to `did_receive_response` is awaited (it is
+    /// queued behind a slow delegate's callbacks, or the delegate is in it). Nothing is read
+    /// meanwhile; the timers run.
+    AwaitingDisposition,
     /// The delegate allowed the response; the body is being read.
     ReceivingBody,
     /// A stream is connected (or its response became it); a websocket's upgrade was accepted.
@@ -93,6 +97,18 @@ enum Unread {
     PeerClose(CloseFrame),
 }
 
+/// How the delegate keeps up with its callbacks (the environment's choice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Pace {
+    /// Each callback returns at once.
+    Prompt,
+    /// The next callback other than `did_receive_data` will not return until released.
+    Blocked,
+    /// The delegate is in this callback and will not return until released; the session's
+    /// other callbacks wait in its queue.
+    Stuck(Callback),
+}
+
 /// A session of the model.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Session {
@@ -108,6 +124,33 @@ pub struct Session {
     pub per_host: Option<u32>,
     /// Resumed HTTP tasks waiting for a connection, first come first served.
     pub waiting: VecDeque<TaskId>,
+    /// How the delegate keeps up.
+    pub pace: Pace,
+    /// `did_become_invalid` has returned: the delegate is dropped (R3).
+    pub delegate_released: bool,
+    /// Downloads handed to the delegate whose `did_finish_downloading` has not returned: their
+    /// files exist until it does.
+    pub handing_over: u32,
+    /// Callbacks said and not yet delivered, in order (one session's are delivered serially).
+    queue: VecDeque<Callback>,
+}
+
+impl Session {
+    /// Body bytes queued for the delegate and not yet handed to it.
+    pub fn queued_bytes(&self) -> u64 {
+        self.queue
+            .iter()
+            .map(|c| match c {
+                Callback::ReceiveData { bytes, .. } => *bytes,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Callbacks said and not yet delivered.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
 }
 
 /// A task of the model.
@@ -140,6 +183,14 @@ pub struct Task {
     /// A websocket's received message, waiting for `receive`: one at most, so a silent
     /// receiver holds one message and the rest wait in the network.
     pub inbox: Option<u64>,
+    /// Body bytes said to the delegate that it has not returned from: at most the window
+    /// (the model's read-ahead) for a data or upload task of a delegated session (R6).
+    pub undelivered: u64,
+    /// The delegate's body window, for a task whose body goes to a delegate: a data or upload
+    /// task of a delegated session (not a convenience); `None` for the others.
+    pub window: Option<u64>,
+    /// The delegate's answer to the response head, applied when it returns.
+    answer: Disposition,
     unread: VecDeque<Unread>,
 }
 
@@ -159,6 +210,7 @@ impl Task {
                     self.exchange,
                     Exchange::AwaitingConnection
                         | Exchange::AwaitingResponse
+                        | Exchange::AwaitingDisposition
                         | Exchange::ReceivingBody
                 ),
                 TaskKind::WebSocket => self.exchange == Exchange::AwaitingResponse,
@@ -166,10 +218,19 @@ impl Task {
             }
     }
 
+    /// Whether the task's delegate is a window behind: its IO reads nothing and waits on the
+    /// delegate, not the network, so its request timer does not run (R6, R12).
+    pub fn behind(&self) -> bool {
+        self.is_live()
+            && self.kind != TaskKind::Download
+            && self.window.is_some_and(|w| self.undelivered >= w)
+    }
+
     /// Whether `timer` is armed for the task.
     pub fn armed(&self, timer: Timer) -> bool {
         match timer {
-            Timer::Request | Timer::Resource => self.timers_armed(),
+            Timer::Request => self.timers_armed() && !self.behind(),
+            Timer::Resource => self.timers_armed(),
             // R11: a websocket's close handshake is bounded.
             Timer::Close => self.closing(),
         }
@@ -320,14 +381,13 @@ impl Model {
         Resources {
             open_connections: count(|t| t.connection),
             idle_connections: session.idle_connections,
-            // Between ops every byte a data task read has been delivered or written out; what
-            // streams and websockets hold waits for their user (R6).
-            buffered_bytes: tasks().map(Task::held_bytes).sum(),
+            // What streams and websockets hold waits for their user (R6); the body bytes a data
+            // task read wait in the session's queue while its delegate is slow.
+            buffered_bytes: tasks().map(Task::held_bytes).sum::<u64>() + session.queued_bytes(),
             live_tasks: count(Task::is_live),
             timers: tasks().map(Task::armed_timers).sum(),
-            temp_files: count(|t| t.temp_file),
-            delegate_held: session.kind == SessionKind::Delegated
-                && session.state != SessionState::Invalidated,
+            temp_files: count(|t| t.temp_file) + session.handing_over,
+            delegate_held: session.kind == SessionKind::Delegated && !session.delegate_released,
         }
     }
 
@@ -368,8 +428,9 @@ impl Model {
                 user_task(t) && self.tasks[t].route == Route::Handle
             }
             Op::DropTask(t) => user_task(t),
+            // A response's stream reaches its user through did_become_stream, once returned.
             Op::Read(t) | Op::Write(t) | Op::CloseRead(t) | Op::CloseWrite(t) => {
-                user_task(t) && self.tasks[t].kind == TaskKind::Stream
+                user_task(t) && self.tasks[t].kind == TaskKind::Stream && !self.becoming_stream(*t)
             }
             Op::Receive(t) | Op::CloseWith(t) => {
                 user_task(t) && self.tasks[t].kind == TaskKind::WebSocket
@@ -403,8 +464,16 @@ impl Model {
             }),
             Op::TimePasses { task: t, timer } => task(t).is_some_and(|t| t.armed(*timer)),
             Op::IdleTimeoutPasses(s) => self.sessions.contains_key(s),
+            Op::DelegateBlocks(s) => self.sessions.get(s).is_some_and(|s| {
+                s.kind == SessionKind::Delegated && !s.delegate_released && s.pace == Pace::Prompt
+            }),
+            Op::DelegateReturns(s) => self.sessions.get(s).is_some_and(|s| s.pace != Pace::Prompt),
             Op::Par(a, b) => {
                 let creates = |op: &Op| matches!(op, Op::CreateTask { .. });
+                // A resume and a suspend of one task interleave with its IO's reading, window
+                // by window, which no serial order of the two describes.
+                let pausing = |op: &Op| matches!(op, Op::Resume(_) | Op::Suspend(_));
+                let same_task = a.task().is_some() && a.task() == b.task();
                 let after = |first: &Op, then: &Op| {
                     let mut model = self.clone();
                     model.apply(first);
@@ -421,12 +490,14 @@ impl Model {
                     && object(a)
                     && object(b)
                     && !(creates(a) && creates(b))
+                    && !(same_task && pausing(a) && pausing(b))
                     && self.session_of(a).is_some()
                     && self.session_of(a) == self.session_of(b)
                     && self.allows(a)
                     && self.allows(b)
                     && after(a, b)
                     && after(b, a)
+                    && self.orders_tell_apart(a, b)
             }
         }
     }
@@ -474,6 +545,34 @@ impl Model {
         orders
     }
 
+    /// Whether a system's outcome of `a` and `b` at once says which order they took: the two
+    /// orders end in the same state, or they differ in what anyone can see (what the
+    /// delegates hear, a refusal, a task's state, what a session holds). Two resumes racing for
+    /// a host's last slot are neither: which task got it shows only later, so the pair is not
+    /// offered.
+    fn orders_tell_apart(&self, a: &Op, b: &Op) -> bool {
+        let (mut one, mut other) = (self.clone(), self.clone());
+        let (first, second) = (one.apply_serially(a, b), other.apply_serially(b, a));
+        if one.clone().settled() == other.clone().settled() {
+            return true;
+        }
+        let seen = |model: &Model| {
+            let tasks: Vec<_> = model.tasks.values().map(|t| t.state).collect();
+            let held: Vec<_> = model.sessions.keys().map(|s| model.resources(*s)).collect();
+            (tasks, held)
+        };
+        first != second || seen(&one) != seen(&other)
+    }
+
+    /// The model less what no op can reach any more: a completed task's server side.
+    fn settled(mut self) -> Model {
+        for task in self.tasks.values_mut().filter(|t| !t.is_live()) {
+            task.server = ServerPhase::Done;
+            task.answer = Disposition::Allow;
+        }
+        self
+    }
+
     /// `first` then `second`, as one step: their callbacks and results in that order, and the
     /// first refusal (only a creation is ever refused, and at most one is in a `Par`).
     fn apply_serially(&mut self, first: &Op, second: &Op) -> Step {
@@ -508,6 +607,10 @@ impl Model {
                         tasks: Vec::new(),
                         per_host,
                         waiting: VecDeque::new(),
+                        pace: Pace::Prompt,
+                        delegate_released: false,
+                        handing_over: 0,
+                        queue: VecDeque::new(),
                     },
                 );
             }
@@ -623,10 +726,85 @@ impl Model {
                 // Their slots are free: waiting tasks take them.
                 self.admit(s, &mut out);
             }
+            Op::DelegateBlocks(s) => self.session_mut(s).pace = Pace::Blocked,
+            Op::DelegateReturns(s) => {
+                let pace = std::mem::replace(&mut self.session_mut(s).pace, Pace::Prompt);
+                if let Pace::Stuck(callback) = pace {
+                    self.returned(s, callback, &mut out);
+                }
+            }
             // As written; `linearizations` gives the other order too.
-            Op::Par(ref a, ref b) => out = self.apply_serially(a, b),
+            Op::Par(ref a, ref b) => {
+                out = self.apply_serially(a, b);
+                return out;
+            }
         }
+        self.deliver(&mut out);
         out
+    }
+
+    /// Hand queued callbacks to their delegates, in order, as far as each delegate keeps up:
+    /// a slow one takes the next callback and stays in it (its `did_receive_data` aside, which
+    /// returns). What a callback's return lets happen (the answer to a response head, room in
+    /// a body window, a file removed) happens as it returns.
+    fn deliver(&mut self, out: &mut Step) {
+        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for s in ids {
+            loop {
+                let session = self.session_mut(s);
+                if matches!(session.pace, Pace::Stuck(_)) {
+                    break;
+                }
+                let Some(callback) = session.queue.pop_front() else {
+                    break;
+                };
+                out.callbacks.push(callback);
+                if session.pace == Pace::Blocked
+                    && !matches!(callback, Callback::ReceiveData { .. })
+                {
+                    session.pace = Pace::Stuck(callback);
+                    break;
+                }
+                self.returned(s, callback, out);
+            }
+        }
+    }
+
+    /// The delegate returned from `callback`.
+    fn returned(&mut self, s: SessionId, callback: Callback, out: &mut Step) {
+        match callback {
+            Callback::ReceiveResponse { task: t } => {
+                let task = &self.tasks[&t];
+                if task.is_live() && task.exchange == Exchange::AwaitingDisposition {
+                    let answer = task.answer;
+                    self.answer(t, answer, out);
+                    self.pump(t, out);
+                }
+            }
+            Callback::ReceiveData { task: t, bytes } => {
+                let task = self.task_mut(t);
+                task.undelivered = task.undelivered.saturating_sub(bytes);
+                // Room in its window: the IO reads on.
+                self.pump(t, out);
+            }
+            Callback::FinishDownloading { .. } => self.session_mut(s).handing_over -= 1,
+            Callback::BecomeStream { task: t } => {
+                // The suite's delegates keep the stream's handle while the user holds the
+                // task's; a stream nobody holds is cancelled.
+                let task = &self.tasks[&t];
+                if task.is_live() && !task.handle {
+                    self.complete(t, Outcome::Cancelled, out);
+                }
+            }
+            Callback::BecomeInvalid { .. } => {
+                // R3: dropped right after it returns.
+                self.session_mut(s).delegate_released = true;
+            }
+            Callback::BecomeDownload { .. }
+            | Callback::Open { .. }
+            | Callback::Close { .. }
+            | Callback::Complete { .. } => {}
+        }
     }
 
     fn session_mut(&mut self, id: SessionId) -> &mut Session {
@@ -669,6 +847,12 @@ impl Model {
                 peer_ended: false,
                 from_response: false,
                 inbox: None,
+                undelivered: 0,
+                window: (route == Route::Handle
+                    && self.sessions[&session].kind == SessionKind::Delegated
+                    && matches!(kind, TaskKind::Data | TaskKind::Upload))
+                .then_some(self.read_ahead),
+                answer: Disposition::Allow,
                 unread: VecDeque::new(),
             },
         );
@@ -681,6 +865,14 @@ impl Model {
         t.route == Route::Handle && self.sessions[&t.session].kind == SessionKind::Delegated
     }
 
+    /// Whether the task's `did_become_stream` is queued or the delegate is in it: the stream's
+    /// handle is the delegate's until it returns.
+    fn becoming_stream(&self, t: TaskId) -> bool {
+        let session = &self.sessions[&self.tasks[&t].session];
+        let becoming = Callback::BecomeStream { task: t };
+        session.pace == Pace::Stuck(becoming) || session.queue.contains(&becoming)
+    }
+
     /// Whether a running convenience's future still holds a clone of the session.
     fn futures_hold(&self, s: SessionId) -> bool {
         self.sessions[&s].tasks.iter().any(|t| {
@@ -689,9 +881,12 @@ impl Model {
         })
     }
 
-    fn say(&self, task: TaskId, callback: Callback, out: &mut Step) {
+    /// Queue `callback` for the task's delegate, if it has one; [`Model::deliver`] hands it
+    /// over.
+    fn say(&mut self, task: TaskId, callback: Callback, _: &mut Step) {
         if self.delegated(task) {
-            out.callbacks.push(callback);
+            let session = self.tasks[&task].session;
+            self.session_mut(session).queue.push_back(callback);
         }
     }
 
@@ -795,6 +990,37 @@ impl Model {
             }
             match task.kind {
                 TaskKind::Data | TaskKind::Download | TaskKind::Upload => {
+                    if task.exchange == Exchange::AwaitingDisposition {
+                        return; // Nothing is read until the delegate answers.
+                    }
+                    if let (Unread::Bytes(n), Some(window)) = (event, task.window)
+                        && task.kind != TaskKind::Download
+                    {
+                        // R6: what the delegate's window has room for; the rest waits in the
+                        // network until it catches up.
+                        let room = window - task.undelivered;
+                        if room == 0 {
+                            return;
+                        }
+                        let took = room.min(u64::from(n));
+                        let task = self.task_mut(t);
+                        match u32::try_from(u64::from(n) - took) {
+                            Ok(0) | Err(_) => {
+                                task.unread.pop_front();
+                            }
+                            Ok(rest) => task.unread[0] = Unread::Bytes(rest),
+                        }
+                        task.undelivered += took;
+                        self.say(
+                            t,
+                            Callback::ReceiveData {
+                                task: t,
+                                bytes: took,
+                            },
+                            out,
+                        );
+                        continue;
+                    }
                     self.task_mut(t).unread.pop_front();
                     self.read(t, event, out);
                 }
@@ -876,47 +1102,15 @@ impl Model {
     fn read(&mut self, t: TaskId, event: Unread, out: &mut Step) {
         match event {
             Unread::Headers(answer) => {
-                self.say(t, Callback::ReceiveResponse { task: t }, out);
-                // A session without a delegate allows every response.
-                let answer = if self.delegated(t) {
-                    answer
+                if self.delegated(t) {
+                    // Its delegate answers when it returns from did_receive_response.
+                    self.say(t, Callback::ReceiveResponse { task: t }, out);
+                    let task = self.task_mut(t);
+                    task.exchange = Exchange::AwaitingDisposition;
+                    task.answer = answer;
                 } else {
-                    Disposition::Allow
-                };
-                let task = self.task_mut(t);
-                match (answer, task.kind) {
-                    (Disposition::Allow, kind) => {
-                        task.exchange = Exchange::ReceivingBody;
-                        task.temp_file = kind == TaskKind::Download;
-                    }
-                    (Disposition::BecomeDownload, TaskKind::Data) => {
-                        task.kind = TaskKind::Download;
-                        task.exchange = Exchange::ReceivingBody;
-                        task.temp_file = true;
-                        self.say(t, Callback::BecomeDownload { task: t }, out);
-                    }
-                    (Disposition::BecomeStream, TaskKind::Data) => {
-                        // The body from its first unread byte is the stream's; a response
-                        // cannot be written to.
-                        task.kind = TaskKind::Stream;
-                        task.exchange = Exchange::Open;
-                        task.write_closed = true;
-                        task.from_response = true;
-                        let kept = task.handle;
-                        self.say(t, Callback::BecomeStream { task: t }, out);
-                        // Its connection is the stream's now, out of the host's HTTP slots.
-                        let session = self.tasks[&t].session;
-                        self.admit(session, out);
-                        // The suite's delegates keep the stream's handle while the user holds
-                        // the task's; a stream nobody holds is cancelled.
-                        if !kept {
-                            self.complete(t, Outcome::Cancelled, out);
-                        }
-                    }
-                    (Disposition::BecomeDownload | Disposition::BecomeStream, _) => {
-                        self.complete(t, Outcome::InvalidDisposition, out);
-                    }
-                    (Disposition::Cancel, _) => self.complete(t, Outcome::Cancelled, out),
+                    // Without a delegate (or for a convenience) every response is allowed.
+                    self.answer(t, Disposition::Allow, out);
                 }
             }
             Unread::Bytes(n) => {
@@ -936,6 +1130,43 @@ impl Model {
             Unread::Fault(fault) => self.complete(t, fault_outcome(fault), out),
             Unread::Upgrade { .. } | Unread::PeerClose(_) => {
                 unreachable!("{t}: an HTTP exchange gets no {event:?}")
+            }
+        }
+    }
+
+    /// The answer to the task's response head takes effect.
+    fn answer(&mut self, t: TaskId, answer: Disposition, out: &mut Step) {
+        {
+            {
+                let task = self.task_mut(t);
+                match (answer, task.kind) {
+                    (Disposition::Allow, kind) => {
+                        task.exchange = Exchange::ReceivingBody;
+                        task.temp_file = kind == TaskKind::Download;
+                    }
+                    (Disposition::BecomeDownload, TaskKind::Data) => {
+                        task.kind = TaskKind::Download;
+                        task.exchange = Exchange::ReceivingBody;
+                        task.temp_file = true;
+                        self.say(t, Callback::BecomeDownload { task: t }, out);
+                    }
+                    (Disposition::BecomeStream, TaskKind::Data) => {
+                        // The body from its first unread byte is the stream's; a response
+                        // cannot be written to.
+                        task.kind = TaskKind::Stream;
+                        task.exchange = Exchange::Open;
+                        task.write_closed = true;
+                        task.from_response = true;
+                        self.say(t, Callback::BecomeStream { task: t }, out);
+                        // Its connection is the stream's now, out of the host's HTTP slots.
+                        let session = self.tasks[&t].session;
+                        self.admit(session, out);
+                    }
+                    (Disposition::BecomeDownload | Disposition::BecomeStream, _) => {
+                        self.complete(t, Outcome::InvalidDisposition, out);
+                    }
+                    (Disposition::Cancel, _) => self.complete(t, Outcome::Cancelled, out),
+                }
             }
         }
     }
@@ -998,6 +1229,9 @@ impl Model {
             return;
         }
         match (task.state, task.kind) {
+            // A response's stream whose handle the delegate has not returned with yet: it is
+            // cancelled then, if nobody holds the task (`Model::returned`).
+            (TaskState::Running, TaskKind::Stream) if self.becoming_stream(t) => {}
             (TaskState::Suspended, _) | (TaskState::Running, TaskKind::Stream) => {
                 self.complete(t, Outcome::Cancelled, out);
             }
@@ -1007,7 +1241,10 @@ impl Model {
     }
 
     fn complete_success(&mut self, t: TaskId, reusable: bool, out: &mut Step) {
-        if self.tasks[&t].kind == TaskKind::Download {
+        if self.tasks[&t].kind == TaskKind::Download && self.delegated(t) {
+            // The file is the delegate's until did_finish_downloading returns.
+            let session = self.tasks[&t].session;
+            self.session_mut(session).handing_over += 1;
             self.say(t, Callback::FinishDownloading { task: t }, out);
         }
         // R5: a connection goes back to the pool only when the response was read whole and the
@@ -1034,9 +1271,19 @@ impl Model {
         task.buffered = 0;
         task.inbox = None;
         task.unread.clear();
+        task.undelivered = 0;
         let session = task.session;
         let future = task.route == Route::Future;
-        if future && task.handle {
+        let awaited = future && task.handle;
+        if matches!(outcome, Outcome::Cancelled | Outcome::TimedOut(_)) {
+            // R5: a task cancelled or timed out drops the body its delegate was not handed:
+            // its did_complete comes next. A network failure is the network's own ending:
+            // the bytes read before it are delivered first, as they arrived.
+            self.session_mut(session)
+                .queue
+                .retain(|c| !matches!(c, Callback::ReceiveData { task, .. } if *task == t));
+        }
+        if awaited {
             out.awaited.push((t, outcome));
         }
         if waited {
@@ -1088,7 +1335,7 @@ impl Model {
         self.invalidate_if_done(s, out);
     }
 
-    fn invalidate_if_done(&mut self, s: SessionId, out: &mut Step) {
+    fn invalidate_if_done(&mut self, s: SessionId, _: &mut Step) {
         let session = &self.sessions[&s];
         if session.state == SessionState::Invalidated
             || session.tasks.iter().any(|t| self.tasks[t].is_live())
@@ -1100,7 +1347,9 @@ impl Model {
         // R4: the pool closes with the session.
         session.idle_connections = 0;
         if session.kind == SessionKind::Delegated {
-            out.callbacks.push(Callback::BecomeInvalid { session: s });
+            session
+                .queue
+                .push_back(Callback::BecomeInvalid { session: s });
         }
         // R3: the delegate is released right after this callback returns; see
         // `Model::resources`, which stops counting it here.

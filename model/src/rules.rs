@@ -161,6 +161,17 @@ pub fn check_model(model: &Model) -> Result<(), Violation> {
                 ),
             );
         }
+        if let Some(window) = task.window
+            && task.undelivered > window
+        {
+            return broken(
+                Rule::R6,
+                format!(
+                    "{id} has {} bytes said to its delegate and not returned, past its {window}",
+                    task.undelivered
+                ),
+            );
+        }
         if task.state == TaskState::Suspended && task.timers_armed() {
             return broken(Rule::R7, format!("suspended {id} has timers armed"));
         }
@@ -173,7 +184,10 @@ pub fn check_model(model: &Model) -> Result<(), Violation> {
             .copied()
             .filter(|t| model.task(*t).is_some_and(|t| t.is_live()))
             .collect();
-        if session.state == SessionState::Invalidated && !held.is_zero() {
+        // R4 holds once did_become_invalid has returned: until then a slow delegate still
+        // has it, and what it was handed (a download's file) or is still owed.
+        let released = session.kind != crate::SessionKind::Delegated || session.delegate_released;
+        if session.state == SessionState::Invalidated && released && !held.is_zero() {
             return broken(Rule::R4, format!("invalidated {id} still holds {held:?}"));
         }
         // The host's slots: HTTP exchanges' connections, busy and pooled, within `per_host`;

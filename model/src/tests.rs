@@ -1043,3 +1043,83 @@ fn par_takes_only_user_ops_of_one_session_allowed_in_either_order() {
         }
     )));
 }
+
+#[test]
+fn a_slow_delegate_holds_the_queue_and_a_full_window_stops_the_read() {
+    let mut m = Model::new();
+    let window = m.read_ahead();
+    run(
+        &mut m,
+        &[
+            session(SessionKind::Delegated),
+            task(T, TaskKind::Data),
+            Op::Resume(T),
+            task(U, TaskKind::Data),
+            Op::Resume(U),
+            Op::ServerHeaders {
+                task: T,
+                answer: Disposition::Allow,
+            },
+            Op::DelegateBlocks(S),
+        ],
+    );
+    // Stuck in did_receive_response: U's answer waits behind it, and U reads nothing.
+    let head = m.apply(&Op::ServerHeaders {
+        task: U,
+        answer: Disposition::Allow,
+    });
+    assert_eq!(head.callbacks, [Callback::ReceiveResponse { task: U }]);
+    assert_eq!(
+        m.session(S).unwrap().pace,
+        Pace::Stuck(Callback::ReceiveResponse { task: U })
+    );
+    assert_eq!(m.task(U).unwrap().exchange, Exchange::AwaitingDisposition);
+    // T's body passes (did_receive_data returns), but not its end: did_complete would stick.
+    let sent = m.apply(&Op::ServerSends {
+        task: T,
+        bytes: 3 * window as u32,
+    });
+    assert!(
+        sent.callbacks.is_empty(),
+        "queued behind the stuck callback"
+    );
+    assert_eq!(
+        m.task(T).unwrap().undelivered,
+        window,
+        "R6: one window, no more"
+    );
+    assert_eq!(m.resources(S).buffered_bytes, window);
+    assert!(m.task(T).unwrap().behind());
+    assert!(!m.allows(&Op::TimePasses {
+        task: T,
+        timer: Timer::Request
+    }));
+    // Cancelled behind the queue: its body goes, its did_complete is next in line.
+    m.apply(&Op::Cancel(T));
+    assert_eq!(m.resources(S).buffered_bytes, 0, "R5");
+    let returned = m.apply(&Op::DelegateReturns(S));
+    assert_eq!(returned.callbacks, [complete(T, Outcome::Cancelled)]);
+    assert_eq!(m.task(U).unwrap().exchange, Exchange::ReceivingBody);
+    check_model(&m).unwrap();
+}
+
+#[test]
+fn a_delegate_stuck_in_did_become_invalid_is_held_until_it_returns() {
+    let mut m = Model::new();
+    run(
+        &mut m,
+        &[
+            session(SessionKind::Delegated),
+            Op::DelegateBlocks(S),
+            Op::InvalidateAndCancel(S),
+        ],
+    );
+    let session = m.session(S).unwrap();
+    assert_eq!(session.state, SessionState::Invalidated);
+    assert!(
+        m.resources(S).delegate_held,
+        "R3: until did_become_invalid returns"
+    );
+    m.apply(&Op::DelegateReturns(S));
+    assert!(m.resources(S).is_zero());
+}

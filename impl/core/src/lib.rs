@@ -48,7 +48,7 @@ use bytes::Bytes;
 
 pub use engine::{Config, GOING_AWAY, NO_STATUS, SessionState, TaskState, close_code_allowed};
 pub use error::{Error, Timeout, TlsFailure};
-pub use session::{Core, Delivered, Delivery, SessionHandle, TaskHandle, session};
+pub use session::{Core, Delivered, Delivery, Receipt, SessionHandle, TaskHandle, session};
 
 /// A task of one session, numbered from 0 in creation order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

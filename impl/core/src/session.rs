@@ -532,7 +532,14 @@ impl<D> fmt::Debug for Delivery<D> {
     }
 }
 
+/// A callback taken for the delegate by [`Delivery::begin`], whose return is reported with
+/// [`Delivery::finish`].
+#[derive(Debug)]
+#[must_use = "the engine counts the delegate as in the callback until it is finished"]
+pub struct Receipt(Ack);
+
 /// What the delivery must tell the engine once the delegate has returned.
+#[derive(Debug)]
 enum Ack {
     None,
     Answer(TaskId),
@@ -565,8 +572,54 @@ impl<D> Delivery<D> {
     where
         F: FnOnce(&D, Callback) -> Option<Disposition>,
     {
+        let (callback, receipt) = match self.take(waker) {
+            Err(done) => return Some(done),
+            Ok(None) => return None,
+            Ok(Some(taken)) => taken,
+        };
+        let delegate = self
+            .delegate
+            .as_ref()
+            .expect("callbacks are queued only for a delegate");
+        let disposition = deliver(delegate, callback);
+        Some(self.finish(receipt, disposition))
+    }
+
+    /// Take the next callback for the delegate without calling it, for a caller that hands
+    /// it over itself (see [`Delivery::delegate`]) and reports the delegate's return with
+    /// [`Delivery::finish`]: until then the engine counts the delegate as in that callback
+    /// (a body chunk is still owed against its window, a handed-over file still exists).
+    /// `Ok(None)` when nothing is queued now; `Err(Delivered::Done)` once nothing will come
+    /// again. Take the next one only after finishing this one: callbacks are serial.
+    pub fn begin(&mut self) -> Result<Option<(Callback, Receipt)>, Delivered> {
+        self.take(None)
+    }
+
+    /// The delegate returned from the callback `receipt` was taken with; `disposition` is
+    /// its answer to a `ReceiveResponse` (`None` means allow), ignored for the others.
+    pub fn finish(&mut self, receipt: Receipt, disposition: Option<Disposition>) -> Delivered {
+        let disposition = disposition.unwrap_or(Disposition::Allow);
+        match receipt.0 {
+            Ack::None => {}
+            Ack::Answer(task) => self.core.update(|e| e.answer(task, disposition)),
+            Ack::Data(task, len) => self.core.update(|e| e.data_delivered(task, len)),
+            Ack::FileHandedOver(task) => self.core.update(|e| e.file_handed_over(task)),
+            Ack::Invalid => {
+                self.release();
+                return Delivered::Done;
+            }
+        }
+        Delivered::One
+    }
+
+    /// The delegate, while the delivery holds it (until `did_become_invalid` has returned).
+    pub fn delegate(&self) -> Option<&D> {
+        self.delegate.as_ref()
+    }
+
+    fn take(&mut self, waker: Option<&Waker>) -> Result<Option<(Callback, Receipt)>, Delivered> {
         if self.done {
-            return Some(Delivered::Done);
+            return Err(Delivered::Done);
         }
         let callback = {
             let mut engine = lock(&self.core.engine);
@@ -574,13 +627,13 @@ impl<D> Delivery<D> {
                 Some(callback) => callback,
                 None if self.delegate.is_none() && engine.state() == SessionState::Invalidated => {
                     self.done = true;
-                    return Some(Delivered::Done);
+                    return Err(Delivered::Done);
                 }
                 None => {
                     if let Some(waker) = waker {
                         engine.callback_waker = Some(waker.clone());
                     }
-                    return None;
+                    return Ok(None);
                 }
             }
         };
@@ -602,22 +655,7 @@ impl<D> Delivery<D> {
             Callback::BecomeInvalid => Ack::Invalid,
             _ => Ack::None,
         };
-        let delegate = self
-            .delegate
-            .as_ref()
-            .expect("callbacks are queued only for a delegate");
-        let disposition = deliver(delegate, callback).unwrap_or(Disposition::Allow);
-        match ack {
-            Ack::None => {}
-            Ack::Answer(task) => self.core.update(|e| e.answer(task, disposition)),
-            Ack::Data(task, len) => self.core.update(|e| e.data_delivered(task, len)),
-            Ack::FileHandedOver(task) => self.core.update(|e| e.file_handed_over(task)),
-            Ack::Invalid => {
-                self.release();
-                return Some(Delivered::Done);
-            }
-        }
-        Some(Delivered::One)
+        Ok(Some((callback, Receipt(ack))))
     }
 
     /// R3: drop the delegate, then let the engine know (so no one sees it counted as held
