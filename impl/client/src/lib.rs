@@ -38,6 +38,7 @@
 //! # Ok(()) }
 //! ```
 
+mod cache;
 mod close;
 mod config;
 mod delegate;
@@ -52,7 +53,7 @@ mod tls;
 mod websocket;
 
 pub use close::CloseCode;
-pub use config::{Configuration, ConfigurationBuilder};
+pub use config::{CacheDisk, Configuration, ConfigurationBuilder, UrlCache};
 pub use delegate::{Delegate, TaskInfo};
 pub use leakproof_core::{
     Disposition, Error, GOING_AWAY, Ledger, Message, SessionState, TaskId, TaskKind, TaskState,
