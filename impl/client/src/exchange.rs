@@ -292,7 +292,10 @@ impl Exchange {
                     key,
                     policy,
                     request: copy_parts(sent),
-                    copy: Some(BytesMut::new()),
+                    // Sized by the head when it says: no regrowth, no slack kept.
+                    copy: Some(BytesMut::with_capacity(
+                        content_length(&parts).map_or(0, |len| len as usize),
+                    )),
                     limit: cache.max_entry(),
                 });
                 if keep.is_none() && revalidated {
@@ -410,7 +413,13 @@ impl Exchange {
             (keep, self.shared.cache.as_ref(), out.head.as_ref())
             && let Some(copy) = keep.copy
         {
-            cache.insert(keep.key, keep.policy, &keep.request, head, copy.freeze());
+            // The entry holds its length, not the capacity a growing copy reached.
+            let copy = if copy.capacity() > copy.len() {
+                Bytes::copy_from_slice(&copy)
+            } else {
+                copy.freeze()
+            };
+            cache.insert(keep.key, keep.policy, &keep.request, head, copy);
         }
         out.body = kept.freeze();
         out.file = into;
