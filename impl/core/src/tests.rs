@@ -431,6 +431,12 @@ fn a_task_answered_without_the_network_gives_its_connection_back_unused() {
         "nothing to pool"
     );
     assert_eq!(core.task_state(tasks[0].id()), TaskState::Completed);
+    assert!(
+        !actions(&core)
+            .iter()
+            .any(|a| matches!(a, Action::Abort { .. })),
+        "its IO ended it: nothing to abort"
+    );
     assert_eq!(core.ledger().idle_connections, 0);
     // A pooled connection given to a task answered without it goes back to the pool.
     let _ = core.response(tasks[1].id(), ok_response());
