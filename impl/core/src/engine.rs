@@ -713,6 +713,12 @@ impl Engine {
                 self.complete(task, Ok(()), EndedBy::Io);
                 Release::Pool
             }
+            (_, None) => {
+                // Answered without a connection (`connection_unused`): the IO is done, with
+                // nothing to pool or close, so nothing is left to abort.
+                self.complete(task, Ok(()), EndedBy::Io);
+                Release::Close
+            }
             (_, conn) => {
                 // Closed with the task. The IO parked it and closes it on this answer, but the
                 // driver's abort closes it first: a promise that waits for the driver (its
