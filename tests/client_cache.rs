@@ -111,6 +111,31 @@ async fn a_fresh_response_is_answered_from_the_cache_without_a_connection() {
 }
 
 #[tokio::test]
+async fn a_hit_leaves_the_pooled_connection_it_was_given_in_the_pool() {
+    let stage = Stage::start().await.unwrap();
+    let config = Configuration::builder().max_connections_per_host(1);
+    let session = Session::new(config.build().unwrap(), None);
+    let cached = stage.url("/bytes/1000?max_age=60");
+    fetch(&session, cached.clone()).await;
+    // The engine hands each of these the pooled connection; the hits give it back.
+    for _ in 0..3 {
+        fetch(&session, cached.clone()).await;
+        let ledger = session.resources();
+        assert_eq!(
+            (ledger.open_connections, ledger.idle_connections),
+            (0, 1),
+            "{ledger:?}"
+        );
+    }
+    // A miss, with one connection per host allowed, finds it and reuses it.
+    fetch(&session, stage.url("/bytes/10")).await;
+    assert_eq!((stage.accepted(), stage.requests()), (1, 2));
+    session.finish_tasks_and_invalidate();
+    bounded("invalidated", session.invalidated()).await;
+    assert!(stage.wait_all_closed(PATIENCE).await);
+}
+
+#[tokio::test]
 async fn a_hit_gives_a_data_task_s_delegate_every_callback() {
     let stage = Stage::start().await.unwrap();
     let recorder = Arc::new(Recorder::default());

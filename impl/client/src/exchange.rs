@@ -234,8 +234,13 @@ impl Exchange {
         if let (Some(cache), Some(sent)) = (cache, cacheable) {
             match self.or_abort(cache.lookup(&key, sent)).await? {
                 Lookup::Fresh(hit) => {
-                    // No connection: the one the engine gave goes back unused.
+                    // No connection: the one the engine gave goes back unused. A pooled one
+                    // never left the pool's idle map; the driver checks it is still there (its
+                    // idle clock may have closed it meanwhile) as for any connection parked.
                     shared.core.connection_unused(self.task, self.start.reused);
+                    if self.start.reused {
+                        shared.pool.note(Note::Parked(self.start.conn));
+                    }
                     activity.touch();
                     let answer = Answer {
                         connection: None,
