@@ -24,6 +24,20 @@
 //! with a [`TlsFailure`]. Each session has its own TLS configuration and resumption cache
 //! (at most [`ConfigurationBuilder::tls_session_cache`] sessions), dropped with the session.
 //!
+//! ```no_run
+//! # async fn run() -> Result<(), leakproof::Error> {
+//! use leakproof::{Configuration, Session};
+//!
+//! let session = Session::new(Configuration::default(), None);
+//! let response = session
+//!     .data(http::Request::get("http://127.0.0.1:8080/").body(()).unwrap())
+//!     .await?;
+//! println!("{} bytes", response.body().len());
+//! session.finish_tasks_and_invalidate();
+//! session.invalidated().await; // every socket closed, every byte released
+//! # Ok(()) }
+//! ```
+//!
 //! Each session has its own response cache too ([`UrlCache`]: 512 KiB in memory by default,
 //! the rules `http-cache-semantics`'), counted in the ledger, emptied by [`Session::reset`]
 //! and dropped with the session.
@@ -40,20 +54,6 @@
 //! // Fresh (Cache-Control: max-age=...): answered from the cache, no connection opened.
 //! session.data(http::Request::get(url).body(()).unwrap()).await?;
 //! session.reset().await; // cache emptied, idle connections closed, TLS sessions forgotten
-//! # Ok(()) }
-//! ```
-//!
-//! ```no_run
-//! # async fn run() -> Result<(), leakproof::Error> {
-//! use leakproof::{Configuration, Session};
-//!
-//! let session = Session::new(Configuration::default(), None);
-//! let response = session
-//!     .data(http::Request::get("http://127.0.0.1:8080/").body(()).unwrap())
-//!     .await?;
-//! println!("{} bytes", response.body().len());
-//! session.finish_tasks_and_invalidate();
-//! session.invalidated().await; // every socket closed, every byte released
 //! # Ok(()) }
 //! ```
 
