@@ -483,7 +483,10 @@ impl Exchange {
     }
 
     /// Get a connection and send the request on it. A pooled connection the server has
-    /// closed meanwhile is replaced once by a new one, with the request unsent.
+    /// closed meanwhile is replaced once by a new one, with the request unsent; or, if the
+    /// request went out and the close came with no byte of response, with the request sent
+    /// again, when it is idempotent and has no body (RFC 9112, 9.3.1): the server closed the
+    /// idle connection as the request reached it.
     async fn send(
         &mut self,
         mut request: http::Request<Body>,
@@ -494,6 +497,10 @@ impl Exchange {
             None
         };
         let mut retried = pooled.is_none();
+        let mut again = (pooled.is_some()
+            && request.method().is_idempotent()
+            && request.body().is_end_stream())
+        .then(|| sent_parts(&request));
         let mut connection = match pooled {
             Some(connection) => connection,
             None => self.connect().await?,
@@ -513,6 +520,14 @@ impl Exchange {
                     Some(unsent) if !retried => {
                         retried = true;
                         request = unsent;
+                        connection = self.connect().await?;
+                    }
+                    None if !retried && error.error().is_incomplete_message() => {
+                        let Some(parts) = again.take() else {
+                            return Err(send_error(error.error()).into());
+                        };
+                        retried = true;
+                        request = http::Request::from_parts(parts, empty());
                         connection = self.connect().await?;
                     }
                     _ => return Err(send_error(error.error()).into()),
