@@ -373,6 +373,29 @@ async fn a_directory_of_the_caller_s_keeps_its_files_and_no_file_is_held_open() 
     assert!(session.resources().is_zero());
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 4);
     assert_eq!(open_files_under(dir.path()), 0);
+    // Another session on the same directory writes files of its own beside them, and its
+    // reset removes its own only.
+    let cache = UrlCache::memory(64 * 1024).disk(CacheDisk::Dir {
+        path: dir.path().to_owned(),
+        capacity: 1 << 20,
+    });
+    let session = Session::new(no_pool().url_cache(Some(cache)).build().unwrap(), None);
+    for n in 0..2 {
+        fetch(
+            &session,
+            stage.url(&format!("/bytes/{}?max_age=60", 1000 + n)),
+        )
+        .await;
+    }
+    assert_eq!(
+        stage.accepted(),
+        5,
+        "a new session reads no earlier session's files"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 6);
+    bounded("reset", session.reset()).await;
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 4);
+    assert_eq!(session.resources().cached_bytes, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -27,6 +28,10 @@ pub(crate) struct Cache {
     disk: Option<Disk>,
     /// `None` once released (the session is invalidated): nothing is stored after that.
     store: Mutex<Option<Arc<Store>>>,
+    /// Names body files: `<session>-<n>.body`, never reused, not even across a reset, and
+    /// never another session's (a directory of the caller's may serve several).
+    session: String,
+    files: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -53,8 +58,6 @@ struct Entries {
     memory: u64,
     /// Body bytes in files.
     disk: u64,
-    /// Names the next body file.
-    files: u64,
 }
 
 struct Entry {
@@ -141,6 +144,8 @@ impl Cache {
             config,
             disk,
             store: Mutex::new(Some(Arc::default())),
+            session: session.to_owned(),
+            files: AtomicU64::new(0),
         }
     }
 
@@ -287,12 +292,8 @@ impl Cache {
                 {
                     return;
                 }
-                let n = {
-                    let mut entries = lock(&store.entries);
-                    entries.files += 1;
-                    entries.files
-                };
-                let path = disk.dir.join(format!("{n:016x}.body"));
+                let n = self.files.fetch_add(1, Ordering::Relaxed);
+                let path = disk.dir.join(format!("{}-{n}.body", self.session));
                 let written =
                     std::fs::create_dir_all(&disk.dir).and_then(|()| std::fs::write(&path, &body));
                 if written.is_err() {
