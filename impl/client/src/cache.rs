@@ -178,11 +178,14 @@ impl Cache {
             let Some(entry) = entries.map.get(key) else {
                 return Lookup::Miss;
             };
-            let answer = entry.policy.before_request(request, now);
+            let answer = match entry.policy.before_request(request, now) {
+                // Another variant (Vary), say: not this entry's to answer, nor to revalidate.
+                BeforeRequest::Stale { matches: false, .. } => return Lookup::Miss,
+                answer => answer.map_policy(entry.policy.clone()),
+            };
             let body = entry.body.clone();
-            let policy = entry.policy.clone();
             entries.touch(key);
-            (answer.map_policy(policy), body)
+            (answer, body)
         };
         let body = match body {
             Body::Memory(bytes) => bytes,
@@ -203,7 +206,6 @@ impl Cache {
                 policy,
                 body,
             },
-            Answered::Miss => Lookup::Miss,
         }
     }
 
@@ -427,7 +429,6 @@ enum Answered {
         request: http::request::Parts,
         policy: Box<CachePolicy>,
     },
-    Miss,
 }
 
 trait MapPolicy {
@@ -438,14 +439,10 @@ impl MapPolicy for BeforeRequest {
     fn map_policy(self, policy: CachePolicy) -> Answered {
         match self {
             BeforeRequest::Fresh(head) => Answered::Fresh(head),
-            BeforeRequest::Stale {
-                request,
-                matches: true,
-            } => Answered::Revalidate {
+            BeforeRequest::Stale { request, .. } => Answered::Revalidate {
                 request,
                 policy: Box::new(policy),
             },
-            BeforeRequest::Stale { matches: false, .. } => Answered::Miss,
         }
     }
 }
