@@ -10,7 +10,10 @@
 //!   `stall_headers=1` (never answer), `stall_after=K` (head and K body bytes, then silence),
 //!   `reset_after=K` (then a TCP reset), `close_after=K` (then a clean close),
 //!   `no_response=1` (close without a byte), `malformed=status` (a garbage status line) or
-//!   `malformed=chunk` (a chunked head, then a chunk size that is not hex).
+//!   `malformed=chunk` (a chunked head, then a chunk size that is not hex). For caches:
+//!   `max_age=S` (`Cache-Control: max-age=S`), `no_store=1` (`Cache-Control: no-store`),
+//!   `etag=TAG` (`ETag: "TAG"`; a request whose `If-None-Match` names it is answered `304`
+//!   with no body, counted by [`Stage::not_modified`]).
 //! - `/hold/KEY`: parked until the test takes it with [`Stage::held`] and drives the response
 //!   step by step through the [`Held`] handle. A websocket upgrade request there is answered
 //!   by the test too: [`Held::upgrade`] (then a [`HeldWs`] in manual mode) or
@@ -215,6 +218,11 @@ impl Stage {
     pub fn open(&self) -> u64 {
         let closed = self.closed();
         self.accepted().saturating_sub(closed)
+    }
+
+    /// `304 Not Modified` answers so far (scripts with `etag=`).
+    pub fn not_modified(&self) -> u64 {
+        self.shared.counters.not_modified.load(Relaxed)
     }
 
     /// Request heads parsed so far.
@@ -518,6 +526,8 @@ struct Counters {
     ws_close_frames_received: AtomicU64,
     /// TLS handshakes that resumed a session the client had cached.
     tls_resumed: AtomicU64,
+    /// `304 Not Modified` answers written.
+    not_modified: AtomicU64,
     /// Raw sockets accepted and closed (also counted in `accepted` and `closed`).
     raw_accepted: AtomicU64,
     raw_closed: AtomicU64,
@@ -671,6 +681,8 @@ struct Request {
     target: String,
     /// The client asked for `Connection: close`.
     close: bool,
+    /// Its `If-None-Match`, if any.
+    if_none_match: Option<String>,
     /// What the head says about a websocket upgrade.
     upgrade: websocket::Upgrade,
 }
@@ -759,7 +771,15 @@ impl Conn {
             let (then, answer) = match Route::of(&request.target) {
                 Route::Hold(key) => self.hold(&request, key).await,
                 Route::WebSocket(script) => self.websocket(&request, script).await,
-                Route::Script(script) => (self.play(&script).await.unwrap_or(GONE), None),
+                Route::Script(script) => {
+                    let then = match &script.etag {
+                        Some(etag) if request.if_none_match.as_deref() == Some(etag) => {
+                            self.not_modified(&script).await
+                        }
+                        _ => self.play(&script).await,
+                    };
+                    (then.unwrap_or(GONE), None)
+                }
                 Route::NotFound => (self.refuse(404, "no such script").await, None),
                 Route::BadQuery(bad) => (self.refuse(400, &bad.to_string()).await, None),
             };
@@ -797,8 +817,13 @@ impl Conn {
             _ if script.chunked => Framing::Chunked,
             _ => Framing::Length(script.len),
         };
-        self.write_head(script.status, framing, !script.keep_alive)
-            .await?;
+        self.write_head_with(
+            script.status,
+            framing,
+            !script.keep_alive,
+            &script.cache_headers(),
+        )
+        .await?;
         let mut sent = 0;
         while sent < upto {
             if sent > 0 {
@@ -1066,7 +1091,37 @@ impl Conn {
         }
     }
 
+    /// A `304 Not Modified` for a script with `etag=`, whose tag the request named: its cache
+    /// headers and no body.
+    async fn not_modified(&mut self, script: &Script) -> io::Result<Then> {
+        self.pause(script.header_delay).await?;
+        let mut head = "HTTP/1.1 304 Not Modified\r\n".to_owned();
+        head += &script.cache_headers();
+        if !script.keep_alive {
+            head += "connection: close\r\n";
+        }
+        head += "\r\n";
+        self.stream.write_all(head.as_bytes()).await?;
+        self.shared.counters.not_modified.fetch_add(1, Relaxed);
+        Ok(if script.keep_alive {
+            Then::Continue(())
+        } else {
+            Then::Break(Hangup::Fin)
+        })
+    }
+
     async fn write_head(&mut self, status: u16, framing: Framing, close: bool) -> io::Result<()> {
+        self.write_head_with(status, framing, close, "").await
+    }
+
+    /// A response head with `extra` header lines (each ending in CRLF).
+    async fn write_head_with(
+        &mut self,
+        status: u16,
+        framing: Framing,
+        close: bool,
+        extra: &str,
+    ) -> io::Result<()> {
         let reason = match status {
             200 => "OK",
             400 => "Bad Request",
@@ -1087,6 +1142,7 @@ impl Conn {
         if close || framing == Framing::UntilClose {
             head += "connection: close\r\n";
         }
+        head += extra;
         head += "\r\n";
         self.stream.write_all(head.as_bytes()).await
     }
@@ -1176,6 +1232,7 @@ impl Request {
     ) -> Result<(Request, RequestBody), &'static str> {
         let mut body = RequestBody::None;
         let mut close = false;
+        let mut if_none_match = None;
         let mut upgrade = websocket::Upgrade::default();
         for header in parsed.headers.iter() {
             let value = std::str::from_utf8(header.value)
@@ -1193,12 +1250,15 @@ impl Request {
                 }
             } else if header.name.eq_ignore_ascii_case("connection") {
                 close = value.eq_ignore_ascii_case("close");
+            } else if header.name.eq_ignore_ascii_case("if-none-match") {
+                if_none_match = Some(value.to_owned());
             }
         }
         let request = Request {
             method: parsed.method.unwrap_or_default().to_owned(),
             target: parsed.path.unwrap_or_default().to_owned(),
             close,
+            if_none_match,
             upgrade,
         };
         Ok((request, body))
@@ -1225,6 +1285,12 @@ struct Script {
     keep_alive: bool,
     header_delay: Duration,
     ending: Ending,
+    /// `Cache-Control: max-age=`.
+    max_age: Option<u64>,
+    /// `Cache-Control: no-store`.
+    no_store: bool,
+    /// The `ETag`, quoted.
+    etag: Option<String>,
 }
 
 /// How a scripted response ends.
@@ -1278,6 +1344,25 @@ impl Route {
 }
 
 impl Script {
+    /// The cache headers the script asks for, as header lines.
+    fn cache_headers(&self) -> String {
+        let mut directives = Vec::new();
+        if let Some(age) = self.max_age {
+            directives.push(format!("max-age={age}"));
+        }
+        if self.no_store {
+            directives.push("no-store".to_owned());
+        }
+        let mut lines = String::new();
+        if !directives.is_empty() {
+            lines += &format!("cache-control: {}\r\n", directives.join(", "));
+        }
+        if let Some(etag) = &self.etag {
+            lines += &format!("etag: {etag}\r\n");
+        }
+        lines
+    }
+
     fn parse(len: u64, query: &str) -> Result<Script, BadQuery> {
         let mut script = Script {
             status: 200,
@@ -1288,6 +1373,9 @@ impl Script {
             keep_alive: true,
             header_delay: Duration::ZERO,
             ending: Ending::Whole,
+            max_age: None,
+            no_store: false,
+            etag: None,
         };
         for pair in query.split('&').filter(|pair| !pair.is_empty()) {
             let bad = |why| BadQuery {
@@ -1343,6 +1431,21 @@ impl Script {
                     script.header_delay = Duration::from_millis(number()?);
                     None
                 }
+                "max_age" => {
+                    script.max_age = Some(number()?);
+                    None
+                }
+                "no_store" => {
+                    script.no_store = flag()?;
+                    None
+                }
+                "etag" => {
+                    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                        return Err(bad("expected letters and digits"));
+                    }
+                    script.etag = Some(format!("\"{value}\""));
+                    None
+                }
                 "stall_headers" => flag()?.then_some(Ending::StallHeaders),
                 "no_response" => flag()?.then_some(Ending::NoResponse),
                 "stall_after" => Some(Ending::StallAfter(within_body(number()?)?)),
@@ -1386,6 +1489,16 @@ mod tests {
     }
 
     #[test]
+    fn cache_headers_come_from_the_query() {
+        let script = Script::parse(10, "max_age=60&no_store=1&etag=v1").unwrap();
+        assert_eq!(
+            script.cache_headers(),
+            "cache-control: max-age=60, no-store\r\netag: \"v1\"\r\n"
+        );
+        assert_eq!(Script::parse(10, "").unwrap().cache_headers(), "");
+    }
+
+    #[test]
     fn bad_queries_are_refused() {
         for query in [
             "nope=1",
@@ -1396,6 +1509,9 @@ mod tests {
             "reset_after=1&stall_after=1",
             "malformed=body",
             "pace_ms",
+            "max_age=soon",
+            "etag=a\"b",
+            "etag=",
         ] {
             assert!(Script::parse(100, query).is_err(), "{query}");
         }

@@ -15,6 +15,80 @@ use crate::Error;
 /// [`ConfigurationBuilder::tls_session_cache`].
 const DEFAULT_TLS_SESSION_CACHE: usize = 64;
 
+/// The response cache a session has by default: 512 KiB in memory, no disk (see
+/// [`ConfigurationBuilder::url_cache`]).
+const DEFAULT_CACHE_MEMORY: usize = 512 * 1024;
+
+/// A session's response cache (URLCache's role): how much it may hold in memory, where it
+/// keeps bodies on disk if anywhere, and the largest response it stores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlCache {
+    pub(crate) memory_capacity: usize,
+    pub(crate) max_entry: usize,
+    pub(crate) disk: Option<CacheDisk>,
+}
+
+/// Where a [`UrlCache`] keeps its bodies on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheDisk {
+    /// A directory the session makes for itself (in the system temp dir), emptied and removed
+    /// when the session is invalidated.
+    Ephemeral { capacity: usize },
+    /// A directory of the caller's. The session's entries are written there, one file per
+    /// body, and left there at invalidation; the session holds no file open between a write
+    /// or a read.
+    Dir { path: PathBuf, capacity: usize },
+}
+
+impl CacheDisk {
+    /// The most body bytes kept on disk.
+    pub fn capacity(&self) -> usize {
+        match self {
+            CacheDisk::Ephemeral { capacity } | CacheDisk::Dir { capacity, .. } => *capacity,
+        }
+    }
+}
+
+impl UrlCache {
+    /// A cache of `capacity` bytes in memory (bodies and headers), storing responses of at
+    /// most a twentieth of it (URLCache's rule); no disk.
+    pub fn memory(capacity: usize) -> UrlCache {
+        UrlCache {
+            memory_capacity: capacity,
+            max_entry: capacity / 20,
+            disk: None,
+        }
+    }
+
+    /// Keep bodies on disk as well, bounded by the disk's capacity; the largest response
+    /// stored becomes a twentieth of that, unless [`max_entry`](Self::max_entry) says
+    /// otherwise afterwards. Memory then holds only the index (heads and policies).
+    pub fn disk(mut self, disk: CacheDisk) -> UrlCache {
+        self.max_entry = self.max_entry.max(disk.capacity() / 20);
+        self.disk = Some(disk);
+        self
+    }
+
+    /// The largest response stored, in bytes (body and headers); larger ones are passed
+    /// through and not kept.
+    pub fn max_entry(mut self, bytes: usize) -> UrlCache {
+        self.max_entry = bytes;
+        self
+    }
+
+    pub fn memory_capacity(&self) -> usize {
+        self.memory_capacity
+    }
+
+    pub fn max_entry_size(&self) -> usize {
+        self.max_entry
+    }
+
+    pub fn disk_location(&self) -> Option<&CacheDisk> {
+        self.disk.as_ref()
+    }
+}
+
 /// How a session behaves. Build one with [`Configuration::builder`], or take a preset:
 /// [`Configuration::default`] or [`Configuration::ephemeral`].
 #[derive(Debug, Clone)]
@@ -38,6 +112,7 @@ pub struct Configuration {
     /// when built.
     pub(crate) root_certificates: Vec<CertificateDer<'static>>,
     pub(crate) webpki_roots: bool,
+    pub(crate) url_cache: Option<UrlCache>,
 }
 
 /// The smallest `read_buffer` hyper accepts (`http1::Builder::max_buf_size`).
@@ -49,7 +124,7 @@ impl Default for Configuration {
     /// a 16 KiB read buffer, a 64 KiB stream window, delegate window and write buffer, a 5 s
     /// websocket close timeout, 16 MiB websocket messages and 16 MiB bodies collected by the
     /// conveniences; https trusting the webpki-roots (Mozilla's) roots, and at most 64 TLS
-    /// sessions kept for resumption.
+    /// sessions kept for resumption; a 512 KiB response cache in memory.
     fn default() -> Self {
         Self {
             request_timeout: Duration::from_secs(60),
@@ -69,16 +144,19 @@ impl Default for Configuration {
             tls_session_cache: DEFAULT_TLS_SESSION_CACHE,
             root_certificates: Vec::new(),
             webpki_roots: true,
+            url_cache: Some(UrlCache::memory(DEFAULT_CACHE_MEMORY)),
         }
     }
 }
 
 impl Configuration {
-    /// Nothing outlives a task: no connection is kept alive between tasks. For code that must
-    /// leave no state behind at all, at the price of a connection per request.
+    /// Nothing outlives a task: no connection is kept alive between tasks, and no response
+    /// is cached. For code that must leave no state behind at all, at the price of a
+    /// connection per request.
     pub fn ephemeral() -> Self {
         Self {
             max_idle_per_host: 0,
+            url_cache: None,
             ..Self::default()
         }
     }
@@ -165,6 +243,11 @@ impl Configuration {
     /// full handshake).
     pub fn tls_session_cache(&self) -> usize {
         self.tls_session_cache
+    }
+
+    /// The session's response cache, if it has one.
+    pub fn url_cache(&self) -> Option<&UrlCache> {
+        self.url_cache.as_ref()
     }
 
     /// The roots https trusts besides webpki-roots' (DER).
@@ -347,6 +430,21 @@ impl ConfigurationBuilder {
     /// it ([`Ledger::tls_sessions`](crate::Ledger::tls_sessions)).
     pub fn tls_session_cache(mut self, sessions: usize) -> Self {
         self.config.tls_session_cache = sessions;
+        self
+    }
+
+    /// The session's response cache (URLCache's role), or `None` for no cache. By default
+    /// `UrlCache::memory(512 * 1024)`: URLSession's default sessions cache in memory too, and
+    /// 512 KiB (URLCache's memory default) with responses of at most 25.6 KiB stored bounds
+    /// what a session keeps while serving small, fresh, repeated requests without a
+    /// connection. Only GET data and download tasks use it; only complete `200` responses that
+    /// `http-cache-semantics` calls storable for a private cache, and that are fresh or carry
+    /// a validator, are stored; the least recently used go first so that the cache never
+    /// holds more than its capacity. The cache is the session's own, counted in the ledger
+    /// ([`Ledger::cached_bytes`](crate::Ledger::cached_bytes)), emptied by
+    /// [`Session::reset`](crate::Session::reset), and dropped when the session is invalidated.
+    pub fn url_cache(mut self, cache: Option<UrlCache>) -> Self {
+        self.config.url_cache = cache;
         self
     }
 

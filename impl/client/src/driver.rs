@@ -84,6 +84,9 @@ impl Driver {
         // closed, the TLS state goes too.
         self.shared.pool.close_all();
         self.shared.pool.release_tls();
+        if let Some(cache) = &self.shared.cache {
+            cache.release();
+        }
     }
 
     fn carry_out(&mut self, action: Action) {
@@ -228,15 +231,22 @@ impl Driver {
                 }
             }
             #[cfg(feature = "test-util")]
-            Note::ExpireIdle => {
-                for conn in self.shared.pool.idle_ids() {
-                    if let Some(key) = self.idle.remove(&conn) {
-                        self.clock.try_remove(&key);
-                    }
-                    self.shared.pool.close(conn);
-                    self.shared.core.idle_expired(conn);
-                }
+            Note::ExpireIdle => self.close_idle(),
+            Note::CloseIdle(done) => {
+                self.close_idle();
+                let _ = done.send(());
             }
+        }
+    }
+
+    /// Close every idle connection, as if its idle timeout ran out.
+    fn close_idle(&mut self) {
+        for conn in self.shared.pool.idle_ids() {
+            if let Some(key) = self.idle.remove(&conn) {
+                self.clock.try_remove(&key);
+            }
+            self.shared.pool.close(conn);
+            self.shared.core.idle_expired(conn);
         }
     }
 

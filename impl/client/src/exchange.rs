@@ -27,10 +27,11 @@ use tokio::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
+use crate::cache::{self, Lookup};
 use crate::pool::{Body, Connection, Note, Origin};
 use crate::session::Shared;
 use crate::{Error, Intake, Proceed, Release, Start, TaskId, Timeout};
@@ -219,13 +220,123 @@ impl Exchange {
     }
 
     async fn exchange(&mut self, out: &mut Collected, activity: &Activity) -> Result<(), Stop> {
-        let request = std::mem::replace(&mut self.request, http::Request::new(empty()));
+        let mut request = std::mem::replace(&mut self.request, http::Request::new(empty()));
+        let shared = self.shared.clone();
+        // The session's cache: a GET with no body (a data or download task's) may be answered
+        // from it, or asked for again with the stored response's validators.
+        let cache = shared.cache.as_ref();
+        let sent = cache.map(|_| sent_parts(&request));
+        let key = cache::key(request.method(), &self.origin.key(), request.uri());
+        let cacheable = sent
+            .as_ref()
+            .filter(|sent| cache::applies(sent) && request.body().is_end_stream());
+        let mut stale = None;
+        if let (Some(cache), Some(sent)) = (cache, cacheable) {
+            match self.or_abort(cache.lookup(&key, sent)).await? {
+                Lookup::Fresh(hit) => {
+                    // No connection: the one the engine gave goes back unused. A pooled one
+                    // never left the pool's idle map; the driver checks it is still there (its
+                    // idle clock may have closed it meanwhile) as for any connection parked.
+                    shared.core.connection_unused(self.task, self.start.reused);
+                    if self.start.reused {
+                        shared.pool.note(Note::Parked(self.start.conn));
+                    }
+                    activity.touch();
+                    let answer = Answer {
+                        connection: None,
+                        reusable: false,
+                        body: Source::Cached(Some(hit.body)),
+                        keep: None,
+                    };
+                    return self.respond(out, activity, hit.head, answer).await;
+                }
+                Lookup::Stale {
+                    request: revalidation,
+                    policy,
+                    body,
+                } => {
+                    *request.headers_mut() = revalidation.headers.clone();
+                    stale = Some((revalidation, policy, body));
+                }
+                Lookup::Miss => {}
+            }
+        }
         let (connection, response) = self.send(request).await?;
         activity.touch();
         let (parts, mut body) = response.into_parts();
+        let reusable = keeps_alive(&parts);
+        let revalidated = stale.is_some();
+        let keep_key = key.clone();
+        if let (Some(cache), Some((revalidation, policy, stored))) = (cache, stale)
+            && let Some(hit) = cache.revalidated(&key, &policy, &revalidation, &parts, stored)
+        {
+            // Still good (a 304): the stored body answers. The 304 has none; its end is read
+            // so that the connection may be pooled.
+            while let Some(frame) = self.or_abort(body.frame()).await? {
+                frame.map_err(|error| Stop::Failed(body_error(&error)))?;
+            }
+            let answer = Answer {
+                connection: Some(connection),
+                reusable,
+                body: Source::Cached(Some(hit.body)),
+                keep: None,
+            };
+            return self.respond(out, activity, hit.head, answer).await;
+        }
+        // An unsafe method's success makes what is stored for its URL stale (RFC 9111, 4.4).
+        if let (Some(cache), Some(sent)) = (cache, &sent)
+            && !sent.method.is_safe()
+            && (parts.status.is_success() || parts.status.is_redirection())
+        {
+            let get = cache::key(&http::Method::GET, &self.origin.key(), &sent.uri);
+            cache.remove(&get);
+        }
+        let keep = match (cache, cacheable) {
+            (Some(cache), Some(sent)) => {
+                let keep = cache.admits(sent, &parts).map(|policy| Keep {
+                    key,
+                    policy,
+                    request: copy_parts(sent),
+                    // Sized by the head when it says: no regrowth, no slack kept.
+                    copy: Some(BytesMut::with_capacity(
+                        content_length(&parts).map_or(0, |len| len as usize),
+                    )),
+                    limit: cache.max_entry(),
+                });
+                if keep.is_none() && revalidated {
+                    // Stale, and what replaces it may not be stored: it goes.
+                    cache.remove(&keep_key);
+                }
+                keep
+            }
+            _ => None,
+        };
+        let answer = Answer {
+            connection: Some(connection),
+            reusable,
+            body: Source::Net(body),
+            keep,
+        };
+        self.respond(out, activity, parts, answer).await
+    }
+
+    /// Report the head, then the body as the engine allows; keep the response in the cache if
+    /// `answer` says so, and pool or close the connection (none: the cache answered).
+    async fn respond(
+        &mut self,
+        out: &mut Collected,
+        activity: &Activity,
+        parts: http::response::Parts,
+        answer: Answer,
+    ) -> Result<(), Stop> {
+        let Answer {
+            connection,
+            reusable,
+            mut body,
+            mut keep,
+        } = answer;
         // R7: a suspended task reports nothing until it is resumed.
         self.unpaused().await?;
-        let reusable = keeps_alive(&parts);
         let length = content_length(&parts);
         let head = head_of(&parts);
         out.head = Some(parts);
@@ -266,15 +377,18 @@ impl Exchange {
                 .await?
                 .ok_or(Stop::Aborted)?;
             if rest.is_empty() {
-                let Some(frame) = self.unless_paused(body.frame()).await? else {
+                let Some(frame) = self.unless_paused(body.next()).await? else {
                     continue; // R7: suspended mid-read; the frame waits in hyper's channel
                 };
                 match frame {
                     Some(Ok(frame)) => {
                         activity.touch();
-                        let Ok(data) = frame.into_data() else {
+                        let Some(data) = frame else {
                             continue; // trailers
                         };
+                        if let Some(keep) = &mut keep {
+                            keep.add(&data);
+                        }
                         if let Some(file) = &mut file {
                             file.write_all(&data).await?;
                         }
@@ -299,10 +413,27 @@ impl Exchange {
         if let Some(mut file) = file {
             file.flush().await?;
         }
+        // Kept before the task completes: its did_complete finds it cached.
+        if let (Some(keep), Some(cache), Some(head)) =
+            (keep, self.shared.cache.as_ref(), out.head.as_ref())
+            && let Some(copy) = keep.copy
+        {
+            // The entry holds its length, not the capacity a growing copy reached.
+            let copy = if copy.capacity() > copy.len() {
+                Bytes::copy_from_slice(&copy)
+            } else {
+                copy.freeze()
+            };
+            cache.insert(keep.key, keep.policy, &keep.request, head, copy);
+        }
         out.body = kept.freeze();
         out.file = into;
         drop(body);
-        self.finish(connection, reusable);
+        match connection {
+            Some(connection) => self.finish(connection, reusable),
+            // Nothing to pool or close (see Core::connection_unused).
+            None => drop(self.shared.core.body_end(self.task, false)),
+        }
         Ok(())
     }
 
@@ -312,7 +443,7 @@ impl Exchange {
     /// meanwhile: bytes read from the socket are never lost, and never more than one frame is
     /// held here. Then the connection is held until the engine ends the task (the user reads
     /// to the end, closes, cancels, or drops every handle).
-    async fn stream_body(&mut self, body: &mut Incoming) -> Result<(), Stop> {
+    async fn stream_body(&mut self, body: &mut Source) -> Result<(), Stop> {
         let (core, task) = (self.shared.core.clone(), self.task);
         let mut rest = Bytes::new();
         loop {
@@ -328,13 +459,13 @@ impl Exchange {
                 None => break, // read closed, or the task is over
             };
             if rest.is_empty() {
-                let Some(frame) = self.unless_paused(body.frame()).await? else {
+                let Some(frame) = self.unless_paused(body.next()).await? else {
                     continue; // R7: suspended while waiting; the frame waits in hyper's channel
                 };
                 match frame {
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) => rest = data,
-                        Err(_) => continue, // trailers
+                    Some(Ok(frame)) => match frame {
+                        Some(data) => rest = data,
+                        None => continue, // trailers
                     },
                     Some(Err(error)) => return Err(body_error(&error).into()),
                     None => {
@@ -352,7 +483,10 @@ impl Exchange {
     }
 
     /// Get a connection and send the request on it. A pooled connection the server has
-    /// closed meanwhile is replaced once by a new one, with the request unsent.
+    /// closed meanwhile is replaced once by a new one, with the request unsent; or, if the
+    /// request went out and the close came with no byte of response, with the request sent
+    /// again, when it is idempotent and has no body (RFC 9112, 9.3.1): the server closed the
+    /// idle connection as the request reached it.
     async fn send(
         &mut self,
         mut request: http::Request<Body>,
@@ -363,6 +497,10 @@ impl Exchange {
             None
         };
         let mut retried = pooled.is_none();
+        let mut again = (pooled.is_some()
+            && request.method().is_idempotent()
+            && request.body().is_end_stream())
+        .then(|| sent_parts(&request));
         let mut connection = match pooled {
             Some(connection) => connection,
             None => self.connect().await?,
@@ -382,6 +520,14 @@ impl Exchange {
                     Some(unsent) if !retried => {
                         retried = true;
                         request = unsent;
+                        connection = self.connect().await?;
+                    }
+                    None if !retried && error.error().is_incomplete_message() => {
+                        let Some(parts) = again.take() else {
+                            return Err(send_error(error.error()).into());
+                        };
+                        retried = true;
+                        request = http::Request::from_parts(parts, empty());
                         connection = self.connect().await?;
                     }
                     _ => return Err(send_error(error.error()).into()),
@@ -469,6 +615,77 @@ impl Exchange {
             .await
             .ok_or(Stop::Aborted)
     }
+}
+
+/// Where a response comes from, and what becomes of it.
+struct Answer {
+    /// The connection it came on; `None` when the cache answered without one.
+    connection: Option<Connection>,
+    /// Whether the server keeps the connection alive.
+    reusable: bool,
+    body: Source,
+    /// Keep a copy for the cache.
+    keep: Option<Keep>,
+}
+
+/// A response's body: from the network, or from the cache.
+enum Source {
+    Net(Incoming),
+    Cached(Option<Bytes>),
+}
+
+impl Source {
+    /// The next frame: its data (`None` for trailers); `None` at the end. Loses nothing when
+    /// dropped unfinished.
+    async fn next(&mut self) -> Option<Result<Option<Bytes>, hyper::Error>> {
+        match self {
+            Source::Net(body) => Some(body.frame().await?.map(|frame| frame.into_data().ok())),
+            Source::Cached(body) => body.take().map(|body| Ok(Some(body))),
+        }
+    }
+}
+
+/// A response being read that the cache may keep, once it is read whole.
+struct Keep {
+    key: String,
+    policy: http_cache_semantics::CachePolicy,
+    request: http::request::Parts,
+    /// The body so far; `None` once it grew past `limit`.
+    copy: Option<BytesMut>,
+    limit: u64,
+}
+
+impl Keep {
+    fn add(&mut self, data: &[u8]) {
+        if let Some(copy) = &mut self.copy {
+            if (copy.len() + data.len()) as u64 > self.limit {
+                self.copy = None; // too large to keep: the bytes go now, not at the end
+            } else {
+                copy.extend_from_slice(data);
+            }
+        }
+    }
+}
+
+/// A request's method, target, version and headers, without its body: what the cache's
+/// policy reads.
+fn sent_parts<B>(request: &http::Request<B>) -> http::request::Parts {
+    let mut parts = http::Request::new(()).into_parts().0;
+    parts.method = request.method().clone();
+    parts.uri = request.uri().clone();
+    parts.version = request.version();
+    parts.headers = request.headers().clone();
+    parts
+}
+
+/// `http::request::Parts` is not `Clone` (its extensions may not be).
+fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut request = http::Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    sent_parts(&request)
 }
 
 fn empty() -> Body {

@@ -37,7 +37,27 @@
 //! session.invalidated().await; // every socket closed, every byte released
 //! # Ok(()) }
 //! ```
+//!
+//! Each session has its own response cache too ([`UrlCache`]: 512 KiB in memory by default,
+//! the rules `http-cache-semantics`'), counted in the ledger, emptied by [`Session::reset`]
+//! and dropped with the session.
+//!
+//! ```no_run
+//! # async fn cached() -> Result<(), leakproof::Error> {
+//! use leakproof::{CacheDisk, Configuration, Session, UrlCache};
+//!
+//! let cache = UrlCache::memory(1 << 20).disk(CacheDisk::Ephemeral { capacity: 16 << 20 });
+//! let config = Configuration::builder().url_cache(Some(cache)).build()?;
+//! let session = Session::new(config, None);
+//! let url = "http://127.0.0.1:8080/a";
+//! session.data(http::Request::get(url).body(()).unwrap()).await?;
+//! // Fresh (Cache-Control: max-age=...): answered from the cache, no connection opened.
+//! session.data(http::Request::get(url).body(()).unwrap()).await?;
+//! session.reset().await; // cache emptied, idle connections closed, TLS sessions forgotten
+//! # Ok(()) }
+//! ```
 
+mod cache;
 mod close;
 mod config;
 mod delegate;
@@ -52,7 +72,7 @@ mod tls;
 mod websocket;
 
 pub use close::CloseCode;
-pub use config::{Configuration, ConfigurationBuilder};
+pub use config::{CacheDisk, Configuration, ConfigurationBuilder, UrlCache};
 pub use delegate::{Delegate, TaskInfo};
 pub use leakproof_core::{
     Disposition, Error, GOING_AWAY, Ledger, Message, SessionState, TaskId, TaskKind, TaskState,

@@ -244,7 +244,7 @@ pub(crate) enum Expiry {
 }
 
 /// What connections tell the session's driver.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub(crate) enum Note {
     /// An exchange pooled a connection that has no idle clock yet: start one.
     Parked(ConnId),
@@ -258,6 +258,8 @@ pub(crate) enum Note {
     /// For the suite: every idle connection's idle timeout runs out now.
     #[cfg(feature = "test-util")]
     ExpireIdle,
+    /// Close every idle connection now (`Session::reset`), then say so.
+    CloseIdle(tokio::sync::oneshot::Sender<()>),
 }
 
 /// The session's connections that are not carrying an exchange. Which connection a task
@@ -317,6 +319,16 @@ impl Pool {
     pub fn release_tls(&self) {
         let state = std::mem::replace(&mut *lock(&self.tls), Tls::Released);
         drop(state);
+    }
+
+    /// A fresh TLS state for the connections opened from now on (`Session::reset`): the old
+    /// store is emptied and dropped, but for the hold of connections still open on it.
+    pub fn reset_tls(&self, config: &crate::config::Configuration) {
+        let mut tls = lock(&self.tls);
+        if let Tls::Ready(old) = &*tls {
+            old.clear();
+            *tls = TlsState::new(config).map_or_else(Tls::Failed, Tls::Ready);
+        }
     }
 
     /// For the suite: the session's TLS client configuration, if it has not been released.
@@ -390,7 +402,6 @@ impl Pool {
     }
 
     /// The idle connections' ids.
-    #[cfg(feature = "test-util")]
     pub fn idle_ids(&self) -> Vec<ConnId> {
         lock(&self.idle).connections.keys().copied().collect()
     }

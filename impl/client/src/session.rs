@@ -14,6 +14,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
 
+use crate::cache::Cache;
 use crate::config::Configuration;
 use crate::delegate::{Delegate, TaskInfo};
 use crate::delivery::{self, Infos};
@@ -69,6 +70,8 @@ pub(crate) struct Shared {
     /// Every future the session runs (its driver, the tasks' IO, hyper's connections): the
     /// release waits for the last one to end (R4).
     pub tasks: TaskTracker,
+    /// The response cache, if the configuration has one; dropped at release (R4).
+    pub cache: Option<Cache>,
 }
 
 /// A task's job until its IO starts, and the control its IO listens to.
@@ -234,7 +237,12 @@ impl Session {
         let (notes, notes_rx) = mpsc::unbounded_channel();
         let tasks = TaskTracker::new();
         let infos: Option<Infos> = delegated.then(Default::default);
+        let cache = config
+            .url_cache
+            .clone()
+            .map(|cache| Cache::new(cache, &name));
         let shared = Arc::new(Shared {
+            cache,
             core,
             pool: Pool::new(
                 config.read_buffer,
@@ -583,6 +591,36 @@ impl Session {
             .map(|config| Arc::downgrade(&config))
     }
 
+    /// For the suite's witnesses: the session's response cache store, not kept alive; `None`
+    /// once the session released it (or it has no cache). `reset` replaces the store.
+    #[cfg(feature = "test-util")]
+    pub fn cache_store(&self) -> Option<std::sync::Weak<dyn std::any::Any + Send + Sync>> {
+        let store = self.inner.shared.cache.as_ref()?.weak_store()?;
+        Some(store as std::sync::Weak<dyn std::any::Any + Send + Sync>)
+    }
+
+    /// Where the session's response cache keeps its bodies, if on disk.
+    pub fn cache_directory(&self) -> Option<&Path> {
+        self.inner.shared.cache.as_ref()?.dir()
+    }
+
+    /// Empty the session's response cache, close its idle connections and forget its TLS
+    /// sessions (URLSession's `reset(completionHandler:)`); resolves once the idle sockets are
+    /// closed. The session goes on: running tasks are untouched, new connections make full TLS
+    /// handshakes into a fresh store, and new requests miss the cache. A no-op on an
+    /// invalidated session, which holds none of these.
+    pub async fn reset(&self) {
+        let shared = &self.inner.shared;
+        if let Some(cache) = &shared.cache {
+            cache.clear();
+        }
+        shared.pool.reset_tls(&shared.config);
+        let (done, closed) = tokio::sync::oneshot::channel();
+        shared.pool.note(crate::pool::Note::CloseIdle(done));
+        // An error: the driver is gone, and with it every connection.
+        let _ = closed.await;
+    }
+
     /// A view of the session that does not keep it alive: dropping every [`Session`] clone
     /// still invalidates it (R10) while an observer waits for that.
     pub fn observer(&self) -> Observer {
@@ -610,6 +648,9 @@ impl Observer {
         // Every socket is closed and every future gone, and with them the TLS connections:
         // the TLS state goes now, not when the driver next runs.
         self.shared.pool.release_tls();
+        if let Some(cache) = &self.shared.cache {
+            cache.release();
+        }
     }
 
     pub fn state(&self) -> SessionState {
@@ -647,6 +688,7 @@ impl Shared {
     pub fn resources(&self) -> Ledger {
         Ledger {
             tls_sessions: self.pool.tls_sessions(),
+            cached_bytes: self.cache.as_ref().map_or(0, Cache::bytes),
             ..self.core.ledger()
         }
     }

@@ -80,6 +80,13 @@ impl TlsState {
         })
     }
 
+    /// Forget every TLS session kept (a connection still open on the old configuration may
+    /// add more until it closes; nothing new connects with it).
+    pub fn clear(&self) {
+        let old = std::mem::take(&mut *self.store.lock());
+        drop(old);
+    }
+
     /// TLS sessions cached for resumption now.
     pub fn cached(&self) -> u32 {
         u32::try_from(self.store.len()).unwrap_or(u32::MAX)

@@ -268,6 +268,7 @@ impl Engine {
             pending_actions: (self.actions.len() as u64 + self.taken - self.done) as u32,
             pending_callbacks: self.callbacks.len() as u32,
             tls_sessions: 0, // the client's to fill in
+            cached_bytes: 0, // the client's too
         }
     }
 
@@ -712,6 +713,12 @@ impl Engine {
                 self.complete(task, Ok(()), EndedBy::Io);
                 Release::Pool
             }
+            (_, None) => {
+                // Answered without a connection (`connection_unused`): the IO is done, with
+                // nothing to pool or close, so nothing is left to abort.
+                self.complete(task, Ok(()), EndedBy::Io);
+                Release::Close
+            }
             (_, conn) => {
                 // Closed with the task. The IO parked it and closes it on this answer, but the
                 // driver's abort closes it first: a promise that waits for the driver (its
@@ -721,6 +728,23 @@ impl Engine {
                 Release::Close
             }
         }
+    }
+
+    pub(crate) fn connection_unused(&mut self, task: TaskId, reused: bool) {
+        let Some(cell) = self.tasks.get_mut(&task) else {
+            return;
+        };
+        if cell.exchange != Exchange::AwaitingResponse || !is_http(cell.kind) {
+            return;
+        }
+        let Some(conn) = cell.conn.take() else {
+            return;
+        };
+        let origin = cell.origin.clone();
+        if reused {
+            self.idle.push((origin.clone(), conn));
+        }
+        self.admit(&origin);
     }
 
     pub(crate) fn failed(&mut self, task: TaskId, error: Error) {

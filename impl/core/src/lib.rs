@@ -313,6 +313,9 @@ pub struct Ledger {
     /// TLS sessions cached for resumption (tickets and TLS 1.2 sessions). The engine knows
     /// nothing of TLS and leaves it 0: the client fills it in from its session's store.
     pub tls_sessions: u32,
+    /// Bytes of responses the session's cache holds (bodies and headers). The engine knows
+    /// nothing of the cache and leaves it 0: the client fills it in.
+    pub cached_bytes: u64,
 }
 
 impl Ledger {

@@ -218,6 +218,15 @@ impl Core {
         self.update(|e| e.body_end(task, reusable))
     }
 
+    /// The task's IO answered it without the network (a fresh response from the client's
+    /// cache): the connection [`Action::Start`] gave it goes back unused, a pooled one
+    /// (`reused`) to the pool, a new one unopened, and a task waiting for a slot of its origin
+    /// may take it. Then the IO reports the head, the body and its end as usual, with no
+    /// connection to pool: `body_end` says [`Release::Close`] and there is nothing to close.
+    pub fn connection_unused(&self, task: TaskId, reused: bool) {
+        self.update(|e| e.connection_unused(task, reused));
+    }
+
     /// The task's IO failed; it closes its own connection.
     pub fn failed(&self, task: TaskId, error: Error) {
         self.update(|e| e.failed(task, error));

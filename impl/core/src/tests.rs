@@ -390,6 +390,68 @@ fn at_its_limit_an_origin_hands_a_released_connection_to_the_next_task() {
 }
 
 #[test]
+fn a_task_answered_without_the_network_gives_its_connection_back_unused() {
+    let config = Config {
+        max_connections_per_origin: 1,
+        ..Config::default()
+    };
+    let (session, core, _delivery) = session(config, None::<Recorder>);
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            session
+                .create_task(TaskKind::Data, "a", Route::Delegate)
+                .unwrap()
+        })
+        .collect();
+    let starts = |core: &Core| -> Vec<(TaskId, ConnId, bool)> {
+        actions(core)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Start { task, conn, reused } => Some((task, conn, reused)),
+                _ => None,
+            })
+            .collect()
+    };
+    tasks[0].resume();
+    tasks[1].resume();
+    assert_eq!(starts(&core), [(tasks[0].id(), ConnId(1), false)]);
+    // The first is answered from a cache: its new connection is never opened, and the slot
+    // goes to the second at once.
+    core.connection_unused(tasks[0].id(), false);
+    assert_eq!(starts(&core), [(tasks[1].id(), ConnId(2), false)]);
+    assert_eq!(core.ledger().open_connections, 1);
+    assert_eq!(
+        core.response(tasks[0].id(), ok_response()),
+        Proceed::Read { into: None }
+    );
+    core.body_data(tasks[0].id(), Bytes::from_static(b"cached"));
+    assert_eq!(
+        core.body_end(tasks[0].id(), true),
+        Release::Close,
+        "nothing to pool"
+    );
+    assert_eq!(core.task_state(tasks[0].id()), TaskState::Completed);
+    assert!(
+        !actions(&core)
+            .iter()
+            .any(|a| matches!(a, Action::Abort { .. })),
+        "its IO ended it: nothing to abort"
+    );
+    assert_eq!(core.ledger().idle_connections, 0);
+    // A pooled connection given to a task answered without it goes back to the pool.
+    let _ = core.response(tasks[1].id(), ok_response());
+    assert_eq!(core.body_end(tasks[1].id(), true), Release::Pool);
+    tasks[2].resume();
+    assert_eq!(starts(&core), [(tasks[2].id(), ConnId(2), true)]);
+    core.connection_unused(tasks[2].id(), true);
+    let ledger = core.ledger();
+    assert_eq!((ledger.open_connections, ledger.idle_connections), (0, 1));
+    // Only before the head, and only once.
+    core.connection_unused(tasks[2].id(), true);
+    assert_eq!(core.ledger().idle_connections, 1);
+}
+
+#[test]
 fn a_waiting_task_suspended_gives_up_its_place() {
     let config = Config {
         max_connections_per_origin: 1,
