@@ -55,8 +55,8 @@ pub use close::CloseCode;
 pub use config::{Configuration, ConfigurationBuilder};
 pub use delegate::{Delegate, TaskInfo};
 pub use leakproof_core::{
-    Disposition, Error, GOING_AWAY, Ledger, Message, SessionState, TaskId, TaskKind, TaskState,
-    Timeout, TlsFailure,
+    Disposition, Error, GOING_AWAY, Ledger, Message, Redirect, SessionState, TaskId, TaskKind,
+    TaskState, Timeout, TlsFailure,
 };
 pub use session::{DownloadedFile, Observer, Session, SessionBuilder, UploadBody};
 pub use stream::StreamTask;

@@ -137,6 +137,15 @@ pub enum Disposition {
     BecomeStream,
 }
 
+/// The delegate's answer to a redirect (`will_perform_redirection`).
+#[derive(Debug)]
+pub enum Redirect {
+    /// Send this request next: the one proposed, or one the delegate changed.
+    Follow(http::Request<()>),
+    /// Do not follow: the redirect's own response is the task's response, its body the body.
+    Refuse,
+}
+
 /// What the driver must do, in queue order.
 ///
 /// The task's IO runs concurrently with the driver, so an action addressed to a task's IO
