@@ -216,18 +216,23 @@ async fn a_delegate_task_hears_each_redirect_then_the_final_response_only() {
     let (result, at) = recorder.completed().await;
     assert!(result.is_ok(), "{result:?}");
     let heard = recorder.heard();
-    let hops: Vec<(u16, String)> = heard
+    let hops: Vec<(u16, String, String)> = heard
         .iter()
         .filter_map(|h| match h {
-            Heard::Redirect { status, uri, .. } => Some((*status, uri.to_string())),
+            Heard::Redirect {
+                status,
+                method,
+                uri,
+            } => Some((*status, method.to_string(), uri.to_string())),
             _ => None,
         })
         .collect();
+    let get = || "GET".to_owned();
     assert_eq!(
         hops,
         [
-            (301, stage.url("/chain/1?code=301")),
-            (301, stage.url("/chain/0?code=301")),
+            (301, get(), stage.url("/chain/1?code=301")),
+            (301, get(), stage.url("/chain/0?code=301")),
         ]
     );
     let responses: Vec<u16> = heard
@@ -381,7 +386,8 @@ async fn a_redirect_loop_is_an_error_and_its_connections_are_released() {
         other => panic!("expected a redirect loop, got {other:?}"),
     }
     // /loop/0, /loop/1?code=302, /loop/0?code=302 asked for, /loop/1?code=302 not again: the
-    // loop is seen before the repeat is sent. The connection the loop ended on was read whole: pooled.
+    // loop is seen before the repeat is sent. The connection it ended on is closed with the
+    // task; the others are the pool's.
     assert_eq!(stage.requests(), 3);
     assert_eq!(at.open_connections, 0);
     assert_eq!(at.sockets, at.idle_connections as usize);

@@ -16,7 +16,7 @@
 //! pooled, until the stream is over.
 
 use std::error::Error as _;
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,8 +32,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use crate::pool::{Body, Connection, Note, Origin};
+use crate::redirect::{Chain, DRAIN_LIMIT};
 use crate::session::Shared;
-use crate::{Error, Intake, Proceed, Release, Start, TaskId, Timeout};
+use crate::{Error, Intake, Proceed, Redirect, Release, Start, TaskId, Timeout};
 
 /// What the driver tells a running exchange. Kept as state, not messages: the exchange always
 /// acts on the latest word.
@@ -219,17 +220,54 @@ impl Exchange {
     }
 
     async fn exchange(&mut self, out: &mut Collected, activity: &Activity) -> Result<(), Stop> {
-        let request = std::mem::replace(&mut self.request, http::Request::new(empty()));
-        let (connection, response) = self.send(request).await?;
-        activity.touch();
-        let (parts, mut body) = response.into_parts();
-        // R7: a suspended task reports nothing until it is resumed.
-        self.unpaused().await?;
+        let mut request = std::mem::replace(&mut self.request, http::Request::new(empty()));
+        let mut chain = Chain::new(&self.origin, &request, self.shared.config.max_redirects);
+        let (core, task) = (self.shared.core.clone(), self.task);
+        // Send, and follow redirects, until a response that is the task's own.
+        let (connection, parts, mut body, refused) = loop {
+            let (connection, response) = self.send(request).await?;
+            activity.touch();
+            let (parts, mut body) = response.into_parts();
+            // R7: a suspended task reports nothing until it is resumed.
+            self.unpaused().await?;
+            let Some(next) = chain.next(&parts)? else {
+                break (connection, parts, body, false);
+            };
+            core.redirect(task, head_of(&parts), next);
+            let answer = self
+                .or_abort(poll_fn(|cx| core.poll_redirect(task, cx)))
+                .await?
+                .ok_or(Stop::Aborted)?;
+            let next = match answer {
+                Redirect::Follow(next) => next,
+                // The redirect is the response: the delegate hears it as one.
+                Redirect::Refuse => break (connection, parts, body, true),
+            };
+            let (next, origin) = chain.follow(next, &self.shared.config)?;
+            let reusable = keeps_alive(&parts) && self.drain(&parts, &mut body, activity).await?;
+            drop(body);
+            // The redirect's connection goes back to the pool, or is closed; the next
+            // exchange's comes from the engine, within its origin's limit.
+            self.release(connection, reusable, |core, reusable| {
+                core.hop(task, &origin.key(), reusable)
+            });
+            self.start = self
+                .or_abort(poll_fn(|cx| core.poll_start(task, cx)))
+                .await?
+                .ok_or(Stop::Aborted)?;
+            self.origin = origin;
+            request = next;
+        };
         let reusable = keeps_alive(&parts);
         let length = content_length(&parts);
         let head = head_of(&parts);
         out.head = Some(parts);
-        let into = match self.shared.core.response(self.task, head) {
+        let proceed = if refused {
+            Proceed::Wait // ReceiveResponse is queued already
+        } else {
+            core.response(task, head)
+        };
+        let into = match proceed {
             Proceed::Read { into } => into,
             Proceed::Stop => return Err(Stop::Aborted),
             Proceed::Wait => match self.allowed().await? {
@@ -254,7 +292,6 @@ impl Exchange {
             None => None,
         };
         let mut kept = BytesMut::new();
-        let (core, task) = (self.shared.core.clone(), self.task);
         // What hyper gave beyond the delegate's room, reported first when there is room again.
         let mut rest = Bytes::new();
         loop {
@@ -304,6 +341,38 @@ impl Exchange {
         drop(body);
         self.finish(connection, reusable);
         Ok(())
+    }
+
+    /// Read a followed redirect's body to its end, so that its connection can be pooled: true
+    /// if it ended within [`DRAIN_LIMIT`] bytes; false for a longer one, or a failure (the
+    /// connection is closed then, and the redirect followed all the same).
+    async fn drain(
+        &mut self,
+        parts: &http::response::Parts,
+        body: &mut Incoming,
+        activity: &Activity,
+    ) -> Result<bool, Stop> {
+        if content_length(parts).is_some_and(|length| length > DRAIN_LIMIT as u64) {
+            return Ok(false);
+        }
+        let mut read = 0;
+        loop {
+            self.unpaused().await?;
+            let Some(frame) = self.unless_paused(body.frame()).await? else {
+                continue; // R7: suspended mid-read
+            };
+            match frame {
+                Some(Ok(frame)) => {
+                    activity.touch();
+                    read += frame.data_ref().map_or(0, Bytes::len);
+                    if read > DRAIN_LIMIT {
+                        return Ok(false);
+                    }
+                }
+                Some(Err(_)) => return Ok(false),
+                None => return Ok(true),
+            }
+        }
     }
 
     /// The response became a stream (`Action::ReadStream`): hand the body to the engine no
@@ -416,10 +485,25 @@ impl Exchange {
     /// The body is read whole: park the connection, then let the engine say whether it stays
     /// (see `leakproof_core::Core::body_end`).
     fn finish(&self, connection: Connection, reusable: bool) {
+        let task = self.task;
+        self.release(connection, reusable, |core, reusable| {
+            core.body_end(task, reusable)
+        });
+    }
+
+    /// Park the connection, then pool or close it as `ask` (the engine, told whether it is
+    /// reusable) says: once the engine has pooled it, a concurrent invalidation may close it at
+    /// once, so it must be parked already (see `leakproof_core::Core::body_end`).
+    fn release(
+        &self,
+        connection: Connection,
+        reusable: bool,
+        ask: impl FnOnce(&crate::Core, bool) -> Release,
+    ) {
         let reusable = reusable && !connection.sender.is_closed();
         let id = self.start.conn;
         let needs_clock = self.shared.pool.park(id, connection);
-        match self.shared.core.body_end(self.task, reusable) {
+        match ask(&self.shared.core, reusable) {
             Release::Pool if needs_clock => self.shared.pool.note(Note::Parked(id)),
             Release::Pool => {}
             Release::Close => {

@@ -45,6 +45,7 @@ mod delivery;
 mod driver;
 mod exchange;
 mod pool;
+mod redirect;
 mod session;
 mod stream;
 mod task;
@@ -64,6 +65,6 @@ pub use task::{DataTask, DownloadTask, UploadTask};
 pub use websocket::{IntoWebSocketRequest, WebSocketTask};
 
 use leakproof_core::{
-    Action, Callback, Config, ConnId, Core, Delivered, Delivery, Intake, Outgoing, Proceed,
+    Action, Answer, Callback, Config, ConnId, Core, Delivered, Delivery, Intake, Outgoing, Proceed,
     Release, Route, SessionHandle, Start, TaskHandle, TimerId, session,
 };

@@ -138,12 +138,33 @@ pub enum Disposition {
 }
 
 /// The delegate's answer to a redirect (`will_perform_redirection`).
+// Unboxed, for the delegate's sake (`Redirect::Follow(request)`): one is made per redirect.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Redirect {
     /// Send this request next: the one proposed, or one the delegate changed.
     Follow(http::Request<()>),
     /// Do not follow: the redirect's own response is the task's response, its body the body.
     Refuse,
+}
+
+/// What the delegate answered a callback with, as the delivery hands it back to the engine.
+#[allow(clippy::large_enum_variant)] // one per callback, handed straight to the engine
+#[derive(Debug)]
+pub enum Answer {
+    /// The default answer (allow a response, follow a redirect), or none due.
+    Default,
+    /// For `ReceiveResponse`.
+    Disposition(Disposition),
+    /// For `WillRedirect`.
+    Redirect(Redirect),
+}
+
+/// A closure's `None` is the default; `Some` a disposition.
+impl From<Option<Disposition>> for Answer {
+    fn from(answer: Option<Disposition>) -> Self {
+        answer.map_or(Answer::Default, Answer::Disposition)
+    }
 }
 
 /// What the driver must do, in queue order.
@@ -234,6 +255,14 @@ pub enum Release {
 /// What the delegate hears, in queue order.
 #[derive(Debug)]
 pub enum Callback {
+    /// A redirect's head arrived; `request` would follow it. The delegate answers with a
+    /// [`Redirect`] ([`Answer::Redirect`]), the default being to follow `request`.
+    WillRedirect {
+        task: TaskId,
+        response: http::Response<()>,
+        /// Boxed: every callback in the queue is as large as the largest.
+        request: Box<http::Request<()>>,
+    },
     ReceiveResponse {
         task: TaskId,
         response: http::Response<()>,
@@ -280,7 +309,8 @@ impl Callback {
     /// The task the callback is about; `None` for `BecomeInvalid`.
     pub fn task(&self) -> Option<TaskId> {
         match self {
-            Callback::ReceiveResponse { task, .. }
+            Callback::WillRedirect { task, .. }
+            | Callback::ReceiveResponse { task, .. }
             | Callback::ReceiveData { task, .. }
             | Callback::BecomeDownload { task }
             | Callback::FinishDownloading { task, .. }

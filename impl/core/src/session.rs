@@ -19,8 +19,8 @@ use crate::engine::{Config, Engine, SessionState, TaskState};
 use crate::error::Error;
 use crate::sync::{Arc, Mutex, lock};
 use crate::{
-    Action, Callback, ConnId, Disposition, Intake, Ledger, Message, Outgoing, Proceed, Release,
-    Route, Start, TaskId, TaskKind, TimerId,
+    Action, Answer, Callback, ConnId, Disposition, Intake, Ledger, Message, Outgoing, Proceed,
+    Redirect, Release, Route, Start, TaskId, TaskKind, TimerId,
 };
 
 /// Create a session's engine. `delegate` decides whether callbacks are queued at all
@@ -170,6 +170,30 @@ impl Core {
     /// included, until the driver gets [`Action::ReadBody`]: the delegate decides first.
     pub fn response(&self, task: TaskId, response: http::Response<()>) -> Proceed {
         self.update(|e| e.response(task, response))
+    }
+
+    /// A redirect's head arrived and `request` would follow it (the IO decided it is one to
+    /// follow: a redirect status with a usable `Location`, within the limit). The delegate, if
+    /// the task has one, answers; the IO waits for the answer with [`Core::poll_redirect`],
+    /// reading nothing meanwhile.
+    pub fn redirect(&self, task: TaskId, response: http::Response<()>, request: http::Request<()>) {
+        self.update(|e| e.redirect(task, response, request));
+    }
+
+    /// The answer to the task's redirect: [`Redirect::Follow`] with the request to send next
+    /// (read the redirect's body, then [`Core::hop`]), or [`Redirect::Refuse`] (the redirect
+    /// is the response: wait for the disposition as after [`Proceed::Wait`]). `None` once the
+    /// task is over.
+    pub fn poll_redirect(&self, task: TaskId, cx: &mut Context<'_>) -> Poll<Option<Redirect>> {
+        self.update(|e| e.poll_redirect(task, cx.waker()))
+    }
+
+    /// The followed redirect's exchange is over; the next goes to `origin`. Park the
+    /// redirect's connection first, as for [`Core::body_end`], then pool or close it as the
+    /// answer says; the next connection comes from [`Core::poll_start`].
+    #[must_use = "the connection must be pooled or closed as the engine says"]
+    pub fn hop(&self, task: TaskId, origin: &str, reusable: bool) -> Release {
+        self.update(|e| e.hop(task, origin, reusable))
     }
 
     /// Where a handler-routed task starts once its origin has a connection for it (see
@@ -536,6 +560,7 @@ impl<D> fmt::Debug for Delivery<D> {
 enum Ack {
     None,
     Answer(TaskId),
+    Redirect(TaskId),
     /// Body bytes the delegate is done with: its window has room again (R6).
     Data(TaskId, u64),
     FileHandedOver(TaskId),
@@ -544,26 +569,30 @@ enum Ack {
 
 impl<D> Delivery<D> {
     /// Hand the next callback to the delegate through `deliver`, which returns the delegate's
-    /// disposition for `ReceiveResponse` (`None` means allow) and is ignored otherwise.
-    pub fn poll_deliver<F>(&mut self, cx: &mut Context<'_>, deliver: F) -> Poll<Delivered>
+    /// answer: a disposition for `ReceiveResponse`, a [`Redirect`] for `WillRedirect`
+    /// ([`Answer::Default`], or `None`, for the default: allow, follow), ignored otherwise.
+    pub fn poll_deliver<F, A>(&mut self, cx: &mut Context<'_>, deliver: F) -> Poll<Delivered>
     where
-        F: FnOnce(&D, Callback) -> Option<Disposition>,
+        F: FnOnce(&D, Callback) -> A,
+        A: Into<Answer>,
     {
         self.step(Some(cx.waker()), deliver)
             .map_or(Poll::Pending, Poll::Ready)
     }
 
     /// Deliver the next callback if there is one now.
-    pub fn try_deliver<F>(&mut self, deliver: F) -> Option<Delivered>
+    pub fn try_deliver<F, A>(&mut self, deliver: F) -> Option<Delivered>
     where
-        F: FnOnce(&D, Callback) -> Option<Disposition>,
+        F: FnOnce(&D, Callback) -> A,
+        A: Into<Answer>,
     {
         self.step(None, deliver)
     }
 
-    fn step<F>(&mut self, waker: Option<&Waker>, deliver: F) -> Option<Delivered>
+    fn step<F, A>(&mut self, waker: Option<&Waker>, deliver: F) -> Option<Delivered>
     where
-        F: FnOnce(&D, Callback) -> Option<Disposition>,
+        F: FnOnce(&D, Callback) -> A,
+        A: Into<Answer>,
     {
         if self.done {
             return Some(Delivered::Done);
@@ -597,6 +626,7 @@ impl<D> Delivery<D> {
         };
         let ack = match callback {
             Callback::ReceiveResponse { task, .. } => Ack::Answer(task),
+            Callback::WillRedirect { task, .. } => Ack::Redirect(task),
             Callback::ReceiveData { task, ref data } => Ack::Data(task, data.len() as u64),
             Callback::FinishDownloading { task, .. } => Ack::FileHandedOver(task),
             Callback::BecomeInvalid => Ack::Invalid,
@@ -606,10 +636,23 @@ impl<D> Delivery<D> {
             .delegate
             .as_ref()
             .expect("callbacks are queued only for a delegate");
-        let disposition = deliver(delegate, callback).unwrap_or(Disposition::Allow);
+        let answer = deliver(delegate, callback).into();
         match ack {
             Ack::None => {}
-            Ack::Answer(task) => self.core.update(|e| e.answer(task, disposition)),
+            Ack::Answer(task) => {
+                let disposition = match answer {
+                    Answer::Disposition(disposition) => disposition,
+                    Answer::Default | Answer::Redirect(_) => Disposition::Allow,
+                };
+                self.core.update(|e| e.answer(task, disposition));
+            }
+            Ack::Redirect(task) => {
+                let redirect = match answer {
+                    Answer::Redirect(redirect) => Some(redirect),
+                    Answer::Default | Answer::Disposition(_) => None,
+                };
+                self.core.update(|e| e.redirect_answer(task, redirect));
+            }
             Ack::Data(task, len) => self.core.update(|e| e.data_delivered(task, len)),
             Ack::FileHandedOver(task) => self.core.update(|e| e.file_handed_over(task)),
             Ack::Invalid => {
