@@ -4,6 +4,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 
+use crate::responder::Responder;
 use crate::stream::StreamTask;
 use crate::{CloseCode, Disposition, Error, Redirect, TaskId, TaskKind};
 
@@ -55,6 +56,33 @@ pub trait Delegate: Send + Sync + 'static {
     ) -> Redirect {
         let _ = (task, response);
         Redirect::Follow(request)
+    }
+
+    /// [`did_receive_response`](Self::did_receive_response) with a [`Responder`], to answer
+    /// now or later (from any thread, once the work that decides is done): the session's other
+    /// callbacks are delivered meanwhile, while this task reads nothing and its request
+    /// timeout stops. Dropping the responder unanswered cancels the task. By default, answers
+    /// with `did_receive_response`'s disposition.
+    fn did_receive_response_with(
+        &self,
+        task: &TaskInfo,
+        response: &http::Response<()>,
+        responder: Responder<Disposition>,
+    ) {
+        responder.answer(self.did_receive_response(task, response));
+    }
+
+    /// [`will_perform_redirection`](Self::will_perform_redirection) with a [`Responder`], to
+    /// answer now or later, as [`did_receive_response_with`](Self::did_receive_response_with).
+    /// By default, answers with `will_perform_redirection`'s.
+    fn will_perform_redirection_with(
+        &self,
+        task: &TaskInfo,
+        response: &http::Response<()>,
+        request: http::Request<()>,
+        responder: Responder<Redirect>,
+    ) {
+        responder.answer(self.will_perform_redirection(task, response, request));
     }
 
     /// Body bytes, in order. Not called for downloads. The task reads at most the session's

@@ -46,6 +46,7 @@ mod driver;
 mod exchange;
 mod pool;
 mod redirect;
+mod responder;
 mod session;
 mod stream;
 mod task;
@@ -59,6 +60,7 @@ pub use leakproof_core::{
     Disposition, Error, GOING_AWAY, Ledger, Message, Redirect, SessionState, TaskId, TaskKind,
     TaskState, Timeout, TlsFailure,
 };
+pub use responder::{Reply, Responder};
 pub use session::{DownloadedFile, Observer, Session, SessionBuilder, UploadBody};
 pub use stream::StreamTask;
 pub use task::{DataTask, DownloadTask, UploadTask};

@@ -152,6 +152,9 @@ struct Cell {
     redirect: Option<Box<Redirecting>>,
     /// The IO waiting for the redirect's answer ([`Engine::poll_redirect`]).
     redirect_waker: Option<Waker>,
+    /// The delegate's answer (a disposition, a redirect's) comes later ([`Engine::defer`]):
+    /// the request timeout does not run meanwhile.
+    deferred: bool,
     /// Redirects followed. Once one is, the task's IO runs on through every hop: a new
     /// connection comes to it as to a handler's ([`Engine::poll_start`]), whatever its route.
     hops: u32,
@@ -400,6 +403,7 @@ impl Engine {
                 result_wakers: Vec::new(),
                 redirect: None,
                 redirect_waker: None,
+                deferred: false,
                 hops: 0,
             },
         );
@@ -438,8 +442,8 @@ impl Engine {
         }
         if timed {
             // The request timeout is the network's idle time: not armed while the IO waits
-            // for the delegate (R12); it is when the delegate catches up.
-            if !self.behind(task) {
+            // for the delegate (R12); it is when the delegate catches up, or answers.
+            if !self.behind(task) && !self.tasks[&task].deferred {
                 self.arm(task, Timeout::Request);
             }
             self.arm(task, Timeout::Resource);
@@ -897,6 +901,8 @@ impl Engine {
         if cell.exchange != Exchange::AwaitingDisposition {
             return;
         }
+        self.answered(task);
+        let cell = self.tasks.get_mut(&task).expect("live task");
         match (disposition, cell.kind) {
             (Disposition::Allow, _) => self.read_body(task),
             (Disposition::BecomeDownload, TaskKind::Data) => {
@@ -922,6 +928,8 @@ impl Engine {
         if cell.exchange != Exchange::AwaitingRedirect {
             return;
         }
+        self.answered(task);
+        let cell = self.tasks.get_mut(&task).expect("live task");
         let Some(Redirecting::Asked { response, request }) = cell.redirect.take().map(|r| *r)
         else {
             return;
@@ -937,6 +945,49 @@ impl Engine {
         let cell = self.tasks.get_mut(&task).expect("live task");
         cell.redirect = Some(Box::new(Redirecting::Answered(answer)));
         self.wake_later.extend(cell.redirect_waker.take());
+    }
+
+    /// The delegate's callback returned without its answer, which comes later (the delivery
+    /// goes on with the session's other callbacks). The task reads nothing meanwhile, as
+    /// before any answer; its request timeout, the network's idle time, stops until the
+    /// answer (R12); the resource timeout runs on. A no-op if the answer came first (it may
+    /// come from another thread before the callback returns), or the task is over.
+    pub(crate) fn defer(&mut self, task: TaskId, redirect: bool) {
+        let asked = if redirect {
+            Exchange::AwaitingRedirect
+        } else {
+            Exchange::AwaitingDisposition
+        };
+        let Some(cell) = self.tasks.get_mut(&task) else {
+            return;
+        };
+        if cell.exchange != asked || cell.deferred {
+            return;
+        }
+        cell.deferred = true;
+        self.disarm(task, Timeout::Request);
+    }
+
+    /// There will be no answer (its responder was dropped): a task still waiting for one is
+    /// cancelled; otherwise a no-op.
+    pub(crate) fn unanswered(&mut self, task: TaskId) {
+        let waiting = self.tasks.get(&task).is_some_and(|cell| {
+            matches!(
+                cell.exchange,
+                Exchange::AwaitingDisposition | Exchange::AwaitingRedirect
+            )
+        });
+        if waiting {
+            self.complete(task, Err(Error::Cancelled), EndedBy::Other);
+        }
+    }
+
+    /// An answer came: a deferred task's request timeout runs again, unless it is suspended.
+    fn answered(&mut self, task: TaskId) {
+        let cell = self.tasks.get_mut(&task).expect("live task");
+        if std::mem::take(&mut cell.deferred) && cell.state == TaskState::Running {
+            self.arm(task, Timeout::Request);
+        }
     }
 
     /// did_receive_data returned with `len` bytes of the task's body: the delegate's window

@@ -158,6 +158,23 @@ pub enum Answer {
     Disposition(Disposition),
     /// For `WillRedirect`.
     Redirect(Redirect),
+    /// The answer comes later, through [`Core::answer`]: the task reads nothing meanwhile,
+    /// and its request timeout does not run (the resource timeout does).
+    Later,
+    /// There will be no answer: the task is cancelled, if it still waits for one.
+    Cancel,
+}
+
+impl From<Disposition> for Answer {
+    fn from(disposition: Disposition) -> Self {
+        Answer::Disposition(disposition)
+    }
+}
+
+impl From<Redirect> for Answer {
+    fn from(redirect: Redirect) -> Self {
+        Answer::Redirect(redirect)
+    }
 }
 
 /// A closure's `None` is the default; `Some` a disposition.

@@ -196,6 +196,19 @@ impl Core {
         self.update(|e| e.hop(task, origin, reusable))
     }
 
+    /// The delegate's answer that comes after its callback returned ([`Answer::Later`]): a
+    /// [`Disposition`] for `ReceiveResponse`, a [`Redirect`] for `WillRedirect`, or
+    /// [`Answer::Cancel`] when there will be none. A no-op if the task no longer waits for
+    /// that answer (it was cancelled, timed out, invalidated, or answered already).
+    pub fn answer(&self, task: TaskId, answer: Answer) {
+        self.update(|e| match answer {
+            Answer::Disposition(disposition) => e.answer(task, disposition),
+            Answer::Redirect(redirect) => e.redirect_answer(task, Some(redirect)),
+            Answer::Cancel => e.unanswered(task),
+            Answer::Default | Answer::Later => {}
+        });
+    }
+
     /// Where a handler-routed task starts once its origin has a connection for it (see
     /// [`TaskHandle::resume_inline`]); `None` if it completed while waiting.
     pub fn poll_start(&self, task: TaskId, cx: &mut Context<'_>) -> Poll<Option<Start>> {
@@ -639,20 +652,18 @@ impl<D> Delivery<D> {
         let answer = deliver(delegate, callback).into();
         match ack {
             Ack::None => {}
-            Ack::Answer(task) => {
-                let disposition = match answer {
-                    Answer::Disposition(disposition) => disposition,
-                    Answer::Default | Answer::Redirect(_) => Disposition::Allow,
-                };
-                self.core.update(|e| e.answer(task, disposition));
-            }
-            Ack::Redirect(task) => {
-                let redirect = match answer {
-                    Answer::Redirect(redirect) => Some(redirect),
-                    Answer::Default | Answer::Disposition(_) => None,
-                };
-                self.core.update(|e| e.redirect_answer(task, redirect));
-            }
+            Ack::Answer(task) => self.core.update(|e| match answer {
+                Answer::Later => e.defer(task, false),
+                Answer::Cancel => e.unanswered(task),
+                Answer::Disposition(disposition) => e.answer(task, disposition),
+                Answer::Default | Answer::Redirect(_) => e.answer(task, Disposition::Allow),
+            }),
+            Ack::Redirect(task) => self.core.update(|e| match answer {
+                Answer::Later => e.defer(task, true),
+                Answer::Cancel => e.unanswered(task),
+                Answer::Redirect(redirect) => e.redirect_answer(task, Some(redirect)),
+                Answer::Default | Answer::Disposition(_) => e.redirect_answer(task, None),
+            }),
             Ack::Data(task, len) => self.core.update(|e| e.data_delivered(task, len)),
             Ack::FileHandedOver(task) => self.core.update(|e| e.file_handed_over(task)),
             Ack::Invalid => {

@@ -41,7 +41,8 @@ fn explore(name: &str, race: impl Fn() + Sync + Send + 'static) {
 fn shape(callback: &Callback) -> model::Callback {
     let task = |t: &TaskId| model::TaskId(t.0 as u32);
     match callback {
-        Callback::ReceiveResponse { task: t, .. } => {
+        // No race here has a redirect (the model has none): its head would be a response's.
+        Callback::ReceiveResponse { task: t, .. } | Callback::WillRedirect { task: t, .. } => {
             model::Callback::ReceiveResponse { task: task(t) }
         }
         Callback::ReceiveData { task: t, data } => model::Callback::ReceiveData {
