@@ -35,6 +35,9 @@ enum Heard {
     Invalid,
 }
 
+/// A redirect's responder, kept with the request proposed.
+type KeptRedirect = (Responder<Redirect>, http::Request<()>);
+
 /// Answers at once, unless a task is marked to be answered later: then it keeps the
 /// responder for the test to answer, drop or forget.
 struct Later {
@@ -43,7 +46,7 @@ struct Later {
     /// Dropped in the callback, unanswered.
     drop_at_once: Mutex<HashSet<TaskId>>,
     responders: Mutex<HashMap<TaskId, Responder<Disposition>>>,
-    redirects: Mutex<HashMap<TaskId, (Responder<Redirect>, http::Request<()>)>>,
+    redirects: Mutex<HashMap<TaskId, KeptRedirect>>,
     streams: Mutex<Vec<StreamTask>>,
     port: u16,
     observer: OnceLock<Observer>,
@@ -307,7 +310,8 @@ async fn cancel_while_the_answer_is_pending_completes_the_task_and_the_answer_is
     // after the answer, and still nothing came for this one.
     let next = session.data_task(get(stage.url("/bytes/3"))).unwrap();
     next.resume();
-    bounded("the next task", delegate.completed(next.id())).await;
+    let (result, _) = bounded("the next task", delegate.completed(next.id())).await;
+    assert_eq!(result, Ok(()));
     let heard = delegate.of(id);
     assert!(
         matches!(heard[..], [Heard::Response(..), Heard::Complete(..)]),
@@ -415,7 +419,8 @@ async fn a_redirect_can_be_answered_later_and_a_dropped_one_cancels() {
     })
     .await;
     other.resume();
-    bounded("the other task", delegate.completed(other.id())).await;
+    let (result, _) = bounded("the other task", delegate.completed(other.id())).await;
+    assert_eq!(result, Ok(()));
     delegate.later.lock().unwrap().remove(&id);
     let (responder, request) = delegate.redirects.lock().unwrap().remove(&id).unwrap();
     responder.answer(Redirect::Follow(request));

@@ -10,6 +10,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
 
 use crate::delegate::{Delegate, TaskInfo};
+use crate::responder::Responder;
 use crate::session::Shared;
 use crate::stream::StreamTask;
 use crate::task::Task;
@@ -78,14 +79,17 @@ fn hand_over(
             request,
         } => {
             let info = info(task)?;
-            let redirect = delegate.will_perform_redirection(&info, &response, *request);
-            Some(Answer::Redirect(redirect))
+            let (responder, settle) = Responder::new(task, shared.clone());
+            delegate.will_perform_redirection_with(&info, &response, *request, responder);
+            Some(settle.settle())
         }
         Callback::ReceiveResponse { task, response } => {
             let info = info(task)?;
-            Some(Answer::Disposition(
-                delegate.did_receive_response(&info, &response),
-            ))
+            let (responder, settle) = Responder::new(task, shared.clone());
+            delegate.did_receive_response_with(&info, &response, responder);
+            // Answered (or dropped) during the call: as if returned. Else it comes later, and
+            // the delivery goes on with the session's other callbacks meanwhile.
+            Some(settle.settle())
         }
         Callback::ReceiveData { task, data } => {
             delegate.did_receive_data(&*info(task)?, &data);

@@ -34,7 +34,7 @@
 //! | R9 | `Config::shared` makes the invalidation inputs no-ops; `Core::idle_expired` |
 //! | R10 | `Drop for SessionHandle` and `Drop for TaskHandle`; `Engine::task_handle_dropped` also cancels a stream and closes a websocket nobody holds |
 //! | R11 | `Engine::cancel_with` (`engine/pipe.rs`) arms `Timeout::Close`; `Engine::timer_fired` completes the task at the deadline, `Engine::ws_peer_closed` on the peer's answer; either way `Action::Abort` closes the socket |
-//! | R12 | `Engine::timer_fired` (stale generations ignored) and `Engine::failed`; `Engine::body_data` disarms the request timeout while the IO waits for the delegate, `Engine::data_delivered` arms it again |
+//! | R12 | `Engine::timer_fired` (stale generations ignored) and `Engine::failed`; `Engine::body_data` disarms the request timeout while the IO waits for the delegate, `Engine::data_delivered` arms it again; `Engine::defer` disarms it while the delegate's answer is pending, `Engine::answered` arms it again; `Engine::hop` arms it afresh for each redirect's exchange, the resource timeout spanning them all |
 
 mod engine;
 mod error;
