@@ -16,7 +16,8 @@
 //!   Query keys: `len=N` (an N-byte body, default 16), `keep_alive=0` (then close).
 //!   `/chain/N?code=CODE` answers `CODE` to `/chain/{N-1}?code=CODE` until `/chain/0`, a `200`
 //!   with a 5-byte body; `/loop/K?code=CODE` answers `CODE` to `/loop/{1-K}?code=CODE`, for
-//!   ever. Every request the stage reads is logged, headers and body length ([`Stage::log`]).
+//!   ever. A stage built with [`Builder::log`] keeps every request it reads, headers and body
+//!   length ([`Stage::log`]); the others keep none (a heap witness would count the log).
 //! - `/hold/KEY`: parked until the test takes it with [`Stage::held`] and drives the response
 //!   step by step through the [`Held`] handle. A websocket upgrade request there is answered
 //!   by the test too: [`Held::upgrade`] (then a [`HeldWs`] in manual mode) or
@@ -117,6 +118,8 @@ pub struct Stage {
 #[derive(Debug, Default)]
 pub struct Builder {
     buffers: Buffers,
+    /// Keep a log of the requests read.
+    log: bool,
     /// TLS on the listener, or why it cannot be.
     tls: Option<Result<Arc<ServerConfig>, String>>,
 }
@@ -260,7 +263,8 @@ impl Stage {
         self.shared.counters.request_body_bytes.load(Relaxed)
     }
 
-    /// Every request read so far, in the order the stage read them (its body read whole).
+    /// Every request read so far, in the order the stage read them (its body read whole), if
+    /// built with [`Builder::log`]; else nothing.
     pub fn log(&self) -> Vec<Seen> {
         self.shared
             .log
@@ -324,6 +328,13 @@ impl Builder {
         self
     }
 
+    /// Keep every request read, for [`Stage::log`]. Off by default: the log grows with every
+    /// request, and a test that measures its heap would see it.
+    pub fn log(mut self) -> Builder {
+        self.log = true;
+        self
+    }
+
     /// Speak TLS on the listener (TLS 1.2 and 1.3, ALPN `http/1.1`) with this certificate
     /// chain (the server's first) and its key; the raw listeners stay plain TCP.
     pub fn tls(
@@ -353,7 +364,10 @@ impl Builder {
         };
         let listener = self.buffers.listen()?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            logging: self.log,
+            ..Shared::default()
+        });
         let is_tls = tls.is_some();
         let accept = tokio::spawn(accept(listener, Arc::clone(&shared), tls));
         Ok(Stage {
@@ -534,6 +548,8 @@ async fn within<F: Future>(timeout: Duration, fut: F) -> Option<F::Output> {
 #[derive(Debug, Default)]
 struct Shared {
     counters: Counters,
+    /// Whether requests are logged ([`Builder::log`]).
+    logging: bool,
     log: Mutex<Vec<Seen>>,
     parked: Lot<Held>,
     parked_ws: Lot<HeldWs>,
@@ -1030,17 +1046,19 @@ impl Conn {
                 }
             }
         }
-        let seen = Seen {
-            method: request.method.clone(),
-            target: request.target.clone(),
-            headers: request.headers.clone(),
-            body_len: self.body_read,
-        };
-        self.shared
-            .log
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(seen);
+        if self.shared.logging {
+            let seen = Seen {
+                method: request.method.clone(),
+                target: request.target.clone(),
+                headers: request.headers.clone(),
+                body_len: self.body_read,
+            };
+            self.shared
+                .log
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(seen);
+        }
         Ok(Incoming::Request(request))
     }
 

@@ -27,6 +27,11 @@ fn redirect(stage: &Stage, code: u16, to: &str) -> String {
     stage.url(&format!("/redirect/{code}?to={}", percent_encode(to)))
 }
 
+/// A stage that logs the requests it reads.
+async fn logged() -> Stage {
+    Stage::builder().log().start().await.unwrap()
+}
+
 fn plain() -> Session {
     Session::new(Configuration::default(), None)
 }
@@ -175,7 +180,7 @@ fn pair(method: &str, target: &str) -> (String, String) {
 
 #[tokio::test]
 async fn a_convenience_follows_a_redirect_and_pools_the_one_connection_both_hops_used() {
-    let stage = Stage::start().await.unwrap();
+    let stage = logged().await;
     let session = plain();
     let response = bounded("data", session.data(get(redirect(&stage, 302, "/bytes/5"))))
         .await
@@ -206,7 +211,7 @@ async fn a_convenience_follows_a_redirect_and_pools_the_one_connection_both_hops
 
 #[tokio::test]
 async fn a_delegate_task_hears_each_redirect_then_the_final_response_only() {
-    let stage = Arc::new(Stage::start().await.unwrap());
+    let stage = Arc::new(logged().await);
     let recorder = Recorder::following(&stage);
     let session = recorder.session(Configuration::default());
     let task = session
@@ -265,7 +270,7 @@ async fn a_delegate_task_hears_each_redirect_then_the_final_response_only() {
 
 #[tokio::test]
 async fn a_hop_whose_server_closes_leaves_its_connection_closed_not_pooled() {
-    let stage = Arc::new(Stage::start().await.unwrap());
+    let stage = Arc::new(logged().await);
     let recorder = Recorder::following(&stage);
     let session = recorder.session(Configuration::default());
     let url = stage.url(&format!(
@@ -293,7 +298,7 @@ async fn a_hop_whose_server_closes_leaves_its_connection_closed_not_pooled() {
 
 #[tokio::test]
 async fn a_redirect_with_a_large_body_closes_its_connection_rather_than_read_it_all() {
-    let stage = Stage::start().await.unwrap();
+    let stage = logged().await;
     let session = plain();
     let url = stage.url(&format!(
         "/redirect/302?to={}&len=16000000",
@@ -321,7 +326,7 @@ async fn a_redirect_with_a_large_body_closes_its_connection_rather_than_read_it_
 
 #[tokio::test]
 async fn ten_redirects_are_followed_and_an_eleventh_is_too_many() {
-    let stage = Stage::start().await.unwrap();
+    let stage = logged().await;
     let session = plain();
     let ten = bounded("data", session.data(get(stage.url("/chain/10")))).await;
     assert_eq!(ten.unwrap().status(), 200);
@@ -339,7 +344,7 @@ async fn ten_redirects_are_followed_and_an_eleventh_is_too_many() {
 
 #[tokio::test]
 async fn the_limit_is_the_configuration_s_and_zero_delivers_the_redirect_as_the_response() {
-    let stage = Arc::new(Stage::start().await.unwrap());
+    let stage = Arc::new(logged().await);
     let two = Session::new(with_limit(2), None);
     let result = bounded("data", two.data(get(stage.url("/chain/3")))).await;
     assert!(
@@ -372,7 +377,7 @@ async fn the_limit_is_the_configuration_s_and_zero_delivers_the_redirect_as_the_
 
 #[tokio::test]
 async fn a_redirect_loop_is_an_error_and_its_connections_are_released() {
-    let stage = Arc::new(Stage::start().await.unwrap());
+    let stage = Arc::new(logged().await);
     let recorder = Recorder::following(&stage);
     let session = recorder.session(Configuration::default());
     let task = session.data_task(get(stage.url("/loop/0"))).unwrap();
@@ -397,7 +402,7 @@ async fn a_redirect_loop_is_an_error_and_its_connections_are_released() {
 
 #[tokio::test]
 async fn a_refused_redirect_is_the_response_with_its_body() {
-    let stage = Arc::new(Stage::start().await.unwrap());
+    let stage = Arc::new(logged().await);
     let recorder = Recorder::new(&stage, Box::new(|_, _| Redirect::Refuse));
     let session = recorder.session(Configuration::default());
     let task = session
@@ -433,7 +438,7 @@ async fn a_refused_redirect_is_the_response_with_its_body() {
 
 #[tokio::test]
 async fn the_delegate_can_follow_a_request_of_its_own() {
-    let stage = Arc::new(Stage::start().await.unwrap());
+    let stage = Arc::new(logged().await);
     let elsewhere = stage.url("/bytes/7");
     let recorder = Recorder::new(
         &stage,
@@ -479,7 +484,7 @@ fn post(url: String) -> http::Request<()> {
 
 #[tokio::test]
 async fn a_303_turns_a_post_into_a_get_without_its_body() {
-    let stage = Stage::start().await.unwrap();
+    let stage = logged().await;
     let session = plain();
     let body = UploadBody::Bytes(Bytes::from_static(b"the form"));
     let response = bounded(
@@ -498,7 +503,7 @@ async fn a_303_turns_a_post_into_a_get_without_its_body() {
 
 #[tokio::test]
 async fn a_301_or_302_turns_a_post_into_a_get_but_keeps_other_methods() {
-    let stage = Stage::start().await.unwrap();
+    let stage = logged().await;
     let session = plain();
     for code in [301, 302] {
         let body = UploadBody::Bytes(Bytes::from_static(b"the form"));
@@ -525,7 +530,7 @@ async fn a_301_or_302_turns_a_post_into_a_get_but_keeps_other_methods() {
 
 #[tokio::test]
 async fn a_307_or_308_sends_the_method_and_body_again_bytes_or_file() {
-    let stage = Stage::start().await.unwrap();
+    let stage = logged().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("upload");
     std::fs::write(&file, vec![b'x'; 70_000]).unwrap();
@@ -552,8 +557,8 @@ async fn a_307_or_308_sends_the_method_and_body_again_bytes_or_file() {
 
 #[tokio::test]
 async fn credentials_go_to_the_same_origin_only() {
-    let stage = Stage::start().await.unwrap();
-    let other = Stage::start().await.unwrap();
+    let stage = logged().await;
+    let other = logged().await;
     let session = plain();
     let with_credentials = |url: String| {
         http::Request::get(url)
@@ -590,7 +595,7 @@ async fn credentials_go_to_the_same_origin_only() {
 
 #[tokio::test]
 async fn a_relative_location_resolves_against_the_request_s_url() {
-    let stage = Stage::start().await.unwrap();
+    let stage = logged().await;
     let session = plain();
     for (to, expected) in [
         ("../bytes/5?status=201", "/bytes/5?status=201"),
@@ -608,7 +613,7 @@ async fn a_relative_location_resolves_against_the_request_s_url() {
 
 #[tokio::test]
 async fn a_bad_location_is_a_typed_error_and_its_connection_is_released() {
-    let stage = Arc::new(Stage::start().await.unwrap());
+    let stage = Arc::new(logged().await);
     for (url, why) in [
         (stage.url("/redirect/302"), "no Location"),
         (redirect(&stage, 302, "ftp://127.0.0.1/file"), "scheme"),
@@ -641,7 +646,7 @@ async fn a_bad_location_is_a_typed_error_and_its_connection_is_released() {
 
 #[tokio::test]
 async fn the_resource_timeout_spans_every_hop() {
-    let stage = Arc::new(Stage::start().await.unwrap());
+    let stage = Arc::new(logged().await);
     let recorder = Recorder::following(&stage);
     let session = recorder.session(Configuration::default());
     let task = session
@@ -674,7 +679,7 @@ async fn the_resource_timeout_spans_every_hop() {
 
 #[tokio::test]
 async fn cancelling_a_task_mid_chain_closes_the_hop_s_connection() {
-    let stage = Arc::new(Stage::start().await.unwrap());
+    let stage = Arc::new(logged().await);
     let recorder = Recorder::following(&stage);
     let session = recorder.session(Configuration::default());
     let task = session
