@@ -257,6 +257,8 @@ impl Exchange {
                 .ok_or(Stop::Aborted)?;
             self.origin = origin;
             request = next;
+            // R7: a task suspended between two hops sends its next request once resumed.
+            self.unpaused().await?;
         };
         let reusable = keeps_alive(&parts);
         let length = content_length(&parts);

@@ -27,7 +27,7 @@
 //! | R2 | `Engine::invalidate_if_done` queues `BecomeInvalid` behind every `Complete`; `Engine::invalidate_and_cancel` completes tasks first |
 //! | R3 | [`Delivery`] drops the delegate right after delivering `BecomeInvalid`, or in its own `Drop` |
 //! | R4 | `Engine::invalidate_if_done` closes the pool; [`Core::poll_action`] ends only when released |
-//! | R5 | `Engine::complete` aborts the IO (closing its connection), removes temp files, drops a pipe's bytes and, unless the IO ended the task itself, the body its delegate was not handed; `Engine::body_end` pools only read-whole, reusable connections; `Engine::begin` never gives a stream or websocket a pooled connection |
+//! | R5 | `Engine::complete` aborts the IO (closing its connection), removes temp files, drops a pipe's bytes and, unless the IO ended the task itself, the body its delegate was not handed; `Engine::body_end` and `Engine::hop` (a followed redirect's connection) pool only read-whole, reusable connections; `Engine::begin` never gives a stream or websocket a pooled connection |
 //! | R6 | `Engine::intake` (`engine/pipe.rs`) gives a stream's IO no more than its room and nothing while full; `Engine::stream_data` takes no more; a websocket's IO reads one message at a time; `Engine::body_room` gives a data task's IO no more than its delegate's window has room for, and `Engine::data_delivered` (the delivery's acknowledgement) opens it again |
 //! | R7 | `Engine::suspend` pauses reading and disarms both timers; `Engine::intake` gives a suspended task nothing |
 //! | R8 | `Engine::create_task` refuses before allocating |
