@@ -844,3 +844,52 @@ fn a_late_answer_vs_the_delivery_deferring_it() {
         w.finish(deliverer, vec![task]);
     });
 }
+
+#[test]
+fn a_redirect_hop_vs_invalidate_and_cancel() {
+    explore("a_redirect_hop_vs_invalidate_and_cancel", || {
+        let mut w = world();
+        let task = w
+            .session
+            .create_task(TaskKind::Data, "origin", Route::Delegate)
+            .unwrap();
+        let id = task.id();
+        task.resume();
+        w.driver.run(&w.core);
+        let mut redirect = http::Response::new(());
+        *redirect.status_mut() = http::StatusCode::FOUND;
+        let next = http::Request::get("http://origin/next").body(()).unwrap();
+        w.core.redirect(id, redirect, next);
+        deliver_now(w.delivery.as_mut().unwrap(), &mut w.trace); // followed, by default
+        let followed = wait(|cx| w.core.poll_redirect(id, cx));
+        assert!(matches!(
+            followed,
+            Some(leakproof_core::Redirect::Follow(_))
+        ));
+        let deliverer = w.deliver_in_background();
+        let session = std::mem::replace(&mut w.session, dummy_session());
+        let canceller = thread::spawn(move || {
+            session.invalidate_and_cancel();
+            session
+        });
+        // The IO hops: it parks the redirect's connection, asks the engine, takes the next.
+        w.driver.park(id);
+        let release = w.core.hop(id, "origin", true);
+        w.driver.io_ended(id, release);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(Some(start)) = w.core.poll_start(id, &mut cx) {
+            if start.reused {
+                assert!(
+                    w.driver.idle.remove(&start.conn),
+                    "reused a connection not idle"
+                );
+            }
+            w.driver.open.insert(start.conn);
+            w.driver.conn_of.insert(id, start.conn);
+        }
+        drop(std::mem::replace(&mut w.session, canceller.join().unwrap()));
+        // Whichever won, the connection the hop left is the pool's (then closed with it) or
+        // the next exchange's (then aborted with the task), never both, never neither.
+        w.finish(deliverer, vec![task]);
+    });
+}
