@@ -210,6 +210,19 @@ async fn a_convenience_follows_a_redirect_and_pools_the_one_connection_both_hops
 }
 
 #[tokio::test]
+async fn the_shared_session_follows_too() {
+    let stage = logged().await;
+    let response = bounded(
+        "data",
+        Session::shared().data(get(redirect(&stage, 308, "/bytes/5"))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(stage.requests(), 2);
+}
+
+#[tokio::test]
 async fn a_delegate_task_hears_each_redirect_then_the_final_response_only() {
     let stage = Arc::new(logged().await);
     let recorder = Recorder::following(&stage);
