@@ -233,9 +233,12 @@ async fn the_request_timeout_stops_while_the_answer_is_pending_the_resource_time
     delegate.later.lock().unwrap().insert(id);
     task.resume();
     let responder = bounded("the response", delegate.responder(id)).await;
-    // No request timer is armed: running it out does nothing.
-    observer.time_passes(id, Timeout::Request);
-    // The answer arms it again, and the task reads its body to the end.
+    // Pending once the callback has returned unanswered: the request timer is disarmed then,
+    // the resource timer runs on (the engine's unit tests check the request timer's return).
+    eventually("the request timer disarmed", || {
+        session.resources().timers == 1
+    })
+    .await;
     responder.answer(Disposition::Allow);
     let (result, _) = bounded("completed", delegate.completed(id)).await;
     assert_eq!(result, Ok(()));

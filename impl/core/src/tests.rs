@@ -1062,3 +1062,52 @@ fn a_refused_redirect_is_the_response() {
         into: None
     }));
 }
+
+#[test]
+fn an_answer_given_later_stops_the_request_timeout_until_it_comes() {
+    let (session, core, mut delivery) = delegated();
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    task.resume();
+    let _ = core.response(task.id(), ok_response());
+    let armed: Vec<TimerId> = actions(&core)
+        .into_iter()
+        .filter_map(|action| match action {
+            Action::ArmTimer { timer, .. } if timer.timeout == Timeout::Request => Some(timer),
+            _ => None,
+        })
+        .collect();
+    let later = |_: &Recorder, _: Callback| Answer::Later;
+    assert_eq!(delivery.try_deliver(later), Some(Delivered::One));
+    assert_eq!(core.ledger().timers, 1, "the resource timer only");
+    let disarmed = actions(&core);
+    assert!(
+        disarmed.contains(&Action::DisarmTimer {
+            timer: *armed.last().unwrap()
+        }),
+        "{disarmed:?}"
+    );
+    // The request timer fires late, after its disarming: stale, ignored.
+    core.timer_fired(*armed.last().unwrap());
+    assert_eq!(task.state(), TaskState::Running);
+    // Suspended and resumed meanwhile: still no request timer while the answer is pending.
+    task.suspend();
+    task.resume();
+    assert_eq!(core.ledger().timers, 1);
+    actions(&core);
+    core.answer(task.id(), Answer::Disposition(Disposition::Allow));
+    let got = actions(&core);
+    assert!(got.iter().any(|a| matches!(
+        a,
+        Action::ArmTimer { timer, .. } if timer.timeout == Timeout::Request
+    )));
+    assert!(got.contains(&Action::ReadBody {
+        task: task.id(),
+        into: None
+    }));
+    assert_eq!(core.ledger().timers, 2);
+    // A second answer is a no-op.
+    core.answer(task.id(), Answer::Disposition(Disposition::Cancel));
+    assert_eq!(task.state(), TaskState::Running);
+}
