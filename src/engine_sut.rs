@@ -1219,9 +1219,10 @@ fn model_callback(
 ) -> Callback {
     let id = |t: &core::TaskId| model_id[t];
     match callback {
-        core::Callback::ReceiveResponse { task, .. } => {
-            Callback::ReceiveResponse { task: id(task) }
-        }
+        // The simulated network sends no redirect (the model has none): a redirect's head
+        // would be a response head to it.
+        core::Callback::ReceiveResponse { task, .. }
+        | core::Callback::WillRedirect { task, .. } => Callback::ReceiveResponse { task: id(task) },
         core::Callback::ReceiveData { task, data } => Callback::ReceiveData {
             task: id(task),
             bytes: data.len() as u64,

@@ -14,6 +14,13 @@
 //!   `max_age=S` (`Cache-Control: max-age=S`), `no_store=1` (`Cache-Control: no-store`),
 //!   `etag=TAG` (`ETag: "TAG"`; a request whose `If-None-Match` names it is answered `304`
 //!   with no body, counted by [`Stage::not_modified`]).
+//! - `/redirect/CODE?to=TARGET`: a `CODE` (300..=399) whose `Location` is `TARGET`,
+//!   percent-decoded (a path, relative or absolute, or a whole URL); no `to`: no `Location`.
+//!   Query keys: `len=N` (an N-byte body, default 16), `keep_alive=0` (then close).
+//!   `/chain/N?code=CODE` answers `CODE` to `/chain/{N-1}?code=CODE` until `/chain/0`, a `200`
+//!   with a 5-byte body; `/loop/K?code=CODE` answers `CODE` to `/loop/{1-K}?code=CODE`, for
+//!   ever. A stage built with [`Builder::log`] keeps every request it reads, headers and body
+//!   length ([`Stage::log`]); the others keep none (a heap witness would count the log).
 //! - `/hold/KEY`: parked until the test takes it with [`Stage::held`] and drives the response
 //!   step by step through the [`Held`] handle. A websocket upgrade request there is answered
 //!   by the test too: [`Held::upgrade`] (then a [`HeldWs`] in manual mode) or
@@ -114,6 +121,8 @@ pub struct Stage {
 #[derive(Debug, Default)]
 pub struct Builder {
     buffers: Buffers,
+    /// Keep a log of the requests read.
+    log: bool,
     /// TLS on the listener, or why it cannot be.
     tls: Option<Result<Arc<ServerConfig>, String>>,
 }
@@ -138,6 +147,27 @@ pub struct Held {
     upgrade: Result<(), &'static str>,
     steps: mpsc::UnboundedSender<(Step, Reply)>,
     open: Liveness,
+}
+
+/// A request as the stage read it ([`Stage::log`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub method: String,
+    pub target: String,
+    /// Header names in lower case, with their values, in the order sent.
+    pub headers: Vec<(String, String)>,
+    /// Body bytes received, excluding framing.
+    pub body_len: u64,
+}
+
+impl Seen {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// Whether a held request's connection is still open, as the stage sees it; it outlives the
@@ -241,6 +271,16 @@ impl Stage {
         self.shared.counters.request_body_bytes.load(Relaxed)
     }
 
+    /// Every request read so far, in the order the stage read them (its body read whole), if
+    /// built with [`Builder::log`]; else nothing.
+    pub fn log(&self) -> Vec<Seen> {
+        self.shared
+            .log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Waits until `predicate` holds, checking every few milliseconds; false if `timeout` passes
     /// first. Timeouts here are real time: a paused tokio clock does not cut them short.
     pub async fn wait_until(&self, predicate: impl Fn(&Stage) -> bool, timeout: Duration) -> bool {
@@ -296,6 +336,13 @@ impl Builder {
         self
     }
 
+    /// Keep every request read, for [`Stage::log`]. Off by default: the log grows with every
+    /// request, and a test that measures its heap would see it.
+    pub fn log(mut self) -> Builder {
+        self.log = true;
+        self
+    }
+
     /// Speak TLS on the listener (TLS 1.2 and 1.3, ALPN `http/1.1`) with this certificate
     /// chain (the server's first) and its key; the raw listeners stay plain TCP.
     pub fn tls(
@@ -325,7 +372,10 @@ impl Builder {
         };
         let listener = self.buffers.listen()?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            logging: self.log,
+            ..Shared::default()
+        });
         let is_tls = tls.is_some();
         let accept = tokio::spawn(accept(listener, Arc::clone(&shared), tls));
         Ok(Stage {
@@ -506,6 +556,9 @@ async fn within<F: Future>(timeout: Duration, fut: F) -> Option<F::Output> {
 #[derive(Debug, Default)]
 struct Shared {
     counters: Counters,
+    /// Whether requests are logged ([`Builder::log`]).
+    logging: bool,
+    log: Mutex<Vec<Seen>>,
     parked: Lot<Held>,
     parked_ws: Lot<HeldWs>,
     parked_raw: Lot<HeldRaw>,
@@ -612,6 +665,7 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>, tls: Option<TlsAcceptor>)
     let mut conn = Conn {
         stream,
         ahead: Vec::new(),
+        body_read: 0,
         shared: Arc::clone(&shared),
         liveness: Liveness::default(),
     };
@@ -679,6 +733,7 @@ enum Step {
 struct Request {
     method: String,
     target: String,
+    headers: Vec<(String, String)>,
     /// The client asked for `Connection: close`.
     close: bool,
     /// Its `If-None-Match`, if any.
@@ -750,6 +805,8 @@ struct Conn {
     stream: Wire,
     /// Bytes read from the client and not yet parsed.
     ahead: Vec<u8>,
+    /// The current request's body bytes read so far.
+    body_read: u64,
     shared: Arc<Shared>,
     /// Told when the connection closes.
     liveness: Liveness,
@@ -780,6 +837,7 @@ impl Conn {
                     };
                     (then.unwrap_or(GONE), None)
                 }
+                Route::Redirect(redirect) => (self.redirect(&redirect).await.unwrap_or(GONE), None),
                 Route::NotFound => (self.refuse(404, "no such script").await, None),
                 Route::BadQuery(bad) => (self.refuse(400, &bad.to_string()).await, None),
             };
@@ -839,6 +897,24 @@ impl Conn {
             _ => {}
         }
         Ok(then)
+    }
+
+    /// A redirect: its head, `Location` included, and its short body.
+    async fn redirect(&mut self, redirect: &Redirect) -> io::Result<Then> {
+        let framing = Framing::Length(redirect.len);
+        let close = !redirect.keep_alive;
+        let location = redirect
+            .location
+            .as_deref()
+            .map_or(String::new(), |location| format!("location: {location}\r\n"));
+        self.write_head_with(redirect.status, framing, close, &location)
+            .await?;
+        self.write_body(framing, 0, redirect.len).await?;
+        Ok(if close {
+            Then::Break(Hangup::Fin)
+        } else {
+            Then::Continue(())
+        })
     }
 
     /// Parks the request for [`Stage::held`] and carries out its steps, watching for the client
@@ -988,6 +1064,7 @@ impl Conn {
         };
         self.ahead.drain(..consumed);
         self.shared.counters.requests.fetch_add(1, Relaxed);
+        self.body_read = 0;
         match body {
             RequestBody::None => {}
             RequestBody::Length(len) => self.discard_body(len).await?,
@@ -996,6 +1073,19 @@ impl Conn {
                     return Ok(Incoming::Malformed(why));
                 }
             }
+        }
+        if self.shared.logging {
+            let seen = Seen {
+                method: request.method.clone(),
+                target: request.target.clone(),
+                headers: request.headers.clone(),
+                body_len: self.body_read,
+            };
+            self.shared
+                .log
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(seen);
         }
         Ok(Incoming::Request(request))
     }
@@ -1008,6 +1098,7 @@ impl Conn {
                 .len()
                 .min(usize::try_from(left).unwrap_or(usize::MAX));
             self.ahead.drain(..n);
+            self.body_read += n as u64;
             self.shared
                 .counters
                 .request_body_bytes
@@ -1234,11 +1325,13 @@ impl Request {
         let mut close = false;
         let mut if_none_match = None;
         let mut upgrade = websocket::Upgrade::default();
+        let mut headers = Vec::new();
         for header in parsed.headers.iter() {
             let value = std::str::from_utf8(header.value)
                 .map_err(|_| "a header value is not UTF-8")?
                 .trim();
             upgrade.header(header.name, value);
+            headers.push((header.name.to_ascii_lowercase(), value.to_owned()));
             if header.name.eq_ignore_ascii_case("transfer-encoding") {
                 if value.to_ascii_lowercase().contains("chunked") {
                     body = RequestBody::Chunked;
@@ -1257,6 +1350,7 @@ impl Request {
         let request = Request {
             method: parsed.method.unwrap_or_default().to_owned(),
             target: parsed.path.unwrap_or_default().to_owned(),
+            headers,
             close,
             if_none_match,
             upgrade,
@@ -1268,6 +1362,7 @@ impl Request {
 /// What a request's target asks for.
 enum Route {
     Script(Script),
+    Redirect(Redirect),
     Hold(String),
     WebSocket(websocket::Script),
     NotFound,
@@ -1291,6 +1386,115 @@ struct Script {
     no_store: bool,
     /// The `ETag`, quoted.
     etag: Option<String>,
+}
+
+/// A `/redirect/CODE`, `/chain/N` or `/loop/K` response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Redirect {
+    status: u16,
+    /// `None`: no `Location` header.
+    location: Option<String>,
+    len: u64,
+    keep_alive: bool,
+}
+
+impl Redirect {
+    /// The route for a redirecting path; `None` if `path` is not one.
+    fn route(path: &str, query: &str) -> Option<Route> {
+        let (kind, rest) = path.strip_prefix('/')?.split_once('/')?;
+        if !matches!(kind, "redirect" | "chain" | "loop") {
+            return None;
+        }
+        let mut redirect = Redirect {
+            status: 302,
+            location: None,
+            len: 16,
+            keep_alive: true,
+        };
+        let mut code = None;
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            let bad = |why| {
+                Route::BadQuery(BadQuery {
+                    pair: pair.to_owned(),
+                    why,
+                })
+            };
+            let Some((key, value)) = pair.split_once('=') else {
+                return Some(bad("expected key=value"));
+            };
+            match key {
+                "to" if kind == "redirect" => match percent_decode(value) {
+                    Some(to) => redirect.location = Some(to),
+                    None => return Some(bad("a bad percent-encoding")),
+                },
+                "code" if kind != "redirect" => match value.parse().ok().filter(is_redirect) {
+                    Some(status) => code = Some(status),
+                    None => return Some(bad("expected 300..=399")),
+                },
+                "len" => match value.parse() {
+                    Ok(len) => redirect.len = len,
+                    Err(_) => return Some(bad("expected a number")),
+                },
+                "keep_alive" => match value {
+                    "0" => redirect.keep_alive = false,
+                    "1" => redirect.keep_alive = true,
+                    _ => return Some(bad("expected 0 or 1")),
+                },
+                _ => return Some(bad("unknown key")),
+            }
+        }
+        let code = code.unwrap_or(302);
+        let number = rest.parse::<u16>().ok();
+        match (kind, number) {
+            ("redirect", Some(status)) if is_redirect(&status) => redirect.status = status,
+            ("chain", Some(0)) => return Some(Route::Script(Script::parse(5, "").ok()?)),
+            ("chain", Some(n)) => {
+                redirect.status = code;
+                redirect.location = Some(format!("/chain/{}?code={code}", n - 1));
+            }
+            ("loop", Some(k @ 0..=1)) => {
+                redirect.status = code;
+                redirect.location = Some(format!("/loop/{}?code={code}", 1 - k));
+            }
+            _ => return Some(Route::NotFound),
+        }
+        Some(Route::Redirect(redirect))
+    }
+}
+
+fn is_redirect(status: &u16) -> bool {
+    (300..=399).contains(status)
+}
+
+/// `%XX` decoded; `None` if an escape is broken or the result is not UTF-8.
+fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `%`-encode everything but unreserved characters, for a `to=` value.
+pub fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// How a scripted response ends.
@@ -1332,6 +1536,9 @@ impl Route {
         }
         if let Some(key) = path.strip_prefix("/hold/").filter(|key| !key.is_empty()) {
             return Route::Hold(key.to_owned());
+        }
+        if let Some(route) = Redirect::route(path, query) {
+            return route;
         }
         let Some(len) = path.strip_prefix("/bytes/").and_then(|n| n.parse().ok()) else {
             return Route::NotFound;
@@ -1515,6 +1722,30 @@ mod tests {
         ] {
             assert!(Script::parse(100, query).is_err(), "{query}");
         }
+    }
+
+    #[test]
+    fn redirects_route_from_the_path_and_query() {
+        let to = percent_encode("/bytes/5?status=201");
+        let Route::Redirect(r) = Route::of(&format!("/redirect/307?to={to}&len=3")) else {
+            panic!("not a redirect");
+        };
+        assert_eq!((r.status, r.len), (307, 3));
+        assert_eq!(r.location.as_deref(), Some("/bytes/5?status=201"));
+        let Route::Redirect(r) = Route::of("/chain/2?code=301") else {
+            panic!("not a redirect");
+        };
+        assert_eq!(r.location.as_deref(), Some("/chain/1?code=301"));
+        assert!(matches!(Route::of("/chain/0"), Route::Script(_)));
+        let Route::Redirect(r) = Route::of("/loop/1") else {
+            panic!("not a redirect");
+        };
+        assert_eq!(r.location.as_deref(), Some("/loop/0?code=302"));
+        assert!(matches!(Route::of("/redirect/200"), Route::NotFound));
+        assert!(matches!(
+            Route::of("/redirect/302?to=%zz"),
+            Route::BadQuery(_)
+        ));
     }
 
     #[test]

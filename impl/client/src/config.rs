@@ -88,6 +88,8 @@ impl UrlCache {
         self.disk.as_ref()
     }
 }
+/// [`ConfigurationBuilder::max_redirects`].
+const DEFAULT_MAX_REDIRECTS: u32 = 10;
 
 /// How a session behaves. Build one with [`Configuration::builder`], or take a preset:
 /// [`Configuration::default`] or [`Configuration::ephemeral`].
@@ -107,6 +109,7 @@ pub struct Configuration {
     pub(crate) close_timeout: Duration,
     pub(crate) max_message_size: usize,
     pub(crate) max_body_size: usize,
+    pub(crate) max_redirects: u32,
     pub(crate) tls_session_cache: usize,
     /// Roots trusted besides (or, without `webpki_roots`, instead of) webpki-roots', checked
     /// when built.
@@ -141,6 +144,7 @@ impl Default for Configuration {
             close_timeout: Duration::from_secs(5),
             max_message_size: 16 * 1024 * 1024,
             max_body_size: 16 * 1024 * 1024,
+            max_redirects: DEFAULT_MAX_REDIRECTS,
             tls_session_cache: DEFAULT_TLS_SESSION_CACHE,
             root_certificates: Vec::new(),
             webpki_roots: true,
@@ -237,6 +241,11 @@ impl Configuration {
     /// [`Session::upload`](crate::Session::upload) collect in memory.
     pub fn max_body_size(&self) -> usize {
         self.max_body_size
+    }
+
+    /// The most redirects a task follows (0: none, a redirect is the response).
+    pub fn max_redirects(&self) -> u32 {
+        self.max_redirects
     }
 
     /// The most TLS sessions kept for resumption (0: none, every https connection makes a
@@ -418,6 +427,15 @@ impl ConfigurationBuilder {
     pub fn max_body_size(mut self, bytes: usize) -> Self {
         self.config.max_body_size = bytes;
         self.check(bytes > 0, || "max_body_size must be more than zero".into())
+    }
+
+    /// The most redirects one task follows, 10 by default (reqwest's; browsers allow 20,
+    /// URLSession 16): real chains are a few hops long (http to https, a trailing slash, a
+    /// login), so 10 leaves room while a misconfigured server's endless chain fails fast, with
+    /// [`Error::TooManyRedirects`]. 0 follows none: a redirect is delivered as the response.
+    pub fn max_redirects(mut self, hops: u32) -> Self {
+        self.config.max_redirects = hops;
+        self
     }
 
     /// The most TLS sessions (TLS 1.3 tickets and TLS 1.2 sessions, all servers together) the

@@ -4,8 +4,9 @@ use std::path::Path;
 
 use bytes::Bytes;
 
+use crate::responder::Responder;
 use crate::stream::StreamTask;
-use crate::{CloseCode, Disposition, Error, TaskId, TaskKind};
+use crate::{CloseCode, Disposition, Error, Redirect, TaskId, TaskKind};
 
 /// What a callback is about.
 #[derive(Debug, Clone)]
@@ -24,7 +25,7 @@ pub struct TaskInfo {
 /// session's own: a slow delegate delays only its own session's callbacks, and the reading of
 /// its own tasks' bodies once it is a window behind
 /// ([`delegate_window`](crate::ConfigurationBuilder::delegate_window), R6).
-/// Per task: `did_receive_response`, `did_receive_data`*, `did_become_download`,
+/// Per task: `will_perform_redirection` for each redirect, `did_receive_response`, `did_receive_data`*, `did_become_download`,
 /// `did_finish_downloading`, `did_become_stream`, `did_open` / `did_close` (websockets), then
 /// exactly one `did_complete` (R1). Per session:
 /// `did_become_invalid`, once, last (R2); the session drops the delegate right after it
@@ -37,6 +38,51 @@ pub trait Delegate: Send + Sync + 'static {
     fn did_receive_response(&self, task: &TaskInfo, response: &http::Response<()>) -> Disposition {
         let _ = (task, response);
         Disposition::Allow
+    }
+
+    /// The server answered with a redirect (301, 302, 303, 307, 308 and a `Location`), and
+    /// `request` is the one that follows it: its URL resolved against the last one, its method
+    /// and body as RFC 9110 (15.4) says (a 303, and a 301 or 302 to a POST, become a GET
+    /// without a body; 307 and 308 keep both), `Authorization` and `Cookie` removed when it
+    /// goes to another origin. Answer [`Redirect::Follow`] with it, or with a request of your
+    /// own, or [`Redirect::Refuse`]: the redirect is then the response (`did_receive_response`
+    /// with it, its body, `did_complete(Ok)`). By default, follow. A task follows at most the
+    /// configuration's [`max_redirects`](crate::ConfigurationBuilder::max_redirects).
+    fn will_perform_redirection(
+        &self,
+        task: &TaskInfo,
+        response: &http::Response<()>,
+        request: http::Request<()>,
+    ) -> Redirect {
+        let _ = (task, response);
+        Redirect::Follow(request)
+    }
+
+    /// [`did_receive_response`](Self::did_receive_response) with a [`Responder`], to answer
+    /// now or later (from any thread, once the work that decides is done): the session's other
+    /// callbacks are delivered meanwhile, while this task reads nothing and its request
+    /// timeout stops. Dropping the responder unanswered cancels the task. By default, answers
+    /// with `did_receive_response`'s disposition.
+    fn did_receive_response_with(
+        &self,
+        task: &TaskInfo,
+        response: &http::Response<()>,
+        responder: Responder<Disposition>,
+    ) {
+        responder.answer(self.did_receive_response(task, response));
+    }
+
+    /// [`will_perform_redirection`](Self::will_perform_redirection) with a [`Responder`], to
+    /// answer now or later, as [`did_receive_response_with`](Self::did_receive_response_with).
+    /// By default, answers with `will_perform_redirection`'s.
+    fn will_perform_redirection_with(
+        &self,
+        task: &TaskInfo,
+        response: &http::Response<()>,
+        request: http::Request<()>,
+        responder: Responder<Redirect>,
+    ) {
+        responder.answer(self.will_perform_redirection(task, response, request));
     }
 
     /// Body bytes, in order. Not called for downloads. The task reads at most the session's

@@ -10,10 +10,11 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
 
 use crate::delegate::{Delegate, TaskInfo};
+use crate::responder::Responder;
 use crate::session::Shared;
 use crate::stream::StreamTask;
 use crate::task::Task;
-use crate::{Callback, Delivered, Delivery, TaskId};
+use crate::{Answer, Callback, Delivered, Delivery, TaskId};
 
 /// What a callback needs to say which task it is about.
 pub(crate) type Infos = Arc<Mutex<HashMap<TaskId, Arc<TaskInfo>>>>;
@@ -45,6 +46,7 @@ pub(crate) fn spawn(
             loop {
                 match delivery.poll_deliver(&mut cx, |delegate, callback| {
                     hand_over(delegate.as_ref(), callback, &infos, &shared)
+                        .unwrap_or(Answer::Default)
                 }) {
                     Poll::Ready(Delivered::One) => {}
                     Poll::Ready(Delivered::Done) => break,
@@ -55,13 +57,14 @@ pub(crate) fn spawn(
         .map(drop)
 }
 
-/// Call the delegate method for `callback`; return its disposition for a response head.
+/// Call the delegate method for `callback`; return its answer for a response head or a
+/// redirect.
 fn hand_over(
     delegate: &dyn Delegate,
     callback: Callback,
     infos: &Infos,
     shared: &Weak<Shared>,
-) -> Option<crate::Disposition> {
+) -> Option<Answer> {
     let info = |task: TaskId| {
         infos
             .lock()
@@ -70,9 +73,23 @@ fn hand_over(
             .cloned()
     };
     match callback {
+        Callback::WillRedirect {
+            task,
+            response,
+            request,
+        } => {
+            let info = info(task)?;
+            let (responder, settle) = Responder::new(task, shared.clone());
+            delegate.will_perform_redirection_with(&info, &response, *request, responder);
+            Some(settle.settle())
+        }
         Callback::ReceiveResponse { task, response } => {
             let info = info(task)?;
-            Some(delegate.did_receive_response(&info, &response))
+            let (responder, settle) = Responder::new(task, shared.clone());
+            delegate.did_receive_response_with(&info, &response, responder);
+            // Answered (or dropped) during the call: as if returned. Else it comes later, and
+            // the delivery goes on with the session's other callbacks meanwhile.
+            Some(settle.settle())
         }
         Callback::ReceiveData { task, data } => {
             delegate.did_receive_data(&*info(task)?, &data);

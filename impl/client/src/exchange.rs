@@ -16,7 +16,7 @@
 //! pooled, until the stream is over.
 
 use std::error::Error as _;
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,8 +33,9 @@ use tokio::sync::watch;
 
 use crate::cache::{self, Lookup};
 use crate::pool::{Body, Connection, Note, Origin};
+use crate::redirect::{Chain, DRAIN_LIMIT};
 use crate::session::Shared;
-use crate::{Error, Intake, Proceed, Release, Start, TaskId, Timeout};
+use crate::{Error, Intake, Proceed, Redirect, Release, Start, TaskId, Timeout};
 
 /// What the driver tells a running exchange. Kept as state, not messages: the exchange always
 /// acts on the latest word.
@@ -247,6 +248,7 @@ impl Exchange {
                         reusable: false,
                         body: Source::Cached(Some(hit.body)),
                         keep: None,
+                        refused: false,
                     };
                     return self.respond(out, activity, hit.head, answer).await;
                 }
@@ -261,10 +263,55 @@ impl Exchange {
                 Lookup::Miss => {}
             }
         }
-        let (connection, response) = self.send(request).await?;
-        activity.touch();
-        let (parts, mut body) = response.into_parts();
+        let mut chain = Chain::new(&self.origin, &request, self.shared.config.max_redirects);
+        let (core, task) = (self.shared.core.clone(), self.task);
+        let mut hopped = false;
+        // Send, and follow redirects, until a response that is the task's own.
+        let (connection, parts, mut body, refused) = loop {
+            let (connection, response) = self.send(request).await?;
+            activity.touch();
+            let (parts, mut body) = response.into_parts();
+            // R7: a suspended task reports nothing until it is resumed.
+            self.unpaused().await?;
+            let Some(next) = chain.next(&parts)? else {
+                break (connection, parts, body, false);
+            };
+            core.redirect(task, head_of(&parts), next);
+            let answer = self
+                .or_abort(poll_fn(|cx| core.poll_redirect(task, cx)))
+                .await?
+                .ok_or(Stop::Aborted)?;
+            let next = match answer {
+                Redirect::Follow(next) => next,
+                // The redirect is the response: the delegate hears it as one.
+                Redirect::Refuse => break (connection, parts, body, true),
+            };
+            let (next, origin) = chain.follow(next, &self.shared.config)?;
+            let reusable = keeps_alive(&parts) && self.drain(&parts, &mut body, activity).await?;
+            drop(body);
+            // The redirect's connection goes back to the pool, or is closed; the next
+            // exchange's comes from the engine, within its origin's limit.
+            self.release(connection, reusable, |core, reusable| {
+                core.hop(task, &origin.key(), reusable)
+            });
+            self.start = self
+                .or_abort(poll_fn(|cx| core.poll_start(task, cx)))
+                .await?
+                .ok_or(Stop::Aborted)?;
+            self.origin = origin;
+            request = next;
+            hopped = true;
+            // R7: a task suspended between two hops sends its next request once resumed.
+            self.unpaused().await?;
+        };
         let reusable = keeps_alive(&parts);
+        // The cache speaks for the request as the task made it: a response reached by a
+        // redirect, or a redirect refused, is neither kept nor taken as a revalidation.
+        let (stale, cacheable) = if hopped || refused {
+            (None, None)
+        } else {
+            (stale, cacheable)
+        };
         let revalidated = stale.is_some();
         let keep_key = key.clone();
         if let (Some(cache), Some((revalidation, policy, stored))) = (cache, stale)
@@ -280,6 +327,7 @@ impl Exchange {
                 reusable,
                 body: Source::Cached(Some(hit.body)),
                 keep: None,
+                refused: false,
             };
             return self.respond(out, activity, hit.head, answer).await;
         }
@@ -316,6 +364,7 @@ impl Exchange {
             reusable,
             body: Source::Net(body),
             keep,
+            refused,
         };
         self.respond(out, activity, parts, answer).await
     }
@@ -334,13 +383,19 @@ impl Exchange {
             reusable,
             mut body,
             mut keep,
+            refused,
         } = answer;
         // R7: a suspended task reports nothing until it is resumed.
         self.unpaused().await?;
         let length = content_length(&parts);
         let head = head_of(&parts);
         out.head = Some(parts);
-        let into = match self.shared.core.response(self.task, head) {
+        let proceed = if refused {
+            Proceed::Wait // ReceiveResponse is queued already
+        } else {
+            self.shared.core.response(self.task, head)
+        };
+        let into = match proceed {
             Proceed::Read { into } => into,
             Proceed::Stop => return Err(Stop::Aborted),
             Proceed::Wait => match self.allowed().await? {
@@ -435,6 +490,38 @@ impl Exchange {
             None => drop(self.shared.core.body_end(self.task, false)),
         }
         Ok(())
+    }
+
+    /// Read a followed redirect's body to its end, so that its connection can be pooled: true
+    /// if it ended within [`DRAIN_LIMIT`] bytes; false for a longer one, or a failure (the
+    /// connection is closed then, and the redirect followed all the same).
+    async fn drain(
+        &mut self,
+        parts: &http::response::Parts,
+        body: &mut Incoming,
+        activity: &Activity,
+    ) -> Result<bool, Stop> {
+        if content_length(parts).is_some_and(|length| length > DRAIN_LIMIT as u64) {
+            return Ok(false);
+        }
+        let mut read = 0;
+        loop {
+            self.unpaused().await?;
+            let Some(frame) = self.unless_paused(body.frame()).await? else {
+                continue; // R7: suspended mid-read
+            };
+            match frame {
+                Some(Ok(frame)) => {
+                    activity.touch();
+                    read += frame.data_ref().map_or(0, Bytes::len);
+                    if read > DRAIN_LIMIT {
+                        return Ok(false);
+                    }
+                }
+                Some(Err(_)) => return Ok(false),
+                None => return Ok(true),
+            }
+        }
     }
 
     /// The response became a stream (`Action::ReadStream`): hand the body to the engine no
@@ -562,10 +649,25 @@ impl Exchange {
     /// The body is read whole: park the connection, then let the engine say whether it stays
     /// (see `leakproof_core::Core::body_end`).
     fn finish(&self, connection: Connection, reusable: bool) {
+        let task = self.task;
+        self.release(connection, reusable, |core, reusable| {
+            core.body_end(task, reusable)
+        });
+    }
+
+    /// Park the connection, then pool or close it as `ask` (the engine, told whether it is
+    /// reusable) says: once the engine has pooled it, a concurrent invalidation may close it at
+    /// once, so it must be parked already (see `leakproof_core::Core::body_end`).
+    fn release(
+        &self,
+        connection: Connection,
+        reusable: bool,
+        ask: impl FnOnce(&crate::Core, bool) -> Release,
+    ) {
         let reusable = reusable && !connection.sender.is_closed();
         let id = self.start.conn;
         let needs_clock = self.shared.pool.park(id, connection);
-        match self.shared.core.body_end(self.task, reusable) {
+        match ask(&self.shared.core, reusable) {
             Release::Pool if needs_clock => self.shared.pool.note(Note::Parked(id)),
             Release::Pool => {}
             Release::Close => {
@@ -626,6 +728,8 @@ struct Answer {
     body: Source,
     /// Keep a copy for the cache.
     keep: Option<Keep>,
+    /// A redirect the delegate refused: its `did_receive_response` is queued already.
+    refused: bool,
 }
 
 /// A response's body: from the network, or from the cache.

@@ -65,6 +65,8 @@ mod delivery;
 mod driver;
 mod exchange;
 mod pool;
+mod redirect;
+mod responder;
 mod session;
 mod stream;
 mod task;
@@ -75,15 +77,16 @@ pub use close::CloseCode;
 pub use config::{CacheDisk, Configuration, ConfigurationBuilder, UrlCache};
 pub use delegate::{Delegate, TaskInfo};
 pub use leakproof_core::{
-    Disposition, Error, GOING_AWAY, Ledger, Message, SessionState, TaskId, TaskKind, TaskState,
-    Timeout, TlsFailure,
+    Disposition, Error, GOING_AWAY, Ledger, Message, Redirect, SessionState, TaskId, TaskKind,
+    TaskState, Timeout, TlsFailure,
 };
+pub use responder::{Reply, Responder};
 pub use session::{DownloadedFile, Observer, Session, SessionBuilder, UploadBody};
 pub use stream::StreamTask;
 pub use task::{DataTask, DownloadTask, UploadTask};
 pub use websocket::{IntoWebSocketRequest, WebSocketTask};
 
 use leakproof_core::{
-    Action, Callback, Config, ConnId, Core, Delivered, Delivery, Intake, Outgoing, Proceed,
+    Action, Answer, Callback, Config, ConnId, Core, Delivered, Delivery, Intake, Outgoing, Proceed,
     Release, Route, SessionHandle, Start, TaskHandle, TimerId, session,
 };

@@ -8,8 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
-use futures_util::TryStreamExt;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::BodyExt;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
@@ -760,32 +759,24 @@ fn empty() -> Body {
         .boxed()
 }
 
+/// The request with `body`; the body rides along in its extensions too, for a 307 or 308 to
+/// send again (`redirect::Replay`).
 fn with_body(request: http::Request<()>, body: UploadBody) -> Result<http::Request<Body>, Error> {
     let (mut parts, ()) = request.into_parts();
-    let body = match body {
-        UploadBody::Bytes(bytes) => {
-            parts
-                .headers
-                .insert(http::header::CONTENT_LENGTH, bytes.len().into());
-            Full::new(bytes).map_err(|never| match never {}).boxed()
-        }
-        UploadBody::File(path) => {
-            let length = std::fs::metadata(&path)?.len();
-            parts
-                .headers
-                .insert(http::header::CONTENT_LENGTH, length.into());
-            let chunks = futures_util::stream::once(tokio::fs::File::open(path))
-                .map_ok(tokio_util::io::ReaderStream::new)
-                .try_flatten()
-                .map_ok(hyper::body::Frame::data);
-            StreamBody::new(chunks).boxed()
-        }
+    let length = match &body {
+        UploadBody::Bytes(bytes) => bytes.len() as u64,
+        UploadBody::File(path) => std::fs::metadata(path)?.len(),
     };
-    Ok(http::Request::from_parts(parts, body))
+    parts
+        .headers
+        .insert(http::header::CONTENT_LENGTH, length.into());
+    let sent = crate::redirect::upload_body(&body);
+    parts.extensions.insert(crate::redirect::Replay(body));
+    Ok(http::Request::from_parts(parts, sent))
 }
 
 /// Check the URL, add the default headers and `Host`, and put the target in origin form.
-fn prepare(
+pub(crate) fn prepare(
     mut request: http::Request<Body>,
     config: &Configuration,
 ) -> Result<(http::Request<Body>, Origin), Error> {

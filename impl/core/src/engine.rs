@@ -16,8 +16,8 @@ use bytes::Bytes;
 
 use crate::error::{Error, Timeout};
 use crate::{
-    Action, Callback, ConnId, Disposition, Ledger, Proceed, Release, Route, Start, TaskId,
-    TaskKind, TimerId,
+    Action, Callback, ConnId, Disposition, Ledger, Proceed, Redirect, Release, Route, Start,
+    TaskId, TaskKind, TimerId,
 };
 use pipe::{End, Pipe};
 pub use pipe::{GOING_AWAY, NO_STATUS, close_code_allowed};
@@ -101,6 +101,12 @@ enum Exchange {
     /// Running, but its origin is at its connection limit: it waits its turn.
     AwaitingConnection,
     AwaitingResponse,
+    /// A redirect's head arrived; the delegate's answer (follow or refuse) is awaited. The IO
+    /// holds the connection and reads nothing.
+    AwaitingRedirect,
+    /// The redirect is followed: the IO reads the redirect's body (to pool its connection),
+    /// then hops ([`Engine::hop`]).
+    FollowingRedirect,
     /// The head arrived; the delegate's disposition is awaited.
     AwaitingDisposition,
     ReceivingBody,
@@ -142,6 +148,29 @@ struct Cell {
     room_waker: Option<Waker>,
     /// The users waiting for the task's result ([`Engine::poll_result`]).
     result_wakers: Vec<Waker>,
+    /// A redirect under way: asked of the delegate, or answered for the IO.
+    redirect: Option<Box<Redirecting>>,
+    /// The IO waiting for the redirect's answer ([`Engine::poll_redirect`]).
+    redirect_waker: Option<Waker>,
+    /// The delegate's answer (a disposition, a redirect's) comes later ([`Engine::defer`]):
+    /// the request timeout does not run meanwhile.
+    deferred: bool,
+    /// Redirects followed. Once one is, the task's IO runs on through every hop: a new
+    /// connection comes to it as to a handler's ([`Engine::poll_start`]), whatever its route.
+    hops: u32,
+}
+
+/// A redirect of a task, between its head and the IO taking the answer.
+#[derive(Debug)]
+enum Redirecting {
+    /// The delegate has `WillRedirect`; kept for a refusal (the head becomes the response) and
+    /// for the default answer (the request proposed).
+    Asked {
+        response: http::Response<()>,
+        request: http::Request<()>,
+    },
+    /// For the IO to take.
+    Answered(Redirect),
 }
 
 /// A completed task's result, kept while its user holds a handle (R5: nothing more, and
@@ -373,6 +402,10 @@ impl Engine {
                 undelivered: 0,
                 room_waker: None,
                 result_wakers: Vec::new(),
+                redirect: None,
+                redirect_waker: None,
+                deferred: false,
+                hops: 0,
             },
         );
         Ok(id)
@@ -399,6 +432,10 @@ impl Engine {
             TaskKind::Data | TaskKind::Download | TaskKind::Upload => true,
         };
         if cell.exchange == Exchange::NotStarted {
+            if cell.hops > 0 {
+                // Suspended between two hops: its IO is paused, waiting for its connection.
+                self.actions.push_back(Action::Unpause { task });
+            }
             self.begin(task);
         } else {
             self.actions.push_back(Action::Unpause { task });
@@ -406,8 +443,8 @@ impl Engine {
         }
         if timed {
             // The request timeout is the network's idle time: not armed while the IO waits
-            // for the delegate (R12); it is when the delegate catches up.
-            if !self.behind(task) {
+            // for the delegate (R12); it is when the delegate catches up, or answers.
+            if !self.behind(task) && !self.tasks[&task].deferred {
                 self.arm(task, Timeout::Request);
             }
             self.arm(task, Timeout::Resource);
@@ -452,8 +489,11 @@ impl Engine {
             Exchange::AwaitingResponse
         };
         match cell.route {
-            Route::Delegate => self.actions.push_back(Action::Start { task, conn, reused }),
-            Route::Handler => {
+            // A hop's IO is running already: it waits for its connection as a handler does.
+            Route::Delegate if cell.hops == 0 => {
+                self.actions.push_back(Action::Start { task, conn, reused });
+            }
+            Route::Delegate | Route::Handler => {
                 cell.start = Some(Start { conn, reused });
                 self.wake_later.extend(cell.start_waker.take());
             }
@@ -644,6 +684,91 @@ impl Engine {
         }
     }
 
+    /// A redirect's head arrived, and `request` would follow it. The delegate decides, if the
+    /// task has one; else it is followed. Either way the IO learns the answer from
+    /// [`Engine::poll_redirect`].
+    pub(crate) fn redirect(
+        &mut self,
+        task: TaskId,
+        response: http::Response<()>,
+        request: http::Request<()>,
+    ) {
+        let delegated = self.config.delegated;
+        let Some(cell) = self.tasks.get_mut(&task) else {
+            return;
+        };
+        if cell.exchange != Exchange::AwaitingResponse {
+            return;
+        }
+        if delegated && cell.route == Route::Delegate {
+            cell.exchange = Exchange::AwaitingRedirect;
+            cell.redirect = Some(Box::new(Redirecting::Asked {
+                response: response.clone(),
+                request: request.clone(),
+            }));
+            self.say(Callback::WillRedirect {
+                task,
+                response,
+                request: Box::new(request),
+            });
+        } else {
+            cell.exchange = Exchange::FollowingRedirect;
+            cell.redirect = Some(Box::new(Redirecting::Answered(Redirect::Follow(request))));
+        }
+        self.rearm(task, Timeout::Request);
+    }
+
+    /// The answer to the task's redirect, once there is one; `None` once the task is over.
+    pub(crate) fn poll_redirect(&mut self, task: TaskId, waker: &Waker) -> Poll<Option<Redirect>> {
+        let Some(cell) = self.tasks.get_mut(&task) else {
+            return Poll::Ready(None);
+        };
+        match cell.redirect.take().map(|r| *r) {
+            Some(Redirecting::Answered(answer)) => Poll::Ready(Some(answer)),
+            asked => {
+                cell.redirect = asked.map(Box::new);
+                cell.redirect_waker = Some(waker.clone());
+                Poll::Pending
+            }
+        }
+    }
+
+    /// The followed redirect's exchange is over: its connection is pooled (`reusable`: its
+    /// body was read whole and the server keeps it alive) or closed, as the answer says, and
+    /// the task begins again for `origin`, with a connection of that origin's (pooled, new, or
+    /// awaited in the queue: [`Engine::poll_start`]). The resource timeout runs on; the
+    /// request timeout starts again.
+    pub(crate) fn hop(&mut self, task: TaskId, origin: &str, reusable: bool) -> Release {
+        let Some(cell) = self.tasks.get_mut(&task) else {
+            return Release::Close;
+        };
+        if cell.exchange != Exchange::FollowingRedirect {
+            return Release::Close;
+        }
+        let left = std::mem::replace(&mut cell.origin, origin.to_owned());
+        cell.hops += 1;
+        let pooled_there = self.idle.iter().filter(|(o, _)| *o == left).count();
+        let room = pooled_there < self.config.max_idle_per_origin;
+        let cell = self.tasks.get_mut(&task).expect("live task");
+        let release = match cell.conn.take() {
+            Some(conn) if reusable && room => {
+                self.idle.push((left.clone(), conn));
+                Release::Pool
+            }
+            _ => Release::Close,
+        };
+        cell.exchange = Exchange::NotStarted;
+        if cell.state == TaskState::Running {
+            self.begin(task);
+            self.rearm(task, Timeout::Request);
+        }
+        // The connection it left is free (pooled or closed): whoever waits for one there.
+        if left != origin {
+            self.admit(&left);
+        }
+        release
+    }
+
     pub(crate) fn body_data(&mut self, task: TaskId, data: Bytes) {
         let Some(cell) = self.tasks.get(&task) else {
             return; // Completed: the bytes are dropped with the IO.
@@ -800,6 +925,8 @@ impl Engine {
         if cell.exchange != Exchange::AwaitingDisposition {
             return;
         }
+        self.answered(task);
+        let cell = self.tasks.get_mut(&task).expect("live task");
         match (disposition, cell.kind) {
             (Disposition::Allow, _) => self.read_body(task),
             (Disposition::BecomeDownload, TaskKind::Data) => {
@@ -813,6 +940,77 @@ impl Engine {
                 self.complete(task, Err(error), EndedBy::Other);
             }
             (Disposition::Cancel, _) => self.complete(task, Err(Error::Cancelled), EndedBy::Other),
+        }
+    }
+
+    /// The delegate's answer to `WillRedirect`; `None` is the default, to follow the request
+    /// proposed. A refusal makes the redirect the response: `ReceiveResponse` with it.
+    pub(crate) fn redirect_answer(&mut self, task: TaskId, answer: Option<Redirect>) {
+        let Some(cell) = self.tasks.get_mut(&task) else {
+            return;
+        };
+        if cell.exchange != Exchange::AwaitingRedirect {
+            return;
+        }
+        self.answered(task);
+        let cell = self.tasks.get_mut(&task).expect("live task");
+        let Some(Redirecting::Asked { response, request }) = cell.redirect.take().map(|r| *r)
+        else {
+            return;
+        };
+        let answer = answer.unwrap_or(Redirect::Follow(request));
+        match answer {
+            Redirect::Follow(_) => cell.exchange = Exchange::FollowingRedirect,
+            Redirect::Refuse => {
+                cell.exchange = Exchange::AwaitingDisposition;
+                self.say(Callback::ReceiveResponse { task, response });
+            }
+        }
+        let cell = self.tasks.get_mut(&task).expect("live task");
+        cell.redirect = Some(Box::new(Redirecting::Answered(answer)));
+        self.wake_later.extend(cell.redirect_waker.take());
+    }
+
+    /// The delegate's callback returned without its answer, which comes later (the delivery
+    /// goes on with the session's other callbacks). The task reads nothing meanwhile, as
+    /// before any answer; its request timeout, the network's idle time, stops until the
+    /// answer (R12); the resource timeout runs on. A no-op if the answer came first (it may
+    /// come from another thread before the callback returns), or the task is over.
+    pub(crate) fn defer(&mut self, task: TaskId, redirect: bool) {
+        let asked = if redirect {
+            Exchange::AwaitingRedirect
+        } else {
+            Exchange::AwaitingDisposition
+        };
+        let Some(cell) = self.tasks.get_mut(&task) else {
+            return;
+        };
+        if cell.exchange != asked || cell.deferred {
+            return;
+        }
+        cell.deferred = true;
+        self.disarm(task, Timeout::Request);
+    }
+
+    /// There will be no answer (its responder was dropped): a task still waiting for one is
+    /// cancelled; otherwise a no-op.
+    pub(crate) fn unanswered(&mut self, task: TaskId) {
+        let waiting = self.tasks.get(&task).is_some_and(|cell| {
+            matches!(
+                cell.exchange,
+                Exchange::AwaitingDisposition | Exchange::AwaitingRedirect
+            )
+        });
+        if waiting {
+            self.complete(task, Err(Error::Cancelled), EndedBy::Other);
+        }
+    }
+
+    /// An answer came: a deferred task's request timeout runs again, unless it is suspended.
+    fn answered(&mut self, task: TaskId) {
+        let cell = self.tasks.get_mut(&task).expect("live task");
+        if std::mem::take(&mut cell.deferred) && cell.state == TaskState::Running {
+            self.arm(task, Timeout::Request);
         }
     }
 
@@ -989,16 +1187,20 @@ impl Engine {
                 self.ends.insert(task, end);
             }
         }
-        // A handler handed a start it has not taken yet never opened that connection: there is
-        // no IO to abort, and the handler finds the task gone when it looks.
-        let started = !matches!(
-            cell.exchange,
-            Exchange::NotStarted | Exchange::AwaitingConnection
-        ) && cell.start.is_none();
+        // A start handed to a handler (or to an IO between redirect hops) and not taken yet
+        // opened no connection. A handler that never took one has no IO to abort; an IO between
+        // hops does, and holds no connection.
+        let untaken = cell.start.is_some();
+        let started = cell.hops > 0
+            || (!matches!(
+                cell.exchange,
+                Exchange::NotStarted | Exchange::AwaitingConnection
+            ) && !untaken);
         if cell.exchange == Exchange::AwaitingConnection {
             self.waiting.retain(|t| *t != task);
         }
         self.wake_later.extend(cell.start_waker);
+        self.wake_later.extend(cell.redirect_waker);
         // The IO that ended the task closes its own connection (or pooled it in body_end);
         // any other ending must abort the IO, which closes the connection it holds. A
         // delegate task that never started is aborted too: the driver drops the job it would
@@ -1006,7 +1208,7 @@ impl Engine {
         if ended_by == EndedBy::Other && (started || cell.route == Route::Delegate) {
             self.actions.push_back(Action::Abort {
                 task,
-                conn: cell.conn,
+                conn: if untaken { None } else { cell.conn },
             });
         }
         let handler = cell.route == Route::Handler;

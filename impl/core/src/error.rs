@@ -124,6 +124,15 @@ pub enum Error {
         kind: TlsFailure,
         detail: String,
     },
+    #[error(
+        "more than {limit} redirects: raise max_redirects in the Configuration, or set it to 0 \
+         to get a redirect as the response"
+    )]
+    TooManyRedirects { limit: u32 },
+    #[error("redirect loop: {method} {url} was requested before in this chain of redirects")]
+    RedirectLoop { method: String, url: String },
+    #[error("the redirect to {location:?} cannot be followed: {reason}")]
+    InvalidRedirect { location: String, reason: String },
     #[error("I/O error: {0}")]
     Io(Arc<io::Error>),
 }

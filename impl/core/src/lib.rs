@@ -27,14 +27,14 @@
 //! | R2 | `Engine::invalidate_if_done` queues `BecomeInvalid` behind every `Complete`; `Engine::invalidate_and_cancel` completes tasks first |
 //! | R3 | [`Delivery`] drops the delegate right after delivering `BecomeInvalid`, or in its own `Drop` |
 //! | R4 | `Engine::invalidate_if_done` closes the pool; [`Core::poll_action`] ends only when released |
-//! | R5 | `Engine::complete` aborts the IO (closing its connection), removes temp files, drops a pipe's bytes and, unless the IO ended the task itself, the body its delegate was not handed; `Engine::body_end` pools only read-whole, reusable connections; `Engine::begin` never gives a stream or websocket a pooled connection |
+//! | R5 | `Engine::complete` aborts the IO (closing its connection), removes temp files, drops a pipe's bytes and, unless the IO ended the task itself, the body its delegate was not handed; `Engine::body_end` and `Engine::hop` (a followed redirect's connection) pool only read-whole, reusable connections; `Engine::begin` never gives a stream or websocket a pooled connection |
 //! | R6 | `Engine::intake` (`engine/pipe.rs`) gives a stream's IO no more than its room and nothing while full; `Engine::stream_data` takes no more; a websocket's IO reads one message at a time; `Engine::body_room` gives a data task's IO no more than its delegate's window has room for, and `Engine::data_delivered` (the delivery's acknowledgement) opens it again |
 //! | R7 | `Engine::suspend` pauses reading and disarms both timers; `Engine::intake` gives a suspended task nothing |
 //! | R8 | `Engine::create_task` refuses before allocating |
 //! | R9 | `Config::shared` makes the invalidation inputs no-ops; `Core::idle_expired` |
 //! | R10 | `Drop for SessionHandle` and `Drop for TaskHandle`; `Engine::task_handle_dropped` also cancels a stream and closes a websocket nobody holds |
 //! | R11 | `Engine::cancel_with` (`engine/pipe.rs`) arms `Timeout::Close`; `Engine::timer_fired` completes the task at the deadline, `Engine::ws_peer_closed` on the peer's answer; either way `Action::Abort` closes the socket |
-//! | R12 | `Engine::timer_fired` (stale generations ignored) and `Engine::failed`; `Engine::body_data` disarms the request timeout while the IO waits for the delegate, `Engine::data_delivered` arms it again |
+//! | R12 | `Engine::timer_fired` (stale generations ignored) and `Engine::failed`; `Engine::body_data` disarms the request timeout while the IO waits for the delegate, `Engine::data_delivered` arms it again; `Engine::defer` disarms it while the delegate's answer is pending, `Engine::answered` arms it again; `Engine::hop` arms it afresh for each redirect's exchange, the resource timeout spanning them all |
 
 mod engine;
 mod error;
@@ -137,6 +137,53 @@ pub enum Disposition {
     BecomeStream,
 }
 
+/// The delegate's answer to a redirect (`will_perform_redirection`).
+// Unboxed, for the delegate's sake (`Redirect::Follow(request)`): one is made per redirect.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Redirect {
+    /// Send this request next: the one proposed, or one the delegate changed.
+    Follow(http::Request<()>),
+    /// Do not follow: the redirect's own response is the task's response, its body the body.
+    Refuse,
+}
+
+/// What the delegate answered a callback with, as the delivery hands it back to the engine.
+#[allow(clippy::large_enum_variant)] // one per callback, handed straight to the engine
+#[derive(Debug)]
+pub enum Answer {
+    /// The default answer (allow a response, follow a redirect), or none due.
+    Default,
+    /// For `ReceiveResponse`.
+    Disposition(Disposition),
+    /// For `WillRedirect`.
+    Redirect(Redirect),
+    /// The answer comes later, through [`Core::answer`]: the task reads nothing meanwhile,
+    /// and its request timeout does not run (the resource timeout does).
+    Later,
+    /// There will be no answer: the task is cancelled, if it still waits for one.
+    Cancel,
+}
+
+impl From<Disposition> for Answer {
+    fn from(disposition: Disposition) -> Self {
+        Answer::Disposition(disposition)
+    }
+}
+
+impl From<Redirect> for Answer {
+    fn from(redirect: Redirect) -> Self {
+        Answer::Redirect(redirect)
+    }
+}
+
+/// A closure's `None` is the default; `Some` a disposition.
+impl From<Option<Disposition>> for Answer {
+    fn from(answer: Option<Disposition>) -> Self {
+        answer.map_or(Answer::Default, Answer::Disposition)
+    }
+}
+
 /// What the driver must do, in queue order.
 ///
 /// The task's IO runs concurrently with the driver, so an action addressed to a task's IO
@@ -225,6 +272,14 @@ pub enum Release {
 /// What the delegate hears, in queue order.
 #[derive(Debug)]
 pub enum Callback {
+    /// A redirect's head arrived; `request` would follow it. The delegate answers with a
+    /// [`Redirect`] ([`Answer::Redirect`]), the default being to follow `request`.
+    WillRedirect {
+        task: TaskId,
+        response: http::Response<()>,
+        /// Boxed: every callback in the queue is as large as the largest.
+        request: Box<http::Request<()>>,
+    },
     ReceiveResponse {
         task: TaskId,
         response: http::Response<()>,
@@ -271,7 +326,8 @@ impl Callback {
     /// The task the callback is about; `None` for `BecomeInvalid`.
     pub fn task(&self) -> Option<TaskId> {
         match self {
-            Callback::ReceiveResponse { task, .. }
+            Callback::WillRedirect { task, .. }
+            | Callback::ReceiveResponse { task, .. }
             | Callback::ReceiveData { task, .. }
             | Callback::BecomeDownload { task }
             | Callback::FinishDownloading { task, .. }

@@ -19,8 +19,8 @@ use crate::engine::{Config, Engine, SessionState, TaskState};
 use crate::error::Error;
 use crate::sync::{Arc, Mutex, lock};
 use crate::{
-    Action, Callback, ConnId, Disposition, Intake, Ledger, Message, Outgoing, Proceed, Release,
-    Route, Start, TaskId, TaskKind, TimerId,
+    Action, Answer, Callback, ConnId, Disposition, Intake, Ledger, Message, Outgoing, Proceed,
+    Redirect, Release, Route, Start, TaskId, TaskKind, TimerId,
 };
 
 /// Create a session's engine. `delegate` decides whether callbacks are queued at all
@@ -170,6 +170,43 @@ impl Core {
     /// included, until the driver gets [`Action::ReadBody`]: the delegate decides first.
     pub fn response(&self, task: TaskId, response: http::Response<()>) -> Proceed {
         self.update(|e| e.response(task, response))
+    }
+
+    /// A redirect's head arrived and `request` would follow it (the IO decided it is one to
+    /// follow: a redirect status with a usable `Location`, within the limit). The delegate, if
+    /// the task has one, answers; the IO waits for the answer with [`Core::poll_redirect`],
+    /// reading nothing meanwhile.
+    pub fn redirect(&self, task: TaskId, response: http::Response<()>, request: http::Request<()>) {
+        self.update(|e| e.redirect(task, response, request));
+    }
+
+    /// The answer to the task's redirect: [`Redirect::Follow`] with the request to send next
+    /// (read the redirect's body, then [`Core::hop`]), or [`Redirect::Refuse`] (the redirect
+    /// is the response: wait for the disposition as after [`Proceed::Wait`]). `None` once the
+    /// task is over.
+    pub fn poll_redirect(&self, task: TaskId, cx: &mut Context<'_>) -> Poll<Option<Redirect>> {
+        self.update(|e| e.poll_redirect(task, cx.waker()))
+    }
+
+    /// The followed redirect's exchange is over; the next goes to `origin`. Park the
+    /// redirect's connection first, as for [`Core::body_end`], then pool or close it as the
+    /// answer says; the next connection comes from [`Core::poll_start`].
+    #[must_use = "the connection must be pooled or closed as the engine says"]
+    pub fn hop(&self, task: TaskId, origin: &str, reusable: bool) -> Release {
+        self.update(|e| e.hop(task, origin, reusable))
+    }
+
+    /// The delegate's answer that comes after its callback returned ([`Answer::Later`]): a
+    /// [`Disposition`] for `ReceiveResponse`, a [`Redirect`] for `WillRedirect`, or
+    /// [`Answer::Cancel`] when there will be none. A no-op if the task no longer waits for
+    /// that answer (it was cancelled, timed out, invalidated, or answered already).
+    pub fn answer(&self, task: TaskId, answer: Answer) {
+        self.update(|e| match answer {
+            Answer::Disposition(disposition) => e.answer(task, disposition),
+            Answer::Redirect(redirect) => e.redirect_answer(task, Some(redirect)),
+            Answer::Cancel => e.unanswered(task),
+            Answer::Default | Answer::Later => {}
+        });
     }
 
     /// Where a handler-routed task starts once its origin has a connection for it (see
@@ -552,6 +589,7 @@ pub struct Receipt(Ack);
 enum Ack {
     None,
     Answer(TaskId),
+    Redirect(TaskId),
     /// Body bytes the delegate is done with: its window has room again (R6).
     Data(TaskId, u64),
     FileHandedOver(TaskId),
@@ -560,26 +598,30 @@ enum Ack {
 
 impl<D> Delivery<D> {
     /// Hand the next callback to the delegate through `deliver`, which returns the delegate's
-    /// disposition for `ReceiveResponse` (`None` means allow) and is ignored otherwise.
-    pub fn poll_deliver<F>(&mut self, cx: &mut Context<'_>, deliver: F) -> Poll<Delivered>
+    /// answer: a disposition for `ReceiveResponse`, a [`Redirect`] for `WillRedirect`
+    /// ([`Answer::Default`], or `None`, for the default: allow, follow), ignored otherwise.
+    pub fn poll_deliver<F, A>(&mut self, cx: &mut Context<'_>, deliver: F) -> Poll<Delivered>
     where
-        F: FnOnce(&D, Callback) -> Option<Disposition>,
+        F: FnOnce(&D, Callback) -> A,
+        A: Into<Answer>,
     {
         self.step(Some(cx.waker()), deliver)
             .map_or(Poll::Pending, Poll::Ready)
     }
 
     /// Deliver the next callback if there is one now.
-    pub fn try_deliver<F>(&mut self, deliver: F) -> Option<Delivered>
+    pub fn try_deliver<F, A>(&mut self, deliver: F) -> Option<Delivered>
     where
-        F: FnOnce(&D, Callback) -> Option<Disposition>,
+        F: FnOnce(&D, Callback) -> A,
+        A: Into<Answer>,
     {
         self.step(None, deliver)
     }
 
-    fn step<F>(&mut self, waker: Option<&Waker>, deliver: F) -> Option<Delivered>
+    fn step<F, A>(&mut self, waker: Option<&Waker>, deliver: F) -> Option<Delivered>
     where
-        F: FnOnce(&D, Callback) -> Option<Disposition>,
+        F: FnOnce(&D, Callback) -> A,
+        A: Into<Answer>,
     {
         let (callback, receipt) = match self.take(waker) {
             Err(done) => return Some(done),
@@ -604,13 +646,25 @@ impl<D> Delivery<D> {
         self.take(None)
     }
 
-    /// The delegate returned from the callback `receipt` was taken with; `disposition` is
-    /// its answer to a `ReceiveResponse` (`None` means allow), ignored for the others.
-    pub fn finish(&mut self, receipt: Receipt, disposition: Option<Disposition>) -> Delivered {
-        let disposition = disposition.unwrap_or(Disposition::Allow);
+    /// The delegate returned from the callback `receipt` was taken with; `answer` is its
+    /// answer to a `ReceiveResponse` or a `WillRedirect` (its default for the others, which
+    /// ignore it).
+    pub fn finish(&mut self, receipt: Receipt, answer: impl Into<Answer>) -> Delivered {
+        let answer = answer.into();
         match receipt.0 {
             Ack::None => {}
-            Ack::Answer(task) => self.core.update(|e| e.answer(task, disposition)),
+            Ack::Answer(task) => self.core.update(|e| match answer {
+                Answer::Later => e.defer(task, false),
+                Answer::Cancel => e.unanswered(task),
+                Answer::Disposition(disposition) => e.answer(task, disposition),
+                Answer::Default | Answer::Redirect(_) => e.answer(task, Disposition::Allow),
+            }),
+            Ack::Redirect(task) => self.core.update(|e| match answer {
+                Answer::Later => e.defer(task, true),
+                Answer::Cancel => e.unanswered(task),
+                Answer::Redirect(redirect) => e.redirect_answer(task, Some(redirect)),
+                Answer::Default | Answer::Disposition(_) => e.redirect_answer(task, None),
+            }),
             Ack::Data(task, len) => self.core.update(|e| e.data_delivered(task, len)),
             Ack::FileHandedOver(task) => self.core.update(|e| e.file_handed_over(task)),
             Ack::Invalid => {
@@ -659,6 +713,7 @@ impl<D> Delivery<D> {
         };
         let ack = match callback {
             Callback::ReceiveResponse { task, .. } => Ack::Answer(task),
+            Callback::WillRedirect { task, .. } => Ack::Redirect(task),
             Callback::ReceiveData { task, ref data } => Ack::Data(task, data.len() as u64),
             Callback::FinishDownloading { task, .. } => Ack::FileHandedOver(task),
             Callback::BecomeInvalid => Ack::Invalid,

@@ -993,3 +993,183 @@ fn streams_and_websockets_take_no_http_slot() {
     );
     assert_eq!(core.ledger().open_connections, 4);
 }
+
+fn redirect_to(uri: &str) -> (http::Response<()>, http::Request<()>) {
+    let mut response = http::Response::new(());
+    *response.status_mut() = http::StatusCode::FOUND;
+    let request = http::Request::get(uri).body(()).unwrap();
+    (response, request)
+}
+
+fn poll_redirect(core: &Core, task: TaskId) -> std::task::Poll<Option<Redirect>> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    core.poll_redirect(task, &mut cx)
+}
+
+fn poll_start(core: &Core, task: TaskId) -> std::task::Poll<Option<Start>> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    core.poll_start(task, &mut cx)
+}
+
+#[test]
+fn a_followed_redirect_hands_its_pooled_connection_to_the_next_hop() {
+    let (session, core, mut delivery) = delegated();
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    task.resume();
+    actions(&core);
+    let (response, request) = redirect_to("http://a/next");
+    core.redirect(task.id(), response, request);
+    assert!(
+        poll_redirect(&core, task.id()).is_pending(),
+        "the delegate decides"
+    );
+    let heard = deliver(&mut delivery, Disposition::Allow);
+    assert!(heard[0].starts_with("WillRedirect"), "{heard:?}");
+    assert!(matches!(
+        poll_redirect(&core, task.id()),
+        std::task::Poll::Ready(Some(Redirect::Follow(_)))
+    ));
+    // The same origin: the connection goes to the pool and straight back to the task.
+    assert_eq!(core.hop(task.id(), "a", true), Release::Pool);
+    let start = Start {
+        conn: ConnId(1),
+        reused: true,
+    };
+    assert_eq!(
+        poll_start(&core, task.id()),
+        std::task::Poll::Ready(Some(start))
+    );
+    let ledger = core.ledger();
+    assert_eq!((ledger.open_connections, ledger.idle_connections), (1, 0));
+    assert_eq!(ledger.timers, 2, "both timers run on");
+    // No new Start for the driver: the task's IO runs on.
+    assert!(
+        !actions(&core)
+            .iter()
+            .any(|a| matches!(a, Action::Start { .. }))
+    );
+    let _ = core.response(task.id(), ok_response());
+    deliver(&mut delivery, Disposition::Allow);
+    assert_eq!(core.body_end(task.id(), true), Release::Pool);
+    assert_eq!(core.ledger().idle_connections, 1);
+}
+
+#[test]
+fn a_hop_to_an_origin_at_its_limit_waits_and_a_cancel_then_aborts_it() {
+    let config = Config {
+        max_connections_per_origin: 1,
+        ..Config::default()
+    };
+    let (session, core, _delivery) = session(config, None::<Recorder>);
+    let holder = session
+        .create_task(TaskKind::Data, "b", Route::Delegate)
+        .unwrap();
+    holder.resume();
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    task.resume();
+    actions(&core);
+    let (response, request) = redirect_to("http://b/");
+    core.redirect(task.id(), response, request);
+    assert!(matches!(
+        poll_redirect(&core, task.id()),
+        std::task::Poll::Ready(Some(Redirect::Follow(_)))
+    ));
+    // Not reusable: closed; "b" is at its limit, so the task waits, holding nothing.
+    assert_eq!(core.hop(task.id(), "b", false), Release::Close);
+    assert!(poll_start(&core, task.id()).is_pending());
+    assert_eq!(core.ledger().open_connections, 1, "the holder's only");
+    task.cancel();
+    let got = actions(&core);
+    assert!(
+        got.contains(&Action::Abort {
+            task: task.id(),
+            conn: None
+        }),
+        "{got:?}"
+    );
+    assert_eq!(poll_start(&core, task.id()), std::task::Poll::Ready(None));
+}
+
+#[test]
+fn a_refused_redirect_is_the_response() {
+    let (session, core, mut delivery) = delegated();
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    task.resume();
+    actions(&core);
+    let (response, request) = redirect_to("http://a/next");
+    core.redirect(task.id(), response, request);
+    let mut heard = Vec::new();
+    let mut refuse = |_: &Recorder, callback: Callback| {
+        heard.push(format!("{callback:?}"));
+        match callback {
+            Callback::WillRedirect { .. } => Answer::Redirect(Redirect::Refuse),
+            _ => Answer::Default,
+        }
+    };
+    while delivery.try_deliver(&mut refuse) == Some(Delivered::One) {}
+    assert!(heard[0].starts_with("WillRedirect"), "{heard:?}");
+    assert!(heard[1].starts_with("ReceiveResponse"), "{heard:?}");
+    assert!(matches!(
+        poll_redirect(&core, task.id()),
+        std::task::Poll::Ready(Some(Redirect::Refuse))
+    ));
+    assert!(actions(&core).contains(&Action::ReadBody {
+        task: task.id(),
+        into: None
+    }));
+}
+
+#[test]
+fn an_answer_given_later_stops_the_request_timeout_until_it_comes() {
+    let (session, core, mut delivery) = delegated();
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    task.resume();
+    let _ = core.response(task.id(), ok_response());
+    let armed: Vec<TimerId> = actions(&core)
+        .into_iter()
+        .filter_map(|action| match action {
+            Action::ArmTimer { timer, .. } if timer.timeout == Timeout::Request => Some(timer),
+            _ => None,
+        })
+        .collect();
+    let later = |_: &Recorder, _: Callback| Answer::Later;
+    assert_eq!(delivery.try_deliver(later), Some(Delivered::One));
+    assert_eq!(core.ledger().timers, 1, "the resource timer only");
+    let disarmed = actions(&core);
+    assert!(
+        disarmed.contains(&Action::DisarmTimer {
+            timer: *armed.last().unwrap()
+        }),
+        "{disarmed:?}"
+    );
+    // The request timer fires late, after its disarming: stale, ignored.
+    core.timer_fired(*armed.last().unwrap());
+    assert_eq!(task.state(), TaskState::Running);
+    // Suspended and resumed meanwhile: still no request timer while the answer is pending.
+    task.suspend();
+    task.resume();
+    assert_eq!(core.ledger().timers, 1);
+    actions(&core);
+    core.answer(task.id(), Answer::Disposition(Disposition::Allow));
+    let got = actions(&core);
+    assert!(got.iter().any(|a| matches!(
+        a,
+        Action::ArmTimer { timer, .. } if timer.timeout == Timeout::Request
+    )));
+    assert!(got.contains(&Action::ReadBody {
+        task: task.id(),
+        into: None
+    }));
+    assert_eq!(core.ledger().timers, 2);
+    // A second answer is a no-op.
+    core.answer(task.id(), Answer::Disposition(Disposition::Cancel));
+    assert_eq!(task.state(), TaskState::Running);
+}

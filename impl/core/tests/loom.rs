@@ -13,8 +13,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use leakproof_core::{
-    Action, Callback, Config, ConnId, Core, Delivered, Delivery, Error, Message, Outgoing, Release,
-    Route, SessionHandle, TaskHandle, TaskId, TaskKind, Timeout, TimerId,
+    Action, Answer, Callback, Config, ConnId, Core, Delivered, Delivery, Disposition, Error,
+    Message, Outgoing, Release, Route, SessionHandle, TaskHandle, TaskId, TaskKind, Timeout,
+    TimerId,
 };
 use leakproof_model as model;
 use loom::thread;
@@ -41,7 +42,8 @@ fn explore(name: &str, race: impl Fn() + Sync + Send + 'static) {
 fn shape(callback: &Callback) -> model::Callback {
     let task = |t: &TaskId| model::TaskId(t.0 as u32);
     match callback {
-        Callback::ReceiveResponse { task: t, .. } => {
+        // No race here has a redirect (the model has none): its head would be a response's.
+        Callback::ReceiveResponse { task: t, .. } | Callback::WillRedirect { task: t, .. } => {
             model::Callback::ReceiveResponse { task: task(t) }
         }
         Callback::ReceiveData { task: t, data } => model::Callback::ReceiveData {
@@ -769,5 +771,125 @@ fn did_complete_vs_the_driver_carrying_out_the_abort() {
         model::rules::check_trace(&trace, true).unwrap_or_else(|v| panic!("{v}: {trace:?}"));
         assert!(w.delegate.upgrade().is_none(), "R3");
         assert!(w.core.is_released());
+    });
+}
+
+/// A resumed task whose response head arrived; its `ReceiveResponse` is queued.
+fn asking_task(w: &mut World) -> TaskHandle {
+    let task = w
+        .session
+        .create_task(TaskKind::Data, "origin", Route::Delegate)
+        .unwrap();
+    task.resume();
+    let _ = w.core.response(task.id(), http::Response::new(()));
+    w.driver.run(&w.core);
+    task
+}
+
+/// Deliver what is queued now, the delegate answering every response later.
+fn deliver_answering_later(w: &mut World) {
+    let trace = &mut w.trace;
+    let mut later = |_: &Delegate, callback: Callback| {
+        trace.push(shape(&callback));
+        match callback {
+            Callback::ReceiveResponse { .. } => Answer::Later,
+            _ => Answer::Default,
+        }
+    };
+    let delivery = w.delivery.as_mut().unwrap();
+    while delivery.try_deliver(&mut later) == Some(Delivered::One) {}
+}
+
+#[test]
+fn a_late_answer_vs_cancel() {
+    explore("a_late_answer_vs_cancel", || {
+        let mut w = world();
+        let task = asking_task(&mut w);
+        deliver_answering_later(&mut w);
+        w.driver.run(&w.core);
+        // Pending: the request timeout stopped, the resource timeout runs.
+        assert_eq!(w.core.ledger().timers, 1);
+        let deliverer = w.deliver_in_background();
+        let (core, id) = (w.core.clone(), task.id());
+        let answerer = thread::spawn(move || {
+            core.answer(id, Answer::Disposition(Disposition::Allow));
+        });
+        // Whichever wins, one did_complete (R1), no ReadBody after the Abort (the driver
+        // checks), and nothing held at the end.
+        task.cancel();
+        answerer.join().unwrap();
+        w.finish(deliverer, vec![task]);
+    });
+}
+
+#[test]
+fn a_late_answer_vs_the_delivery_deferring_it() {
+    explore("a_late_answer_vs_the_delivery_deferring_it", || {
+        let mut w = world();
+        let task = asking_task(&mut w);
+        // The delegate hands its responder to another thread, which may answer before the
+        // callback has returned and the delivery has told the engine the answer comes later.
+        let (core, id) = (w.core.clone(), task.id());
+        let answerer = thread::spawn(move || {
+            core.answer(id, Answer::Disposition(Disposition::Allow));
+        });
+        deliver_answering_later(&mut w);
+        answerer.join().unwrap();
+        w.driver.run(&w.core);
+        // In every order the answer stands and the request timeout runs again.
+        assert_eq!(w.core.ledger().timers, 2);
+        assert_eq!(w.core.ledger().open_connections, 1);
+        let deliverer = w.deliver_in_background();
+        task.cancel();
+        w.finish(deliverer, vec![task]);
+    });
+}
+
+#[test]
+fn a_redirect_hop_vs_invalidate_and_cancel() {
+    explore("a_redirect_hop_vs_invalidate_and_cancel", || {
+        let mut w = world();
+        let task = w
+            .session
+            .create_task(TaskKind::Data, "origin", Route::Delegate)
+            .unwrap();
+        let id = task.id();
+        task.resume();
+        w.driver.run(&w.core);
+        let mut redirect = http::Response::new(());
+        *redirect.status_mut() = http::StatusCode::FOUND;
+        let next = http::Request::get("http://origin/next").body(()).unwrap();
+        w.core.redirect(id, redirect, next);
+        deliver_now(w.delivery.as_mut().unwrap(), &mut w.trace); // followed, by default
+        let followed = wait(|cx| w.core.poll_redirect(id, cx));
+        assert!(matches!(
+            followed,
+            Some(leakproof_core::Redirect::Follow(_))
+        ));
+        let deliverer = w.deliver_in_background();
+        let session = std::mem::replace(&mut w.session, dummy_session());
+        let canceller = thread::spawn(move || {
+            session.invalidate_and_cancel();
+            session
+        });
+        // The IO hops: it parks the redirect's connection, asks the engine, takes the next.
+        w.driver.park(id);
+        let release = w.core.hop(id, "origin", true);
+        w.driver.io_ended(id, release);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(Some(start)) = w.core.poll_start(id, &mut cx) {
+            if start.reused {
+                assert!(
+                    w.driver.idle.remove(&start.conn),
+                    "reused a connection not idle"
+                );
+            }
+            w.driver.open.insert(start.conn);
+            w.driver.conn_of.insert(id, start.conn);
+        }
+        drop(std::mem::replace(&mut w.session, canceller.join().unwrap()));
+        // Whichever won, the connection the hop left is the pool's (then closed with it) or
+        // the next exchange's (then aborted with the task), never both, never neither.
+        w.finish(deliverer, vec![task]);
     });
 }
