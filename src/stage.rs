@@ -906,7 +906,9 @@ impl Conn {
         let location = redirect
             .location
             .as_deref()
-            .map_or(String::new(), |location| format!("location: {location}\r\n"));
+            .map_or(String::new(), |location| {
+                format!("location: {location}\r\n")
+            });
         self.write_head_with(redirect.status, framing, close, &location)
             .await?;
         self.write_body(framing, 0, redirect.len).await?;

@@ -1187,10 +1187,16 @@ impl Engine {
                 self.ends.insert(task, end);
             }
         }
-        // A start handed to a handler (or to an IO between redirect hops) and not taken yet
-        // opened no connection. A handler that never took one has no IO to abort; an IO between
-        // hops does, and holds no connection.
+        // A start handed to a handler (or to an IO between redirect hops) and not taken yet:
+        // nobody opened its new connection, and a pooled one never left the pool's hands, so it
+        // goes back to the idle list. A handler that never took its start has no IO to abort;
+        // an IO between hops does, and holds no connection.
         let untaken = cell.start.is_some();
+        if let Some(start) = cell.start
+            && start.reused
+        {
+            self.idle.push((cell.origin.clone(), start.conn));
+        }
         let started = cell.hops > 0
             || (!matches!(
                 cell.exchange,
