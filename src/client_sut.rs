@@ -522,40 +522,32 @@ impl ClientWorld {
             });
         }
         let sim = &self.sessions[&s];
-        let barrier = std::sync::Barrier::new(2);
-        let results: Vec<Option<Result<AnyTask, Error>>> = std::thread::scope(|scope| {
-            let threads: Vec<_> = ops
-                .into_iter()
-                .zip(owned)
-                .map(|(op, owned)| {
-                    let barrier = &barrier;
-                    scope.spawn(move || {
-                        let _runtime = runtime.enter();
-                        let user = || sim.session.as_ref().expect("the user holds the session");
-                        barrier.wait();
-                        match *op {
-                            Op::CreateTask { task, kind, .. } => {
-                                return Some(sim.make_task(task, kind, raw));
-                            }
-                            Op::FinishTasksAndInvalidate(_) => user().finish_tasks_and_invalidate(),
-                            Op::InvalidateAndCancel(_) => user().invalidate_and_cancel(),
-                            Op::Resume(t) => sim.tasks[&t].handle.as_ref().expect("held").resume(),
-                            Op::Suspend(t) => {
-                                sim.tasks[&t].handle.as_ref().expect("held").suspend()
-                            }
-                            Op::Cancel(t) => sim.tasks[&t].handle.as_ref().expect("held").cancel(),
-                            Op::DropSession(_) | Op::DropTask(_) => drop(owned),
-                            ref other => panic!("{other:?} does not run in parallel"),
+        type Made = Option<Result<AnyTask, Error>>;
+        let jobs: Vec<Box<dyn FnOnce() -> Made + Send + '_>> = ops
+            .into_iter()
+            .zip(owned)
+            .map(|(op, owned)| {
+                Box::new(move || {
+                    let _runtime = runtime.enter();
+                    let user = || sim.session.as_ref().expect("the user holds the session");
+                    let task = |t: &TaskId| sim.tasks[t].handle.as_ref().expect("held");
+                    match *op {
+                        Op::CreateTask { task, kind, .. } => {
+                            return Some(sim.make_task(task, kind, raw));
                         }
-                        None
-                    })
-                })
-                .collect();
-            threads
-                .into_iter()
-                .map(|t| t.join().expect("a user op panicked"))
-                .collect()
-        });
+                        Op::FinishTasksAndInvalidate(_) => user().finish_tasks_and_invalidate(),
+                        Op::InvalidateAndCancel(_) => user().invalidate_and_cancel(),
+                        Op::Resume(t) => task(&t).resume(),
+                        Op::Suspend(t) => task(&t).suspend(),
+                        Op::Cancel(t) => task(&t).cancel(),
+                        Op::DropSession(_) | Op::DropTask(_) => drop(owned),
+                        ref other => panic!("{other:?} does not run in parallel"),
+                    }
+                    None
+                }) as Box<dyn FnOnce() -> Made + Send + '_>
+            })
+            .collect();
+        let results = crate::machine::run_together(jobs);
         let mut refused = None;
         for (op, result) in ops.into_iter().zip(results) {
             match (op, result) {

@@ -474,23 +474,11 @@ impl EngineWorld {
             ref other => panic!("{other:?} does not run in parallel"),
         });
         let jobs: Vec<Job> = jobs.collect();
-        let barrier = std::sync::Barrier::new(2);
-        let results: Vec<_> = std::thread::scope(|scope| {
-            let threads: Vec<_> = jobs
-                .into_iter()
-                .map(|job| {
-                    let barrier = &barrier;
-                    scope.spawn(move || {
-                        barrier.wait();
-                        job.run()
-                    })
-                })
-                .collect();
-            threads
-                .into_iter()
-                .map(|t| t.join().expect("a user op panicked"))
-                .collect()
-        });
+        let jobs = jobs
+            .into_iter()
+            .map(|job| Box::new(move || job.run()) as Box<dyn FnOnce() -> _ + Send>)
+            .collect();
+        let results = crate::machine::run_together(jobs);
         let mut refused = None;
         for (op, result) in ops.into_iter().zip(results) {
             if let (Op::CreateTask { task, kind, .. }, Some(created)) = (op, result) {

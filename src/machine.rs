@@ -208,3 +208,25 @@ pub fn teardown_ops(model: &Model) -> Vec<Op> {
     }
     ops
 }
+
+/// Run each of `jobs` on a thread of its own, the threads released together by a barrier (the
+/// two ops of an `Op::Par`); their results, in order. A job that panics fails the run.
+pub fn run_together<'a, T: Send>(jobs: Vec<Box<dyn FnOnce() -> T + Send + 'a>>) -> Vec<T> {
+    let barrier = std::sync::Barrier::new(jobs.len());
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = jobs
+            .into_iter()
+            .map(|job| {
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    barrier.wait();
+                    job()
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("a user op panicked"))
+            .collect()
+    })
+}
