@@ -474,21 +474,10 @@ impl ClientWorld {
         (None, None)
     }
 
-    /// The session `op` is about.
-    fn session_of_op(&self, op: &Op) -> SessionId {
-        match *op {
-            Op::CreateTask { session, .. }
-            | Op::FinishTasksAndInvalidate(session)
-            | Op::InvalidateAndCancel(session)
-            | Op::DropSession(session) => session,
-            _ => self.session_of[&op.task().expect("a task op")],
-        }
-    }
-
     /// Two user ops of one session at once, from two threads released together; then the
     /// world's own account of what they did. The refusal, if one was refused.
     fn par(&mut self, ops: [&Op; 2], runtime: &tokio::runtime::Handle) -> Option<Refusal> {
-        let s = self.session_of_op(ops[0]);
+        let s = crate::machine::session_of_op(ops[0], &self.session_of);
         // Made ready first: a stream's listener, the name the delegate will hear a new task
         // by (its callbacks may come before this thread learns it was created), and what the
         // user lets go of, to be dropped on its thread.

@@ -197,7 +197,7 @@ impl System for EngineWorld {
                 session
             }
             Op::Par(ref a, ref b) => {
-                let s = self.session_of_op(a);
+                let s = crate::machine::session_of_op(a, &self.session_of);
                 refused = self.par(s, [a, b]);
                 s
             }
@@ -419,17 +419,6 @@ impl Job<'_> {
 }
 
 impl EngineWorld {
-    /// The session `op` is about.
-    fn session_of_op(&self, op: &Op) -> SessionId {
-        match *op {
-            Op::CreateTask { session, .. }
-            | Op::FinishTasksAndInvalidate(session)
-            | Op::InvalidateAndCancel(session)
-            | Op::DropSession(session) => session,
-            _ => self.session_of[&op.task().expect("a task op")],
-        }
-    }
-
     /// Two user ops of session `s` at once, from two threads released together; then the
     /// world's own account of what they did. The refusal, if one was refused.
     fn par(&mut self, s: SessionId, ops: [&Op; 2]) -> Option<Refusal> {

@@ -230,3 +230,18 @@ pub fn run_together<'a, T: Send>(jobs: Vec<Box<dyn FnOnce() -> T + Send + 'a>>) 
             .collect()
     })
 }
+
+/// The session a user op of an `Op::Par` is about: the one it names, or its task's, as a
+/// system's own map of tasks to sessions has it.
+pub fn session_of_op(
+    op: &Op,
+    tasks: &std::collections::BTreeMap<leakproof_model::TaskId, leakproof_model::SessionId>,
+) -> leakproof_model::SessionId {
+    match *op {
+        Op::CreateTask { session, .. }
+        | Op::FinishTasksAndInvalidate(session)
+        | Op::InvalidateAndCancel(session)
+        | Op::DropSession(session) => session,
+        _ => tasks[&op.task().expect("a task op")],
+    }
+}
