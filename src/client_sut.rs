@@ -80,6 +80,10 @@ struct Ear {
     /// until released.
     slow: Mutex<bool>,
     released: std::sync::Condvar,
+    /// The delegate answers its next question later: it keeps the responder.
+    defers: Mutex<bool>,
+    /// The responders it kept, unanswered.
+    responders: Mutex<HashMap<TaskId, leakproof::Responder<leakproof::Disposition>>>,
 }
 
 impl Ear {
@@ -115,19 +119,32 @@ impl Listener {
     }
 }
 
-impl Delegate for Listener {
-    fn did_receive_response(
-        &self,
-        task: &TaskInfo,
-        _: &http::Response<()>,
-    ) -> leakproof::Disposition {
-        self.hear(task, |task| Callback::ReceiveResponse { task });
-        let answer = self.ear.answers.lock().unwrap().get(&task.id).copied();
+impl Ear {
+    /// What the delegate answers to the task's response head.
+    fn answer(&self, task: leakproof::TaskId) -> leakproof::Disposition {
+        let answer = self.answers.lock().unwrap().get(&task).copied();
         match answer.unwrap_or(Disposition::Allow) {
             Disposition::Allow => leakproof::Disposition::Allow,
             Disposition::Cancel => leakproof::Disposition::Cancel,
             Disposition::BecomeDownload => leakproof::Disposition::BecomeDownload,
             Disposition::BecomeStream => leakproof::Disposition::BecomeStream,
+        }
+    }
+}
+
+impl Delegate for Listener {
+    fn did_receive_response_with(
+        &self,
+        task: &TaskInfo,
+        _: &http::Response<()>,
+        responder: leakproof::Responder<leakproof::Disposition>,
+    ) {
+        self.hear(task, |task| Callback::ReceiveResponse { task });
+        if std::mem::take(&mut *self.ear.defers.lock().unwrap()) {
+            let id = self.ear.ids.lock().unwrap()[&task.id];
+            self.ear.responders.lock().unwrap().insert(id, responder);
+        } else {
+            responder.answer(self.ear.answer(task.id));
         }
     }
 
@@ -308,6 +325,16 @@ impl ClientWorld {
             Op::Par(ref a, ref b) => return (self.par([a, b], &runtime), None),
             Op::DelegateBlocks(s) => self.sim(s).ear.pace(true),
             Op::DelegateReturns(s) => self.sim(s).ear.pace(false),
+            Op::DelegateDefers(s) => *self.sim(s).ear.defers.lock().unwrap() = true,
+            Op::Answer(t) | Op::DropResponder(t) => {
+                let ear = self.sim(self.session_of[&t]).ear.clone();
+                let responder = ear.responders.lock().unwrap().remove(&t);
+                let responder = responder.unwrap_or_else(|| panic!("{t}: no responder kept"));
+                if let Op::Answer(_) = op {
+                    let answer = ear.answer(responder.task());
+                    responder.answer(answer);
+                }
+            }
             Op::Resume(t) => {
                 self.user_task(t).resume();
                 self.task(t).resumed = true;

@@ -36,7 +36,8 @@ struct Delegate;
 #[derive(Debug)]
 struct Stuck {
     receipt: core::Receipt,
-    answer: Option<core::Disposition>,
+    /// For did_receive_response: the task asked, and the delegate's answer.
+    answer: Option<(TaskId, core::Disposition)>,
     stream: Option<(TaskId, core::TaskHandle)>,
 }
 
@@ -53,6 +54,10 @@ struct Sim {
     /// The callback it is in, not returned from: its receipt, its answer, and a stream it
     /// was handed (kept on return if the user still holds the task).
     stuck: Option<Stuck>,
+    /// The delegate answers its next question later: it keeps a responder.
+    defers: bool,
+    /// The tasks whose responder the delegate keeps, unanswered.
+    responders: BTreeSet<TaskId>,
     /// The delegate was ever slow: bytes it was owed may have been dropped unheard (R5), so
     /// the buffered bytes take the ledger's word (the bytes fed and heard no longer tell).
     paced: bool,
@@ -205,6 +210,22 @@ impl System for EngineWorld {
                 let sim = self.sim(s);
                 sim.blocked = true;
                 sim.paced = true;
+                s
+            }
+            Op::DelegateDefers(s) => {
+                self.sim(s).defers = true;
+                s
+            }
+            Op::Answer(t) | Op::DropResponder(t) => {
+                let s = self.session_of[&t];
+                let sim = self.sim(s);
+                assert!(sim.responders.remove(&t), "{t}: no responder kept");
+                let task = &sim.tasks[&t];
+                let answer = match op {
+                    Op::Answer(_) => core::Answer::Disposition(engine_disposition(task.answer)),
+                    _ => core::Answer::Cancel,
+                };
+                sim.core.answer(task.engine, answer);
                 s
             }
             Op::DelegateReturns(s) => {
@@ -584,6 +605,8 @@ impl Sim {
             delivery_done: false,
             blocked: false,
             stuck: None,
+            defers: false,
+            responders: BTreeSet::new(),
             paced: false,
             delegate: weak,
             tasks: BTreeMap::new(),
@@ -632,8 +655,9 @@ impl Sim {
                         .push(model_callback(&callback, &self.model_id, self.id));
                     let (answer, stream) = match callback {
                         core::Callback::ReceiveResponse { task, .. } => {
-                            let answer = self.tasks[&self.model_id[&task]].answer;
-                            (Some(engine_disposition(answer)), None)
+                            let task = self.model_id[&task];
+                            let answer = self.tasks[&task].answer;
+                            (Some((task, engine_disposition(answer))), None)
                         }
                         core::Callback::BecomeStream { task, stream } => {
                             (None, stream.map(|s| (self.model_id[&task], s)))
@@ -668,7 +692,16 @@ impl Sim {
                 task.stream = Some(stream);
             }
         }
-        if self.delivery.finish(stuck.receipt, stuck.answer) == Delivered::Done {
+        let answer = match stuck.answer {
+            Some((task, _)) if std::mem::take(&mut self.defers) => {
+                // did_receive_response_with returned, its responder kept.
+                self.responders.insert(task);
+                core::Answer::Later
+            }
+            Some((_, disposition)) => core::Answer::Disposition(disposition),
+            None => core::Answer::Default,
+        };
+        if self.delivery.finish(stuck.receipt, answer) == Delivered::Done {
             self.delivery_done = true;
         }
     }

@@ -140,7 +140,11 @@ impl Alphabet {
                 Op::IdleTimeoutPasses(session),
             ]);
             if self.pace {
-                ops.extend([Op::DelegateBlocks(session), Op::DelegateReturns(session)]);
+                ops.extend([
+                    Op::DelegateBlocks(session),
+                    Op::DelegateReturns(session),
+                    Op::DelegateDefers(session),
+                ]);
             }
         }
         // A response turns into a download or a stream only when those are in the alphabet.
@@ -171,6 +175,9 @@ impl Alphabet {
                 Op::CloseWrite(task),
                 Op::Receive(task),
                 Op::CloseWith(task),
+                // A responder the delegate kept: `allows` keeps them to one.
+                Op::Answer(task),
+                Op::DropResponder(task),
             ]);
             ops.extend(
                 answers

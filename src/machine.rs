@@ -169,6 +169,15 @@ pub fn teardown_ops(model: &Model) -> Vec<Op> {
     for s in slow {
         push(&mut model, Op::DelegateReturns(s));
     }
+    // A careless delegate drops the responders it kept: their tasks are cancelled.
+    let responders: Vec<_> = model
+        .tasks()
+        .filter(|(_, t)| t.responder)
+        .map(|(id, _)| id)
+        .collect();
+    for t in responders {
+        push(&mut model, Op::DropResponder(t));
+    }
     let handles: Vec<_> = model
         .tasks()
         .filter(|(_, t)| t.handle)

@@ -300,6 +300,9 @@ pub fn line(op: &Op) -> String {
         Op::IdleTimeoutPasses(session) => format!("time {session} passes idle timeout"),
         Op::DelegateBlocks(session) => format!("delegate {session} blocks"),
         Op::DelegateReturns(session) => format!("delegate {session} returns"),
+        Op::DelegateDefers(session) => format!("delegate {session} answers later"),
+        Op::Answer(task) => format!("answer {task}"),
+        Op::DropResponder(task) => format!("drop responder {task}"),
         Op::Par(ref a, ref b) => format!("par {} | {}", line(a), line(b)),
     }
 }
@@ -337,6 +340,9 @@ fn parse_op(words: &[&str]) -> Option<Op> {
         },
         ["delegate", s, "blocks"] => Op::DelegateBlocks(session(s)?),
         ["delegate", s, "returns"] => Op::DelegateReturns(session(s)?),
+        ["delegate", s, "answers", "later"] => Op::DelegateDefers(session(s)?),
+        ["answer", t] => Op::Answer(task(t)?),
+        ["drop", "responder", t] => Op::DropResponder(task(t)?),
         ["resume", t] => Op::Resume(task(t)?),
         ["suspend", t] => Op::Suspend(task(t)?),
         ["cancel", t] => Op::Cancel(task(t)?),
@@ -622,6 +628,9 @@ impl Renumbering {
             Op::IdleTimeoutPasses(session) => Op::IdleTimeoutPasses(s(session)),
             Op::DelegateBlocks(session) => Op::DelegateBlocks(s(session)),
             Op::DelegateReturns(session) => Op::DelegateReturns(s(session)),
+            Op::DelegateDefers(session) => Op::DelegateDefers(s(session)),
+            Op::Answer(task) => Op::Answer(t(task)),
+            Op::DropResponder(task) => Op::DropResponder(t(task)),
             Op::Resume(task) => Op::Resume(t(task)),
             Op::Suspend(task) => Op::Suspend(t(task)),
             Op::Cancel(task) => Op::Cancel(t(task)),
@@ -673,7 +682,8 @@ fn ids(op: &Op) -> (Option<SessionId>, Option<TaskId>) {
         | Op::DropSession(session)
         | Op::IdleTimeoutPasses(session)
         | Op::DelegateBlocks(session)
-        | Op::DelegateReturns(session) => (Some(session), None),
+        | Op::DelegateReturns(session)
+        | Op::DelegateDefers(session) => (Some(session), None),
         Op::CreateTask { session, task, .. } | Op::Await { session, task, .. } => {
             (Some(session), Some(task))
         }
@@ -918,6 +928,9 @@ fn rust_literal(op: &Op) -> Literal {
         Op::IdleTimeoutPasses(session) => tuple("IdleTimeoutPasses", s(session)),
         Op::DelegateBlocks(session) => tuple("DelegateBlocks", s(session)),
         Op::DelegateReturns(session) => tuple("DelegateReturns", s(session)),
+        Op::DelegateDefers(session) => tuple("DelegateDefers", s(session)),
+        Op::Answer(task) => tuple("Answer", t(task)),
+        Op::DropResponder(task) => tuple("DropResponder", t(task)),
         Op::Resume(task) => tuple("Resume", t(task)),
         Op::Suspend(task) => tuple("Suspend", t(task)),
         Op::Cancel(task) => tuple("Cancel", t(task)),

@@ -503,6 +503,25 @@ pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
             families.push((weight, proptest::sample::select(ops).boxed()));
         }
     }
+    // The delegate answers later: its next question keeps a responder, answered or dropped
+    // some ops on, so that the task waits with its request timer stopped (R12) while the
+    // session's other callbacks go on.
+    let defers: Vec<Op> = model
+        .sessions()
+        .map(|(s, _)| Op::DelegateDefers(s))
+        .filter(|op| model.allows(op))
+        .collect();
+    if !defers.is_empty() {
+        families.push((2, proptest::sample::select(defers).boxed()));
+    }
+    let responders: Vec<Op> = model
+        .tasks()
+        .flat_map(|(t, _)| [Op::Answer(t), Op::Answer(t), Op::DropResponder(t)])
+        .filter(|op| model.allows(op))
+        .collect();
+    if !responders.is_empty() {
+        families.push((4, proptest::sample::select(responders).boxed()));
+    }
     // Time always passes for idle connections: this keeps the union non-empty when the user
     // has let go of everything.
     let all: Vec<SessionId> = model.sessions().map(|(id, _)| id).collect();

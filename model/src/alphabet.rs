@@ -206,6 +206,20 @@ pub enum Op {
     DelegateBlocks(SessionId),
     /// The slow delegate returns from the callback it is in (if any) and keeps up again.
     DelegateReturns(SessionId),
+    /// The session's delegate will answer its next question later: the next
+    /// `did_receive_response` it returns from keeps a responder (`did_receive_response_with`)
+    /// instead of answering. The task reads nothing until [`Op::Answer`] or
+    /// [`Op::DropResponder`], its request timer stops (its resource timer runs on), and the
+    /// session's other callbacks go on meanwhile.
+    DelegateDefers(SessionId),
+
+    // The delegate's ops on a responder it kept.
+    /// The delegate answers through the task's responder, with the answer the server op that
+    /// sent the head named; a no-op for a task that no longer waits for it.
+    Answer(TaskId),
+    /// The delegate drops the task's responder unanswered: a task still waiting for the answer
+    /// is cancelled.
+    DropResponder(TaskId),
 
     // Concurrency.
     /// Two user ops of one session at once, from two threads: the outcome must be one of the
@@ -231,6 +245,8 @@ impl Op {
             | Op::CloseWrite(task)
             | Op::Receive(task)
             | Op::CloseWith(task)
+            | Op::Answer(task)
+            | Op::DropResponder(task)
             | Op::ServerAnswersUpgrade { task, .. }
             | Op::PeerCloses { task, .. }
             | Op::ServerHeaders { task, .. }
@@ -245,6 +261,7 @@ impl Op {
             | Op::IdleTimeoutPasses(_)
             | Op::DelegateBlocks(_)
             | Op::DelegateReturns(_)
+            | Op::DelegateDefers(_)
             | Op::Par(..) => None,
         }
     }
@@ -279,6 +296,7 @@ impl Op {
                 | Op::IdleTimeoutPasses(_)
                 | Op::DelegateBlocks(_)
                 | Op::DelegateReturns(_)
+                | Op::DelegateDefers(_)
         )
     }
 }

@@ -131,6 +131,8 @@ pub struct Session {
     /// Downloads handed to the delegate whose `did_finish_downloading` has not returned: their
     /// files exist until it does.
     pub handing_over: u32,
+    /// The delegate answers its next question later, through a responder it keeps.
+    pub defers: bool,
     /// Callbacks said and not yet delivered, in order (one session's are delivered serially).
     queue: VecDeque<Callback>,
 }
@@ -189,6 +191,8 @@ pub struct Task {
     /// The delegate's body window, for a task whose body goes to a delegate: a data or upload
     /// task of a delegated session (not a convenience); `None` for the others.
     pub window: Option<u64>,
+    /// The delegate keeps the task's responder, unanswered (it may outlive the task).
+    pub responder: bool,
     /// The delegate's answer to the response head, applied when it returns.
     answer: Disposition,
     unread: VecDeque<Unread>,
@@ -226,10 +230,16 @@ impl Task {
             && self.window.is_some_and(|w| self.undelivered >= w)
     }
 
+    /// Whether the task waits for an answer its delegate's responder will give: the callback
+    /// returned, the answer did not come with it. Its request timer stops meanwhile (R12).
+    pub fn deferred(&self) -> bool {
+        self.responder && self.exchange == Exchange::AwaitingDisposition
+    }
+
     /// Whether `timer` is armed for the task.
     pub fn armed(&self, timer: Timer) -> bool {
         match timer {
-            Timer::Request => self.timers_armed() && !self.behind(),
+            Timer::Request => self.timers_armed() && !self.behind() && !self.deferred(),
             Timer::Resource => self.timers_armed(),
             // R11: a websocket's close handshake is bounded.
             Timer::Close => self.closing(),
@@ -468,6 +478,10 @@ impl Model {
                 s.kind == SessionKind::Delegated && !s.delegate_released && s.pace == Pace::Prompt
             }),
             Op::DelegateReturns(s) => self.sessions.get(s).is_some_and(|s| s.pace != Pace::Prompt),
+            Op::DelegateDefers(s) => self.sessions.get(s).is_some_and(|s| {
+                s.kind == SessionKind::Delegated && !s.delegate_released && !s.defers
+            }),
+            Op::Answer(t) | Op::DropResponder(t) => task(t).is_some_and(|t| t.responder),
             Op::Par(a, b) => {
                 let creates = |op: &Op| matches!(op, Op::CreateTask { .. });
                 // A resume and a suspend of one task interleave with its IO's reading, window
@@ -610,6 +624,7 @@ impl Model {
                         pace: Pace::Prompt,
                         delegate_released: false,
                         handing_over: 0,
+                        defers: false,
                         queue: VecDeque::new(),
                     },
                 );
@@ -727,6 +742,24 @@ impl Model {
                 self.admit(s, &mut out);
             }
             Op::DelegateBlocks(s) => self.session_mut(s).pace = Pace::Blocked,
+            Op::DelegateDefers(s) => self.session_mut(s).defers = true,
+            Op::Answer(t) => {
+                let waiting = self.tasks[&t].deferred() && self.tasks[&t].is_live();
+                let task = self.task_mut(t);
+                task.responder = false;
+                if waiting {
+                    let answer = task.answer;
+                    self.answer(t, answer, &mut out);
+                    self.pump(t, &mut out);
+                }
+            }
+            Op::DropResponder(t) => {
+                let waiting = self.tasks[&t].deferred() && self.tasks[&t].is_live();
+                self.task_mut(t).responder = false;
+                if waiting {
+                    self.complete(t, Outcome::Cancelled, &mut out);
+                }
+            }
             Op::DelegateReturns(s) => {
                 let pace = std::mem::replace(&mut self.session_mut(s).pace, Pace::Prompt);
                 if let Pace::Stuck(callback) = pace {
@@ -774,6 +807,11 @@ impl Model {
     fn returned(&mut self, s: SessionId, callback: Callback, out: &mut Step) {
         match callback {
             Callback::ReceiveResponse { task: t } => {
+                if std::mem::take(&mut self.session_mut(s).defers) {
+                    // It kept a responder: the answer comes with `Op::Answer`, or never.
+                    self.task_mut(t).responder = true;
+                    return;
+                }
                 let task = &self.tasks[&t];
                 if task.is_live() && task.exchange == Exchange::AwaitingDisposition {
                     let answer = task.answer;
@@ -848,6 +886,7 @@ impl Model {
                 from_response: false,
                 inbox: None,
                 undelivered: 0,
+                responder: false,
                 window: (route == Route::Handle
                     && self.sessions[&session].kind == SessionKind::Delegated
                     && matches!(kind, TaskKind::Data | TaskKind::Upload))

@@ -1123,3 +1123,86 @@ fn a_delegate_stuck_in_did_become_invalid_is_held_until_it_returns() {
     m.apply(&Op::DelegateReturns(S));
     assert!(m.resources(S).is_zero());
 }
+
+#[test]
+fn an_answer_given_later_holds_the_body_and_the_request_timer_until_it_comes() {
+    let mut m = Model::new();
+    let heard = run(
+        &mut m,
+        &[
+            session(SessionKind::Delegated),
+            task(T, TaskKind::Data),
+            task(U, TaskKind::Data),
+            Op::Resume(T),
+            Op::Resume(U),
+            Op::DelegateDefers(S),
+            Op::ServerHeaders {
+                task: T,
+                answer: Disposition::BecomeDownload,
+            },
+            Op::ServerSends { task: T, bytes: 10 },
+        ],
+    );
+    assert_eq!(heard, [Callback::ReceiveResponse { task: T }]);
+    let t = m.task(T).unwrap();
+    assert!(t.responder && t.deferred());
+    assert_eq!(t.unread_bytes(), 10, "nothing is read before the answer");
+    assert!(
+        !t.armed(Timer::Request),
+        "R12: the network is not what it waits on"
+    );
+    assert!(t.armed(Timer::Resource));
+    // The session's other callbacks go on meanwhile, and U's answer is given at once.
+    let other = m.apply(&Op::ServerHeaders {
+        task: U,
+        answer: Disposition::Allow,
+    });
+    assert_eq!(other.callbacks, [Callback::ReceiveResponse { task: U }]);
+    assert_eq!(m.task(U).unwrap().exchange, Exchange::ReceivingBody);
+    let answered = m.apply(&Op::Answer(T));
+    assert_eq!(answered.callbacks, [Callback::BecomeDownload { task: T }]);
+    let t = m.task(T).unwrap();
+    assert!(!t.responder && t.temp_file && t.armed(Timer::Request));
+    assert_eq!(t.unread_bytes(), 0);
+    assert!(!m.allows(&Op::Answer(T)), "a responder answers once");
+}
+
+#[test]
+fn a_responder_dropped_unanswered_cancels_its_task_and_one_outliving_it_does_nothing() {
+    let mut m = Model::new();
+    run(
+        &mut m,
+        &[
+            session(SessionKind::Delegated),
+            task(T, TaskKind::Upload),
+            Op::Resume(T),
+            Op::DelegateDefers(S),
+            Op::ServerHeaders {
+                task: T,
+                answer: Disposition::Allow,
+            },
+        ],
+    );
+    let dropped = m.apply(&Op::DropResponder(T));
+    assert_eq!(dropped.callbacks, [complete(T, Outcome::Cancelled)]);
+    assert_eq!(m.resources(S).open_connections, 0, "R5");
+    // A responder kept for a task that is over answers nothing.
+    run(
+        &mut m,
+        &[
+            task(U, TaskKind::Data),
+            Op::Resume(U),
+            Op::DelegateDefers(S),
+            Op::ServerHeaders {
+                task: U,
+                answer: Disposition::Allow,
+            },
+            Op::Cancel(U),
+            Op::FinishTasksAndInvalidate(S),
+        ],
+    );
+    assert_eq!(m.session(S).unwrap().state, SessionState::Invalidated);
+    let late = m.apply(&Op::Answer(U));
+    assert!(late.callbacks.is_empty());
+    assert!(m.resources(S).is_zero(), "R4: a responder holds nothing");
+}
