@@ -14,8 +14,8 @@ use leakproof::{
     Configuration, Delegate, Error, Observer, Session, StreamTask, TaskInfo, Timeout, UploadBody,
 };
 use leakproof_model::{
-    Callback, CloseFrame, Disposition, Fault, Op, Outcome, Refusal, Resources, Returned, SessionId,
-    SessionKind, TaskId, TaskKind, Timer,
+    Callback, CloseFrame, Disposition, Fault, MAX_REDIRECTS, Op, Outcome, Redirect, Refusal,
+    Resources, Returned, SessionId, SessionKind, TaskId, TaskKind, Timer,
 };
 
 use crate::assertions::{SessionView, View};
@@ -82,8 +82,20 @@ struct Ear {
     released: std::sync::Condvar,
     /// The delegate answers its next question later: it keeps the responder.
     defers: Mutex<bool>,
-    /// The responders it kept, unanswered.
-    responders: Mutex<HashMap<TaskId, leakproof::Responder<leakproof::Disposition>>>,
+    /// The responders it kept, unanswered, with the answer each will give.
+    responders: Mutex<HashMap<TaskId, Kept>>,
+    /// What it answers to each task's redirects.
+    redirects: Mutex<HashMap<leakproof::TaskId, Redirect>>,
+}
+
+/// A responder the delegate kept, and the answer it will give.
+#[derive(Debug)]
+enum Kept {
+    Disposition(leakproof::Responder<leakproof::Disposition>),
+    Redirect(
+        leakproof::Responder<leakproof::Redirect>,
+        Box<leakproof::Redirect>,
+    ),
 }
 
 impl Ear {
@@ -142,9 +154,32 @@ impl Delegate for Listener {
         self.hear(task, |task| Callback::ReceiveResponse { task });
         if std::mem::take(&mut *self.ear.defers.lock().unwrap()) {
             let id = self.ear.ids.lock().unwrap()[&task.id];
-            self.ear.responders.lock().unwrap().insert(id, responder);
+            let kept = Kept::Disposition(responder);
+            self.ear.responders.lock().unwrap().insert(id, kept);
         } else {
             responder.answer(self.ear.answer(task.id));
+        }
+    }
+
+    fn will_perform_redirection_with(
+        &self,
+        task: &TaskInfo,
+        _: &http::Response<()>,
+        request: http::Request<()>,
+        responder: leakproof::Responder<leakproof::Redirect>,
+    ) {
+        self.hear(task, |task| Callback::WillRedirect { task });
+        let answer = self.ear.redirects.lock().unwrap().get(&task.id).copied();
+        let answer = match answer.unwrap_or(Redirect::Follow) {
+            Redirect::Follow => leakproof::Redirect::Follow(request),
+            Redirect::Refuse => leakproof::Redirect::Refuse,
+        };
+        if std::mem::take(&mut *self.ear.defers.lock().unwrap()) {
+            let id = self.ear.ids.lock().unwrap()[&task.id];
+            let kept = Kept::Redirect(responder, Box::new(answer));
+            self.ear.responders.lock().unwrap().insert(id, kept);
+        } else {
+            responder.answer(answer);
         }
     }
 
@@ -230,6 +265,8 @@ struct SimTask {
     resumed: bool,
     /// Whether the stage still has the exchange's connection open.
     socket: Option<Liveness>,
+    /// Redirects the server sent: the next request arrives as `/hold/{task}.{hops}`.
+    hops: u32,
     /// The server closed or broke the connection (a reset, an end and a close, garbage): the
     /// stage counts it closed (hyper's connection task drops a socket that sent garbage even
     /// for a suspended task) though the client still holds its dead end until it reads the
@@ -328,11 +365,17 @@ impl ClientWorld {
             Op::DelegateDefers(s) => *self.sim(s).ear.defers.lock().unwrap() = true,
             Op::Answer(t) | Op::DropResponder(t) => {
                 let ear = self.sim(self.session_of[&t]).ear.clone();
-                let responder = ear.responders.lock().unwrap().remove(&t);
-                let responder = responder.unwrap_or_else(|| panic!("{t}: no responder kept"));
+                let kept = ear.responders.lock().unwrap().remove(&t);
+                let kept = kept.unwrap_or_else(|| panic!("{t}: no responder kept"));
+                // Dropped unanswered, unless the op answers.
                 if let Op::Answer(_) = op {
-                    let answer = ear.answer(responder.task());
-                    responder.answer(answer);
+                    match kept {
+                        Kept::Disposition(responder) => {
+                            let answer = ear.answer(responder.task());
+                            responder.answer(answer);
+                        }
+                        Kept::Redirect(responder, answer) => responder.answer(*answer),
+                    }
                 }
             }
             Op::Resume(t) => {
@@ -436,6 +479,16 @@ impl ClientWorld {
                 runtime.block_on(self.server(task, |held| async move {
                     held.head(200, true, None).await.map(|()| (Some(held), ()))
                 }));
+            }
+            Op::ServerRedirects { task, answer } => {
+                let sim = self.sim(self.session_of[&task]);
+                let client = sim.tasks[&task].client;
+                sim.ear.redirects.lock().unwrap().insert(client, answer);
+                let next = format!("/hold/{}", hold_key(task, sim.tasks[&task].hops + 1));
+                runtime.block_on(self.server(task, |held| async move {
+                    held.redirect(307, &next).await.map(|()| (None, ()))
+                }));
+                self.task(task).hops += 1;
             }
             Op::ServerSends { task, bytes } => {
                 let bytes = u64::from(bytes);
@@ -638,7 +691,7 @@ impl ClientWorld {
         }
         let held = match entry.held.take() {
             Some(held) => held,
-            None => match sim.stage.held(&task.to_string(), ARRIVAL).await {
+            None => match sim.stage.held(&hold_key(task, entry.hops), ARRIVAL).await {
                 Some(held) => {
                     entry.socket = Some(held.liveness());
                     held
@@ -704,6 +757,7 @@ impl Sim {
             .download_dir(downloads.path())
             .max_connections_per_host(per_host.map_or(usize::MAX, |l| l as usize))
             .max_idle_per_host(usize::MAX)
+            .max_redirects(MAX_REDIRECTS)
             .build()
             .expect("a valid configuration");
         let ear = Arc::new(Ear::default());
@@ -802,6 +856,7 @@ impl Sim {
                 resumed: true,
                 socket: None,
                 server_closed: false,
+                hops: 0,
             },
         );
         Ok(())
@@ -865,6 +920,7 @@ impl Sim {
                 resumed: false,
                 socket: None,
                 server_closed: false,
+                hops: 0,
             },
         );
     }
@@ -930,5 +986,13 @@ fn refusal(error: &Error) -> Refusal {
         Error::ReadClosed => Refusal::ReadClosed,
         Error::WriteClosed => Refusal::WriteClosed,
         _ => Refusal::Closed,
+    }
+}
+
+/// The stage's key for a task's request: `t3` first, `t3.1` after one redirect, and so on.
+fn hold_key(task: TaskId, hops: u32) -> String {
+    match hops {
+        0 => task.to_string(),
+        hops => format!("{task}.{hops}"),
     }
 }

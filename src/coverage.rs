@@ -14,7 +14,7 @@ use std::fmt;
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 use leakproof_model::{
-    CloseFrame, Disposition, Exchange, Fault, Model, Op, Route, ServerPhase, SessionKind,
+    CloseFrame, Disposition, Exchange, Fault, Model, Op, Redirect, Route, ServerPhase, SessionKind,
     SessionState, Task, TaskKind, TaskState, Timer,
 };
 
@@ -41,7 +41,12 @@ use crate::explore::{Alphabet, Exploration, explore_where, search};
 ///   one HTTP task with it, to depth 9: a response's answer waiting while the server ends,
 ///   the task is suspended and its session finishes.
 ///
-/// Together, measured on 2026-12-02: 3234 pairs, in about 20 s of a debug build
+/// - Redirects ([`Alphabet::redirects`]), one task of each HTTP kind or one convenience, every
+///   kind of session, to one past the limit; answered later or behind a slow delegate, one
+///   task of each HTTP kind; and two data tasks, where a responder outlives its task in a
+///   session the other keeps finishing.
+///
+/// Together, measured on 2026-12-02: 3592 pairs, in about 25 s of a debug build
 /// (`tests/coverage.rs` checks that the suite applies every one, and none beyond them).
 pub fn universe_scopes() -> Vec<(Alphabet, usize)> {
     let every = Alphabet::every_kind();
@@ -109,12 +114,51 @@ pub fn universe_scopes() -> Vec<(Alphabet, usize)> {
                 task_kinds: vec![TaskKind::Data, TaskKind::Download, TaskKind::Upload],
                 tasks: 1,
                 pace: true,
+                ..every.clone()
+            },
+            PACE_DEPTH + 2,
+        ),
+        // Redirects, of every kind of session and of task, a convenience's too, to one past
+        // the limit.
+        (
+            Alphabet {
+                task_kinds: vec![TaskKind::Data, TaskKind::Download, TaskKind::Upload],
+                conveniences: vec![TaskKind::Data, TaskKind::Download, TaskKind::Upload],
+                tasks: 1,
+                redirects: true,
+                ..every.clone()
+            },
+            REDIRECT_DEPTH,
+        ),
+        // Redirects answered later, or behind a slow delegate: each op while the answer is
+        // awaited, or given while the task was suspended.
+        (
+            Alphabet {
+                session_kinds: vec![SessionKind::Delegated],
+                task_kinds: vec![TaskKind::Data, TaskKind::Download, TaskKind::Upload],
+                tasks: 1,
+                redirects: true,
+                pace: true,
+                ..every.clone()
+            },
+            PACE_DEPTH + 2,
+        ),
+        // A responder that outlives its task, in a session another task keeps finishing.
+        (
+            Alphabet {
+                session_kinds: vec![SessionKind::Delegated],
+                task_kinds: vec![TaskKind::Data],
+                redirects: true,
+                pace: true,
                 ..every
             },
             PACE_DEPTH + 2,
         ),
     ]
 }
+
+/// How deep the redirects' scope goes: a task resumed, then redirected one past the limit.
+const REDIRECT_DEPTH: usize = 8;
 
 /// How deep the slow delegate's scope goes.
 const PACE_DEPTH: usize = 7;
@@ -295,6 +339,7 @@ pub enum OpKind {
     Receive,
     CloseWith,
     ServerHeaders(Disposition),
+    ServerRedirects(Redirect),
     ServerSends,
     ServerEnds { reusable: bool },
     ServerFails(Fault),
@@ -357,6 +402,7 @@ impl Class {
             | Op::Answer(task)
             | Op::DropResponder(task)
             | Op::ServerHeaders { task, .. }
+            | Op::ServerRedirects { task, .. }
             | Op::ServerSends { task, .. }
             | Op::ServerEnds { task, .. }
             | Op::ServerFails { task, .. }
@@ -451,6 +497,7 @@ impl OpKind {
             Op::Receive(_) => OpKind::Receive,
             Op::CloseWith(_) => OpKind::CloseWith,
             Op::ServerHeaders { answer, .. } => OpKind::ServerHeaders(answer),
+            Op::ServerRedirects { answer, .. } => OpKind::ServerRedirects(answer),
             Op::ServerSends { .. } => OpKind::ServerSends,
             Op::ServerEnds { reusable, .. } => OpKind::ServerEnds { reusable },
             Op::ServerFails { fault, .. } => OpKind::ServerFails(fault),
@@ -486,6 +533,7 @@ impl OpKind {
             OpKind::Receive => (13, 0),
             OpKind::CloseWith => (14, 0),
             OpKind::ServerHeaders(answer) => (15, answer as u8),
+            OpKind::ServerRedirects(answer) => (15, 8 + answer as u8),
             OpKind::ServerSends => (16, 0),
             OpKind::ServerEnds { reusable } => (17, reusable.into()),
             OpKind::ServerFails(fault) => (18, fault as u8),
@@ -599,6 +647,7 @@ impl fmt::Display for OpKind {
             OpKind::CreateTask(kind) => write!(f, "CreateTask({kind:?})"),
             OpKind::Await(kind) => write!(f, "Await({kind:?})"),
             OpKind::ServerHeaders(answer) => write!(f, "ServerHeaders({answer:?})"),
+            OpKind::ServerRedirects(answer) => write!(f, "ServerRedirects({answer:?})"),
             OpKind::ServerEnds { reusable: true } => write!(f, "ServerEnds(reusable)"),
             OpKind::ServerEnds { reusable: false } => write!(f, "ServerEnds(not reusable)"),
             OpKind::ServerFails(fault) => write!(f, "ServerFails({fault:?})"),

@@ -14,8 +14,8 @@ use leakproof_core::{
     Action, ConnId, Core, Delivered, Delivery, Intake, Message, Proceed, Release, Timeout, TimerId,
 };
 use leakproof_model::{
-    Callback, CloseFrame, Disposition, Fault, Op, Outcome, Refusal, Resources, Returned, SessionId,
-    SessionKind, SessionState, TaskId, TaskKind, TaskState, Timer,
+    Callback, CloseFrame, Disposition, Fault, MAX_REDIRECTS, Op, Outcome, Redirect, Refusal,
+    Resources, Returned, SessionId, SessionKind, SessionState, TaskId, TaskKind, TaskState, Timer,
 };
 
 use crate::assertions::{SessionView, View};
@@ -36,8 +36,9 @@ struct Delegate;
 #[derive(Debug)]
 struct Stuck {
     receipt: core::Receipt,
-    /// For did_receive_response: the task asked, and the delegate's answer.
-    answer: Option<(TaskId, core::Disposition)>,
+    /// For did_receive_response and will_perform_redirection: the task asked, and the
+    /// delegate's answer.
+    answer: Option<(TaskId, core::Answer)>,
     stream: Option<(TaskId, core::TaskHandle)>,
 }
 
@@ -56,8 +57,8 @@ struct Sim {
     stuck: Option<Stuck>,
     /// The delegate answers its next question later: it keeps a responder.
     defers: bool,
-    /// The tasks whose responder the delegate keeps, unanswered.
-    responders: BTreeSet<TaskId>,
+    /// The tasks whose responder the delegate keeps, unanswered, with the answer it will give.
+    responders: BTreeMap<TaskId, core::Answer>,
     /// The delegate was ever slow: bytes it was owed may have been dropped unheard (R5), so
     /// the buffered bytes take the ledger's word (the bytes fed and heard no longer tell).
     paced: bool,
@@ -77,6 +78,8 @@ struct SimTask {
     stream: Option<core::TaskHandle>,
     /// What the delegate answers to this task's response head.
     answer: Disposition,
+    /// What the delegate answers to this task's redirects.
+    redirect: Redirect,
     /// A convenience: the future's clone of the session while it has not returned (or been
     /// dropped). Its handler is this simulation: it starts the exchange, keeps the clock,
     /// and takes the outcome.
@@ -122,6 +125,11 @@ struct Network {
     handlers: BTreeSet<core::TaskId>,
     /// Each download's temp file.
     file_of: BTreeMap<core::TaskId, PathBuf>,
+    /// Redirects each task's IO followed.
+    hops: BTreeMap<core::TaskId, u32>,
+    /// IOs between two hops: they wait for the engine to hand them their next connection
+    /// ([`Core::poll_start`]).
+    hopping: BTreeSet<core::TaskId>,
 }
 
 /// One exchange in flight on a connection.
@@ -137,6 +145,10 @@ struct Exchange {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     AwaitingHead,
+    /// A redirect's head was read; the engine says whether to follow it.
+    AwaitingRedirect,
+    /// Followed: the redirect's rest is read, and the hop made, once unpaused (R7).
+    FollowingRedirect,
     AwaitingDisposition,
     ReadingBody {
         into_file: bool,
@@ -150,10 +162,16 @@ enum Phase {
 #[derive(Debug, Clone, Copy)]
 enum Sent {
     Head,
+    /// A `307` to another resource of the server's, with no body, kept alive.
+    Redirect,
     Bytes(u32),
-    End { reusable: bool },
+    End {
+        reusable: bool,
+    },
     Fault(Fault),
-    Upgrade { accept: bool },
+    Upgrade {
+        accept: bool,
+    },
     PeerClose(CloseFrame),
 }
 
@@ -219,13 +237,13 @@ impl System for EngineWorld {
             Op::Answer(t) | Op::DropResponder(t) => {
                 let s = self.session_of[&t];
                 let sim = self.sim(s);
-                assert!(sim.responders.remove(&t), "{t}: no responder kept");
-                let task = &sim.tasks[&t];
+                let kept = sim.responders.remove(&t);
+                let answer = kept.unwrap_or_else(|| panic!("{t}: no responder kept"));
                 let answer = match op {
-                    Op::Answer(_) => core::Answer::Disposition(engine_disposition(task.answer)),
+                    Op::Answer(_) => answer,
                     _ => core::Answer::Cancel,
                 };
-                sim.core.answer(task.engine, answer);
+                sim.core.answer(sim.tasks[&t].engine, answer);
                 s
             }
             Op::DelegateReturns(s) => {
@@ -266,6 +284,7 @@ impl System for EngineWorld {
                                 handle: Some(handle),
                                 stream: None,
                                 answer: Disposition::Allow,
+                                redirect: Redirect::Follow,
                                 future: Some(user),
                                 convenience: true,
                             },
@@ -358,6 +377,11 @@ impl System for EngineWorld {
                 let s = self.session_of[&task];
                 self.sim(s).tasks.get_mut(&task).expect("task").answer = answer;
                 self.server(task, Sent::Head)
+            }
+            Op::ServerRedirects { task, answer } => {
+                let s = self.session_of[&task];
+                self.sim(s).tasks.get_mut(&task).expect("task").redirect = answer;
+                self.server(task, Sent::Redirect)
             }
             Op::ServerSends { task, bytes } => self.server(task, Sent::Bytes(bytes)),
             Op::ServerEnds { task, reusable } => self.server(task, Sent::End { reusable }),
@@ -518,6 +542,7 @@ impl EngineWorld {
                         handle: Some(handle),
                         stream: None,
                         answer: Disposition::Allow,
+                        redirect: Redirect::Follow,
                         future: None,
                         convenience: false,
                     },
@@ -606,7 +631,7 @@ impl Sim {
             blocked: false,
             stuck: None,
             defers: false,
-            responders: BTreeSet::new(),
+            responders: BTreeMap::new(),
             paced: false,
             delegate: weak,
             tasks: BTreeMap::new(),
@@ -656,8 +681,16 @@ impl Sim {
                     let (answer, stream) = match callback {
                         core::Callback::ReceiveResponse { task, .. } => {
                             let task = self.model_id[&task];
-                            let answer = self.tasks[&task].answer;
-                            (Some((task, engine_disposition(answer))), None)
+                            let answer = engine_disposition(self.tasks[&task].answer);
+                            (Some((task, core::Answer::Disposition(answer))), None)
+                        }
+                        core::Callback::WillRedirect { task, request, .. } => {
+                            let task = self.model_id[&task];
+                            let answer = match self.tasks[&task].redirect {
+                                Redirect::Follow => core::Redirect::Follow(*request),
+                                Redirect::Refuse => core::Redirect::Refuse,
+                            };
+                            (Some((task, core::Answer::Redirect(answer))), None)
                         }
                         core::Callback::BecomeStream { task, stream } => {
                             (None, stream.map(|s| (self.model_id[&task], s)))
@@ -693,12 +726,12 @@ impl Sim {
             }
         }
         let answer = match stuck.answer {
-            Some((task, _)) if std::mem::take(&mut self.defers) => {
-                // did_receive_response_with returned, its responder kept.
-                self.responders.insert(task);
+            Some((task, answer)) if std::mem::take(&mut self.defers) => {
+                // The `_with` callback returned, its responder kept.
+                self.responders.insert(task, answer);
                 core::Answer::Later
             }
-            Some((_, disposition)) => core::Answer::Disposition(disposition),
+            Some((_, answer)) => answer,
             None => core::Answer::Default,
         };
         if self.delivery.finish(stuck.receipt, answer) == Delivered::Done {
@@ -943,12 +976,79 @@ impl Network {
         self.ended.insert(task);
     }
 
+    /// The engine's answer to the task's redirect, once it has one. Followed: see
+    /// [`Network::follow`]. Refused: the redirect is the response, its disposition is
+    /// awaited, then its empty body is read. False while no answer is due.
+    fn redirect_answered(&mut self, core: &Core, task: core::TaskId) -> bool {
+        match core.poll_redirect(task, &mut noop()) {
+            Poll::Pending | Poll::Ready(None) => false,
+            Poll::Ready(Some(core::Redirect::Follow(_))) => {
+                let exchange = self.exchanges.get_mut(&task).expect("a live exchange");
+                exchange.phase = Phase::FollowingRedirect;
+                true
+            }
+            Poll::Ready(Some(core::Redirect::Refuse)) => {
+                let exchange = self.exchanges.get_mut(&task).expect("a live exchange");
+                exchange.phase = Phase::AwaitingDisposition;
+                exchange.unread.push_front(Sent::End { reusable: true });
+                true
+            }
+        }
+    }
+
+    /// Follow: the redirect's empty body is read, its connection parked, then pooled or
+    /// closed as [`Core::hop`] says, and the IO waits for its next connection.
+    fn follow(&mut self, core: &Core, task: core::TaskId) {
+        let exchange = self.exchanges.remove(&task).expect("a live exchange");
+        let conn = exchange.conn;
+        self.io_closed(core, task, conn);
+        self.idle.insert(conn);
+        if core.hop(task, "stage", true) == Release::Close {
+            self.idle.remove(&conn);
+            self.closed_by_io.insert(conn);
+        }
+        self.hopping.insert(task);
+    }
+
+    /// IOs between hops take the connection the engine hands them; one whose task ended
+    /// meanwhile ends. True if any moved.
+    fn hop_on(&mut self, core: &Core) -> bool {
+        let mut moved = false;
+        for task in self.hopping.clone() {
+            match core.poll_start(task, &mut noop()) {
+                Poll::Pending => {}
+                Poll::Ready(Some(start)) => {
+                    self.hopping.remove(&task);
+                    self.start_handler(core, task, start);
+                    moved = true;
+                }
+                Poll::Ready(None) => {
+                    self.hopping.remove(&task);
+                    self.ended.insert(task);
+                    moved = true;
+                }
+            }
+        }
+        moved
+    }
+
     /// Read what the server sent, as far as the exchange can go without the engine.
     fn read(&mut self, core: &Core, task: core::TaskId) {
         loop {
             let Some(exchange) = self.exchanges.get_mut(&task) else {
                 return;
             };
+            match (exchange.phase, exchange.paused) {
+                (Phase::AwaitingRedirect, _) => {
+                    if self.redirect_answered(core, task) {
+                        continue;
+                    }
+                    return;
+                }
+                (Phase::FollowingRedirect, false) => return self.follow(core, task),
+                (Phase::FollowingRedirect, true) => return,
+                _ => {}
+            }
             let Some(&sent) = exchange.unread.front() else {
                 return;
             };
@@ -957,6 +1057,28 @@ impl Network {
             }
             let conn = exchange.conn;
             match (sent, exchange.phase) {
+                (Sent::Redirect, Phase::AwaitingHead) => {
+                    exchange.unread.pop_front();
+                    let hops = self.hops.entry(task).or_default();
+                    if *hops >= MAX_REDIRECTS {
+                        // The IO's chain fails it, as the client's does.
+                        self.end(task);
+                        self.io_closed(core, task, conn);
+                        let limit = MAX_REDIRECTS;
+                        core.failed(task, core::Error::TooManyRedirects { limit });
+                        return;
+                    }
+                    *hops += 1;
+                    let next = format!("/hold/next-{hops}");
+                    exchange.phase = Phase::AwaitingRedirect;
+                    let response = http::Response::builder()
+                        .status(http::StatusCode::TEMPORARY_REDIRECT)
+                        .header(http::header::LOCATION, &next)
+                        .body(())
+                        .expect("a redirect");
+                    let request = http::Request::get(next).body(()).expect("a request");
+                    core.redirect(task, response, request);
+                }
                 (Sent::Head, Phase::AwaitingHead) => {
                     exchange.unread.pop_front();
                     exchange.phase = Phase::AwaitingDisposition;
@@ -1100,8 +1222,8 @@ impl Network {
     /// The IOs of streams and websockets write what their users queued, and read again where
     /// the user made room. True if anything moved.
     fn pump(&mut self, core: &Core) -> bool {
+        let mut moved = self.hop_on(core);
         let live: Vec<core::TaskId> = self.exchanges.keys().copied().collect();
-        let mut moved = false;
         for task in live {
             while core.try_outgoing(task).is_some() {
                 core.sent(task);
@@ -1218,6 +1340,7 @@ pub fn model_outcome(result: &Result<(), core::Error>) -> Outcome {
         }
         Err(core::Error::InvalidDisposition { .. }) => Outcome::InvalidDisposition,
         Err(core::Error::NoUpgrade { .. }) => Outcome::NoUpgrade,
+        Err(core::Error::TooManyRedirects { .. }) => Outcome::TooManyRedirects,
         Err(_) => Outcome::Reset,
     }
 }
@@ -1229,10 +1352,10 @@ fn model_callback(
 ) -> Callback {
     let id = |t: &core::TaskId| model_id[t];
     match callback {
-        // The simulated network sends no redirect (the model has none): a redirect's head
-        // would be a response head to it.
-        core::Callback::ReceiveResponse { task, .. }
-        | core::Callback::WillRedirect { task, .. } => Callback::ReceiveResponse { task: id(task) },
+        core::Callback::ReceiveResponse { task, .. } => {
+            Callback::ReceiveResponse { task: id(task) }
+        }
+        core::Callback::WillRedirect { task, .. } => Callback::WillRedirect { task: id(task) },
         core::Callback::ReceiveData { task, data } => Callback::ReceiveData {
             task: id(task),
             bytes: data.len() as u64,

@@ -10,7 +10,7 @@ use std::rc::Rc;
 
 use leakproof_model::rules::{Rule, Violation, check_model, check_trace};
 use leakproof_model::{
-    Callback, CloseFrame, Disposition, Fault, Model, Op, Route, SessionId, SessionKind,
+    Callback, CloseFrame, Disposition, Fault, Model, Op, Redirect, Route, SessionId, SessionKind,
     SessionState, Step, TaskKind, Timer,
 };
 
@@ -48,8 +48,11 @@ pub struct Alphabet {
     pub per_host: Vec<Option<u32>>,
     /// The conveniences (`Op::Await`) it may start, of these kinds; they count among `tasks`.
     pub conveniences: Vec<TaskKind>,
-    /// Whether the delegate may be slow (`Op::DelegateBlocks`, `Op::DelegateReturns`).
+    /// Whether the delegate may be slow (`Op::DelegateBlocks`, `Op::DelegateReturns`), or
+    /// answer later (`Op::DelegateDefers`, `Op::Answer`, `Op::DropResponder`).
     pub pace: bool,
+    /// Whether the server may redirect (`Op::ServerRedirects`, followed or refused).
+    pub redirects: bool,
 }
 
 impl Default for Alphabet {
@@ -66,6 +69,7 @@ impl Default for Alphabet {
             per_host: vec![None],
             conveniences: Vec::new(),
             pace: false,
+            redirects: false,
         }
     }
 }
@@ -184,6 +188,12 @@ impl Alphabet {
                     .iter()
                     .map(|&answer| Op::ServerHeaders { task, answer }),
             );
+            if self.redirects {
+                ops.extend(
+                    [Redirect::Follow, Redirect::Refuse]
+                        .map(|answer| Op::ServerRedirects { task, answer }),
+                );
+            }
             ops.extend([true, false].map(|accept| Op::ServerAnswersUpgrade { task, accept }));
             ops.extend(
                 self.body_sizes

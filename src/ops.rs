@@ -112,7 +112,8 @@ use std::path::{Path, PathBuf};
 
 use leakproof_model::rules::Rule;
 use leakproof_model::{
-    CloseFrame, Disposition, Fault, Model, Op, SessionId, SessionKind, TaskId, TaskKind, Timer,
+    CloseFrame, Disposition, Fault, Model, Op, Redirect, SessionId, SessionKind, TaskId, TaskKind,
+    Timer,
 };
 
 use crate::machine::{Divergence, System, run_sequence};
@@ -260,6 +261,9 @@ pub fn line(op: &Op) -> String {
         Op::ServerHeaders { task, answer } => {
             format!("server {task} head {}", disposition_word(answer))
         }
+        Op::ServerRedirects { task, answer } => {
+            format!("server {task} redirects {}", redirect_word(answer))
+        }
         Op::ServerSends { task, bytes } => format!("server {task} sends {bytes}"),
         Op::ServerEnds {
             task,
@@ -359,6 +363,10 @@ fn parse_op(words: &[&str]) -> Option<Op> {
         ["server", t, "head", answer] => Op::ServerHeaders {
             task: task(t)?,
             answer: parse_word(&DISPOSITIONS, disposition_word, answer)?,
+        },
+        ["server", t, "redirects", answer] => Op::ServerRedirects {
+            task: task(t)?,
+            answer: parse_word(&REDIRECTS, redirect_word, answer)?,
         },
         ["server", t, "sends", "garbage"] => Op::ServerFails {
             task: task(t)?,
@@ -497,6 +505,15 @@ fn task_kind_word(kind: TaskKind) -> &'static str {
         TaskKind::Upload => "upload",
         TaskKind::Stream => "stream",
         TaskKind::WebSocket => "websocket",
+    }
+}
+
+const REDIRECTS: [Redirect; 2] = [Redirect::Follow, Redirect::Refuse];
+
+fn redirect_word(answer: Redirect) -> &'static str {
+    match answer {
+        Redirect::Follow => "follow",
+        Redirect::Refuse => "refuse",
     }
 }
 
@@ -656,6 +673,10 @@ impl Renumbering {
             Op::ServerSends { task, bytes } => Op::ServerSends {
                 task: t(task),
                 bytes,
+            },
+            Op::ServerRedirects { task, answer } => Op::ServerRedirects {
+                task: t(task),
+                answer,
             },
             Op::ServerEnds { task, reusable } => Op::ServerEnds {
                 task: t(task),
@@ -950,6 +971,13 @@ fn rust_literal(op: &Op) -> Literal {
             &[
                 ("task", t(task)),
                 ("answer", format!("Disposition::{answer:?}")),
+            ],
+        ),
+        Op::ServerRedirects { task, answer } => named(
+            "ServerRedirects",
+            &[
+                ("task", t(task)),
+                ("answer", format!("Redirect::{answer:?}")),
             ],
         ),
         Op::ServerSends { task, bytes } => named(

@@ -484,6 +484,16 @@ impl Held {
         self.step(Step::Head { status, framing }).await
     }
 
+    /// Answers with a redirect to `location` (`status`, `Location`, `Content-Length: 0`): the
+    /// response is complete, and the connection serves its next request, as after
+    /// [`Held::end`].
+    ///
+    /// `InvalidInput` once the response head is sent.
+    pub async fn redirect(self, status: u16, location: &str) -> io::Result<()> {
+        let location = location.to_owned();
+        self.step(Step::Redirect { status, location }).await
+    }
+
     /// Sends `bytes` more body bytes, continuing [`body`]; one chunk when chunked (none if 0).
     pub async fn send(&self, bytes: u64) -> io::Result<()> {
         self.step(Step::Send(bytes)).await
@@ -721,6 +731,12 @@ enum Step {
     Head {
         status: u16,
         framing: Framing,
+    },
+    /// A complete redirect: `status`, `Location: location`, no body; the connection then
+    /// serves its next request.
+    Redirect {
+        status: u16,
+        location: String,
     },
     Send(u64),
     End,
@@ -1002,6 +1018,11 @@ impl Conn {
                 let close = framing == Framing::UntilClose;
                 self.write_head(status, framing, close).await.map(|()| None)
             }
+            (Step::Redirect { status, location }, None) => {
+                let location = format!("location: {location}\r\n");
+                let head = self.write_head_with(status, Framing::Length(0), false, &location);
+                head.await.map(|()| Some(Then::Continue(())))
+            }
             (Step::Send(n), Some(framing)) => {
                 let offset = exchange.sent;
                 exchange.sent += n;
@@ -1224,6 +1245,7 @@ impl Conn {
             426 => "Upgrade Required",
             500 => "Internal Server Error",
             503 => "Service Unavailable",
+            307 => "Temporary Redirect",
             _ => "",
         };
         let mut head = format!("HTTP/1.1 {status} {reason}\r\n");

@@ -10,8 +10,8 @@ use proptest::prelude::*;
 use proptest::strategy::Union;
 
 use leakproof_model::{
-    CloseFrame, Disposition, Fault, Model, Op, Route, SessionId, SessionKind, SessionState, TaskId,
-    TaskKind, Timer,
+    CloseFrame, Disposition, Fault, Model, Op, Redirect, Route, SessionId, SessionKind,
+    SessionState, TaskId, TaskKind, Timer,
 };
 
 /// How big generated worlds get: enough to race sessions and tasks against each other, small
@@ -374,6 +374,27 @@ pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
                 disposition_for(kinds),
             )
                 .prop_map(|(task, answer)| Op::ServerHeaders { task, answer })
+                .boxed(),
+        ));
+    }
+    // A redirect instead of the head, followed more often than refused; now and then past
+    // the limit.
+    let redirectable = tasks_allowing(|task| Op::ServerRedirects {
+        task,
+        answer: Redirect::Follow,
+    });
+    if !redirectable.is_empty() {
+        families.push((
+            4,
+            (proptest::sample::select(redirectable), 0..4u8)
+                .prop_map(|(task, which)| Op::ServerRedirects {
+                    task,
+                    answer: if which == 0 {
+                        Redirect::Refuse
+                    } else {
+                        Redirect::Follow
+                    },
+                })
                 .boxed(),
         ));
     }

@@ -22,8 +22,8 @@ use leakproof_check::strategies::{
 };
 use leakproof_model::rules::Rule;
 use leakproof_model::{
-    Callback, CloseFrame, Disposition, Model, Op, Outcome, Returned, SessionId, Step, TaskId,
-    TaskKind, Timer,
+    Callback, CloseFrame, Disposition, Model, Op, Outcome, Redirect, Returned, SessionId, Step,
+    TaskId, TaskKind, Timer,
 };
 
 const CASES: u32 = 256;
@@ -71,6 +71,14 @@ fn any_op() -> impl Strategy<Value = Op> {
         t.clone().prop_map(Op::Cancel),
         t.clone().prop_map(Op::DropTask),
         (t.clone(), disposition()).prop_map(|(task, answer)| Op::ServerHeaders { task, answer }),
+        (t.clone(), any::<bool>()).prop_map(|(task, follow)| Op::ServerRedirects {
+            task,
+            answer: if follow {
+                Redirect::Follow
+            } else {
+                Redirect::Refuse
+            }
+        }),
         (t.clone(), any::<u32>()).prop_map(|(task, bytes)| Op::ServerSends { task, bytes }),
         (t.clone(), any::<bool>()).prop_map(|(task, reusable)| Op::ServerEnds { task, reusable }),
         (t.clone(), fault()).prop_map(|(task, fault)| Op::ServerFails { task, fault }),
@@ -192,6 +200,7 @@ fn rename(step: &Step, renumbering: &Renumbering) -> Step {
         .iter()
         .map(|callback| match *callback {
             Callback::ReceiveResponse { task } => Callback::ReceiveResponse { task: t(task) },
+            Callback::WillRedirect { task } => Callback::WillRedirect { task: t(task) },
             Callback::ReceiveData { task, bytes } => Callback::ReceiveData {
                 task: t(task),
                 bytes,

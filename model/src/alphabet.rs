@@ -84,6 +84,20 @@ pub enum Disposition {
     BecomeStream,
 }
 
+/// The delegate's answer to `will_perform_redirection`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Redirect {
+    /// Follow it: the request goes to the new location, on the connection the redirect came
+    /// on (pooled, then taken again in turn), as a new exchange.
+    Follow,
+    /// Refuse it: the redirect, a complete response with no body, is the task's response.
+    Refuse,
+}
+
+/// How many redirects a task of the suite's sessions follows (`max_redirects`); the next one
+/// fails it with [`Outcome::TooManyRedirects`].
+pub const MAX_REDIRECTS: u32 = 2;
+
 /// The two timeouts of a task (R12).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Timer {
@@ -183,6 +197,11 @@ pub enum Op {
     // The environment: the server and the clock.
     /// The server sends the response head; the delegate will answer `answer`.
     ServerHeaders { task: TaskId, answer: Disposition },
+    /// The server answers with a redirect to another resource of its own (a `307` with no
+    /// body, kept alive); the delegate will answer `answer` to `will_perform_redirection`.
+    /// Without a delegate (or for a convenience) it is followed. One more than
+    /// [`MAX_REDIRECTS`] fails the task.
+    ServerRedirects { task: TaskId, answer: Redirect },
     /// The server sends `bytes` bytes of body; on a stream, `bytes` raw bytes; on a websocket,
     /// one message of `bytes` bytes.
     ServerSends { task: TaskId, bytes: u32 },
@@ -250,6 +269,7 @@ impl Op {
             | Op::ServerAnswersUpgrade { task, .. }
             | Op::PeerCloses { task, .. }
             | Op::ServerHeaders { task, .. }
+            | Op::ServerRedirects { task, .. }
             | Op::ServerSends { task, .. }
             | Op::ServerEnds { task, .. }
             | Op::ServerFails { task, .. }
@@ -287,6 +307,7 @@ impl Op {
         matches!(
             self,
             Op::ServerHeaders { .. }
+                | Op::ServerRedirects { .. }
                 | Op::ServerSends { .. }
                 | Op::ServerEnds { .. }
                 | Op::ServerFails { .. }
@@ -313,12 +334,18 @@ pub enum Outcome {
     InvalidDisposition,
     /// A websocket's upgrade request got a plain response.
     NoUpgrade,
+    /// A redirect came after [`MAX_REDIRECTS`] were followed.
+    TooManyRedirects,
 }
 
 /// What a delegate hears. Callbacks of one session are delivered serially, in this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Callback {
     ReceiveResponse {
+        task: TaskId,
+    },
+    /// `will_perform_redirection`: a redirect's head arrived; the delegate decides.
+    WillRedirect {
         task: TaskId,
     },
     /// `bytes` bytes of body. Consecutive ones for a task may be split or merged by the
@@ -359,6 +386,7 @@ impl Callback {
     pub fn task(&self) -> Option<TaskId> {
         match *self {
             Callback::ReceiveResponse { task }
+            | Callback::WillRedirect { task }
             | Callback::ReceiveData { task, .. }
             | Callback::BecomeDownload { task }
             | Callback::FinishDownloading { task }

@@ -90,6 +90,18 @@
 //!   suspend, cancel and drop, of one session, each allowed in either order) must have the
 //!   outcome of one of their two serial orders ([`Model::linearizations`]): the checks run
 //!   against both, and the model goes on from the one the system showed.
+//! - A redirect ([`Op::ServerRedirects`]) is a complete `307` with no body, kept alive, to
+//!   another resource of the same server. The delegate decides
+//!   ([`Callback::WillRedirect`], [`Exchange::AwaitingRedirect`]; a convenience and a task
+//!   without a delegate follow). Followed, its connection goes back to the pool and the task
+//!   begins again, waiting its turn for a connection like a resumed one; refused, the
+//!   redirect is the response, heard with `did_receive_response`. A task that followed
+//!   [`MAX_REDIRECTS`] fails at the next ([`Outcome::TooManyRedirects`]) and closes the
+//!   connection.
+//! - The delegate may answer later ([`Op::DelegateDefers`]): it keeps the responder its next
+//!   question hands it ([`Task::responder`]), the task reads nothing and its request timer
+//!   stops ([`Task::deferred`]) while the session's other callbacks go on, until
+//!   [`Op::Answer`], or [`Op::DropResponder`], which cancels the task if it still waits.
 //! - A peer's close completes the websocket at once, once read; a message not yet received
 //!   goes with the task (R5), and `receive` then fails.
 //!
@@ -116,8 +128,8 @@ mod resources;
 pub mod rules;
 
 pub use alphabet::{
-    Callback, CloseFrame, Disposition, Fault, Op, Outcome, Refusal, Returned, Route, SessionId,
-    SessionKind, TaskId, TaskKind, Timer,
+    Callback, CloseFrame, Disposition, Fault, MAX_REDIRECTS, Op, Outcome, Redirect, Refusal,
+    Returned, Route, SessionId, SessionKind, TaskId, TaskKind, Timer,
 };
 pub use machine::{
     DEFAULT_READ_AHEAD, Exchange, Model, Pace, ServerPhase, Session, SessionState, Step, Task,

@@ -9,8 +9,8 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::alphabet::{
-    Callback, CloseFrame, Disposition, Fault, Op, Outcome, Refusal, Returned, Route, SessionId,
-    SessionKind, TaskId, TaskKind, Timer,
+    Callback, CloseFrame, Disposition, Fault, MAX_REDIRECTS, Op, Outcome, Redirect, Refusal,
+    Returned, Route, SessionId, SessionKind, TaskId, TaskKind, Timer,
 };
 use crate::resources::Resources;
 
@@ -53,6 +53,12 @@ pub enum Exchange {
     AwaitingConnection,
     /// The request is sent on a connection; the response head is awaited.
     AwaitingResponse,
+    /// A redirect's head arrived; the delegate's answer to `will_perform_redirection` is
+    /// awaited. The connection is held, nothing is read, the timers run.
+    AwaitingRedirect,
+    /// The delegate said follow while the task was suspended: the redirect's rest is read and
+    /// the next request sent on its connection once the task runs again (R7).
+    FollowingRedirect,
     /// The head arrived; the delegate's answer to `did_receive_response` is awaited (it is
     /// queued behind a slow delegate's callbacks, or the delegate is in it). Nothing is read
     /// meanwhile; the timers run.
@@ -84,6 +90,7 @@ pub enum ServerPhase {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Unread {
     Headers(Disposition),
+    Redirect(Redirect),
     Bytes(u32),
     End {
         reusable: bool,
@@ -193,8 +200,12 @@ pub struct Task {
     pub window: Option<u64>,
     /// The delegate keeps the task's responder, unanswered (it may outlive the task).
     pub responder: bool,
+    /// Redirects followed.
+    pub hops: u32,
     /// The delegate's answer to the response head, applied when it returns.
     answer: Disposition,
+    /// The delegate's answer to a redirect, applied when it returns.
+    redirect: Redirect,
     unread: VecDeque<Unread>,
 }
 
@@ -214,6 +225,7 @@ impl Task {
                     self.exchange,
                     Exchange::AwaitingConnection
                         | Exchange::AwaitingResponse
+                        | Exchange::AwaitingRedirect
                         | Exchange::AwaitingDisposition
                         | Exchange::ReceivingBody
                 ),
@@ -233,7 +245,11 @@ impl Task {
     /// Whether the task waits for an answer its delegate's responder will give: the callback
     /// returned, the answer did not come with it. Its request timer stops meanwhile (R12).
     pub fn deferred(&self) -> bool {
-        self.responder && self.exchange == Exchange::AwaitingDisposition
+        self.responder
+            && matches!(
+                self.exchange,
+                Exchange::AwaitingDisposition | Exchange::AwaitingRedirect
+            )
     }
 
     /// Whether `timer` is armed for the task.
@@ -448,6 +464,9 @@ impl Model {
             Op::ServerHeaders { task: t, .. } => task(t).is_some_and(|t| {
                 t.server == ServerPhase::RequestReceived && t.kind != TaskKind::WebSocket
             }),
+            Op::ServerRedirects { task: t, .. } => {
+                task(t).is_some_and(|t| t.server == ServerPhase::RequestReceived && is_http(t.kind))
+            }
             Op::ServerAnswersUpgrade { task: t, .. } => task(t).is_some_and(|t| {
                 t.server == ServerPhase::RequestReceived && t.kind == TaskKind::WebSocket
             }),
@@ -724,6 +743,18 @@ impl Model {
                 self.task_mut(task).server = ServerPhase::SendingBody;
                 self.network(task, Unread::Headers(answer), &mut out);
             }
+            Op::ServerRedirects { task, answer } => {
+                // What the server sees next: the next hop's request (once the client sends
+                // it), or nothing more, the redirect being the response or too many.
+                let follows = !self.delegated(task) || answer == Redirect::Follow;
+                let t = self.task_mut(task);
+                t.server = if follows && t.hops < MAX_REDIRECTS {
+                    ServerPhase::NoRequest
+                } else {
+                    ServerPhase::Done
+                };
+                self.network(task, Unread::Redirect(answer), &mut out);
+            }
             Op::ServerSends { task, bytes } => self.network(task, Unread::Bytes(bytes), &mut out),
             Op::ServerEnds { task, reusable } => {
                 self.task_mut(task).server = ServerPhase::Done;
@@ -748,9 +779,7 @@ impl Model {
                 let task = self.task_mut(t);
                 task.responder = false;
                 if waiting {
-                    let answer = task.answer;
-                    self.answer(t, answer, &mut out);
-                    self.pump(t, &mut out);
+                    self.answered(t, &mut out);
                 }
             }
             Op::DropResponder(t) => {
@@ -806,17 +835,19 @@ impl Model {
     /// The delegate returned from `callback`.
     fn returned(&mut self, s: SessionId, callback: Callback, out: &mut Step) {
         match callback {
-            Callback::ReceiveResponse { task: t } => {
+            Callback::ReceiveResponse { task: t } | Callback::WillRedirect { task: t } => {
                 if std::mem::take(&mut self.session_mut(s).defers) {
                     // It kept a responder: the answer comes with `Op::Answer`, or never.
                     self.task_mut(t).responder = true;
                     return;
                 }
                 let task = &self.tasks[&t];
-                if task.is_live() && task.exchange == Exchange::AwaitingDisposition {
-                    let answer = task.answer;
-                    self.answer(t, answer, out);
-                    self.pump(t, out);
+                let asked = match callback {
+                    Callback::WillRedirect { .. } => Exchange::AwaitingRedirect,
+                    _ => Exchange::AwaitingDisposition,
+                };
+                if task.is_live() && task.exchange == asked {
+                    self.answered(t, out);
                 }
             }
             Callback::ReceiveData { task: t, bytes } => {
@@ -887,6 +918,8 @@ impl Model {
                 inbox: None,
                 undelivered: 0,
                 responder: false,
+                hops: 0,
+                redirect: Redirect::Follow,
                 window: (route == Route::Handle
                     && self.sessions[&session].kind == SessionKind::Delegated
                     && matches!(kind, TaskKind::Data | TaskKind::Upload))
@@ -936,6 +969,10 @@ impl Model {
         let session = self.tasks[&t].session;
         let task = self.task_mut(t);
         task.state = TaskState::Running;
+        if task.exchange == Exchange::FollowingRedirect {
+            self.follow(t);
+        }
+        let task = self.task_mut(t);
         if task.exchange == Exchange::NotStarted {
             match task.kind {
                 TaskKind::Stream => {
@@ -1029,7 +1066,10 @@ impl Model {
             }
             match task.kind {
                 TaskKind::Data | TaskKind::Download | TaskKind::Upload => {
-                    if task.exchange == Exchange::AwaitingDisposition {
+                    if matches!(
+                        task.exchange,
+                        Exchange::AwaitingDisposition | Exchange::AwaitingRedirect
+                    ) {
                         return; // Nothing is read until the delegate answers.
                     }
                     if let (Unread::Bytes(n), Some(window)) = (event, task.window)
@@ -1093,7 +1133,10 @@ impl Model {
                             task.unread.pop_front();
                             self.complete(t, fault_outcome(fault), out);
                         }
-                        Unread::Headers(_) | Unread::Upgrade { .. } | Unread::PeerClose(_) => {
+                        Unread::Headers(_)
+                        | Unread::Redirect(_)
+                        | Unread::Upgrade { .. }
+                        | Unread::PeerClose(_) => {
                             unreachable!("{t}: a stream gets no {event:?}")
                         }
                     }
@@ -1129,7 +1172,7 @@ impl Model {
                             self.complete(t, Outcome::Malformed, out);
                         }
                         Unread::Fault(fault) => self.complete(t, fault_outcome(fault), out),
-                        Unread::Headers(_) | Unread::End { .. } => {
+                        Unread::Headers(_) | Unread::Redirect(_) | Unread::End { .. } => {
                             unreachable!("{t}: a websocket gets no {event:?}")
                         }
                     }
@@ -1138,8 +1181,61 @@ impl Model {
         }
     }
 
+    /// The delegate's answer to the question the task waits on takes effect, and the task
+    /// reads on.
+    fn answered(&mut self, t: TaskId, out: &mut Step) {
+        let task = &self.tasks[&t];
+        match task.exchange {
+            Exchange::AwaitingDisposition => {
+                let answer = task.answer;
+                self.answer(t, answer, out);
+            }
+            Exchange::AwaitingRedirect => match task.redirect {
+                Redirect::Follow => self.follow(t),
+                Redirect::Refuse => self.refuse_redirect(t, out),
+            },
+            other => unreachable!("{t}: no question waits in {other:?}"),
+        }
+        self.pump(t, out);
+    }
+
+    /// Follow a redirect: its empty body is read, so its connection is kept alive, and the
+    /// next request goes on it at once, ahead of any task waiting for one of the host's
+    /// connections. A suspended task reads nothing (R7): it follows once resumed.
+    fn follow(&mut self, t: TaskId) {
+        let task = self.task_mut(t);
+        if task.state != TaskState::Running {
+            task.exchange = Exchange::FollowingRedirect;
+            return;
+        }
+        task.hops += 1;
+        task.exchange = Exchange::AwaitingResponse;
+        task.server = ServerPhase::RequestReceived;
+    }
+
+    /// Refuse a redirect: it is the response, heard as one, and it is complete (no body).
+    fn refuse_redirect(&mut self, t: TaskId, out: &mut Step) {
+        self.say(t, Callback::ReceiveResponse { task: t }, out);
+        let task = self.task_mut(t);
+        task.exchange = Exchange::AwaitingDisposition;
+        task.answer = Disposition::Allow;
+        task.unread.push_front(Unread::End { reusable: true });
+    }
+
     fn read(&mut self, t: TaskId, event: Unread, out: &mut Step) {
         match event {
+            Unread::Redirect(answer) => {
+                if self.tasks[&t].hops >= MAX_REDIRECTS {
+                    self.complete(t, Outcome::TooManyRedirects, out);
+                } else if self.delegated(t) {
+                    self.say(t, Callback::WillRedirect { task: t }, out);
+                    let task = self.task_mut(t);
+                    task.exchange = Exchange::AwaitingRedirect;
+                    task.redirect = answer;
+                } else {
+                    self.follow(t);
+                }
+            }
             Unread::Headers(answer) => {
                 if self.delegated(t) {
                     // Its delegate answers when it returns from did_receive_response.

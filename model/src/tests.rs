@@ -1206,3 +1206,107 @@ fn a_responder_dropped_unanswered_cancels_its_task_and_one_outliving_it_does_not
     assert!(late.callbacks.is_empty());
     assert!(m.resources(S).is_zero(), "R4: a responder holds nothing");
 }
+
+#[test]
+fn a_followed_redirect_pools_its_connection_and_waits_its_turn_for_one() {
+    let mut m = Model::new();
+    let heard = run(
+        &mut m,
+        &[
+            limited(SessionKind::Delegated, 1),
+            task(T, TaskKind::Data),
+            task(U, TaskKind::Data),
+            Op::Resume(T),
+            Op::Resume(U),
+            Op::ServerRedirects {
+                task: T,
+                answer: Redirect::Follow,
+            },
+        ],
+    );
+    assert_eq!(heard, [Callback::WillRedirect { task: T }]);
+    // The next request goes on the redirect's connection, ahead of U, which waits for one.
+    assert_eq!(m.task(U).unwrap().exchange, Exchange::AwaitingConnection);
+    let t = m.task(T).unwrap();
+    assert_eq!((t.exchange, t.hops), (Exchange::AwaitingResponse, 1));
+    assert!(t.connection && t.armed(Timer::Request) && t.armed(Timer::Resource));
+    assert_eq!(t.server, ServerPhase::RequestReceived);
+    let heard = run(
+        &mut m,
+        &[
+            Op::ServerRedirects {
+                task: T,
+                answer: Redirect::Follow,
+            },
+            Op::ServerRedirects {
+                task: T,
+                answer: Redirect::Follow,
+            },
+        ],
+    );
+    assert_eq!(
+        heard.last(),
+        Some(&complete(T, Outcome::TooManyRedirects)),
+        "{heard:?}"
+    );
+    assert_eq!(m.resources(S).idle_connections, 0, "R5: closed, not pooled");
+    // Its slot is free: U takes a new connection.
+    assert_eq!(m.task(U).unwrap().exchange, Exchange::AwaitingResponse);
+    assert_eq!(m.resources(S).open_connections, 1);
+}
+
+#[test]
+fn a_refused_redirect_is_the_response_and_an_answer_later_holds_the_hop() {
+    let mut m = Model::new();
+    let heard = run(
+        &mut m,
+        &[
+            session(SessionKind::Delegated),
+            task(T, TaskKind::Upload),
+            Op::Resume(T),
+            Op::ServerRedirects {
+                task: T,
+                answer: Redirect::Refuse,
+            },
+        ],
+    );
+    assert_eq!(
+        heard,
+        [
+            Callback::WillRedirect { task: T },
+            Callback::ReceiveResponse { task: T },
+            complete(T, Outcome::Success),
+        ]
+    );
+    assert_eq!(m.resources(S).idle_connections, 1, "read whole: pooled");
+    let heard = run(
+        &mut m,
+        &[
+            task(U, TaskKind::Download),
+            Op::Resume(U),
+            Op::DelegateDefers(S),
+            Op::ServerRedirects {
+                task: U,
+                answer: Redirect::Follow,
+            },
+            Op::Suspend(U),
+        ],
+    );
+    assert_eq!(heard, [Callback::WillRedirect { task: U }]);
+    assert!(m.task(U).unwrap().deferred());
+    // Answered while suspended: it reads nothing, so it follows once resumed (R7).
+    m.apply(&Op::Answer(U));
+    let u = m.task(U).unwrap();
+    assert_eq!(
+        (u.exchange, u.connection),
+        (Exchange::FollowingRedirect, true)
+    );
+    assert_eq!((u.armed_timers(), u.hops), (0, 0), "R7");
+    m.apply(&Op::Resume(U));
+    let u = m.task(U).unwrap();
+    assert_eq!(
+        (u.exchange, u.server),
+        (Exchange::AwaitingResponse, ServerPhase::RequestReceived)
+    );
+    assert_eq!((u.hops, u.connection), (1, true));
+}
