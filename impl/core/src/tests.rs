@@ -1095,6 +1095,71 @@ fn a_hop_to_an_origin_at_its_limit_waits_and_a_cancel_then_aborts_it() {
 }
 
 #[test]
+fn a_hop_made_while_suspended_leaves_its_pooled_connection_to_a_waiting_task() {
+    let config = Config {
+        max_connections_per_origin: 1,
+        ..Config::default()
+    };
+    let (session, core, _delivery) = session(config, None::<Recorder>);
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    task.resume();
+    let waiter = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    waiter.resume();
+    actions(&core);
+    let (response, request) = redirect_to("http://a/next");
+    core.redirect(task.id(), response, request);
+    assert!(matches!(
+        poll_redirect(&core, task.id()),
+        std::task::Poll::Ready(Some(Redirect::Follow(_)))
+    ));
+    // Suspended just as its IO, the redirect's body read, hops: its connection is pooled and
+    // its next request waits for the resume, so the task waiting for the origin's one
+    // connection must take it now, not wait beside it until it times out.
+    task.suspend();
+    assert_eq!(core.hop(task.id(), "a", true), Release::Pool);
+    let got = actions(&core);
+    assert!(
+        got.contains(&Action::Start {
+            task: waiter.id(),
+            conn: ConnId(1),
+            reused: true
+        }),
+        "{got:?}"
+    );
+    assert_eq!(core.ledger().idle_connections, 0);
+}
+
+#[test]
+fn a_task_resumed_between_hops_keeps_the_connection_its_io_waits_for() {
+    let (session, core, _delivery) = session(Config::default(), None::<Recorder>);
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    task.resume();
+    actions(&core);
+    let (response, request) = redirect_to("http://a/next");
+    core.redirect(task.id(), response, request);
+    assert!(poll_redirect(&core, task.id()).is_ready());
+    // Suspended as its IO hops: the connection is pooled, and the resume takes it back for
+    // the IO, which waits for it in poll_start.
+    task.suspend();
+    assert_eq!(core.hop(task.id(), "a", true), Release::Pool);
+    task.resume();
+    assert_eq!(
+        poll_start(&core, task.id()),
+        std::task::Poll::Ready(Some(Start {
+            conn: ConnId(1),
+            reused: true
+        })),
+        "the IO between hops is handed the connection the resume gave its task"
+    );
+}
+
+#[test]
 fn a_refused_redirect_is_the_response() {
     let (session, core, mut delivery) = delegated();
     let task = session
