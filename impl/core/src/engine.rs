@@ -411,18 +411,25 @@ impl Engine {
         Ok(id)
     }
 
+    /// Resume. A start the task gets now is its IO's: the driver's (`Action::Start`) or, for
+    /// an IO between redirect hops, the one that IO waits for in [`Engine::poll_start`].
     pub(crate) fn resume(&mut self, task: TaskId) {
-        self.resume_and_start(task);
+        self.resume_only(task);
     }
 
     /// Resume; for a handler-routed task that starts now, return where: the handler runs
     /// the exchange itself (if it must wait for a connection, see [`Engine::poll_start`]).
     pub(crate) fn resume_and_start(&mut self, task: TaskId) -> Option<Start> {
+        self.resume_only(task);
+        self.tasks.get_mut(&task).and_then(|cell| cell.start.take())
+    }
+
+    fn resume_only(&mut self, task: TaskId) {
         let Some(cell) = self.tasks.get_mut(&task) else {
-            return None; // Completed: a no-op.
+            return; // Completed: a no-op.
         };
         if cell.state != TaskState::Suspended {
-            return None; // Resumes do not nest.
+            return; // Resumes do not nest.
         }
         cell.state = TaskState::Running;
         // A connected stream and an open websocket wait on their user: no timer for them.
@@ -449,7 +456,6 @@ impl Engine {
             }
             self.arm(task, Timeout::Resource);
         }
-        self.tasks.get_mut(&task).and_then(|cell| cell.start.take())
     }
 
     /// Give the task a connection: a kept-alive one to its origin, else a new one within the
@@ -762,10 +768,10 @@ impl Engine {
             self.begin(task);
             self.rearm(task, Timeout::Request);
         }
-        // The connection it left is free (pooled or closed): whoever waits for one there.
-        if left != origin {
-            self.admit(&left);
-        }
+        // The connection it left is free (pooled or closed): whoever waits for one there. A
+        // running task's next request, to the same origin, took it first; a suspended one
+        // begins again once resumed (R7).
+        self.admit(&left);
         release
     }
 
