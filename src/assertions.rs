@@ -214,7 +214,7 @@ fn compare_resources(
     } else {
         Rule::R5
     };
-    let fields: [(&str, u64, u64, Rule); 7] = [
+    let fields: [(&str, u64, u64, Rule); 8] = [
         (
             "open connections",
             shown.open_connections.into(),
@@ -255,6 +255,12 @@ fn compare_resources(
             shown.delegate_held.into(),
             held.delegate_held.into(),
             Rule::R3,
+        ),
+        (
+            "cached responses",
+            shown.cached_responses.into(),
+            held.cached_responses.into(),
+            Rule::R4,
         ),
     ];
     for (name, shown, expected, rule) in fields {

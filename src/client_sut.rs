@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use leakproof::{
     Configuration, Delegate, Error, Observer, Session, StreamTask, TaskInfo, Timeout, UploadBody,
+    UrlCache,
 };
 use leakproof_model::{
-    Callback, CloseFrame, Disposition, Fault, MAX_REDIRECTS, Op, Outcome, Redirect, Refusal,
-    Resources, Returned, SessionId, SessionKind, TaskId, TaskKind, Timer,
+    CACHE_ENTRIES, CACHED_BODY, Callback, CloseFrame, Disposition, Fault, MAX_REDIRECTS, Op,
+    Outcome, Redirect, Refusal, ResourceId, Resources, Returned, SessionId, SessionKind, TaskId,
+    TaskKind, Timer,
 };
 
 use crate::assertions::{SessionView, View};
@@ -350,7 +352,8 @@ impl ClientWorld {
                 kind,
             } => {
                 let _guard = runtime.enter();
-                if let Err(error) = self.sim(session).convenience(task, kind, &runtime) {
+                let path = format!("/hold/{task}");
+                if let Err(error) = self.sim(session).convenience(task, kind, &path, &runtime) {
                     assert!(
                         matches!(error, Error::SessionInvalidated),
                         "R8: {task}'s first poll failed: {error}"
@@ -363,6 +366,29 @@ impl ClientWorld {
             Op::DelegateBlocks(s) => self.sim(s).ear.pace(true),
             Op::DelegateReturns(s) => self.sim(s).ear.pace(false),
             Op::DelegateDefers(s) => *self.sim(s).ear.defers.lock().unwrap() = true,
+            Op::Fetch {
+                session,
+                task,
+                resource,
+            } => {
+                let _guard = runtime.enter();
+                let path = cacheable(resource);
+                let sim = self.sim(session);
+                if let Err(error) = sim.convenience(task, TaskKind::Data, &path, &runtime) {
+                    assert!(
+                        matches!(error, Error::SessionInvalidated),
+                        "R8: {task}'s first poll failed: {error}"
+                    );
+                    return (Some(Refusal::SessionInvalidated), None);
+                }
+                self.session_of.insert(task, session);
+            }
+            Op::Reset(s) => {
+                let session = self.user_session(s).clone();
+                // The promise: once reset() returns, the idle connections are closed.
+                let reset = async { tokio::time::timeout(ARRIVAL, session.reset()).await };
+                runtime.block_on(reset).expect("reset() returns");
+            }
             Op::Answer(t) | Op::DropResponder(t) => {
                 let ear = self.sim(self.session_of[&t]).ear.clone();
                 let kept = ear.responders.lock().unwrap().remove(&t);
@@ -758,6 +784,7 @@ impl Sim {
             .max_connections_per_host(per_host.map_or(usize::MAX, |l| l as usize))
             .max_idle_per_host(usize::MAX)
             .max_redirects(MAX_REDIRECTS)
+            .url_cache(Some(suite_cache()))
             .build()
             .expect("a valid configuration");
         let ear = Arc::new(Ear::default());
@@ -799,11 +826,12 @@ impl Sim {
         &mut self,
         task: TaskId,
         kind: TaskKind,
+        path: &str,
         runtime: &tokio::runtime::Handle,
     ) -> Result<(), Error> {
         use std::future::Future;
         let user = self.session.clone().expect("the user holds the session");
-        let url = self.stage.url(&format!("/hold/{task}"));
+        let url = self.stage.url(path);
         let mut future = Box::pin(async move {
             let get = http::Request::get(url.clone()).body(()).unwrap();
             let result = match kind {
@@ -820,27 +848,38 @@ impl Sim {
             result
         });
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if let std::task::Poll::Ready(result) = future.as_mut().poll(&mut cx) {
-            return match result {
-                Err(error) => Err(error),
-                Ok(()) => panic!("{task}: a convenience returned Ok at its first poll"),
-            };
+        let first = future.as_mut().poll(&mut cx);
+        if let std::task::Poll::Ready(Err(error)) = first {
+            return Err(error);
         }
         // Task ids count from 0 in creation order; this one was created by that poll.
         let client = leakproof::TaskId(self.tasks.len() as u64);
-        assert_eq!(
-            self.observer.task_state(client),
-            leakproof::TaskState::Running,
-            "{task}: a convenience runs from its first poll"
-        );
         let returned = self.awaited.clone();
-        let spawned = runtime.spawn(async move {
-            let result = future.await;
-            returned
-                .lock()
-                .unwrap()
-                .push((task, model_outcome(&result)));
-        });
+        let spawned = match first {
+            // A fast server (and the cache) can answer within the first poll: the future is
+            // gone as the poll returns (a finished task stands for it).
+            std::task::Poll::Ready(result) => {
+                returned
+                    .lock()
+                    .unwrap()
+                    .push((task, model_outcome(&result)));
+                Some(runtime.spawn(async {}))
+            }
+            std::task::Poll::Pending => {
+                assert_eq!(
+                    self.observer.task_state(client),
+                    leakproof::TaskState::Running,
+                    "{task}: a convenience runs from its first poll"
+                );
+                Some(runtime.spawn(async move {
+                    let result = future.await;
+                    returned
+                        .lock()
+                        .unwrap()
+                        .push((task, model_outcome(&result)));
+                }))
+            }
+        };
         self.ear.ids.lock().unwrap().insert(client, task);
         self.tasks.insert(
             task,
@@ -848,7 +887,7 @@ impl Sim {
                 client,
                 kind,
                 handle: None,
-                future: Some(spawned),
+                future: spawned,
                 held: None,
                 raw: None,
                 ws: None,
@@ -974,6 +1013,9 @@ impl Sim {
                     .delegate
                     .as_ref()
                     .is_some_and(|w| w.upgrade().is_some()),
+                // The ledger's word: the stage's request count shows only that a hit sent
+                // nothing (the connection counts above).
+                cached_responses: ledger.cached_responses,
             },
             heard,
         }
@@ -995,4 +1037,20 @@ fn hold_key(task: TaskId, hops: u32) -> String {
         0 => task.to_string(),
         hops => format!("{task}.{hops}"),
     }
+}
+
+/// The stage's cacheable resource `resource`: [`CACHED_BODY`] bytes, `max-age` 60 s (and one
+/// more second per resource, which tells their URLs apart).
+fn cacheable(resource: ResourceId) -> String {
+    format!(
+        "/bytes/{CACHED_BODY}?max_age={}",
+        60 + u32::from(resource.0)
+    )
+}
+
+/// The suite's sessions' response cache: room for [`CACHE_ENTRIES`] cacheable responses
+/// (each [`CACHED_BODY`] bytes and a few hundred of headers), not one more.
+fn suite_cache() -> UrlCache {
+    let room = (CACHE_ENTRIES as u64 + 1) * CACHED_BODY;
+    UrlCache::memory(room as usize).max_entry(2 * CACHED_BODY as usize)
 }

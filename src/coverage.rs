@@ -14,8 +14,8 @@ use std::fmt;
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 use leakproof_model::{
-    CloseFrame, Disposition, Exchange, Fault, Model, Op, Redirect, Route, ServerPhase, SessionKind,
-    SessionState, Task, TaskKind, TaskState, Timer,
+    CACHE_ENTRIES, CloseFrame, Disposition, Exchange, Fault, Model, Op, Redirect, Route,
+    ServerPhase, SessionKind, SessionState, Task, TaskKind, TaskState, Timer,
 };
 
 use crate::explore::{Alphabet, Exploration, explore_where, search};
@@ -41,12 +41,14 @@ use crate::explore::{Alphabet, Exploration, explore_where, search};
 ///   one HTTP task with it, to depth 9: a response's answer waiting while the server ends,
 ///   the task is suspended and its session finishes.
 ///
+/// - Fetches of cacheable resources and resets ([`Alphabet::fetches`]), four tasks, to depth
+///   6: hits, misses and evictions, in each session state.
 /// - Redirects ([`Alphabet::redirects`]), one task of each HTTP kind or one convenience, every
 ///   kind of session, to one past the limit; answered later or behind a slow delegate, one
 ///   task of each HTTP kind; and two data tasks, where a responder outlives its task in a
 ///   session the other keeps finishing.
 ///
-/// Together, measured on 2026-12-02: 3592 pairs, in about 25 s of a debug build
+/// Together, measured on 2026-12-02: 3634 pairs, in about 30 s of a debug build
 /// (`tests/coverage.rs` checks that the suite applies every one, and none beyond them).
 pub fn universe_scopes() -> Vec<(Alphabet, usize)> {
     let every = Alphabet::every_kind();
@@ -118,6 +120,18 @@ pub fn universe_scopes() -> Vec<(Alphabet, usize)> {
             },
             PACE_DEPTH + 2,
         ),
+        // Fetches of cacheable resources and resets, of every kind of session: a hit, a miss,
+        // a miss that evicts, with a pooled connection or a new one, or waiting for the
+        // host's one slot.
+        (
+            Alphabet {
+                task_kinds: vec![TaskKind::Data],
+                fetches: true,
+                tasks: 4,
+                ..every.clone()
+            },
+            FETCH_DEPTH,
+        ),
         // Redirects, of every kind of session and of task, a convenience's too, to one past
         // the limit.
         (
@@ -129,6 +143,16 @@ pub fn universe_scopes() -> Vec<(Alphabet, usize)> {
                 ..every.clone()
             },
             REDIRECT_DEPTH,
+        ),
+        // A redirect to a completed task of each HTTP kind, in a session another task keeps
+        // finishing: a no-op.
+        (
+            Alphabet {
+                task_kinds: vec![TaskKind::Download, TaskKind::Upload],
+                redirects: true,
+                ..every.clone()
+            },
+            7,
         ),
         // Redirects answered later, or behind a slow delegate: each op while the answer is
         // awaited, or given while the task was suspended.
@@ -156,6 +180,9 @@ pub fn universe_scopes() -> Vec<(Alphabet, usize)> {
         ),
     ]
 }
+
+/// How deep the fetches' scope goes: three fetches fill the cache, a fourth evicts.
+const FETCH_DEPTH: usize = 6;
 
 /// How deep the redirects' scope goes: a task resumed, then redirected one past the limit.
 const REDIRECT_DEPTH: usize = 8;
@@ -328,6 +355,13 @@ pub enum OpKind {
     DropSession,
     CreateTask(TaskKind),
     Await(TaskKind),
+    /// A fetch of a cacheable resource: whether the cache holds it, and whether it is full
+    /// (a miss then evicts). [`OpKind::of`] says `Fetch(false, false)`; [`Pair::of`] looks.
+    Fetch {
+        hit: bool,
+        full: bool,
+    },
+    Reset,
     Resume,
     Suspend,
     Cancel,
@@ -341,9 +375,13 @@ pub enum OpKind {
     ServerHeaders(Disposition),
     ServerRedirects(Redirect),
     ServerSends,
-    ServerEnds { reusable: bool },
+    ServerEnds {
+        reusable: bool,
+    },
     ServerFails(Fault),
-    ServerAnswersUpgrade { accept: bool },
+    ServerAnswersUpgrade {
+        accept: bool,
+    },
     PeerCloses(CloseFrame),
     TimePasses(Timer),
     IdleTimeoutPasses,
@@ -382,6 +420,8 @@ impl Class {
             Op::CreateSession { .. } => Class::NoSession,
             Op::CreateTask { session, .. }
             | Op::Await { session, .. }
+            | Op::Fetch { session, .. }
+            | Op::Reset(session)
             | Op::FinishTasksAndInvalidate(session)
             | Op::InvalidateAndCancel(session)
             | Op::DropSession(session)
@@ -486,6 +526,11 @@ impl OpKind {
             Op::DropSession(_) => OpKind::DropSession,
             Op::CreateTask { kind, .. } => OpKind::CreateTask(kind),
             Op::Await { kind, .. } => OpKind::Await(kind),
+            Op::Fetch { .. } => OpKind::Fetch {
+                hit: false,
+                full: false,
+            },
+            Op::Reset(_) => OpKind::Reset,
             Op::Resume(_) => OpKind::Resume,
             Op::Suspend(_) => OpKind::Suspend,
             Op::Cancel(_) => OpKind::Cancel,
@@ -522,6 +567,8 @@ impl OpKind {
             OpKind::DropSession => (3, 0),
             OpKind::CreateTask(kind) => (4, kind as u8),
             OpKind::Await(kind) => (4, 8 + kind as u8),
+            OpKind::Fetch { hit, full } => (4, 16 + 2 * u8::from(hit) + u8::from(full)),
+            OpKind::Reset => (3, 1),
             OpKind::Resume => (5, 0),
             OpKind::Suspend => (6, 0),
             OpKind::Cancel => (7, 0),
@@ -553,8 +600,24 @@ impl OpKind {
 impl Pair {
     /// The pair of `op` applied at `before`.
     pub fn of(before: &Model, op: &Op) -> Self {
+        let op_kind = match *op {
+            Op::Fetch {
+                session, resource, ..
+            } => {
+                // Refused unless the session is active (R8), whatever its cache holds.
+                let cache = before
+                    .session(session)
+                    .filter(|s| s.state == SessionState::Active)
+                    .map(|s| &s.cache);
+                OpKind::Fetch {
+                    hit: cache.is_some_and(|c| c.contains(&resource)),
+                    full: cache.is_some_and(|c| c.len() >= CACHE_ENTRIES),
+                }
+            }
+            _ => OpKind::of(op),
+        };
         Pair {
-            op: OpKind::of(op),
+            op: op_kind,
             class: Class::of(before, op),
         }
     }
@@ -646,6 +709,12 @@ impl fmt::Display for OpKind {
             OpKind::CreateSession(kind) => write!(f, "CreateSession({kind:?})"),
             OpKind::CreateTask(kind) => write!(f, "CreateTask({kind:?})"),
             OpKind::Await(kind) => write!(f, "Await({kind:?})"),
+            OpKind::Fetch { hit, full } => write!(
+                f,
+                "Fetch({}{})",
+                if hit { "hit" } else { "miss" },
+                if full { ", cache full" } else { "" }
+            ),
             OpKind::ServerHeaders(answer) => write!(f, "ServerHeaders({answer:?})"),
             OpKind::ServerRedirects(answer) => write!(f, "ServerRedirects({answer:?})"),
             OpKind::ServerEnds { reusable: true } => write!(f, "ServerEnds(reusable)"),

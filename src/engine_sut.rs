@@ -14,8 +14,9 @@ use leakproof_core::{
     Action, ConnId, Core, Delivered, Delivery, Intake, Message, Proceed, Release, Timeout, TimerId,
 };
 use leakproof_model::{
-    Callback, CloseFrame, Disposition, Fault, MAX_REDIRECTS, Op, Outcome, Redirect, Refusal,
-    Resources, Returned, SessionId, SessionKind, SessionState, TaskId, TaskKind, TaskState, Timer,
+    CACHE_ENTRIES, CACHED_BODY, Callback, CloseFrame, Disposition, Fault, MAX_REDIRECTS, Op,
+    Outcome, Redirect, Refusal, ResourceId, Resources, Returned, SessionId, SessionKind,
+    SessionState, TaskId, TaskKind, TaskState, Timer,
 };
 
 use crate::assertions::{SessionView, View};
@@ -130,6 +131,11 @@ struct Network {
     /// IOs between two hops: they wait for the engine to hand them their next connection
     /// ([`Core::poll_start`]).
     hopping: BTreeSet<core::TaskId>,
+    /// Conveniences fetching a cacheable resource.
+    fetches: BTreeMap<core::TaskId, ResourceId>,
+    /// The session's response cache, the IO's as the client's is: the resources it holds,
+    /// least recently used first.
+    cache: VecDeque<ResourceId>,
 }
 
 /// One exchange in flight on a connection.
@@ -254,51 +260,30 @@ impl System for EngineWorld {
                 }
                 s
             }
+            Op::Reset(s) => {
+                let sim = self.sim(s);
+                if sim.core.state() != core::SessionState::Invalidated {
+                    sim.net.cache.clear();
+                    for conn in std::mem::take(&mut sim.net.idle) {
+                        sim.core.idle_expired(conn);
+                    }
+                }
+                s
+            }
+            Op::Fetch {
+                session,
+                task,
+                resource,
+            } => {
+                refused = self.start_convenience(session, task, TaskKind::Data, Some(resource));
+                session
+            }
             Op::Await {
                 session,
                 task,
                 kind,
             } => {
-                let sim = self.sim(session);
-                let user = sim.handle.clone().expect("the user holds the session");
-                match user.create_task(engine_kind(kind), "stage", core::Route::Handler) {
-                    Ok(handle) => {
-                        let id = handle.id();
-                        sim.model_id.insert(id, task);
-                        sim.net.kinds.insert(id, engine_kind(kind));
-                        sim.net.handlers.insert(id);
-                        // The future's clock runs from its first poll: both timeouts.
-                        for timeout in [Timeout::Request, Timeout::Resource] {
-                            let timer = TimerId {
-                                task: id,
-                                timeout,
-                                generation: 0,
-                            };
-                            sim.net.timers.insert((id, timeout), timer);
-                        }
-                        let start = handle.resume_inline();
-                        sim.tasks.insert(
-                            task,
-                            SimTask {
-                                engine: id,
-                                handle: Some(handle),
-                                stream: None,
-                                answer: Disposition::Allow,
-                                redirect: Redirect::Follow,
-                                future: Some(user),
-                                convenience: true,
-                            },
-                        );
-                        if let Some(start) = start {
-                            sim.net.start_handler(&sim.core, id, start);
-                        }
-                        self.session_of.insert(task, session);
-                    }
-                    Err(core::Error::SessionInvalidated) => {
-                        refused = Some(Refusal::SessionInvalidated);
-                    }
-                    Err(other) => panic!("R8: a convenience failed with {other}"),
-                }
+                refused = self.start_convenience(session, task, kind, None);
                 session
             }
             Op::Resume(t) => self.user_task(t, core::TaskHandle::resume),
@@ -579,6 +564,58 @@ impl EngineWorld {
     }
 
     /// The server does something on the task's connection.
+    /// A convenience's first poll (`session.data(..)` and the like, or a fetch of
+    /// `resource`): its task starts, or is refused (R8). Its handler is this simulation.
+    fn start_convenience(
+        &mut self,
+        session: SessionId,
+        task: TaskId,
+        kind: TaskKind,
+        resource: Option<ResourceId>,
+    ) -> Option<Refusal> {
+        let sim = self.sim(session);
+        let user = sim.handle.clone().expect("the user holds the session");
+        let handle = match user.create_task(engine_kind(kind), "stage", core::Route::Handler) {
+            Ok(handle) => handle,
+            Err(core::Error::SessionInvalidated) => return Some(Refusal::SessionInvalidated),
+            Err(other) => panic!("R8: a convenience failed with {other}"),
+        };
+        let id = handle.id();
+        sim.model_id.insert(id, task);
+        sim.net.kinds.insert(id, engine_kind(kind));
+        sim.net.handlers.insert(id);
+        if let Some(resource) = resource {
+            sim.net.fetches.insert(id, resource);
+        }
+        // The future's clock runs from its first poll: both timeouts.
+        for timeout in [Timeout::Request, Timeout::Resource] {
+            let timer = TimerId {
+                task: id,
+                timeout,
+                generation: 0,
+            };
+            sim.net.timers.insert((id, timeout), timer);
+        }
+        let start = handle.resume_inline();
+        sim.tasks.insert(
+            task,
+            SimTask {
+                engine: id,
+                handle: Some(handle),
+                stream: None,
+                answer: Disposition::Allow,
+                redirect: Redirect::Follow,
+                future: Some(user),
+                convenience: true,
+            },
+        );
+        if let Some(start) = start {
+            sim.net.start_handler(&sim.core, id, start);
+        }
+        self.session_of.insert(task, session);
+        None
+    }
+
     fn server(&mut self, task: TaskId, sent: Sent) -> SessionId {
         let s = self.session_of[&task];
         let sim = self.sim(s);
@@ -713,6 +750,10 @@ impl Sim {
                 break;
             }
         }
+        // R4: the cache goes once the session is released, as the client's does.
+        if self.core.is_released() {
+            self.net.cache.clear();
+        }
         (self.heard[before..].to_vec(), awaited)
     }
 
@@ -795,7 +836,11 @@ impl Sim {
             .collect();
         SessionView {
             state: model_session_state(self.core.state()),
-            ledger: model_resources(&ledger),
+            // The engine knows no cache: the IO's is counted, as the client counts its own.
+            ledger: Resources {
+                cached_responses: net.cache.len() as u32,
+                ..model_resources(&ledger)
+            },
             pending: ledger.pending_actions + ledger.pending_callbacks,
             witness: Resources {
                 open_connections: net.open.len() as u32,
@@ -826,6 +871,7 @@ impl Sim {
                 timers: net.timers.len() as u32,
                 temp_files: net.files.len() as u32,
                 delegate_held: delegate_alive,
+                cached_responses: net.cache.len() as u32,
             },
             heard: self.heard.clone(),
         }
@@ -838,6 +884,53 @@ impl Network {
     fn start_handler(&mut self, core: &Core, task: core::TaskId, start: core::Start) {
         let (conn, reused) = (start.conn, start.reused);
         self.carry_out(core, Action::Start { task, conn, reused });
+        if let Some(&resource) = self.fetches.get(&task) {
+            self.serve(core, task, resource, conn, reused);
+        }
+    }
+
+    /// A fetch has its connection. A hit answers from the cache and gives the connection back
+    /// unused (to the pool if it came from there); a miss is answered whole by the server,
+    /// and kept, the least recently used response evicted if the cache is full.
+    fn serve(
+        &mut self,
+        core: &Core,
+        task: core::TaskId,
+        resource: ResourceId,
+        conn: ConnId,
+        reused: bool,
+    ) {
+        let hit = self.cache.contains(&resource);
+        self.cache.retain(|r| *r != resource);
+        self.cache.push_back(resource);
+        while self.cache.len() > CACHE_ENTRIES {
+            self.cache.pop_front();
+        }
+        if !hit {
+            let exchange = self.exchanges.get_mut(&task).expect("started");
+            let body = CACHED_BODY as u32;
+            exchange
+                .unread
+                .extend([Sent::Head, Sent::Bytes(body), Sent::End { reusable: true }]);
+            return self.read(core, task);
+        }
+        core.connection_unused(task, reused);
+        self.exchanges.remove(&task);
+        self.open.remove(&conn);
+        if reused {
+            self.idle.insert(conn);
+        }
+        match core.response(task, http::Response::new(())) {
+            Proceed::Read { .. } => {}
+            other => panic!("a fetch's response from the cache: {other:?}"),
+        }
+        core.body_data(task, Bytes::from(vec![0u8; CACHED_BODY as usize]));
+        assert_eq!(
+            core.body_end(task, false),
+            Release::Close,
+            "nothing to pool"
+        );
+        self.end(task);
     }
 
     /// The IO closed its connection on a failure. If the engine had completed the task
@@ -1304,6 +1397,7 @@ pub fn model_resources(ledger: &core::Ledger) -> Resources {
         timers: ledger.timers,
         temp_files: ledger.temp_files,
         delegate_held: ledger.delegate_held,
+        cached_responses: ledger.cached_responses,
     }
 }
 

@@ -10,8 +10,8 @@ use std::rc::Rc;
 
 use leakproof_model::rules::{Rule, Violation, check_model, check_trace};
 use leakproof_model::{
-    Callback, CloseFrame, Disposition, Fault, Model, Op, Redirect, Route, SessionId, SessionKind,
-    SessionState, Step, TaskKind, Timer,
+    CACHE_ENTRIES, Callback, CloseFrame, Disposition, Fault, Model, Op, Redirect, ResourceId,
+    Route, SessionId, SessionKind, SessionState, Step, TaskKind, Timer,
 };
 
 use crate::machine::{Divergence, System, run_sequence, teardown_ops};
@@ -53,6 +53,9 @@ pub struct Alphabet {
     pub pace: bool,
     /// Whether the server may redirect (`Op::ServerRedirects`, followed or refused).
     pub redirects: bool,
+    /// Whether the user fetches cacheable resources (`Op::Fetch`) and resets sessions
+    /// (`Op::Reset`).
+    pub fetches: bool,
 }
 
 impl Default for Alphabet {
@@ -70,6 +73,7 @@ impl Default for Alphabet {
             conveniences: Vec::new(),
             pace: false,
             redirects: false,
+            fetches: false,
         }
     }
 }
@@ -143,6 +147,16 @@ impl Alphabet {
                 Op::DropSession(session),
                 Op::IdleTimeoutPasses(session),
             ]);
+            if self.fetches {
+                if task.0 < self.tasks {
+                    ops.extend((0..=CACHE_ENTRIES as u8).map(|r| Op::Fetch {
+                        session,
+                        task,
+                        resource: ResourceId(r),
+                    }));
+                }
+                ops.push(Op::Reset(session));
+            }
             if self.pace {
                 ops.extend([
                     Op::DelegateBlocks(session),
@@ -509,7 +523,7 @@ fn check_state(model: &Model, traces: &Traces) -> Result<(), Violation> {
     check_model(&end)?;
     for (id, session) in end.sessions() {
         let held = end.resources(id);
-        if !held.is_zero() {
+        if !crate::machine::released_at_teardown(session.kind, held) {
             return Err(Violation {
                 rule: Rule::R10,
                 detail: format!("{id} ({:?}) holds {held:?} after teardown", session.kind),

@@ -112,8 +112,8 @@ use std::path::{Path, PathBuf};
 
 use leakproof_model::rules::Rule;
 use leakproof_model::{
-    CloseFrame, Disposition, Fault, Model, Op, Redirect, SessionId, SessionKind, TaskId, TaskKind,
-    Timer,
+    CloseFrame, Disposition, Fault, Model, Op, Redirect, ResourceId, SessionId, SessionKind,
+    TaskId, TaskKind, Timer,
 };
 
 use crate::machine::{Divergence, System, run_sequence};
@@ -245,6 +245,12 @@ pub fn line(op: &Op) -> String {
             task,
             kind,
         } => format!("await {task} {} in {session}", task_kind_word(kind)),
+        Op::Fetch {
+            session,
+            task,
+            resource,
+        } => format!("fetch {task} {resource} in {session}"),
+        Op::Reset(session) => format!("reset {session}"),
         Op::Resume(task) => format!("resume {task}"),
         Op::Suspend(task) => format!("suspend {task}"),
         Op::Cancel(task) => format!("cancel {task}"),
@@ -337,6 +343,12 @@ fn parse_op(words: &[&str]) -> Option<Op> {
             task: task(t)?,
             kind: parse_word(&TASK_KINDS, task_kind_word, kind)?,
         },
+        ["fetch", t, r, "in", s] => Op::Fetch {
+            session: session(s)?,
+            task: task(t)?,
+            resource: ResourceId(u8::try_from(r.strip_prefix('r').and_then(number)?).ok()?),
+        },
+        ["reset", s] => Op::Reset(session(s)?),
         ["await", t, kind, "in", s] => Op::Await {
             session: session(s)?,
             task: task(t)?,
@@ -639,6 +651,16 @@ impl Renumbering {
                 task: t(task),
                 kind,
             },
+            Op::Fetch {
+                session,
+                task,
+                resource,
+            } => Op::Fetch {
+                session: s(session),
+                task: t(task),
+                resource,
+            },
+            Op::Reset(session) => Op::Reset(s(session)),
             Op::FinishTasksAndInvalidate(session) => Op::FinishTasksAndInvalidate(s(session)),
             Op::InvalidateAndCancel(session) => Op::InvalidateAndCancel(s(session)),
             Op::DropSession(session) => Op::DropSession(s(session)),
@@ -704,10 +726,11 @@ fn ids(op: &Op) -> (Option<SessionId>, Option<TaskId>) {
         | Op::IdleTimeoutPasses(session)
         | Op::DelegateBlocks(session)
         | Op::DelegateReturns(session)
-        | Op::DelegateDefers(session) => (Some(session), None),
-        Op::CreateTask { session, task, .. } | Op::Await { session, task, .. } => {
-            (Some(session), Some(task))
-        }
+        | Op::DelegateDefers(session)
+        | Op::Reset(session) => (Some(session), None),
+        Op::CreateTask { session, task, .. }
+        | Op::Await { session, task, .. }
+        | Op::Fetch { session, task, .. } => (Some(session), Some(task)),
         _ => (None, op.task()),
     }
 }
@@ -950,6 +973,19 @@ fn rust_literal(op: &Op) -> Literal {
         Op::DelegateBlocks(session) => tuple("DelegateBlocks", s(session)),
         Op::DelegateReturns(session) => tuple("DelegateReturns", s(session)),
         Op::DelegateDefers(session) => tuple("DelegateDefers", s(session)),
+        Op::Reset(session) => tuple("Reset", s(session)),
+        Op::Fetch {
+            session,
+            task,
+            resource,
+        } => named(
+            "Fetch",
+            &[
+                ("session", s(session)),
+                ("task", t(task)),
+                ("resource", format!("ResourceId({})", resource.0)),
+            ],
+        ),
         Op::Answer(task) => tuple("Answer", t(task)),
         Op::DropResponder(task) => tuple("DropResponder", t(task)),
         Op::Resume(task) => tuple("Resume", t(task)),

@@ -10,8 +10,8 @@ use proptest::prelude::*;
 use proptest::strategy::Union;
 
 use leakproof_model::{
-    CloseFrame, Disposition, Fault, Model, Op, Redirect, Route, SessionId, SessionKind,
-    SessionState, TaskId, TaskKind, Timer,
+    CACHE_ENTRIES, CloseFrame, Disposition, Fault, Model, Op, Redirect, ResourceId, Route,
+    SessionId, SessionKind, SessionState, TaskId, TaskKind, Timer,
 };
 
 /// How big generated worlds get: enough to race sessions and tasks against each other, small
@@ -232,11 +232,26 @@ pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
                 if !http.is_empty() {
                     families.push((
                         (weight / 3).max(1),
-                        (proptest::sample::select(sessions), task_kind_in(&http))
+                        (
+                            proptest::sample::select(sessions.clone()),
+                            task_kind_in(&http),
+                        )
                             .prop_map(move |(session, kind)| Op::Await {
                                 session,
                                 task,
                                 kind,
+                            })
+                            .boxed(),
+                    ));
+                    // Fetches of the server's cacheable resources, one more than a cache holds,
+                    // so that they hit, miss and evict.
+                    families.push((
+                        (weight / 2).max(1),
+                        (proptest::sample::select(sessions), 0..=CACHE_ENTRIES as u8)
+                            .prop_map(move |(session, r)| Op::Fetch {
+                                session,
+                                task,
+                                resource: ResourceId(r),
                             })
                             .boxed(),
                     ));
@@ -247,10 +262,11 @@ pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
     if !sessions.is_empty() {
         families.push((
             3,
-            (proptest::sample::select(sessions.clone()), 0..3u8)
+            (proptest::sample::select(sessions.clone()), 0..4u8)
                 .prop_map(|(s, which)| match which {
                     0 => Op::FinishTasksAndInvalidate(s),
                     1 => Op::InvalidateAndCancel(s),
+                    2 => Op::Reset(s),
                     _ => Op::DropSession(s),
                 })
                 .boxed(),

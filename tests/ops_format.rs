@@ -22,8 +22,8 @@ use leakproof_check::strategies::{
 };
 use leakproof_model::rules::Rule;
 use leakproof_model::{
-    Callback, CloseFrame, Disposition, Model, Op, Outcome, Redirect, Returned, SessionId, Step,
-    TaskId, TaskKind, Timer,
+    Callback, CloseFrame, Disposition, Model, Op, Outcome, Redirect, ResourceId, Returned,
+    SessionId, Step, TaskId, TaskKind, Timer,
 };
 
 const CASES: u32 = 256;
@@ -63,6 +63,12 @@ fn any_op() -> impl Strategy<Value = Op> {
         s.clone().prop_map(Op::DelegateBlocks),
         s.clone().prop_map(Op::DelegateReturns),
         s.clone().prop_map(Op::DelegateDefers),
+        s.clone().prop_map(Op::Reset),
+        (s.clone(), t.clone(), 0..3u8).prop_map(|(session, task, r)| Op::Fetch {
+            session,
+            task,
+            resource: ResourceId(r)
+        }),
         t.clone().prop_map(Op::Answer),
         t.clone().prop_map(Op::DropResponder),
         s.prop_map(Op::IdleTimeoutPasses),

@@ -12,6 +12,24 @@ pub struct SessionId(pub u32);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TaskId(pub u32);
 
+/// One of the server's cacheable resources (`r0`, `r1`, `r2`): a `200` of [`CACHED_BODY`]
+/// bytes that may be kept for a minute (`Cache-Control: max-age`), served whole at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ResourceId(pub u8);
+
+/// The body of a cacheable resource, in bytes.
+pub const CACHED_BODY: u64 = 1000;
+
+/// How many cacheable responses a session's cache holds (the suite's sessions are configured
+/// so): keeping one more evicts the least recently used.
+pub const CACHE_ENTRIES: usize = 2;
+
+impl fmt::Display for ResourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "r{}", self.0)
+    }
+}
+
 impl fmt::Display for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "s{}", self.0)
@@ -150,6 +168,9 @@ pub enum Op {
     InvalidateAndCancel(SessionId),
     /// Drop the last `Session` handle (R10).
     DropSession(SessionId),
+    /// `session.reset()`: empty the response cache and close the idle connections; the
+    /// session goes on.
+    Reset(SessionId),
 
     // The user's ops on tasks.
     /// Create a task (`Suspended`), or be refused with `SessionInvalidated` (R8).
@@ -166,6 +187,15 @@ pub enum Op {
         session: SessionId,
         task: TaskId,
         kind: TaskKind,
+    },
+    /// `session.data(request).await` of a cacheable resource (a convenience, as
+    /// [`Op::Await`]): answered from the session's cache if it holds the resource, with no
+    /// request sent (the connection slot it took goes back unused); else the server answers
+    /// whole at once, and the response is kept.
+    Fetch {
+        session: SessionId,
+        task: TaskId,
+        resource: ResourceId,
     },
     /// Run the task; the first resume sends the request.
     Resume(TaskId),
@@ -254,6 +284,7 @@ impl Op {
         match *self {
             Op::CreateTask { task, .. }
             | Op::Await { task, .. }
+            | Op::Fetch { task, .. }
             | Op::Resume(task)
             | Op::Suspend(task)
             | Op::Cancel(task)
@@ -278,6 +309,7 @@ impl Op {
             | Op::FinishTasksAndInvalidate(_)
             | Op::InvalidateAndCancel(_)
             | Op::DropSession(_)
+            | Op::Reset(_)
             | Op::IdleTimeoutPasses(_)
             | Op::DelegateBlocks(_)
             | Op::DelegateReturns(_)

@@ -98,6 +98,12 @@
 //!   redirect is the response, heard with `did_receive_response`. A task that followed
 //!   [`MAX_REDIRECTS`] fails at the next ([`Outcome::TooManyRedirects`]) and closes the
 //!   connection.
+//! - A session's response cache is a resource of its own ([`Resources::cached_responses`]):
+//!   a fetch of a cacheable resource ([`Op::Fetch`], a convenience) is answered from it if it
+//!   holds the resource, and the connection slot the fetch took goes back unused; else the
+//!   server answers whole and the response is kept, the least recently used evicted past
+//!   [`CACHE_ENTRIES`]. [`Op::Reset`] empties it and closes the idle connections; R4 holds
+//!   of it at invalidation; the shared session's stays, bounded (R9).
 //! - The delegate may answer later ([`Op::DelegateDefers`]): it keeps the responder its next
 //!   question hands it ([`Task::responder`]), the task reads nothing and its request timer
 //!   stops ([`Task::deferred`]) while the session's other callbacks go on, until
@@ -128,8 +134,9 @@ mod resources;
 pub mod rules;
 
 pub use alphabet::{
-    Callback, CloseFrame, Disposition, Fault, MAX_REDIRECTS, Op, Outcome, Redirect, Refusal,
-    Returned, Route, SessionId, SessionKind, TaskId, TaskKind, Timer,
+    CACHE_ENTRIES, CACHED_BODY, Callback, CloseFrame, Disposition, Fault, MAX_REDIRECTS, Op,
+    Outcome, Redirect, Refusal, ResourceId, Returned, Route, SessionId, SessionKind, TaskId,
+    TaskKind, Timer,
 };
 pub use machine::{
     DEFAULT_READ_AHEAD, Exchange, Model, Pace, ServerPhase, Session, SessionState, Step, Task,

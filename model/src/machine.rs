@@ -9,8 +9,8 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::alphabet::{
-    Callback, CloseFrame, Disposition, Fault, MAX_REDIRECTS, Op, Outcome, Redirect, Refusal,
-    Returned, Route, SessionId, SessionKind, TaskId, TaskKind, Timer,
+    CACHE_ENTRIES, Callback, CloseFrame, Disposition, Fault, MAX_REDIRECTS, Op, Outcome, Redirect,
+    Refusal, ResourceId, Returned, Route, SessionId, SessionKind, TaskId, TaskKind, Timer,
 };
 use crate::resources::Resources;
 
@@ -140,6 +140,8 @@ pub struct Session {
     pub handing_over: u32,
     /// The delegate answers its next question later, through a responder it keeps.
     pub defers: bool,
+    /// The resources its response cache holds, least recently used first.
+    pub cache: VecDeque<ResourceId>,
     /// Callbacks said and not yet delivered, in order (one session's are delivered serially).
     queue: VecDeque<Callback>,
 }
@@ -202,6 +204,8 @@ pub struct Task {
     pub responder: bool,
     /// Redirects followed.
     pub hops: u32,
+    /// A convenience's GET of a cacheable resource ([`Op::Fetch`]).
+    pub fetch: Option<ResourceId>,
     /// The delegate's answer to the response head, applied when it returns.
     answer: Disposition,
     /// The delegate's answer to a redirect, applied when it returns.
@@ -414,6 +418,7 @@ impl Model {
             timers: tasks().map(Task::armed_timers).sum(),
             temp_files: count(|t| t.temp_file) + session.handing_over,
             delegate_held: session.kind == SessionKind::Delegated && !session.delegate_released,
+            cached_responses: session.cache.len() as u32,
         }
     }
 
@@ -438,8 +443,18 @@ impl Model {
                             .values()
                             .all(|s| s.kind != SessionKind::Shared))
             }
-            Op::FinishTasksAndInvalidate(s) | Op::InvalidateAndCancel(s) | Op::DropSession(s) => {
-                user_session(s)
+            Op::FinishTasksAndInvalidate(s)
+            | Op::InvalidateAndCancel(s)
+            | Op::DropSession(s)
+            | Op::Reset(s) => user_session(s),
+            Op::Fetch {
+                session,
+                task,
+                resource,
+            } => {
+                user_session(session)
+                    && !self.tasks.contains_key(task)
+                    && usize::from(resource.0) <= CACHE_ENTRIES
             }
             Op::CreateTask { session, task, .. } => {
                 user_session(session) && !self.tasks.contains_key(task)
@@ -644,6 +659,7 @@ impl Model {
                         delegate_released: false,
                         handing_over: 0,
                         defers: false,
+                        cache: VecDeque::new(),
                         queue: VecDeque::new(),
                     },
                 );
@@ -673,6 +689,24 @@ impl Model {
                 if out.refused.is_none() {
                     // Its first poll resumes it.
                     self.resume(task, &mut out);
+                }
+            }
+            Op::Fetch {
+                session,
+                task,
+                resource,
+            } => {
+                self.create_task(session, task, TaskKind::Data, Route::Future, &mut out);
+                if out.refused.is_none() {
+                    self.task_mut(task).fetch = Some(resource);
+                    self.resume(task, &mut out);
+                }
+            }
+            Op::Reset(s) => {
+                let session = self.session_mut(s);
+                if session.state != SessionState::Invalidated {
+                    session.cache.clear();
+                    session.idle_connections = 0;
                 }
             }
             Op::Resume(t) => self.resume(t, &mut out),
@@ -866,8 +900,10 @@ impl Model {
                 }
             }
             Callback::BecomeInvalid { .. } => {
-                // R3: dropped right after it returns.
-                self.session_mut(s).delegate_released = true;
+                // R3: dropped right after it returns; the session is released with it (R4).
+                let session = self.session_mut(s);
+                session.delegate_released = true;
+                session.cache.clear();
             }
             Callback::BecomeDownload { .. }
             | Callback::Open { .. }
@@ -919,6 +955,7 @@ impl Model {
                 undelivered: 0,
                 responder: false,
                 hops: 0,
+                fetch: None,
                 redirect: Redirect::Follow,
                 window: (route == Route::Handle
                     && self.sessions[&session].kind == SessionKind::Delegated
@@ -1015,6 +1052,11 @@ impl Model {
     /// Start the waiting tasks that can have a connection now, in order: a pooled one first
     /// (reused), else a new one while the host has a free slot.
     fn admit(&mut self, s: SessionId, out: &mut Step) {
+        if self.sessions[&s].state == SessionState::Cancelling {
+            // Every task is being cancelled in this step: none starts meanwhile (a fetch the
+            // server would answer at once among them).
+            return;
+        }
         while let Some(&t) = self.sessions[&s].waiting.front() {
             let session = &self.sessions[&s];
             let reuse = session.idle_connections > 0;
@@ -1033,7 +1075,37 @@ impl Model {
             task.connection = true;
             task.exchange = Exchange::AwaitingResponse;
             task.server = ServerPhase::RequestReceived;
-            self.pump(t, out);
+            match task.fetch {
+                Some(resource) => self.serve(t, resource, reuse, out),
+                None => self.pump(t, out),
+            }
+        }
+    }
+
+    /// A fetch of `resource` has a connection (`reused`: a pooled one). The cache answers if
+    /// it holds the resource, and the connection goes back unused: to the pool if it came
+    /// from there, else it was never opened. Else the server answers whole at once: the
+    /// connection is pooled and the response kept, the least recently used one evicted if the
+    /// cache is full. Kept before the task completes.
+    fn serve(&mut self, t: TaskId, resource: ResourceId, reused: bool, out: &mut Step) {
+        let s = self.tasks[&t].session;
+        let session = self.session_mut(s);
+        let hit = session.cache.contains(&resource);
+        session.cache.retain(|r| *r != resource);
+        session.cache.push_back(resource);
+        while session.cache.len() > CACHE_ENTRIES {
+            session.cache.pop_front();
+        }
+        let task = self.task_mut(t);
+        task.server = ServerPhase::Done;
+        if hit {
+            task.connection = false;
+            if reused {
+                self.session_mut(s).idle_connections += 1;
+            }
+            self.complete(t, Outcome::Success, out);
+        } else {
+            self.complete_success(t, true, out);
         }
     }
 
@@ -1479,8 +1551,13 @@ impl Model {
         }
         let session = self.session_mut(s);
         session.state = SessionState::Invalidated;
-        // R4: the pool closes with the session.
+        // R4: the pool closes with the session. The cache goes when the session is released:
+        // at once without a delegate, else once did_become_invalid has returned (see
+        // `Model::returned`).
         session.idle_connections = 0;
+        if session.kind != SessionKind::Delegated {
+            session.cache.clear();
+        }
         if session.kind == SessionKind::Delegated {
             session
                 .queue

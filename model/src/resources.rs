@@ -19,6 +19,8 @@ pub struct Resources {
     pub temp_files: u32,
     /// The session holds its delegate.
     pub delegate_held: bool,
+    /// Responses kept in the session's cache.
+    pub cached_responses: u32,
 }
 
 impl Resources {

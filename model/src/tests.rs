@@ -1310,3 +1310,38 @@ fn a_refused_redirect_is_the_response_and_an_answer_later_holds_the_hop() {
     );
     assert_eq!((u.hops, u.connection), (1, true));
 }
+
+fn fetch(task: TaskId, resource: u8) -> Op {
+    Op::Fetch {
+        session: S,
+        task,
+        resource: ResourceId(resource),
+    }
+}
+
+#[test]
+fn a_cached_response_answers_without_the_network_and_the_least_recently_used_goes_first() {
+    let mut m = Model::new();
+    let hit = TaskId(2);
+    let step = m.apply(&session(SessionKind::Plain));
+    assert!(step.callbacks.is_empty());
+    let missed = m.apply(&fetch(T, 0));
+    assert_eq!(missed.awaited, [(T, Outcome::Success)]);
+    let held = m.resources(S);
+    assert_eq!((held.cached_responses, held.idle_connections), (1, 1));
+    m.apply(&fetch(U, 1));
+    // A hit takes the pooled connection's slot and gives it back unused.
+    let answered = m.apply(&fetch(hit, 0));
+    assert_eq!(answered.awaited, [(hit, Outcome::Success)]);
+    assert_eq!(m.resources(S).idle_connections, 1);
+    // r2 evicts r1, the least recently used: r0 was used last.
+    m.apply(&fetch(TaskId(3), 2));
+    let cache: Vec<_> = m.session(S).unwrap().cache.iter().copied().collect();
+    assert_eq!(cache, [ResourceId(0), ResourceId(2)]);
+    m.apply(&Op::Reset(S));
+    let held = m.resources(S);
+    assert_eq!((held.cached_responses, held.idle_connections), (0, 0));
+    m.apply(&fetch(TaskId(4), 0));
+    m.apply(&Op::FinishTasksAndInvalidate(S));
+    assert!(m.resources(S).is_zero(), "R4: nothing cached either");
+}

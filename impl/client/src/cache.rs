@@ -161,6 +161,12 @@ impl Cache {
         })
     }
 
+    /// Responses held (the ledger's `cached_responses`).
+    pub fn responses(&self) -> u32 {
+        self.store()
+            .map_or(0, |store| lock(&store.entries).map.len() as u32)
+    }
+
     /// For the suite: the store, not kept alive.
     #[cfg(feature = "test-util")]
     pub fn weak_store(&self) -> Option<std::sync::Weak<Store>> {

@@ -688,6 +688,7 @@ impl Shared {
         Ledger {
             tls_sessions: self.pool.tls_sessions(),
             cached_bytes: self.cache.as_ref().map_or(0, Cache::bytes),
+            cached_responses: self.cache.as_ref().map_or(0, Cache::responses),
             ..self.core.ledger()
         }
     }

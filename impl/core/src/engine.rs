@@ -298,6 +298,7 @@ impl Engine {
             pending_callbacks: self.callbacks.len() as u32,
             tls_sessions: 0, // the client's to fill in
             cached_bytes: 0, // the client's too
+            cached_responses: 0,
         }
     }
 

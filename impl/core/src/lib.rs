@@ -372,6 +372,8 @@ pub struct Ledger {
     /// Bytes of responses the session's cache holds (bodies and headers). The engine knows
     /// nothing of the cache and leaves it 0: the client fills it in.
     pub cached_bytes: u64,
+    /// Responses the session's cache holds; the client's to fill in too.
+    pub cached_responses: u32,
 }
 
 impl Ledger {
