@@ -418,7 +418,13 @@ impl Exchange {
         // R7: a suspended task reports nothing until it is resumed.
         self.unpaused().await?;
         let length = content_length(&parts);
-        let head = head_of(&parts);
+        // The engine hands the head to the task's delegate, if any; a session without one
+        // needs no copy of the headers.
+        let head = if self.shared.delegated() {
+            head_of(&parts)
+        } else {
+            status_of(&parts)
+        };
         out.head = Some(parts);
         let proceed = if refused {
             Proceed::Wait // ReceiveResponse is queued already
@@ -841,6 +847,14 @@ pub(crate) fn head_of(parts: &http::response::Parts) -> http::Response<()> {
     *head.status_mut() = parts.status;
     *head.version_mut() = parts.version;
     *head.headers_mut() = parts.headers.clone();
+    head
+}
+
+/// The head without its headers.
+fn status_of(parts: &http::response::Parts) -> http::Response<()> {
+    let mut head = http::Response::new(());
+    *head.status_mut() = parts.status;
+    *head.version_mut() = parts.version;
     head
 }
 

@@ -706,6 +706,11 @@ impl Shared {
         }
     }
 
+    /// Whether the session has a delegate: without one, no task's head goes to any.
+    pub fn delegated(&self) -> bool {
+        self.infos.is_some()
+    }
+
     /// The task's exchange is over, or it never had one and never will.
     pub fn forget(&self, task: TaskId) {
         let record = lock(&self.records).remove(&task);
