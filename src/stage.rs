@@ -125,13 +125,17 @@ pub struct Builder {
     log: bool,
     /// TLS on the listener, or why it cannot be.
     tls: Option<Result<Arc<ServerConfig>, String>>,
+    /// Resume TLS sessions with stateless tickets.
+    stateless_tickets: bool,
 }
 
-/// `SO_SNDBUF` and `SO_RCVBUF` of every socket a stage accepts, on any of its listeners.
+/// `SO_SNDBUF` and `SO_RCVBUF` of every socket a stage accepts, on any of its listeners, and
+/// the loopback address they listen on (127.0.0.1 unless [`Builder::loopback`] says).
 #[derive(Debug, Default, Clone, Copy)]
 struct Buffers {
     send: Option<u32>,
     recv: Option<u32>,
+    ip: Option<Ipv4Addr>,
 }
 
 /// A request to `/hold/KEY`, parked until the test drives its response.
@@ -202,8 +206,9 @@ impl Stage {
         self.addr
     }
 
-    /// `https://127.0.0.1:PORT` followed by `path_and_query`, for a stage built with
-    /// [`Builder::tls`] (the certificate must name 127.0.0.1).
+    /// `https://127.0.0.1:PORT` (or the [`Builder::loopback`] address) followed by
+    /// `path_and_query`, for a stage built with [`Builder::tls`] (the certificate must name
+    /// that address).
     pub fn https_url(&self, path_and_query: &str) -> String {
         assert!(self.tls, "https_url: this stage was built without tls");
         format!(
@@ -224,7 +229,8 @@ impl Stage {
         self.tls
     }
 
-    /// `http://127.0.0.1:PORT` followed by `path_and_query` (a leading `/` is added if missing).
+    /// `http://127.0.0.1:PORT` (or the [`Builder::loopback`] address) followed by
+    /// `path_and_query` (a leading `/` is added if missing).
     pub fn url(&self, path_and_query: &str) -> String {
         let slash = if path_and_query.starts_with('/') {
             ""
@@ -343,6 +349,24 @@ impl Builder {
         self
     }
 
+    /// Listen on `ip`, another address of the loopback range (127.0.0.0/8) than 127.0.0.1, so
+    /// that several stages are several hosts to a client: each its own TLS server name, say.
+    /// An address outside the range makes [`start`](Self::start) fail: the stage serves this
+    /// machine only.
+    pub fn loopback(mut self, ip: Ipv4Addr) -> Builder {
+        self.buffers.ip = Some(ip);
+        self
+    }
+
+    /// With [`tls`](Self::tls): resume TLS sessions with stateless tickets (rustls's ring
+    /// `Ticketer`: the session's state, encrypted, is the ticket) rather than with the session
+    /// ids of a server-side cache. The server then keeps nothing per session, so a test that
+    /// counts the process's heap sees the client's resumption store alone.
+    pub fn stateless_tickets(mut self) -> Builder {
+        self.stateless_tickets = true;
+        self
+    }
+
     /// Speak TLS on the listener (TLS 1.2 and 1.3, ALPN `http/1.1`) with this certificate
     /// chain (the server's first) and its key; the raw listeners stay plain TCP.
     pub fn tls(
@@ -363,11 +387,19 @@ impl Builder {
         self
     }
 
-    /// Binds 127.0.0.1:0 and spawns the accept loop on the current tokio runtime.
+    /// Binds 127.0.0.1:0 (or the [`loopback`](Self::loopback) address) and spawns the accept
+    /// loop on the current tokio runtime.
     pub async fn start(self) -> io::Result<Stage> {
         let tls = match self.tls {
             None => None,
-            Some(Ok(config)) => Some(TlsAcceptor::from(config)),
+            Some(Ok(mut config)) => {
+                if self.stateless_tickets {
+                    let ticketer = rustls::crypto::ring::Ticketer::new()
+                        .map_err(|e| io::Error::other(format!("the stage's TLS tickets: {e}")))?;
+                    Arc::make_mut(&mut config).ticketer = ticketer;
+                }
+                Some(TlsAcceptor::from(config))
+            }
             Some(Err(why)) => return Err(io::Error::new(io::ErrorKind::InvalidInput, why)),
         };
         let listener = self.buffers.listen()?;
@@ -390,8 +422,16 @@ impl Builder {
 }
 
 impl Buffers {
-    /// A listener on 127.0.0.1 with an ephemeral port whose accepted sockets get these sizes.
+    /// A listener on 127.0.0.1 (or the loopback address set) with an ephemeral port whose
+    /// accepted sockets get these sizes.
     fn listen(self) -> io::Result<TcpListener> {
+        let ip = self.ip.unwrap_or(Ipv4Addr::LOCALHOST);
+        if !ip.is_loopback() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the stage listens on loopback addresses only, not {ip}"),
+            ));
+        }
         let socket = TcpSocket::new_v4()?;
         // Set before listen(): accepted sockets inherit them, see tcp(7).
         if let Some(bytes) = self.send {
@@ -400,7 +440,7 @@ impl Buffers {
         if let Some(bytes) = self.recv {
             socket.set_recv_buffer_size(bytes)?;
         }
-        socket.bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+        socket.bind(SocketAddr::from((ip, 0)))?;
         socket.listen(1024)
     }
 }

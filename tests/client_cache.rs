@@ -111,6 +111,31 @@ async fn a_fresh_response_is_answered_from_the_cache_without_a_connection() {
 }
 
 #[tokio::test]
+async fn an_https_hit_opens_no_connection_and_makes_no_handshake() {
+    let ca = tls_ca::TestCa::new("leakproof test CA");
+    let stage = ca.stage().await;
+    let config = no_pool().add_root_certificate(ca.root()).build().unwrap();
+    let session = Session::new(config, None);
+    let url = stage.https_url("/bytes/1000?max_age=60");
+    let first = fetch(&session, url.clone()).await;
+    assert_eq!(first.body().as_ref(), body(1000).as_slice());
+    assert_eq!((stage.accepted(), stage.requests()), (1, 1));
+    for _ in 0..3 {
+        let again = fetch(&session, url.clone()).await;
+        assert_eq!(again.body(), first.body());
+    }
+    // The witness: no other connection, so no other handshake, full or resumed.
+    assert_eq!((stage.accepted(), stage.requests()), (1, 1));
+    assert_eq!(stage.tls_resumptions(), 0);
+    // A miss after the hits connects as usual, resuming the TLS session cached.
+    fetch(&session, stage.https_url("/bytes/10")).await;
+    assert_eq!((stage.accepted(), stage.tls_resumptions()), (2, 1));
+    session.finish_tasks_and_invalidate();
+    bounded("invalidated", session.invalidated()).await;
+    assert!(stage.wait_all_closed(PATIENCE).await);
+}
+
+#[tokio::test]
 async fn a_hit_leaves_the_pooled_connection_it_was_given_in_the_pool() {
     let stage = Stage::start().await.unwrap();
     let config = Configuration::builder().max_connections_per_host(1);

@@ -35,6 +35,24 @@ impl TestCa {
         self.issuer.der().to_vec()
     }
 
+    /// The root in PEM, as a file named by `LEAKPROOF_EXTRA_CA_CERTS` holds it.
+    pub fn root_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A stage speaking TLS on the loopback address `ip`, with a certificate of this CA's for
+    /// it, that resumes sessions with stateless tickets (it keeps nothing per session).
+    pub async fn stage_on(&self, ip: std::net::Ipv4Addr) -> leakproof_check::stage::Stage {
+        let cert = self.server_for(&[&ip.to_string()], None);
+        leakproof_check::stage::Stage::builder()
+            .loopback(ip)
+            .tls(cert.chain, cert.key)
+            .stateless_tickets()
+            .start()
+            .await
+            .unwrap()
+    }
+
     /// A stage speaking TLS with a certificate of this CA's for 127.0.0.1 and `localhost`.
     pub async fn stage(&self) -> leakproof_check::stage::Stage {
         let cert = self.server();

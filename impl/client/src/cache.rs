@@ -117,7 +117,13 @@ fn options() -> CacheOptions {
 /// The key of a request: its method and absolute URL (`origin` is `scheme://host:port`).
 pub(crate) fn key(method: &Method, origin: &str, target: &http::Uri) -> String {
     let target = target.path_and_query().map_or("/", |p| p.as_str());
-    format!("{method} {origin}{target}")
+    let method = method.as_str();
+    let mut key = String::with_capacity(method.len() + 1 + origin.len() + target.len());
+    key.push_str(method);
+    key.push(' ');
+    key.push_str(origin);
+    key.push_str(target);
+    key
 }
 
 /// Whether a request may use the cache at all: a GET with no range (the crate does not
@@ -251,7 +257,19 @@ impl Cache {
         request: &http::request::Parts,
         response: &http::response::Parts,
     ) -> Option<CachePolicy> {
-        if self.store().is_none() || response.status != StatusCode::OK || !applies(request) {
+        // Freshness comes from Cache-Control or Expires, or by heuristic from Last-Modified;
+        // a validator is an ETag or a Last-Modified (RFC 9111, 4.2 and 4.3). A response with
+        // none of them can be neither fresh nor revalidated: no policy to work out.
+        let headers = &response.headers;
+        if response.status != StatusCode::OK
+            || !headers.contains_key(http::header::CACHE_CONTROL)
+                && !headers.contains_key(http::header::EXPIRES)
+                && !headers.contains_key(http::header::ETAG)
+                && !headers.contains_key(http::header::LAST_MODIFIED)
+        {
+            return None;
+        }
+        if self.store().is_none() || !applies(request) {
             return None;
         }
         let policy = CachePolicy::new_options(request, response, SystemTime::now(), options());

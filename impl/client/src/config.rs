@@ -126,7 +126,8 @@ impl Default for Configuration {
     /// ones per host, idle connections closed after 90 s, downloads in the system temp dir;
     /// a 16 KiB read buffer, a 64 KiB stream window, delegate window and write buffer, a 5 s
     /// websocket close timeout, 16 MiB websocket messages and 16 MiB bodies collected by the
-    /// conveniences; https trusting the webpki-roots (Mozilla's) roots, and at most 64 TLS
+    /// conveniences; https trusting the webpki-roots (Mozilla's) roots, and those of the PEM
+    /// file [`EXTRA_CA_CERTS_ENV`](crate::EXTRA_CA_CERTS_ENV) names if set, and at most 64 TLS
     /// sessions kept for resumption; a 512 KiB response cache in memory.
     fn default() -> Self {
         Self {
@@ -476,9 +477,9 @@ impl ConfigurationBuilder {
         self
     }
 
-    /// Whether https trusts the roots of the webpki-roots crate (Mozilla's, compiled in), true
-    /// by default. False trusts only the roots added with
-    /// [`add_root_certificate`](Self::add_root_certificate).
+    /// Whether https trusts the roots of the webpki-roots crate (Mozilla's, compiled in), and
+    /// those [`EXTRA_CA_CERTS_ENV`](crate::EXTRA_CA_CERTS_ENV) names, true by default. False
+    /// trusts only the roots added with [`add_root_certificate`](Self::add_root_certificate).
     pub fn webpki_roots(mut self, trust: bool) -> Self {
         self.config.webpki_roots = trust;
         self

@@ -19,8 +19,10 @@ use std::error::Error as _;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -33,7 +35,7 @@ use tokio::sync::watch;
 
 use crate::cache::{self, Lookup};
 use crate::pool::{Body, Connection, Note, Origin};
-use crate::redirect::{Chain, DRAIN_LIMIT};
+use crate::redirect::{Chain, DRAIN_LIMIT, Replay};
 use crate::session::Shared;
 use crate::{Error, Intake, Proceed, Redirect, Release, Start, TaskId, Timeout};
 
@@ -146,12 +148,32 @@ pub(crate) async fn unless_aborted<F: Future>(
     control: &watch::Receiver<Control>,
     work: F,
 ) -> Option<F::Output> {
+    let mut work = std::pin::pin!(work);
+    // Most work is done at its first poll: then no waiter is registered with the control.
+    // The control is looked at first all the same, as the select below does.
+    if stopped(control, |c| c.aborted) {
+        return None;
+    }
+    if let Poll::Ready(out) = poll_once(work.as_mut()).await {
+        return Some(out);
+    }
     let mut control = control.clone();
     tokio::select! {
         biased;
         _ = control.wait_for(|c| c.aborted) => None,
         out = work => Some(out),
     }
+}
+
+/// Whether `control` says stop (`stop` of its value) or its sender is gone, as `wait_for`
+/// would find at once; no waiter is registered.
+fn stopped(control: &watch::Receiver<Control>, stop: impl FnOnce(&Control) -> bool) -> bool {
+    control.has_changed().is_err() || stop(&control.borrow())
+}
+
+/// Poll `work` once: its output, or `Pending` (its waker registered as any poll does).
+async fn poll_once<F: Future>(mut work: Pin<&mut F>) -> Poll<F::Output> {
+    poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await
 }
 
 /// Wait until `control` lets the IO go on (R7); false once it says stop.
@@ -226,12 +248,17 @@ impl Exchange {
         // The session's cache: a GET with no body (a data or download task's) may be answered
         // from it, or asked for again with the stored response's validators.
         let cache = shared.cache.as_ref();
-        let sent = cache.map(|_| sent_parts(&request));
+        // The request as the task made it: what the cache's rules read, and what a first
+        // redirect is made from.
+        let sent = sent_parts(&request);
+        let replay = request.extensions().get::<Replay>().cloned();
         let key = cache::key(request.method(), &self.origin.key(), request.uri());
-        let cacheable = sent
-            .as_ref()
+        let cacheable = cache
+            .map(|_| &sent)
             .filter(|sent| cache::applies(sent) && request.body().is_end_stream());
         let mut stale = None;
+        // A revalidation's request, its conditional headers added.
+        let mut revalidating = None;
         if let (Some(cache), Some(sent)) = (cache, cacheable) {
             match self.or_abort(cache.lookup(&key, sent)).await? {
                 Lookup::Fresh(hit) => {
@@ -258,12 +285,14 @@ impl Exchange {
                     body,
                 } => {
                     *request.headers_mut() = revalidation.headers.clone();
+                    revalidating = Some(sent_parts(&request));
                     stale = Some((revalidation, policy, body));
                 }
                 Lookup::Miss => {}
             }
         }
-        let mut chain = Chain::new(&self.origin, &request, self.shared.config.max_redirects);
+        let first = revalidating.as_ref().unwrap_or(&sent);
+        let mut chain = Chain::new(replay.as_ref(), self.shared.config.max_redirects);
         let (core, task) = (self.shared.core.clone(), self.task);
         let mut hopped = false;
         // Send, and follow redirects, until a response that is the task's own.
@@ -273,7 +302,8 @@ impl Exchange {
             let (parts, mut body) = response.into_parts();
             // R7: a suspended task reports nothing until it is resumed.
             self.unpaused().await?;
-            let Some(next) = chain.next(&parts)? else {
+            // Until a first hop, `self.origin` is where `first` went.
+            let Some(next) = chain.next(&parts, first, &self.origin)? else {
                 break (connection, parts, body, false);
             };
             core.redirect(task, head_of(&parts), next);
@@ -332,7 +362,7 @@ impl Exchange {
             return self.respond(out, activity, hit.head, answer).await;
         }
         // An unsafe method's success makes what is stored for its URL stale (RFC 9111, 4.4).
-        if let (Some(cache), Some(sent)) = (cache, &sent)
+        if let Some(cache) = cache
             && !sent.method.is_safe()
             && (parts.status.is_success() || parts.status.is_redirection())
         {
@@ -388,7 +418,13 @@ impl Exchange {
         // R7: a suspended task reports nothing until it is resumed.
         self.unpaused().await?;
         let length = content_length(&parts);
-        let head = head_of(&parts);
+        // The engine hands the head to the task's delegate, if any; a session without one
+        // needs no copy of the headers.
+        let head = if self.shared.delegated() {
+            head_of(&parts)
+        } else {
+            status_of(&parts)
+        };
         out.head = Some(parts);
         let proceed = if refused {
             Proceed::Wait // ReceiveResponse is queued already
@@ -700,6 +736,13 @@ impl Exchange {
     /// Run `work` unless the control says pause (`None`) or stop first. `work` must lose
     /// nothing when dropped unfinished, as reading a body frame does not.
     async fn unless_paused<F: Future>(&mut self, work: F) -> Result<Option<F::Output>, Stop> {
+        let mut work = std::pin::pin!(work);
+        // The fast way when the work is done at its first poll, as in `unless_aborted`.
+        if !stopped(&self.control, |c| c.paused || c.aborted)
+            && let Poll::Ready(out) = poll_once(work.as_mut()).await
+        {
+            return Ok(Some(out));
+        }
         let mut control = self.control.clone();
         tokio::select! {
             biased;
@@ -804,6 +847,14 @@ pub(crate) fn head_of(parts: &http::response::Parts) -> http::Response<()> {
     *head.status_mut() = parts.status;
     *head.version_mut() = parts.version;
     *head.headers_mut() = parts.headers.clone();
+    head
+}
+
+/// The head without its headers.
+fn status_of(parts: &http::response::Parts) -> http::Response<()> {
+    let mut head = http::Response::new(());
+    *head.status_mut() = parts.status;
+    *head.version_mut() = parts.version;
     head
 }
 

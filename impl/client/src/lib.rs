@@ -84,6 +84,7 @@ pub use responder::{Reply, Responder};
 pub use session::{DownloadedFile, Observer, Session, SessionBuilder, UploadBody};
 pub use stream::StreamTask;
 pub use task::{DataTask, DownloadTask, UploadTask};
+pub use tls::EXTRA_CA_CERTS_ENV;
 pub use websocket::{IntoWebSocketRequest, WebSocketTask};
 
 use leakproof_core::{

@@ -63,15 +63,45 @@ impl Origin {
             Scheme::Https => "https",
             Scheme::Tcp => "tcp",
         };
-        format!("{scheme}://{}", self.addr())
+        let mut key = String::with_capacity(scheme.len() + 3 + self.host.len() + 8);
+        key.push_str(scheme);
+        key.push_str("://");
+        self.push_addr(&mut key);
+        key
     }
 
     /// `host:port`.
     pub fn addr(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
+        let mut addr = String::with_capacity(self.host.len() + 8);
+        self.push_addr(&mut addr);
+        addr
+    }
+
+    /// Appends `host:port` (an IPv6 host in brackets) to `out`. Built by hand rather than
+    /// with `format!`: every request asks for its origin's key.
+    fn push_addr(&self, out: &mut String) {
+        let v6 = self.host.contains(':');
+        if v6 {
+            out.push('[');
+        }
+        out.push_str(&self.host);
+        if v6 {
+            out.push(']');
+        }
+        out.push(':');
+        let mut digits = [0u8; 5];
+        let mut port = self.port;
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (port % 10) as u8;
+            port /= 10;
+            if port == 0 {
+                break;
+            }
+        }
+        for &digit in &digits[at..] {
+            out.push(char::from(digit));
         }
     }
 }

@@ -70,8 +70,10 @@ fn empty() -> Body {
 pub(crate) struct Chain {
     limit: u32,
     followed: u32,
-    /// The request last sent, its URL absolute, without its body.
-    current: http::Request<()>,
+    /// The request last sent, its URL absolute, without its body; `None` until the first
+    /// redirect, which makes it of the task's request (most responses are not redirects, and
+    /// their requests need not pay for a copy).
+    current: Option<http::Request<()>>,
     /// Every request sent, by method and URL: one asked for again is a loop.
     visited: Vec<(Method, String)>,
     /// The upload's body, if it has one.
@@ -81,34 +83,44 @@ pub(crate) struct Chain {
 }
 
 impl Chain {
-    /// The chain that begins with `request` (in origin form, as sent) to `origin`.
-    pub fn new(origin: &Origin, request: &http::Request<Body>, limit: u32) -> Chain {
-        let path = request
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        let uri = absolute(origin, &path);
-        let mut current = http::Request::new(());
-        *current.method_mut() = request.method().clone();
-        *current.uri_mut() = uri.clone();
-        *current.headers_mut() = request.headers().clone();
+    /// The chain of a task's request; `replay` is its upload's body, if it has one.
+    pub fn new(replay: Option<&Replay>, limit: u32) -> Chain {
         Chain {
             limit,
             followed: 0,
-            visited: vec![(request.method().clone(), uri.to_string())],
-            current,
-            replay: request.extensions().get::<Replay>().map(|r| r.0.clone()),
+            current: None,
+            visited: Vec::new(),
+            replay: replay.map(|r| r.0.clone()),
             keeps_body: false,
         }
+    }
+
+    /// The request last sent: at the first redirect, `first` (the task's request, in origin
+    /// form, as sent to `origin`) made absolute, and counted visited.
+    fn current(&mut self, first: &http::request::Parts, origin: &Origin) -> &http::Request<()> {
+        self.current.get_or_insert_with(|| {
+            let path = first.uri.path_and_query().map_or("/", |p| p.as_str());
+            let uri = absolute(origin, path);
+            self.visited.push((first.method.clone(), uri.to_string()));
+            let mut current = http::Request::new(());
+            *current.method_mut() = first.method.clone();
+            *current.uri_mut() = uri;
+            *current.headers_mut() = first.headers.clone();
+            current
+        })
     }
 
     /// The request that follows `response` if it is a redirect to follow: `Ok(None)` for any
     /// other response, and for every response when the limit is 0. A redirect that cannot be
     /// followed (no `Location`, a bad one, one hop too many) is an error.
+    ///
+    /// `first` is the task's request as sent to `origin`, the chain's first hop: what a first
+    /// redirect is made from.
     pub fn next(
         &mut self,
         response: &http::response::Parts,
+        first: &http::request::Parts,
+        origin: &Origin,
     ) -> Result<Option<http::Request<()>>, Error> {
         let status = response.status;
         let followed = [
@@ -134,11 +146,12 @@ impl Chain {
         if self.followed >= self.limit {
             return Err(Error::TooManyRedirects { limit: self.limit });
         }
-        let uri = resolve(self.current.uri(), location).map_err(|why| invalid(location, &why))?;
+        let current = self.current(first, origin);
+        let uri = resolve(current.uri(), location).map_err(|why| invalid(location, &why))?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) {
             return Err(invalid(location, "the scheme must be http or https"));
         }
-        let method = self.current.method();
+        let method = current.method();
         let (method, keeps_body) = match status {
             StatusCode::SEE_OTHER if method != Method::HEAD => (Method::GET, false),
             StatusCode::MOVED_PERMANENTLY | StatusCode::FOUND if method == Method::POST => {
@@ -146,7 +159,7 @@ impl Chain {
             }
             _ => (method.clone(), true),
         };
-        let mut headers = self.current.headers().clone();
+        let mut headers = current.headers().clone();
         // The next request's own, from its URL.
         headers.remove(header::HOST);
         if !keeps_body {
@@ -154,7 +167,7 @@ impl Chain {
                 headers.remove(name);
             }
         }
-        if !same_origin(self.current.uri(), &uri) {
+        if !same_origin(current.uri(), &uri) {
             for name in CREDENTIALS {
                 headers.remove(name);
             }
@@ -196,7 +209,7 @@ impl Chain {
             _ => (empty(), None),
         };
         let (body, length) = body;
-        self.current = next.clone();
+        self.current = Some(next.clone());
         let mut request = next.map(|()| body);
         if let Some(length) = length {
             request

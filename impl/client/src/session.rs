@@ -707,6 +707,11 @@ impl Shared {
         }
     }
 
+    /// Whether the session has a delegate: without one, no task's head goes to any.
+    pub fn delegated(&self) -> bool {
+        self.infos.is_some()
+    }
+
     /// The task's exchange is over, or it never had one and never will.
     pub fn forget(&self, task: TaskId) {
         let record = lock(&self.records).remove(&task);
@@ -824,13 +829,14 @@ pub(crate) fn prepare(
         let value = http::HeaderValue::from_str(authority).map_err(|_| invalid("bad host"))?;
         headers.insert(http::header::HOST, value);
     }
-    let target = uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .parse()
-        .map_err(|_| invalid("bad path"))?;
-    *request.uri_mut() = target;
+    // Origin form: the path and query alone (taken as parsed, not parsed again).
+    let mut target = http::uri::Parts::default();
+    target.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    *request.uri_mut() = http::Uri::from_parts(target).map_err(|_| invalid("bad path"))?;
     Ok((request, origin))
 }
 

@@ -9,12 +9,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
+use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use rustls::client::Tls13ClientSessionValue;
 use rustls::client::{ClientSessionStore, Resumption, Tls12ClientSessionValue};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::ServerName;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{CertificateError, ClientConfig, NamedGroup, RootCertStore};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -34,12 +36,52 @@ fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
-/// The roots `config` trusts: webpki-roots' unless turned off, and the ones it adds. Why not,
-/// for the configuration's error.
+/// The environment variable that names a PEM file of root certificates to trust besides
+/// webpki-roots', in every configuration that trusts those (the default's, and so the shared
+/// session's): a private CA, as with Node's `NODE_EXTRA_CA_CERTS`. Read once, when the first
+/// configuration that needs it is built or used; `webpki_roots(false)` ignores it.
+pub const EXTRA_CA_CERTS_ENV: &str = "LEAKPROOF_EXTRA_CA_CERTS";
+
+/// The roots [`EXTRA_CA_CERTS_ENV`] names, read once for the process (none if it is unset or
+/// empty); why they cannot be used, naming the variable and the file.
+fn extra_roots() -> Result<&'static [CertificateDer<'static>], String> {
+    static EXTRA: OnceLock<Result<Vec<CertificateDer<'static>>, String>> = OnceLock::new();
+    EXTRA
+        .get_or_init(|| match std::env::var_os(EXTRA_CA_CERTS_ENV) {
+            Some(path) if !path.is_empty() => pem_roots(Path::new(&path)),
+            _ => Ok(Vec::new()),
+        })
+        .as_deref()
+        .map_err(Clone::clone)
+}
+
+/// The certificates of the PEM file at `path`: at least one, every one readable.
+pub(crate) fn pem_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let what = || format!("{EXTRA_CA_CERTS_ENV}={}", path.display());
+    let pem = std::fs::read(path).map_err(|e| format!("{}: cannot read it: {e}", what()))?;
+    let roots = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: not PEM certificates: {e}", what()))?;
+    if roots.is_empty() {
+        return Err(format!(
+            "{}: no certificate in it (PEM, -----BEGIN CERTIFICATE-----)",
+            what()
+        ));
+    }
+    Ok(roots)
+}
+
+/// The roots `config` trusts: webpki-roots' and [`EXTRA_CA_CERTS_ENV`]'s unless turned off,
+/// and the ones it adds. Why not, for the configuration's error.
 pub(crate) fn roots(config: &Configuration) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
     if config.webpki_roots {
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for (i, der) in extra_roots()?.iter().enumerate() {
+            roots.add(der.clone()).map_err(|e| {
+                format!("{EXTRA_CA_CERTS_ENV}: certificate {i} is not a usable root: {e}")
+            })?;
+        }
     }
     for (i, der) in config.root_certificates.iter().enumerate() {
         roots.add(der.clone()).map_err(|e| {
@@ -331,5 +373,45 @@ impl ClientSessionStore for Store {
             cache.forget_if_empty(server_name);
             value
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file of this test's own in the temp dir, removed when dropped.
+    struct File(std::path::PathBuf);
+
+    impl File {
+        fn new(name: &str, contents: &[u8]) -> File {
+            let path =
+                std::env::temp_dir().join(format!("leakproof-{}-{name}.pem", std::process::id()));
+            std::fs::write(&path, contents).unwrap();
+            File(path)
+        }
+    }
+
+    impl Drop for File {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_roots_file_that_cannot_be_used_is_an_error_naming_the_variable_and_the_file() {
+        let missing = std::env::temp_dir().join("leakproof-no-such-roots.pem");
+        let error = pem_roots(&missing).unwrap_err();
+        let prefix = format!("{EXTRA_CA_CERTS_ENV}={}: cannot read it", missing.display());
+        assert!(error.starts_with(&prefix), "{error}");
+        let empty = File::new("empty", b"no certificate here\n");
+        let error = pem_roots(&empty.0).unwrap_err();
+        assert!(error.contains("no certificate in it"), "{error}");
+        let garbled = File::new(
+            "garbled",
+            b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        );
+        let error = pem_roots(&garbled.0).unwrap_err();
+        assert!(error.contains("not PEM certificates"), "{error}");
     }
 }
