@@ -71,6 +71,7 @@ mod session;
 mod stream;
 mod task;
 mod tls;
+mod transport;
 mod websocket;
 
 pub use close::CloseCode;
@@ -84,6 +85,7 @@ pub use responder::{Reply, Responder};
 pub use session::{DownloadedFile, Observer, Session, SessionBuilder, UploadBody};
 pub use stream::StreamTask;
 pub use task::{DataTask, DownloadTask, UploadTask};
+pub use transport::{Endpoint, Tcp, Transport};
 pub use websocket::{IntoWebSocketRequest, WebSocketTask};
 
 use leakproof_core::{

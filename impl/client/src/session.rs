@@ -249,6 +249,7 @@ impl Session {
                 tasks.clone(),
                 notes,
                 TlsState::new(&config),
+                config.transport.clone(),
             ),
             config,
             runtime: runtime.clone(),
