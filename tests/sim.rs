@@ -124,25 +124,30 @@ fn a_request_timeout_fires_on_the_simulated_clock() {
     assert_eq!((witness.accepted(), witness.closed()), (1, 1));
 }
 
-/// Four GETs at once, answered after different simulated delays (so four connections), two
-/// more one after the other (on pooled ones), then the invalidation, which closes the four:
-/// the trace of both sides, from `seed`.
+/// Four GETs at once, answered after different simulated delays: four connections, idle in
+/// the pool once they are read.
+async fn four_gets_at_once(session: &Session, log: &Trace) {
+    let gets = [(64, 30), (1000, 5), (20_000, 15), (10, 0)].map(|(len, delay_ms)| {
+        let (session, log) = (session.clone(), log.clone());
+        async move {
+            let path = format!("/bytes/{len}?delay_ms={delay_ms}");
+            let response = session.data(get(&path)).await.expect("GET");
+            assert_eq!(response.body().len(), len);
+            log.record("client", format_args!("{path}: {}", response.status()));
+        }
+    });
+    futures_util::future::join_all(gets).await;
+}
+
+/// Four GETs at once, two more one after the other (on pooled connections), then the
+/// invalidation, which closes the four: the trace of both sides, from `seed`.
 fn concurrent_gets(seed: u64) -> String {
     let (witness, trace) = (Witness::new(), Trace::new());
     let mut sim = world(seed, &witness, &trace);
     let (server, log) = (witness.clone(), trace.clone());
     sim.client("client", async move {
         let session = session(Configuration::builder());
-        let gets = [(64, 30), (1000, 5), (20_000, 15), (10, 0)].map(|(len, delay_ms)| {
-            let (session, log) = (session.clone(), log.clone());
-            async move {
-                let path = format!("/bytes/{len}?delay_ms={delay_ms}");
-                let response = session.data(get(&path)).await.expect("GET");
-                assert_eq!(response.body().len(), len);
-                log.record("client", format_args!("{path}: {}", response.status()));
-            }
-        });
-        futures_util::future::join_all(gets).await;
+        four_gets_at_once(&session, &log).await;
         for len in [7, 8] {
             let response = session.data(get(&format!("/bytes/{len}"))).await?;
             log.record(
@@ -181,4 +186,38 @@ fn the_same_seed_gives_the_same_trace() {
     // And the seed matters: the trace is not the same whatever the seed.
     let traces: BTreeSet<String> = (5..9).map(concurrent_gets).collect();
     assert!(traces.len() > 1, "four seeds gave one trace");
+}
+
+/// Four GETs at once, then `reset()`, which closes the four idle connections: the trace of
+/// both sides, from `seed`.
+fn reset_after_concurrent_gets(seed: u64) -> String {
+    let (witness, trace) = (Witness::new(), Trace::new());
+    let mut sim = world(seed, &witness, &trace);
+    let (server, log) = (witness.clone(), trace.clone());
+    sim.client("client", async move {
+        let session = session(Configuration::builder());
+        four_gets_at_once(&session, &log).await;
+        tokio::time::timeout(PATIENCE, session.reset())
+            .await
+            .expect("reset within the patience");
+        log.record("client", "reset");
+        assert!(server.wait_closed(4, PATIENCE).await);
+        log.record("client", "the server saw all 4 closed");
+        invalidate(session).await;
+        Ok(())
+    });
+    sim.run().expect("the simulation");
+    trace.text()
+}
+
+#[test]
+fn reset_closes_the_idle_connections_in_the_same_order_for_the_same_seed() {
+    let first = reset_after_concurrent_gets(11);
+    for run in 1..5 {
+        assert_eq!(
+            first,
+            reset_after_concurrent_gets(11),
+            "run {run} of seed 11 traced differently from the first"
+        );
+    }
 }
