@@ -115,6 +115,7 @@ pub struct Witness(Arc<Counts>);
 struct Counts {
     accepted: AtomicU64,
     closed: AtomicU64,
+    requests: AtomicU64,
 }
 
 impl Witness {
@@ -130,6 +131,11 @@ impl Witness {
     /// Connections whose client end the server saw close (end of stream, or a reset).
     pub fn closed(&self) -> u64 {
         self.0.closed.load(Ordering::SeqCst)
+    }
+
+    /// Requests the server read.
+    pub fn requests(&self) -> u64 {
+        self.0.requests.load(Ordering::SeqCst)
     }
 
     /// Connections accepted and not seen closed.
@@ -219,12 +225,17 @@ fn body(len: usize) -> Bytes {
 }
 
 /// What the server does with a request, by its target:
-/// - `/bytes/N`: `200` with an N-byte body, framed by `Content-Length`; `?delay_ms=MS`
-///   answers after MS of simulated time;
+/// - `/bytes/N`: `200` with an N-byte body, framed by `Content-Length`; query keys:
+///   `delay_ms=MS` answers after MS of simulated time, `max_age=S` says
+///   `Cache-Control: max-age=S`;
 /// - `/stall`: never answers (the connection stays open until the client closes it);
 /// - anything else: `404`.
 enum Route {
-    Bytes { len: usize, delay: Duration },
+    Bytes {
+        len: usize,
+        delay: Duration,
+        max_age: Option<u64>,
+    },
     Stall,
     NotFound,
 }
@@ -240,12 +251,17 @@ fn route(target: &str) -> Route {
     else {
         return Route::NotFound;
     };
-    let delay = query
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("delay_ms="))
-        .and_then(|ms| ms.parse::<u64>().ok())
-        .map_or(Duration::ZERO, Duration::from_millis);
-    Route::Bytes { len, delay }
+    let number = |key: &str| {
+        query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    Route::Bytes {
+        len,
+        delay: number("delay_ms").map_or(Duration::ZERO, Duration::from_millis),
+        max_age: number("max_age"),
+    }
 }
 
 /// Serve HTTP/1.1 on `port` of the current host, for ever: the software of a turmoil host
@@ -264,21 +280,34 @@ pub async fn serve(port: u16, witness: Witness, trace: Trace) -> turmoil::Result
             trace: trace.clone(),
             ended: false,
         };
-        let trace = trace.clone();
+        let (trace, counts) = (trace.clone(), witness.clone());
         tokio::spawn(async move {
-            let requests = trace.clone();
+            let (requests, witness) = (trace.clone(), counts);
             let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                let trace = requests.clone();
+                let (trace, witness) = (requests.clone(), witness.clone());
                 async move {
+                    witness.0.requests.fetch_add(1, Ordering::SeqCst);
                     let target = request.uri().to_string();
                     trace.record(
                         "server",
                         format_args!("conn {id} {} {target}", request.method()),
                     );
                     let response = match route(&target) {
-                        Route::Bytes { len, delay } => {
+                        Route::Bytes {
+                            len,
+                            delay,
+                            max_age,
+                        } => {
                             tokio::time::sleep(delay).await;
-                            http::Response::new(Full::new(body(len)))
+                            let mut response = http::Response::new(Full::new(body(len)));
+                            if let Some(seconds) = max_age {
+                                let value = format!("max-age={seconds}");
+                                response.headers_mut().insert(
+                                    http::header::CACHE_CONTROL,
+                                    http::HeaderValue::from_str(&value).expect("a header value"),
+                                );
+                            }
+                            response
                         }
                         Route::Stall => std::future::pending().await,
                         Route::NotFound => {

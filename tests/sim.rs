@@ -221,3 +221,34 @@ fn reset_closes_the_idle_connections_in_the_same_order_for_the_same_seed() {
         );
     }
 }
+
+#[test]
+fn a_cached_response_goes_stale_on_the_simulated_clock() {
+    let (witness, trace) = (Witness::new(), Trace::new());
+    let mut sim = world(12, &witness, &trace);
+    let server = witness.clone();
+    sim.client("client", async move {
+        // The default configuration caches in memory.
+        let session = session(Configuration::builder());
+        let path = "/bytes/100?max_age=2";
+        session.data(get(path)).await?;
+        session.data(get(path)).await?;
+        assert_eq!(
+            server.requests(),
+            1,
+            "a fresh response is answered from the cache"
+        );
+        // Three simulated seconds on: older than its max-age of 2, so stale, and with no
+        // validator to revalidate it by: the next GET goes to the server.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        session.data(get(path)).await?;
+        assert_eq!(
+            server.requests(),
+            2,
+            "a response 3 s old by the simulated clock, max-age 2, was answered from the cache"
+        );
+        invalidate(session).await;
+        Ok(())
+    });
+    sim.run().expect("the simulation");
+}
