@@ -9,7 +9,7 @@
 //! socket no one accounts for. Here every connection is a [`Connection`] owned by exactly one
 //! thing (an exchange, or the idle map), and dropping it closes the socket.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::io;
 use std::pin::Pin;
@@ -250,7 +250,10 @@ impl Drop for Registered {
 /// clock.
 #[derive(Debug, Default)]
 struct Idle {
-    connections: HashMap<ConnId, (Connection, Instant)>,
+    /// By id, so that closing them all (`reset`, invalidation) goes in one order, the
+    /// connections' own, run after run: a hash map's order changes with its random keys, and
+    /// with it the order a simulated network sees the closes in.
+    connections: BTreeMap<ConnId, (Connection, Instant)>,
     clocked: HashSet<ConnId>,
 }
 
@@ -439,7 +442,7 @@ impl Pool {
         let all: Vec<_> = {
             let mut idle = lock(&self.idle);
             idle.clocked.clear();
-            idle.connections.drain().collect()
+            std::mem::take(&mut idle.connections).into_iter().collect()
         };
         drop(all);
     }
