@@ -14,7 +14,8 @@
 //!   `ConfigurationBuilder::transport`). The session owns each simulated stream and drops it
 //!   to close it, as it does a TCP one; the simulated network then carries the FIN (or the
 //!   RST, if unread bytes were left) to the server host.
-//! - [`serve`]: a small HTTP/1.1 server on hyper's server side, to run as a turmoil host.
+//! - [`serve`], [`serve_tls`]: a small HTTP/1.1 server on hyper's server side (over TLS for
+//!   the second), to run as a turmoil host.
 //!   hyper rather than the stage: the stage is written on tokio's sockets, `tokio::spawn` and
 //!   wall-clock deadlines (`std::time::Instant`) and its scripts are driven from the test
 //!   thread, so making it run inside a host is a rewrite of its listener, its waits and its
@@ -47,6 +48,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use leakproof::{Endpoint, Transport};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_rustls::TlsAcceptor;
 use turmoil::net::{TcpListener, TcpStream};
 
 /// The client's transport in a simulation: a simulated TCP connection to the endpoint (its
@@ -265,9 +267,30 @@ fn route(target: &str) -> Route {
 }
 
 /// Serve HTTP/1.1 on `port` of the current host, for ever: the software of a turmoil host
-/// (`sim.host("server", || serve(80, witness.clone(), trace.clone()))`). Each connection is
-/// counted by `witness` and its requests and close written to `trace`.
+/// (`sim.host("server", move || serve(80, witness.clone(), trace.clone()))`). Each connection
+/// is counted by `witness` and its requests and close written to `trace`.
 pub async fn serve(port: u16, witness: Witness, trace: Trace) -> turmoil::Result {
+    serve_on(port, None, witness, trace).await
+}
+
+/// [`serve`], over TLS (ALPN `http/1.1`) with `config`: https (and the client's TLS over its
+/// simulated stream) in a simulation. A connection whose handshake fails is counted as any
+/// other.
+pub async fn serve_tls(
+    port: u16,
+    config: Arc<rustls::ServerConfig>,
+    witness: Witness,
+    trace: Trace,
+) -> turmoil::Result {
+    serve_on(port, Some(TlsAcceptor::from(config)), witness, trace).await
+}
+
+async fn serve_on(
+    port: u16,
+    tls: Option<TlsAcceptor>,
+    witness: Witness,
+    trace: Trace,
+) -> turmoil::Result {
     let listener = TcpListener::bind(("0.0.0.0", port)).await?;
     loop {
         let (stream, peer) = listener.accept().await?;
@@ -280,55 +303,69 @@ pub async fn serve(port: u16, witness: Witness, trace: Trace) -> turmoil::Result
             trace: trace.clone(),
             ended: false,
         };
-        let (trace, counts) = (trace.clone(), witness.clone());
+        let (tls, witness, trace) = (tls.clone(), witness.clone(), trace.clone());
         tokio::spawn(async move {
-            let (requests, witness) = (trace.clone(), counts);
-            let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                let (trace, witness) = (requests.clone(), witness.clone());
-                async move {
-                    witness.0.requests.fetch_add(1, Ordering::SeqCst);
-                    let target = request.uri().to_string();
-                    trace.record(
-                        "server",
-                        format_args!("conn {id} {} {target}", request.method()),
-                    );
-                    let response = match route(&target) {
-                        Route::Bytes {
-                            len,
-                            delay,
-                            max_age,
-                        } => {
-                            tokio::time::sleep(delay).await;
-                            let mut response = http::Response::new(Full::new(body(len)));
-                            if let Some(seconds) = max_age {
-                                let value = format!("max-age={seconds}");
-                                response.headers_mut().insert(
-                                    http::header::CACHE_CONTROL,
-                                    http::HeaderValue::from_str(&value).expect("a header value"),
-                                );
-                            }
-                            response
-                        }
-                        Route::Stall => std::future::pending().await,
-                        Route::NotFound => {
-                            let mut response = http::Response::new(Full::new(Bytes::new()));
-                            *response.status_mut() = http::StatusCode::NOT_FOUND;
-                            response
-                        }
-                    };
-                    trace.record(
-                        "server",
-                        format_args!("conn {id} answers {}", response.status()),
-                    );
-                    Ok::<_, Infallible>(response)
-                }
-            });
-            let served = http1::Builder::new()
-                .serve_connection(TokioIo::new(watched), service)
-                .await;
+            let served = match tls {
+                None => connection(watched, id, witness, trace.clone()).await,
+                Some(tls) => match tls.accept(watched).await {
+                    Ok(stream) => connection(stream, id, witness, trace.clone()).await,
+                    Err(error) => Err(error.to_string()),
+                },
+            };
             if let Err(error) = served {
                 trace.record("server", format_args!("conn {id} ended: {error}"));
             }
         });
     }
+}
+
+/// Serve one connection's requests by their routes (see [`Route`]) until it ends.
+async fn connection<S>(stream: S, id: u64, witness: Witness, trace: Trace) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+        let (trace, witness) = (trace.clone(), witness.clone());
+        async move {
+            witness.0.requests.fetch_add(1, Ordering::SeqCst);
+            let target = request.uri().to_string();
+            trace.record(
+                "server",
+                format_args!("conn {id} {} {target}", request.method()),
+            );
+            let response = match route(&target) {
+                Route::Bytes {
+                    len,
+                    delay,
+                    max_age,
+                } => {
+                    tokio::time::sleep(delay).await;
+                    let mut response = http::Response::new(Full::new(body(len)));
+                    if let Some(seconds) = max_age {
+                        let value = format!("max-age={seconds}");
+                        response.headers_mut().insert(
+                            http::header::CACHE_CONTROL,
+                            http::HeaderValue::from_str(&value).expect("a header value"),
+                        );
+                    }
+                    response
+                }
+                Route::Stall => std::future::pending().await,
+                Route::NotFound => {
+                    let mut response = http::Response::new(Full::new(Bytes::new()));
+                    *response.status_mut() = http::StatusCode::NOT_FOUND;
+                    response
+                }
+            };
+            trace.record(
+                "server",
+                format_args!("conn {id} answers {}", response.status()),
+            );
+            Ok::<_, Infallible>(response)
+        }
+    });
+    http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+        .map_err(|error| error.to_string())
 }

@@ -5,12 +5,17 @@
 //! clock. Each wait inside a host is bounded on the simulated clock, and each simulation by
 //! its duration, so a bug fails the run rather than hanging it.
 
+#[path = "support/tls_ca.rs"]
+mod tls_ca;
+
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use leakproof::{Configuration, Error, Session, Timeout};
 use leakproof_check::sim::{self, Trace, Turmoil, Witness};
 use leakproof_check::stage::body;
+use tls_ca::TestCa;
 use tokio::time::Instant;
 
 /// The server host's name and port.
@@ -248,6 +253,52 @@ fn a_cached_response_goes_stale_on_the_simulated_clock() {
             "a response 3 s old by the simulated clock, max-age 2, was answered from the cache"
         );
         invalidate(session).await;
+        Ok(())
+    });
+    sim.run().expect("the simulation");
+}
+
+#[test]
+fn https_runs_over_the_simulated_stream() {
+    let ca = TestCa::new("leakproof simulation CA");
+    let cert = ca.server_for(&[SERVER], None);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|builder| {
+            builder
+                .with_no_client_auth()
+                .with_single_cert(cert.chain, cert.key)
+        })
+        .expect("the server's TLS configuration");
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let config = Arc::new(config);
+
+    let (witness, trace) = (Witness::new(), Trace::new());
+    let mut sim = sim::sim(13, Duration::from_secs(120));
+    let (counts, log) = (witness.clone(), trace.clone());
+    sim.host(SERVER, move || {
+        sim::serve_tls(443, config.clone(), counts.clone(), log.clone())
+    });
+    let (server, root) = (witness.clone(), ca.root());
+    sim.client("client", async move {
+        let session = session(Configuration::builder().add_root_certificate(root));
+        for _ in 0..2 {
+            let request = http::Request::get(format!("https://{SERVER}/bytes/10000"))
+                .body(())
+                .unwrap();
+            let response = session.data(request).await?;
+            assert_eq!(&response.body()[..], &body(10_000)[..]);
+        }
+        assert_eq!(server.accepted(), 1, "one TLS connection, kept alive");
+        assert_eq!(server.requests(), 2);
+        invalidate(session).await;
+        assert!(
+            server.wait_closed(1, PATIENCE).await,
+            "the server host saw {} of {} connections closed",
+            server.closed(),
+            server.accepted()
+        );
         Ok(())
     });
     sim.run().expect("the simulation");
