@@ -7,49 +7,7 @@
 //! TCP ([`Tcp`]) is the default; a test can plug a simulated network instead
 //! ([`ConfigurationBuilder::transport`](crate::ConfigurationBuilder::transport)).
 //!
-//! # What the seam promises
-//!
-//! - **The client layers the protocols.** A transport yields bytes: for `https://` and
-//!   `wss://` the client runs TLS (with the session's configuration and resumption store) over
-//!   the stream the transport yields, then HTTP/1.1, or the websocket, over that. A transport
-//!   never sees a scheme, and never does TLS for the client.
-//! - **The session owns the stream from the moment `connect` returns it.** It lives inside the
-//!   session's closable socket (the one the driver closes on an abort, an invalidation, an
-//!   idle expiry), and it is *dropped* when the connection is released: a response that cannot
-//!   be pooled, an idle connection expired or closed by `reset()`, a task cancelled, the
-//!   session invalidated. Dropping the stream is the close: the transport's stream must
-//!   release its connection in its `Drop` (a [`tokio::net::TcpStream`] does, and so does a
-//!   simulated one). The client may also call `poll_shutdown` first (a websocket's close, a
-//!   stream task's `close_write`), but never relies on it.
-//! - **When it is dropped is the rules' business:** a task's connection is dropped before its
-//!   `did_complete` is delivered (R5), and every connection before `did_become_invalid` and
-//!   `invalidated()` (R4). A transport's own witness (the server side of a simulated network
-//!   seeing the close) therefore sees each close in the order the rules promise it, and the
-//!   client end is gone at the moment of the promise.
-//! - **A connect is bounded and cancellable.** The future `connect` returns is awaited within
-//!   the task's timers (the request timeout bounds it) and dropped on an abort; dropping it
-//!   must leave nothing behind.
-//! - **Errors stay typed.** A connect that fails with [`std::io::ErrorKind::ConnectionRefused`]
-//!   is [`Error::ConnectionRefused`](crate::Error::ConnectionRefused); any other error is
-//!   [`Error::Io`](crate::Error::Io), on the task that needed the connection.
-//!
-//! # Cost
-//!
-//! The default path pays nothing for the seam: [`Tcp`] is not called through a trait object;
-//! its streams are kept as they are (`tokio::net::TcpStream`, or TLS over it). Another
-//! transport's stream is boxed once, when it connects, and its reads and writes go through
-//! one virtual call each.
-//!
-//! # Design
-//!
-//! hyper-util's legacy client takes any `tower::Service<Uri>` whose response is a byte stream
-//! (its `Connect` trait is a sealed alias for that), and is generic over it; reqwest layers
-//! `Service<Uri>` connectors and erases them, keeping its built-in HTTP/TLS connector as a fast
-//! path when no layer is added. Here a [`Session`](crate::Session) is not generic (it is a
-//! handle anyone can hold), and the seam needs neither `poll_ready` nor a `Uri` (the client
-//! knows the origin; the scheme is its business): so a small trait of our own, an `async`
-//! connect to a host and port, erased behind an `Arc` in the configuration, with TCP kept as
-//! a variant of its own rather than a boxed transport.
+//! What the seam promises, what it costs and why it is shaped so: see [`Transport`].
 
 use std::any::Any;
 use std::fmt;
@@ -94,10 +52,55 @@ impl fmt::Display for Endpoint<'_> {
     }
 }
 
-/// How a session opens its connections: a byte stream to an [`Endpoint`].
+/// How a session opens its connections: a byte stream to an [`Endpoint`]. Plugged with
+/// [`ConfigurationBuilder::transport`](crate::ConfigurationBuilder::transport); [`Tcp`] by
+/// default.
 ///
-/// See the [module docs](self) for what the session does with the stream (it owns it, layers
-/// TLS and HTTP over it, and drops it to close it).
+/// # What the seam promises
+///
+/// - **The client layers the protocols.** A transport yields bytes: for `https://` and
+///   `wss://` the client runs TLS (with the session's configuration and resumption store) over
+///   the stream the transport yields, then HTTP/1.1, or the websocket, over that. A transport
+///   never sees a scheme, and never does TLS for the client.
+/// - **The session owns the stream from the moment `connect` returns it.** It lives inside the
+///   session's closable socket (the one the driver closes on an abort, an invalidation, an
+///   idle expiry), and it is *dropped* when the connection is released: a response that cannot
+///   be pooled, an idle connection expired or closed by `reset()`, a task cancelled, the
+///   session invalidated. Dropping the stream is the close: the transport's stream must
+///   release its connection in its `Drop` (a [`tokio::net::TcpStream`] does, and so does a
+///   simulated one). The client may also call `poll_shutdown` first (a websocket's close, a
+///   stream task's `close_write`), but never relies on it.
+/// - **When it is dropped is the rules' business:** a task's connection is dropped before its
+///   `did_complete` is delivered (R5), and every connection before `did_become_invalid` and
+///   `invalidated()` (R4). A transport's own witness (the server side of a simulated network
+///   seeing the close) therefore sees each close in the order the rules promise it, and the
+///   client end is gone at the moment of the promise.
+/// - **A connect is bounded and cancellable.** The future `connect` returns is awaited within
+///   the task's timers (the request timeout bounds it) and dropped on an abort; dropping it
+///   must leave nothing behind.
+/// - **Errors stay typed.** A connect that fails with [`std::io::ErrorKind::ConnectionRefused`]
+///   is [`Error::ConnectionRefused`](crate::Error::ConnectionRefused); any other error is
+///   [`Error::Io`](crate::Error::Io), on the task that needed the connection.
+///
+/// # Cost
+///
+/// The default path pays nothing for the seam: [`Tcp`] is not called through a trait object;
+/// its streams are kept as they are (`tokio::net::TcpStream`, or TLS over it). Another
+/// transport's stream is boxed once, when it connects, and its reads and writes go through
+/// one virtual call each.
+///
+/// # Design
+///
+/// hyper-util's legacy client takes any `tower::Service<Uri>` whose response is a byte stream
+/// (its `Connect` trait is a sealed alias for that), and is generic over it; reqwest layers
+/// `Service<Uri>` connectors and erases them, keeping its built-in HTTP/TLS connector as a fast
+/// path when no layer is added. Here a [`Session`](crate::Session) is not generic (it is a
+/// handle anyone can hold), and the seam needs neither `poll_ready` nor a `Uri` (the client
+/// knows the origin; the scheme is its business): so a small trait of our own, an `async`
+/// connect to a host and port, erased behind an `Arc` in the configuration, with TCP kept as
+/// a variant of its own rather than a boxed transport.
+///
+/// # Example
 ///
 /// ```
 /// use std::io;
