@@ -303,3 +303,34 @@ fn https_runs_over_the_simulated_stream() {
     });
     sim.run().expect("the simulation");
 }
+
+#[test]
+fn an_idle_connection_closes_at_the_idle_timeout_on_the_simulated_clock() {
+    let (witness, trace) = (Witness::new(), Trace::new());
+    let mut sim = world(14, &witness, &trace);
+    let server = witness.clone();
+    sim.client("client", async move {
+        let idle = Duration::from_secs(20);
+        let session = session(Configuration::builder().idle_timeout(idle));
+        session.data(get("/bytes/10")).await?;
+        let parked = Instant::now();
+        // Just short of the idle timeout (and of the network's latency after it), still open.
+        tokio::time::sleep_until(parked + idle - Duration::from_millis(50)).await;
+        assert_eq!((server.accepted(), server.closed()), (1, 0));
+        assert_eq!(session.resources().idle_connections, 1);
+        // Past it, closed by the driver's idle clock: the server host sees the close.
+        assert!(
+            server.wait_closed(1, Duration::from_secs(1)).await,
+            "the idle connection was not closed at its idle timeout"
+        );
+        let closed_after = parked.elapsed();
+        assert!(
+            closed_after >= idle && closed_after < idle + Duration::from_millis(100),
+            "the server saw the idle connection closed after {closed_after:?}, not {idle:?}"
+        );
+        assert_eq!(session.resources().idle_connections, 0);
+        invalidate(session).await;
+        Ok(())
+    });
+    sim.run().expect("the simulation");
+}
