@@ -14,6 +14,8 @@
 //!   account is the witness;
 //! - [`run`]: seeded runs and their report, used by `cargo test` and `leakproof-check check`;
 //! - [`scenario`]: one terminal path of one kind of task against the stage, and the witnesses;
+//! - [`sim`]: the simulated network (turmoil): the client's transport over it, a server host
+//!   that counts the connections it sees closed, and a trace of events on the simulated clock;
 //! - [`stage`]: the loopback HTTP/1.1 server the client is tested against, scriptable per
 //!   request, counting the sockets it accepts and sees closed;
 //! - [`witness`]: the counting global allocator, for heap-baseline tests.
@@ -28,6 +30,7 @@ pub mod ops;
 pub mod reference;
 pub mod run;
 pub mod scenario;
+pub mod sim;
 pub mod stage;
 pub mod strategies;
 pub mod witness;

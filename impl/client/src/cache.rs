@@ -32,6 +32,31 @@ pub(crate) struct Cache {
     /// never another session's (a directory of the caller's may serve several).
     session: String,
     files: AtomicU64,
+    clock: Clock,
+}
+
+/// The cache's idea of now: the wall clock when the cache was made, moved on by tokio's
+/// clock since, the one the session's timers run on. So entries age as the session's time
+/// passes, also where that time is paused or simulated (tokio's test clock, a turmoil host),
+/// and a step of the wall clock (an NTP correction) does not age or rejuvenate them at once.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    wall: SystemTime,
+    since: tokio::time::Instant,
+}
+
+impl Clock {
+    /// Must be made within the session's runtime: tokio's clock is the runtime's.
+    fn new() -> Clock {
+        Clock {
+            wall: SystemTime::now(),
+            since: tokio::time::Instant::now(),
+        }
+    }
+
+    fn now(&self) -> SystemTime {
+        self.wall + self.since.elapsed()
+    }
 }
 
 #[derive(Debug)]
@@ -133,6 +158,8 @@ pub(crate) fn applies(request: &http::request::Parts) -> bool {
 }
 
 impl Cache {
+    /// The cache of the session named `session`; made within the session's runtime (its
+    /// clock is the cache's).
     pub fn new(config: UrlCache, session: &str) -> Cache {
         let disk = config.disk.as_ref().map(|disk| match disk {
             CacheDisk::Ephemeral { capacity } => Disk {
@@ -152,6 +179,7 @@ impl Cache {
             store: Mutex::new(Some(Arc::default())),
             session: session.to_owned(),
             files: AtomicU64::new(0),
+            clock: Clock::new(),
         }
     }
 
@@ -184,7 +212,7 @@ impl Cache {
         let Some(store) = self.store() else {
             return Lookup::Miss;
         };
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let (answer, body) = {
             let mut entries = lock(&store.entries);
             let Some(entry) = entries.map.get(key) else {
@@ -235,7 +263,7 @@ impl Cache {
         if response.status != StatusCode::NOT_MODIFIED {
             return None;
         }
-        match policy.after_response(request, response, SystemTime::now()) {
+        match policy.after_response(request, response, self.clock.now()) {
             AfterResponse::NotModified(policy, head) => {
                 if let Some(store) = self.store() {
                     let mut entries = lock(&store.entries);
@@ -272,10 +300,11 @@ impl Cache {
         if self.store().is_none() || !applies(request) {
             return None;
         }
-        let policy = CachePolicy::new_options(request, response, SystemTime::now(), options());
+        let now = self.clock.now();
+        let policy = CachePolicy::new_options(request, response, now, options());
         let validated = response.headers.contains_key(http::header::ETAG)
             || response.headers.contains_key(http::header::LAST_MODIFIED);
-        let fresh = !policy.time_to_live(SystemTime::now()).is_zero();
+        let fresh = !policy.time_to_live(now).is_zero();
         let announced = content_length(&response.headers).unwrap_or(0);
         let fits = announced.saturating_add(overhead(request, response)) <= self.max_entry();
         (policy.is_storable() && (fresh || validated) && fits).then_some(policy)

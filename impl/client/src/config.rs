@@ -10,6 +10,7 @@ use http::header::{HeaderName, HeaderValue};
 use rustls::pki_types::CertificateDer;
 
 use crate::Error;
+use crate::transport::{Connector, Transport};
 
 /// TLS sessions a session keeps for resumption by default: see
 /// [`ConfigurationBuilder::tls_session_cache`].
@@ -116,6 +117,8 @@ pub struct Configuration {
     pub(crate) root_certificates: Vec<CertificateDer<'static>>,
     pub(crate) webpki_roots: bool,
     pub(crate) url_cache: Option<UrlCache>,
+    /// How connections are opened: TCP unless the builder plugs another transport.
+    pub(crate) transport: Connector,
 }
 
 /// The smallest `read_buffer` hyper accepts (`http1::Builder::max_buf_size`).
@@ -150,6 +153,7 @@ impl Default for Configuration {
             root_certificates: Vec::new(),
             webpki_roots: true,
             url_cache: Some(UrlCache::memory(DEFAULT_CACHE_MEMORY)),
+            transport: Connector::Tcp,
         }
     }
 }
@@ -482,6 +486,16 @@ impl ConfigurationBuilder {
     /// trusts only the roots added with [`add_root_certificate`](Self::add_root_certificate).
     pub fn webpki_roots(mut self, trust: bool) -> Self {
         self.config.webpki_roots = trust;
+        self
+    }
+
+    /// How the session opens its connections: [`Tcp`](crate::Tcp) by default. Every
+    /// connection goes through it (pooled HTTP exchanges, stream tasks, websockets); the
+    /// session layers TLS (for `https://` and `wss://`) and HTTP over the stream it yields,
+    /// owns that stream, and drops it to close it (see [`Transport`]). A simulated network
+    /// plugs in here.
+    pub fn transport(mut self, transport: impl Transport) -> Self {
+        self.config.transport = Connector::new(transport);
         self
     }
 

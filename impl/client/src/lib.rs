@@ -71,6 +71,7 @@ mod session;
 mod stream;
 mod task;
 mod tls;
+mod transport;
 mod websocket;
 
 pub use close::CloseCode;
@@ -85,6 +86,7 @@ pub use session::{DownloadedFile, Observer, Session, SessionBuilder, UploadBody}
 pub use stream::StreamTask;
 pub use task::{DataTask, DownloadTask, UploadTask};
 pub use tls::EXTRA_CA_CERTS_ENV;
+pub use transport::{Endpoint, Tcp, Transport};
 pub use websocket::{IntoWebSocketRequest, WebSocketTask};
 
 use leakproof_core::{

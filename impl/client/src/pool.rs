@@ -9,7 +9,8 @@
 //! socket no one accounts for. Here every connection is a [`Connection`] owned by exactly one
 //! thing (an exchange, or the idle map), and dropping it closes the socket.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -30,6 +31,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::task::TaskTracker;
 
 use crate::tls::TlsState;
+use crate::transport::{Connected, Connector, Endpoint, Io};
 use crate::{ConnId, Error};
 
 /// A request body: bytes or a file, streamed.
@@ -115,13 +117,26 @@ pub(crate) struct Connection {
     _socket: Registered,
 }
 
-/// What a [`Socket`] carries: TCP, or TLS over TCP. The TLS connection lives inside the
-/// socket, so that closing the socket drops it too (its buffers, and its hold on the session's
-/// TLS configuration) there and then.
-#[derive(Debug)]
+/// What a [`Socket`] carries: the transport's stream (TCP, kept as it is, or another
+/// transport's, boxed), or TLS over it. The TLS connection lives inside the socket, so that
+/// closing the socket drops it too (its buffers, and its hold on the session's TLS
+/// configuration) there and then.
 enum Wire {
     Tcp(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    Other(Box<dyn Io>),
+    OtherTls(Box<TlsStream<Box<dyn Io>>>),
+}
+
+impl fmt::Debug for Wire {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Wire::Tcp(stream) => f.debug_tuple("Tcp").field(stream).finish(),
+            Wire::Tls(stream) => f.debug_tuple("Tls").field(stream).finish(),
+            Wire::Other(_) => f.write_str("Other"),
+            Wire::OtherTls(_) => f.write_str("OtherTls"),
+        }
+    }
 }
 
 /// Forward a poll to the wire's stream, whichever it is.
@@ -130,6 +145,8 @@ macro_rules! wire {
         match $wire {
             Wire::Tcp($stream) => $poll,
             Wire::Tls($stream) => $poll,
+            Wire::Other($stream) => $poll,
+            Wire::OtherTls($stream) => $poll,
         }
     };
 }
@@ -202,7 +219,12 @@ impl AsyncWrite for Socket {
     }
 
     fn is_write_vectored(&self) -> bool {
-        true // a TcpStream's are; a TLS stream's gathers them into one record
+        // A TcpStream's are, and a TLS stream's gathers them into one record; another
+        // transport's stream says for itself.
+        match lock(&self.0).as_ref() {
+            Some(Wire::Other(stream)) => stream.is_write_vectored(),
+            _ => true,
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -258,7 +280,10 @@ impl Drop for Registered {
 /// clock.
 #[derive(Debug, Default)]
 struct Idle {
-    connections: HashMap<ConnId, (Connection, Instant)>,
+    /// By id, so that closing them all (`reset`, invalidation) goes in one order, the
+    /// connections' own, run after run: a hash map's order changes with its random keys, and
+    /// with it the order a simulated network sees the closes in.
+    connections: BTreeMap<ConnId, (Connection, Instant)>,
     clocked: HashSet<ConnId>,
 }
 
@@ -305,6 +330,8 @@ pub(crate) struct Pool {
     tasks: TaskTracker,
     notes: mpsc::UnboundedSender<Note>,
     tls: Mutex<Tls>,
+    /// How connections are opened (the configuration's transport).
+    connector: Connector,
 }
 
 /// The session's TLS state, from its creation to its release.
@@ -324,6 +351,7 @@ impl Pool {
         tasks: TaskTracker,
         notes: mpsc::UnboundedSender<Note>,
         tls: Result<TlsState, Error>,
+        connector: Connector,
     ) -> Self {
         Self {
             tasks,
@@ -333,6 +361,7 @@ impl Pool {
             runtime,
             notes,
             tls: Mutex::new(tls.map_or_else(Tls::Failed, Tls::Ready)),
+            connector,
         }
     }
 
@@ -370,15 +399,18 @@ impl Pool {
         }
     }
 
-    /// A TLS connection over `tcp` to `origin`, with the session's configuration.
-    async fn tls(&self, tcp: TcpStream, origin: &Origin) -> Result<TlsStream<TcpStream>, Error> {
+    /// A TLS connection over `stream` to `origin`, with the session's configuration.
+    async fn tls<S>(&self, stream: S, origin: &Origin) -> Result<TlsStream<S>, Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         // The state is cloned out of the lock: the handshake is awaited without it.
         let config = match &*lock(&self.tls) {
             Tls::Ready(state) => Ok(state.clone()),
             Tls::Failed(error) => Err(error.clone()),
             Tls::Released => Err(Error::SessionInvalidated),
         };
-        config?.connect(tcp, &origin.host).await
+        config?.connect(stream, &origin.host).await
     }
 
     pub fn note(&self, note: Note) {
@@ -440,7 +472,7 @@ impl Pool {
         let all: Vec<_> = {
             let mut idle = lock(&self.idle);
             idle.clocked.clear();
-            idle.connections.drain().collect()
+            std::mem::take(&mut idle.connections).into_iter().collect()
         };
         drop(all);
     }
@@ -457,15 +489,26 @@ impl Pool {
         }
     }
 
-    /// Connect to `origin` as connection `id` (TCP, and TLS over it for https): the socket,
-    /// registered, and its registration,
-    /// whose owner closes it by dropping it.
+    /// Connect to `origin` as connection `id` (through the transport, and TLS over its stream
+    /// for https): the socket, registered, and its registration, whose owner closes it by
+    /// dropping it.
     pub async fn open(&self, id: ConnId, origin: &Origin) -> Result<(Socket, Registered), Error> {
-        let tcp = connect_tcp(origin).await?;
-        let wire = match origin.scheme {
-            Scheme::Http | Scheme::Tcp => Wire::Tcp(tcp),
-            // Within the connect the exchange awaits, so its request timeout bounds it.
-            Scheme::Https => Wire::Tls(Box::new(self.tls(tcp, origin).await?)),
+        let connected = self
+            .connector
+            .connect(Endpoint::new(&origin.host, origin.port))
+            .await
+            .map_err(|e| connect_error(origin, e))?;
+        // The handshake is within the connect the exchange awaits, so its request timeout
+        // bounds it.
+        let wire = match (connected, origin.scheme) {
+            (Connected::Tcp(tcp), Scheme::Http | Scheme::Tcp) => Wire::Tcp(tcp),
+            (Connected::Tcp(tcp), Scheme::Https) => {
+                Wire::Tls(Box::new(self.tls(tcp, origin).await?))
+            }
+            (Connected::Other(stream), Scheme::Http | Scheme::Tcp) => Wire::Other(stream),
+            (Connected::Other(stream), Scheme::Https) => {
+                Wire::OtherTls(Box::new(self.tls(stream, origin).await?))
+            }
         };
         let socket = Socket::new(wire);
         lock(&self.sockets).insert(id, (socket.clone(), None));
@@ -552,16 +595,7 @@ impl Pool {
     }
 }
 
-/// A TCP connection to `origin`, with Nagle off (streams and requests go out as written);
-/// refused is [`Error::ConnectionRefused`].
-pub(crate) async fn connect_tcp(origin: &Origin) -> Result<TcpStream, Error> {
-    let stream = TcpStream::connect((origin.host.as_str(), origin.port))
-        .await
-        .map_err(|e| connect_error(origin, e))?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
+/// A transport's failure to connect to `origin`: refused is [`Error::ConnectionRefused`].
 fn connect_error(origin: &Origin, error: io::Error) -> Error {
     match error.kind() {
         io::ErrorKind::ConnectionRefused => Error::ConnectionRefused {

@@ -236,10 +236,14 @@ impl Session {
         let (notes, notes_rx) = mpsc::unbounded_channel();
         let tasks = TaskTracker::new();
         let infos: Option<Infos> = delegated.then(Default::default);
-        let cache = config
-            .url_cache
-            .clone()
-            .map(|cache| Cache::new(cache, &name));
+        // Made within the session's runtime, whose clock the cache's is.
+        let cache = {
+            let _runtime = runtime.enter();
+            config
+                .url_cache
+                .clone()
+                .map(|cache| Cache::new(cache, &name))
+        };
         let shared = Arc::new(Shared {
             cache,
             core,
@@ -249,6 +253,7 @@ impl Session {
                 tasks.clone(),
                 notes,
                 TlsState::new(&config),
+                config.transport.clone(),
             ),
             config,
             runtime: runtime.clone(),

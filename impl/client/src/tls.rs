@@ -18,7 +18,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{CertificateError, ClientConfig, NamedGroup, RootCertStore};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
@@ -140,14 +140,18 @@ impl TlsState {
         &self.config
     }
 
-    /// Make `tcp` a TLS connection to `host`; a handshake that fails is [`Error::Tls`].
-    pub async fn connect(&self, tcp: TcpStream, host: &str) -> Result<TlsStream<TcpStream>, Error> {
+    /// Make `stream` (the transport's) a TLS connection to `host`; a handshake that fails is
+    /// [`Error::Tls`].
+    pub async fn connect<S>(&self, stream: S, host: &str) -> Result<TlsStream<S>, Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let name = ServerName::try_from(host.to_owned()).map_err(|_| Error::InvalidUrl {
             url: host.to_owned(),
             reason: "not a DNS name or an IP address a TLS certificate can be checked for".into(),
         })?;
         TlsConnector::from(self.config.clone())
-            .connect(name, tcp)
+            .connect(name, stream)
             .await
             .map_err(|e| handshake_error(host, e))
     }
