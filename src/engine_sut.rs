@@ -208,10 +208,7 @@ impl System for EngineWorld {
                 s
             }
             Op::IdleTimeoutPasses(s) => {
-                let sim = self.sim(s);
-                for conn in std::mem::take(&mut sim.net.idle) {
-                    sim.core.idle_expired(conn);
-                }
+                self.sim(s).expire_idle();
                 s
             }
             Op::CreateTask {
@@ -264,9 +261,7 @@ impl System for EngineWorld {
                 let sim = self.sim(s);
                 if sim.core.state() != core::SessionState::Invalidated {
                     sim.net.cache.clear();
-                    for conn in std::mem::take(&mut sim.net.idle) {
-                        sim.core.idle_expired(conn);
-                    }
+                    sim.expire_idle();
                 }
                 s
             }
@@ -678,6 +673,13 @@ impl Sim {
                 ..Network::default()
             },
             heard: Vec::new(),
+        }
+    }
+
+    /// Every idle connection's idle time runs out.
+    fn expire_idle(&mut self) {
+        for conn in std::mem::take(&mut self.net.idle) {
+            self.core.idle_expired(conn);
         }
     }
 
