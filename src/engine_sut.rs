@@ -259,10 +259,8 @@ impl System for EngineWorld {
             }
             Op::Reset(s) => {
                 let sim = self.sim(s);
-                if sim.core.state() != core::SessionState::Invalidated {
-                    sim.net.cache.clear();
-                    sim.expire_idle();
-                }
+                sim.net.cache.clear();
+                sim.expire_idle();
                 s
             }
             Op::Fetch {

@@ -703,11 +703,11 @@ impl Model {
                 }
             }
             Op::Reset(s) => {
+                // Whatever the session's state: one invalidated and not yet released (its
+                // delegate is in did_become_invalid) still has its cache, which goes now.
                 let session = self.session_mut(s);
-                if session.state != SessionState::Invalidated {
-                    session.cache.clear();
-                    session.idle_connections = 0;
-                }
+                session.cache.clear();
+                session.idle_connections = 0;
             }
             Op::Resume(t) => self.resume(t, &mut out),
             Op::Suspend(t) => {

@@ -611,8 +611,9 @@ impl Session {
     /// Empty the session's response cache, close its idle connections and forget its TLS
     /// sessions (URLSession's `reset(completionHandler:)`); resolves once the idle sockets are
     /// closed. The session goes on: running tasks are untouched, new connections make full TLS
-    /// handshakes into a fresh store, and new requests miss the cache. A no-op on an
-    /// invalidated session, which holds none of these.
+    /// handshakes into a fresh store, and new requests miss the cache. On an invalidated
+    /// session it empties what is not released yet (the cache, while the delegate is still in
+    /// `did_become_invalid`).
     pub async fn reset(&self) {
         let shared = &self.inner.shared;
         if let Some(cache) = &shared.cache {
