@@ -607,6 +607,40 @@ async fn credentials_go_to_the_same_origin_only() {
 }
 
 #[tokio::test]
+async fn a_session_s_default_credentials_go_to_the_same_origin_only_too() {
+    let stage = logged().await;
+    let other = logged().await;
+    let config = Configuration::builder()
+        .default_header("authorization", "Bearer secret")
+        .default_header("x-kept", "yes")
+        .build()
+        .unwrap();
+    let session = Session::new(config, None);
+    let url = redirect(&stage, 302, &other.url("/bytes/5"));
+    bounded("data", session.data(get(url))).await.unwrap();
+    assert_eq!(
+        stage.log()[0].header("authorization"),
+        Some("Bearer secret")
+    );
+    let seen = &other.log()[0];
+    assert_eq!(seen.target, "/bytes/5");
+    assert_eq!(
+        seen.header("authorization"),
+        None,
+        "a default credential followed a redirect to another origin"
+    );
+    assert_eq!(seen.header("x-kept"), Some("yes"));
+    // A request the user sends to that origin itself carries it: the user chose the origin.
+    bounded("data", session.data(get(other.url("/bytes/5"))))
+        .await
+        .unwrap();
+    assert_eq!(
+        other.log()[1].header("authorization"),
+        Some("Bearer secret")
+    );
+}
+
+#[tokio::test]
 async fn a_relative_location_resolves_against_the_request_s_url() {
     let stage = logged().await;
     let session = plain();
