@@ -338,7 +338,9 @@ impl ConfigurationBuilder {
         })
     }
 
-    /// A header added to every request that does not set it.
+    /// A header added to every request that does not set it. A credential (`Authorization`,
+    /// `Cookie`, `Proxy-Authorization`) is not added to a redirect's request to another
+    /// origin, as the request's own credentials are not carried there.
     pub fn default_header(mut self, name: &str, value: &str) -> Self {
         match (HeaderName::try_from(name), HeaderValue::try_from(value)) {
             (Ok(name), Ok(value)) => {

@@ -32,7 +32,7 @@ const CONTENT: [HeaderName; 5] = [
 ];
 
 /// Credentials for the origin that asked for them, dropped on a hop to another origin.
-const CREDENTIALS: [HeaderName; 3] = [
+pub(crate) const CREDENTIALS: [HeaderName; 3] = [
     header::AUTHORIZATION,
     header::COOKIE,
     header::PROXY_AUTHORIZATION,
@@ -188,6 +188,9 @@ impl Chain {
         next: http::Request<()>,
         config: &Configuration,
     ) -> Result<(http::Request<Body>, Origin), Error> {
+        // The session's default credentials go to the origin the chain is on, not another.
+        let stays =
+            (self.current.as_ref()).is_none_or(|current| same_origin(current.uri(), next.uri()));
         let location = next.uri().to_string();
         let key = (next.method().clone(), location.clone());
         if self.visited.contains(&key) {
@@ -216,7 +219,7 @@ impl Chain {
                 .headers_mut()
                 .insert(header::CONTENT_LENGTH, length.into());
         }
-        crate::session::prepare(request, config).map_err(|error| match error {
+        crate::session::prepare_with(request, config, stays).map_err(|error| match error {
             Error::InvalidUrl { reason, .. } => Error::InvalidRedirect { location, reason },
             error => error,
         })

@@ -789,8 +789,19 @@ fn with_body(request: http::Request<()>, body: UploadBody) -> Result<http::Reque
 
 /// Check the URL, add the default headers and `Host`, and put the target in origin form.
 pub(crate) fn prepare(
+    request: http::Request<Body>,
+    config: &Configuration,
+) -> Result<(http::Request<Body>, Origin), Error> {
+    prepare_with(request, config, true)
+}
+
+/// [`prepare`], for a redirect's next request: the session's default credentials
+/// (`Authorization`, `Cookie`, `Proxy-Authorization`) are added only if `credentials` (the
+/// hop stays on its origin); the other default headers as for any request.
+pub(crate) fn prepare_with(
     mut request: http::Request<Body>,
     config: &Configuration,
+    credentials: bool,
 ) -> Result<(http::Request<Body>, Origin), Error> {
     let uri = request.uri().clone();
     let invalid = |reason: &str| Error::InvalidUrl {
@@ -826,7 +837,8 @@ pub(crate) fn prepare(
     };
     let headers = request.headers_mut();
     for (name, value) in &config.default_headers {
-        if !headers.contains_key(name) {
+        let withheld = !credentials && crate::redirect::CREDENTIALS.contains(name);
+        if !headers.contains_key(name) && !withheld {
             headers.insert(name.clone(), value.clone());
         }
     }
