@@ -52,7 +52,7 @@ pub use raw::{HeldRaw, Pace, RawEnding, RawScript};
 pub use tokio_tungstenite::tungstenite::Message as WsMessage;
 pub use websocket::HeldWs;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::ControlFlow;
@@ -297,6 +297,16 @@ impl Stage {
         })
         .await
         .is_some()
+    }
+
+    /// The client ends of the connections the listener accepted, for a witness that must tell
+    /// them from the sockets of an earlier stage that had the same port
+    /// ([`crate::witness::client_sockets_of`]).
+    pub fn peers(&self) -> Peers {
+        Peers {
+            port: self.addr.port(),
+            ports: Arc::clone(&self.shared.peers),
+        }
     }
 
     /// Waits until every accepted connection is closed. True at once if none was accepted:
@@ -612,6 +622,31 @@ struct Shared {
     parked: Lot<Held>,
     parked_ws: Lot<HeldWs>,
     parked_raw: Lot<HeldRaw>,
+    /// The client ends of the connections the listener accepted: their ports.
+    peers: Arc<Mutex<HashSet<u16>>>,
+}
+
+/// The client ends a stage's listener accepted connections from (see [`Stage::peers`]).
+/// Cheap to clone: a delegate can keep one.
+#[derive(Debug, Clone)]
+pub struct Peers {
+    port: u16,
+    ports: Arc<Mutex<HashSet<u16>>>,
+}
+
+impl Peers {
+    /// The stage's own port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Whether the stage accepted a connection from a client end at `port`.
+    pub fn accepted_from(&self, port: u16) -> bool {
+        self.ports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&port)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -680,8 +715,13 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, tls: Option<TlsAccep
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     shared.counters.accepted.fetch_add(1, Relaxed);
+                    shared
+                        .peers
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(peer.port());
                     // Framing and body go out in separate small writes: no Nagle delay.
                     let _ = stream.set_nodelay(true);
                     connections.spawn(serve(stream, Arc::clone(&shared), tls.clone()));

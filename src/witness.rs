@@ -145,6 +145,19 @@ pub fn files_in(path: impl AsRef<Path>) -> io::Result<Vec<PathBuf>> {
 /// lags while the stage's tasks read, this holds at the very moment it is asked: a promise
 /// that every socket is closed can be checked when it is made. Linux only.
 pub fn client_sockets_to(port: u16) -> io::Result<usize> {
+    count_sockets(|remote, _| remote == port)
+}
+
+/// How many TCP sockets this process holds open to the stage whose `peers` these are: as
+/// [`client_sockets_to`], and only those whose own end the stage accepted. A socket of an
+/// earlier stage that had the same port (a pooled connection still closing after its stage
+/// went) is not one of them.
+pub fn client_sockets_of(peers: &crate::stage::Peers) -> io::Result<usize> {
+    count_sockets(|remote, local| remote == peers.port() && peers.accepted_from(local))
+}
+
+/// The TCP sockets of this process whose `(remote port, local port)` `select` says.
+fn count_sockets(select: impl Fn(u16, u16) -> bool) -> io::Result<usize> {
     let mut ours = std::collections::HashSet::new();
     for entry in fs::read_dir("/proc/self/fd")? {
         // An fd closed while we list is simply not ours any more.
@@ -166,14 +179,21 @@ pub fn client_sockets_to(port: u16) -> io::Result<usize> {
         };
         for line in text.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let (Some(remote), Some(inode)) = (fields.get(2), fields.get(9)) else {
+            let (Some(local), Some(remote), Some(inode)) =
+                (fields.get(1), fields.get(2), fields.get(9))
+            else {
                 continue;
             };
-            let remote_port = remote
-                .rsplit(':')
-                .next()
-                .and_then(|hex| u16::from_str_radix(hex, 16).ok());
-            if remote_port == Some(port) && ours.contains(*inode) {
+            let port = |address: &str| {
+                address
+                    .rsplit(':')
+                    .next()
+                    .and_then(|hex| u16::from_str_radix(hex, 16).ok())
+            };
+            let (Some(remote), Some(local)) = (port(remote), port(local)) else {
+                continue;
+            };
+            if select(remote, local) && ours.contains(*inode) {
                 count += 1;
             }
         }

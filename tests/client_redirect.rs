@@ -16,7 +16,7 @@ use leakproof::{
 };
 use leakproof_check::scenario::{bounded, eventually};
 use leakproof_check::stage::{Seen, Stage, percent_encode};
-use leakproof_check::witness::client_sockets_to;
+use leakproof_check::witness::client_sockets_of;
 
 fn get(url: String) -> http::Request<()> {
     http::Request::get(url).body(()).unwrap()
@@ -57,7 +57,7 @@ struct Snapshot {
 fn snapshot(stage: &Stage, ledger: Ledger) -> Snapshot {
     Snapshot {
         accepted: stage.accepted(),
-        sockets: client_sockets_to(stage.addr().port()).unwrap(),
+        sockets: client_sockets_of(&stage.peers()).unwrap(),
         open_connections: ledger.open_connections,
         idle_connections: ledger.idle_connections,
     }

@@ -15,8 +15,8 @@ use leakproof::{
     StreamTask, TaskId, TaskInfo, Timeout,
 };
 use leakproof_check::scenario::{bounded, eventually};
-use leakproof_check::stage::{Stage, percent_encode};
-use leakproof_check::witness::client_sockets_to;
+use leakproof_check::stage::{Peers, Stage, percent_encode};
+use leakproof_check::witness::client_sockets_of;
 
 fn get(url: String) -> http::Request<()> {
     http::Request::get(url).body(()).unwrap()
@@ -48,7 +48,7 @@ struct Later {
     responders: Mutex<HashMap<TaskId, Responder<Disposition>>>,
     redirects: Mutex<HashMap<TaskId, KeptRedirect>>,
     streams: Mutex<Vec<StreamTask>>,
-    port: u16,
+    peers: Peers,
     observer: OnceLock<Observer>,
 }
 
@@ -61,7 +61,7 @@ impl Later {
             responders: Mutex::default(),
             redirects: Mutex::default(),
             streams: Mutex::default(),
-            port: stage.addr().port(),
+            peers: stage.peers(),
             observer: OnceLock::new(),
         })
     }
@@ -170,7 +170,7 @@ impl Delegate for Later {
     }
 
     fn did_complete(&self, task: &TaskInfo, result: Result<(), Error>) {
-        let sockets = client_sockets_to(self.port).unwrap();
+        let sockets = client_sockets_of(&self.peers).unwrap();
         let result = result.map_err(|e| format!("{e:?}"));
         self.push(Heard::Complete(task.id, result, sockets));
     }

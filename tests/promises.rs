@@ -1,6 +1,6 @@
 //! Each promise checked at the moment it is made, with no grace period (DESIGN.md, "The moment
 //! of a promise"): once `invalidated()` resolves, and while `did_complete` runs, the kernel
-//! lists no client socket of the session's (`witness::client_sockets_to`) and the download
+//! lists no client socket of the session's (`witness::client_sockets_of`) and the download
 //! directory is empty. Races between the promise and the release show in some runs only, so
 //! each test repeats its case; every wait is bounded.
 
@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use leakproof::{Configuration, Delegate, Disposition, Error, Session, TaskInfo};
 use leakproof_check::scenario::{PATIENCE, bounded};
-use leakproof_check::stage::Stage;
-use leakproof_check::witness::{client_sockets_to, files_in};
+use leakproof_check::stage::{Peers, Stage};
+use leakproof_check::witness::{client_sockets_of, files_in};
 use tls_ca::TestCa;
 
 #[path = "support/tls_ca.rs"]
@@ -27,7 +27,7 @@ fn get(url: String) -> http::Request<()> {
 /// What the witnesses show: client sockets open to the stage, files left in the directory.
 fn witnessed(stage: &Stage, dir: &std::path::Path) -> (usize, Vec<PathBuf>) {
     (
-        client_sockets_to(stage.addr().port()).unwrap(),
+        client_sockets_of(&stage.peers()).unwrap(),
         files_in(dir).unwrap(),
     )
 }
@@ -121,7 +121,7 @@ type Seen = (u64, Result<(), Error>, usize, Vec<PathBuf>);
 /// What the delegate saw while `did_complete` ran.
 #[derive(Debug)]
 struct AtCompletion {
-    port: u16,
+    peers: Peers,
     dir: PathBuf,
     seen: Mutex<Vec<Seen>>,
 }
@@ -132,7 +132,7 @@ impl Delegate for AtCompletion {
     }
 
     fn did_complete(&self, task: &TaskInfo, result: Result<(), Error>) {
-        let sockets = client_sockets_to(self.port).unwrap();
+        let sockets = client_sockets_of(&self.peers).unwrap();
         let files = files_in(&self.dir).unwrap();
         let entry = (task.id.0, result, sockets, files);
         self.seen.lock().unwrap().push(entry);
@@ -151,7 +151,7 @@ async fn did_complete_comes_once_the_tasks_socket_and_file_are_gone() {
             .build()
             .unwrap();
         let delegate = Arc::new(AtCompletion {
-            port: stage.addr().port(),
+            peers: stage.peers(),
             dir: dir.path().to_owned(),
             seen: Mutex::default(),
         });
