@@ -1006,6 +1006,16 @@ fn poll_redirect(core: &Core, task: TaskId) -> std::task::Poll<Option<Redirect>>
     core.poll_redirect(task, &mut cx)
 }
 
+/// A redirect to `uri` comes for `task`, which follows it without asking anyone (no delegate).
+fn follows(core: &Core, task: TaskId, uri: &str) {
+    let (response, request) = redirect_to(uri);
+    core.redirect(task, response, request);
+    assert!(matches!(
+        poll_redirect(core, task),
+        std::task::Poll::Ready(Some(Redirect::Follow(_)))
+    ));
+}
+
 fn poll_start(core: &Core, task: TaskId) -> std::task::Poll<Option<Start>> {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     core.poll_start(task, &mut cx)
@@ -1072,12 +1082,7 @@ fn a_hop_to_an_origin_at_its_limit_waits_and_a_cancel_then_aborts_it() {
         .unwrap();
     task.resume();
     actions(&core);
-    let (response, request) = redirect_to("http://b/");
-    core.redirect(task.id(), response, request);
-    assert!(matches!(
-        poll_redirect(&core, task.id()),
-        std::task::Poll::Ready(Some(Redirect::Follow(_)))
-    ));
+    follows(&core, task.id(), "http://b/");
     // Not reusable: closed; "b" is at its limit, so the task waits, holding nothing.
     assert_eq!(core.hop(task.id(), "b", false), Release::Close);
     assert!(poll_start(&core, task.id()).is_pending());
@@ -1110,12 +1115,7 @@ fn a_hop_made_while_suspended_leaves_its_pooled_connection_to_a_waiting_task() {
         .unwrap();
     waiter.resume();
     actions(&core);
-    let (response, request) = redirect_to("http://a/next");
-    core.redirect(task.id(), response, request);
-    assert!(matches!(
-        poll_redirect(&core, task.id()),
-        std::task::Poll::Ready(Some(Redirect::Follow(_)))
-    ));
+    follows(&core, task.id(), "http://a/next");
     // Suspended just as its IO, the redirect's body read, hops: its connection is pooled and
     // its next request waits for the resume, so the task waiting for the origin's one
     // connection must take it now, not wait beside it until it times out.
