@@ -50,6 +50,16 @@ fn world<'a>(seed: u64, witness: &Witness, trace: &Trace) -> turmoil::Sim<'a> {
 
 /// Invalidate the session and wait for it; then no simulated connection is established on the
 /// client host: its ends are closed when `invalidated()` resolves (R4), not some time later.
+/// The server host sees `n` connections closed, within the patience on the simulated clock.
+async fn server_sees_closed(server: &Witness, n: u64) {
+    assert!(
+        server.wait_closed(n, PATIENCE).await,
+        "the server host saw {} of {} connections closed",
+        server.closed(),
+        server.accepted()
+    );
+}
+
 async fn invalidate(session: Session) {
     session.finish_tasks_and_invalidate();
     tokio::time::timeout(PATIENCE, session.invalidated())
@@ -82,12 +92,7 @@ fn a_get_completes_and_the_server_sees_its_connection_closed_at_invalidation() {
         assert_eq!(turmoil::established_tcp_stream_count(), 1);
 
         invalidate(session).await;
-        assert!(
-            server.wait_closed(1, PATIENCE).await,
-            "the server host saw {} of {} connections closed",
-            server.closed(),
-            server.accepted()
-        );
+        server_sees_closed(&server, 1).await;
         Ok(())
     });
     sim.run().expect("the simulation");
@@ -116,12 +121,7 @@ fn a_request_timeout_fires_on_the_simulated_clock() {
             "the request timed out after {waited:?} of simulated time, not {timeout:?}"
         );
         // The timed-out exchange's connection is closed, not pooled (R12, R5).
-        assert!(
-            server.wait_closed(1, PATIENCE).await,
-            "the server host saw {} of {} connections closed",
-            server.closed(),
-            server.accepted()
-        );
+        server_sees_closed(&server, 1).await;
         invalidate(session).await;
         Ok(())
     });
@@ -167,7 +167,7 @@ fn concurrent_gets(seed: u64) -> String {
         invalidate(session).await;
         log.record("client", "invalidated");
         let accepted = server.accepted();
-        assert!(server.wait_closed(accepted, PATIENCE).await);
+        server_sees_closed(&server, accepted).await;
         log.record(
             "client",
             format_args!("the server saw all {accepted} closed"),
@@ -206,7 +206,7 @@ fn reset_after_concurrent_gets(seed: u64) -> String {
             .await
             .expect("reset within the patience");
         log.record("client", "reset");
-        assert!(server.wait_closed(4, PATIENCE).await);
+        server_sees_closed(&server, 4).await;
         log.record("client", "the server saw all 4 closed");
         invalidate(session).await;
         Ok(())
@@ -293,12 +293,7 @@ fn https_runs_over_the_simulated_stream() {
         assert_eq!(server.accepted(), 1, "one TLS connection, kept alive");
         assert_eq!(server.requests(), 2);
         invalidate(session).await;
-        assert!(
-            server.wait_closed(1, PATIENCE).await,
-            "the server host saw {} of {} connections closed",
-            server.closed(),
-            server.accepted()
-        );
+        server_sees_closed(&server, 1).await;
         Ok(())
     });
     sim.run().expect("the simulation");
