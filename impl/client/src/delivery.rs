@@ -3,18 +3,27 @@
 //! callbacks, and its tasks' reading once it is a window behind (the engine counts a body's
 //! bytes out when `did_receive_data` returns, R6), and nothing else; the thread ends right
 //! after `did_become_invalid`, having dropped the delegate (R3).
+//!
+//! With the `test-util` feature, a session can deliver from a task on its own runtime instead
+//! ([`SessionBuilder::deliver_on_runtime`](crate::SessionBuilder::deliver_on_runtime)): the
+//! suite's simulated world runs everything on one thread, so that its paused clock sees when
+//! nothing can make progress and every run is the same.
 
 use std::collections::HashMap;
+#[cfg(feature = "test-util")]
+use std::future::Future;
+#[cfg(feature = "test-util")]
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
 
 use crate::delegate::{Delegate, TaskInfo};
-use crate::responder::Responder;
+use crate::responder::{Responder, Settle};
 use crate::session::Shared;
 use crate::stream::StreamTask;
 use crate::task::Task;
-use crate::{Answer, Callback, Delivered, Delivery, TaskId};
+use crate::{Answer, Callback, Delivered, Delivery, Disposition, Receipt, Redirect, TaskId};
 
 /// What a callback needs to say which task it is about.
 pub(crate) type Infos = Arc<Mutex<HashMap<TaskId, Arc<TaskInfo>>>>;
@@ -44,27 +53,92 @@ pub(crate) fn spawn(
             let waker = Waker::from(Arc::new(Unpark(thread::current())));
             let mut cx = Context::from_waker(&waker);
             loop {
-                match delivery.poll_deliver(&mut cx, |delegate, callback| {
-                    hand_over(delegate.as_ref(), callback, &infos, &shared)
-                        .unwrap_or(Answer::Default)
-                }) {
-                    Poll::Ready(Delivered::One) => {}
-                    Poll::Ready(Delivered::Done) => break,
-                    Poll::Pending => thread::park(),
+                let (callback, receipt) = match delivery.poll_begin(&mut cx) {
+                    Poll::Ready(Ok(taken)) => taken,
+                    Poll::Ready(Err(_)) => break,
+                    Poll::Pending => {
+                        thread::park();
+                        continue;
+                    }
+                };
+                let asked = call(&delivery, callback, &infos, &shared);
+                if finish(&mut delivery, receipt, asked) == Delivered::Done {
+                    break;
                 }
             }
         })
         .map(drop)
 }
 
-/// Call the delegate method for `callback`; return its answer for a response head or a
-/// redirect.
+/// What the world awaits after each callback has returned, before the engine is told (see
+/// [`SessionBuilder::deliver_on_runtime`](crate::SessionBuilder::deliver_on_runtime)).
+#[cfg(feature = "test-util")]
+pub(crate) type Returned = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// Deliver from a task on `runtime`: the same steps as the thread's, and after each callback
+/// `returned()` is awaited before the engine hears that the delegate returned. Meanwhile the
+/// engine counts the delegate as in the callback, as it does a thread blocked in it.
+#[cfg(feature = "test-util")]
+pub(crate) fn spawn_on(
+    runtime: &tokio::runtime::Handle,
+    mut delivery: Delivery<Arc<dyn Delegate>>,
+    infos: Infos,
+    shared: Weak<Shared>,
+    returned: Returned,
+) {
+    runtime.spawn(async move {
+        while let Ok((callback, receipt)) = std::future::poll_fn(|cx| delivery.poll_begin(cx)).await
+        {
+            let asked = call(&delivery, callback, &infos, &shared);
+            returned().await;
+            if finish(&mut delivery, receipt, asked) == Delivered::Done {
+                break;
+            }
+        }
+    });
+}
+
+/// Hand `callback` to the delivery's delegate.
+fn call(
+    delivery: &Delivery<Arc<dyn Delegate>>,
+    callback: Callback,
+    infos: &Infos,
+    shared: &Weak<Shared>,
+) -> Option<Asked> {
+    let delegate = delivery
+        .delegate()
+        .expect("callbacks are queued only while the delegate is held");
+    hand_over(delegate.as_ref(), callback, infos, shared)
+}
+
+/// The delegate has returned: tell the engine, with its answer if it was asked a question.
+fn finish(
+    delivery: &mut Delivery<Arc<dyn Delegate>>,
+    receipt: Receipt,
+    asked: Option<Asked>,
+) -> Delivered {
+    let answer = match asked {
+        Some(Asked::Disposition(settle)) => settle.settle(),
+        Some(Asked::Redirect(settle)) => settle.settle(),
+        None => Answer::Default,
+    };
+    delivery.finish(receipt, answer)
+}
+
+/// A question put to the delegate, whose answer is taken once its callback has returned.
+enum Asked {
+    Disposition(Settle<Disposition>),
+    Redirect(Settle<Redirect>),
+}
+
+/// Call the delegate method for `callback`; for a response head or a redirect, the question
+/// whose answer is settled when the callback has returned.
 fn hand_over(
     delegate: &dyn Delegate,
     callback: Callback,
     infos: &Infos,
     shared: &Weak<Shared>,
-) -> Option<Answer> {
+) -> Option<Asked> {
     let info = |task: TaskId| {
         infos
             .lock()
@@ -81,7 +155,7 @@ fn hand_over(
             let info = info(task)?;
             let (responder, settle) = Responder::new(task, shared.clone());
             delegate.will_perform_redirection_with(&info, &response, *request, responder);
-            Some(settle.settle())
+            Some(Asked::Redirect(settle))
         }
         Callback::ReceiveResponse { task, response } => {
             let info = info(task)?;
@@ -89,7 +163,7 @@ fn hand_over(
             delegate.did_receive_response_with(&info, &response, responder);
             // Answered (or dropped) during the call: as if returned. Else it comes later, and
             // the delivery goes on with the session's other callbacks meanwhile.
-            Some(settle.settle())
+            Some(Asked::Disposition(settle))
         }
         Callback::ReceiveData { task, data } => {
             delegate.did_receive_data(&*info(task)?, &data);

@@ -59,7 +59,10 @@ impl Driver {
 
     pub async fn run(mut self) {
         loop {
+            // Biased: the same order every time, so that a run on one thread is the same
+            // run again (the suite's simulated world); actions first, as the engine asks.
             tokio::select! {
+                biased;
                 action = poll_fn(|cx| self.shared.core.poll_action(cx)) => match action {
                     Some(Action::Abort { task, conn }) => {
                         self.carry_out(Action::Abort { task, conn });

@@ -121,6 +121,18 @@ pub struct SessionBuilder {
     config: Configuration,
     delegate: Option<Arc<dyn Delegate>>,
     ignore_invalidation: bool,
+    deliver: DeliverOn,
+}
+
+/// Where a delegated session's callbacks are delivered from.
+#[derive(Default)]
+enum DeliverOn {
+    /// A thread of the session's own.
+    #[default]
+    Thread,
+    /// A task on the session's runtime, awaiting this after each callback.
+    #[cfg(feature = "test-util")]
+    Runtime(delivery::Returned),
 }
 
 impl fmt::Debug for SessionBuilder {
@@ -151,12 +163,30 @@ impl SessionBuilder {
         self
     }
 
+    /// For the suite's simulated world: the delegate's callbacks are delivered from a task on
+    /// the session's runtime instead of a thread of the session's own, so that a
+    /// current-thread runtime runs all of the session and its paused clock sees when nothing
+    /// can make progress. After each callback has returned, `returned()` is awaited before the
+    /// engine hears of it: until then the engine counts the delegate as still in the callback,
+    /// which is how the world keeps a slow delegate in a callback without blocking the thread.
+    #[cfg(feature = "test-util")]
+    pub fn deliver_on_runtime<F, Fut>(mut self, returned: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let returned: delivery::Returned = Arc::new(move || Box::pin(returned()));
+        self.deliver = DeliverOn::Runtime(returned);
+        self
+    }
+
     pub fn build(self) -> Session {
         Session::create(
             self.config,
             self.delegate,
             self.ignore_invalidation,
             Handle::current(),
+            self.deliver,
         )
     }
 }
@@ -167,7 +197,13 @@ static SHARED: OnceLock<Session> = OnceLock::new();
 impl Session {
     /// A session with `config`, and `delegate` to hear its callbacks (none: no callbacks).
     pub fn new(config: Configuration, delegate: Option<Arc<dyn Delegate>>) -> Session {
-        Session::create(config, delegate, false, Handle::current())
+        Session::create(
+            config,
+            delegate,
+            false,
+            Handle::current(),
+            DeliverOn::Thread,
+        )
     }
 
     pub fn builder() -> SessionBuilder {
@@ -200,7 +236,13 @@ impl Session {
                 let runtime = runtime_rx
                     .recv()
                     .expect("leakproof: the shared session's runtime did not start");
-                Session::create(Configuration::default(), None, true, runtime)
+                Session::create(
+                    Configuration::default(),
+                    None,
+                    true,
+                    runtime,
+                    DeliverOn::Thread,
+                )
             })
             .clone()
     }
@@ -210,6 +252,7 @@ impl Session {
         delegate: Option<Arc<dyn Delegate>>,
         shared: bool,
         runtime: Handle,
+        deliver: DeliverOn,
     ) -> Session {
         let name = format!(
             "leakproof-{}-{}",
@@ -264,8 +307,8 @@ impl Session {
             tasks: tasks.clone(),
         });
         tasks.spawn_on(Driver::new(shared.clone(), notes_rx).run(), &runtime);
-        match infos {
-            Some(infos) => {
+        match (infos, deliver) {
+            (Some(infos), DeliverOn::Thread) => {
                 if let Err(error) = delivery::spawn(&name, delivery, infos, Arc::downgrade(&shared))
                 {
                     // The delivery (and with it the delegate) is dropped: no callbacks, but
@@ -273,7 +316,11 @@ impl Session {
                     tracing::error!(%error, "leakproof: cannot start the delegate's thread");
                 }
             }
-            None => drop(delivery),
+            #[cfg(feature = "test-util")]
+            (Some(infos), DeliverOn::Runtime(returned)) => {
+                delivery::spawn_on(&runtime, delivery, infos, Arc::downgrade(&shared), returned);
+            }
+            (None, _) => drop(delivery),
         }
         Session {
             inner: Arc::new(Inner { handle, shared }),

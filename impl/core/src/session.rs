@@ -646,6 +646,19 @@ impl<D> Delivery<D> {
         self.take(None)
     }
 
+    /// [`begin`](Self::begin), waiting: `Pending` (with `cx`'s waker kept, to be woken when a
+    /// callback is queued) while nothing is queued.
+    pub fn poll_begin(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(Callback, Receipt), Delivered>> {
+        match self.take(Some(cx.waker())) {
+            Err(done) => Poll::Ready(Err(done)),
+            Ok(None) => Poll::Pending,
+            Ok(Some(taken)) => Poll::Ready(Ok(taken)),
+        }
+    }
+
     /// The delegate returned from the callback `receipt` was taken with; `answer` is its
     /// answer to a `ReceiveResponse` or a `WillRedirect` (its default for the others, which
     /// ignore it).
