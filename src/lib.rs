@@ -18,7 +18,7 @@
 //!   that counts the connections it sees closed, and a trace of events on the simulated clock;
 //! - [`simnet`]: a deterministic in-memory network (listeners, connections as byte pipes,
 //!   scheduled faults, the network's own count of client ends) and the client's transport over
-//!   it;
+//!   it; the stage runs over it too ([`stage::Builder::network`]);
 //! - [`stage`]: the loopback HTTP/1.1 server the client is tested against, scriptable per
 //!   request, counting the sockets it accepts and sees closed;
 //! - [`witness`]: the counting global allocator, for heap-baseline tests.

@@ -373,6 +373,11 @@ impl SimListener {
         self.listening.tally.clone()
     }
 
+    /// The pipe capacities its next connection gets.
+    pub fn buffers(&self) -> Buffers {
+        lock(&self.listening.state).buffers
+    }
+
     /// Pipe capacities for the connections made from now on.
     pub fn set_buffers(&self, buffers: Buffers) {
         lock(&self.listening.state).buffers = buffers;
