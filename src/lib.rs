@@ -16,6 +16,9 @@
 //! - [`scenario`]: one terminal path of one kind of task against the stage, and the witnesses;
 //! - [`sim`]: the simulated network (turmoil): the client's transport over it, a server host
 //!   that counts the connections it sees closed, and a trace of events on the simulated clock;
+//! - [`simnet`]: a deterministic in-memory network (listeners, connections as byte pipes,
+//!   scheduled faults, the network's own count of client ends) and the client's transport over
+//!   it; the stage runs over it too ([`stage::Builder::network`]);
 //! - [`stage`]: the loopback HTTP/1.1 server the client is tested against, scriptable per
 //!   request, counting the sockets it accepts and sees closed;
 //! - [`witness`]: the counting global allocator, for heap-baseline tests.
@@ -31,6 +34,7 @@ pub mod reference;
 pub mod run;
 pub mod scenario;
 pub mod sim;
+pub mod simnet;
 pub mod stage;
 pub mod strategies;
 pub mod witness;

@@ -40,6 +40,15 @@
 //! and websockets over it ([`Stage::https_url`], [`Stage::wss_url`]); a connection whose
 //! handshake fails is counted accepted and closed as any other.
 //!
+//! With [`Builder::network`] the stage listens on a simulated network ([`crate::simnet`])
+//! instead of loopback TCP: every script above, held exchanges, raw listeners, websockets and
+//! TLS work the same over it, a reset is the network's reset, and its waits run on tokio's
+//! clock (paused or not) instead of real time, so that a run on a current-thread runtime with
+//! a paused clock is deterministic. Over TCP the waits keep real time (a test on a paused clock
+//! against loopback sockets must not see them cut short). Its [`Stage::url`] is one the
+//! network's transport resolves; [`Stage::client_ends_open`] is the network's count of the
+//! client ends still alive.
+//!
 //! The stage is the connection witness of DESIGN.md's "Observability": it counts the sockets it
 //! accepts and sees closed. It never closes a connection unless scripted to, so a connection
 //! the client leaks stays in [`Stage::open`]. Stalled and garbled connections are held until
@@ -60,7 +69,7 @@ use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustls::ServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -69,6 +78,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
+
+use crate::simnet::{Buffers as SimBuffers, ServerStream, SimListener, SimNet, Tally};
 
 /// How long a [`Held`] step waits for its connection to carry it out.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -115,6 +126,19 @@ pub struct Stage {
     raw_listeners: Mutex<Vec<JoinHandle<()>>>,
     /// Whether the listener speaks TLS.
     tls: bool,
+    /// The simulated network it listens on ([`Builder::network`]), with its listeners' counts
+    /// (all of them) and the HTTP listener's own.
+    sim: Option<SimSide>,
+}
+
+/// A stage's place on a simulated network.
+#[derive(Debug, Clone)]
+struct SimSide {
+    net: SimNet,
+    /// Every listener of the stage, HTTP and raw.
+    all: Tally,
+    /// The HTTP listener's.
+    http: Tally,
 }
 
 /// Options for a [`Stage`], from [`Stage::builder`].
@@ -127,6 +151,8 @@ pub struct Builder {
     tls: Option<Result<Arc<ServerConfig>, String>>,
     /// Resume TLS sessions with stateless tickets.
     stateless_tickets: bool,
+    /// Listen on this simulated network instead of TCP.
+    network: Option<SimNet>,
 }
 
 /// `SO_SNDBUF` and `SO_RCVBUF` of every socket a stage accepts, on any of its listeners, and
@@ -151,6 +177,7 @@ pub struct Held {
     upgrade: Result<(), &'static str>,
     steps: mpsc::UnboundedSender<(Step, Reply)>,
     open: Liveness,
+    clock: Clock,
 }
 
 /// A request as the stage read it ([`Stage::log`]).
@@ -290,7 +317,7 @@ impl Stage {
     /// Waits until `predicate` holds, checking every few milliseconds; false if `timeout` passes
     /// first. Timeouts here are real time: a paused tokio clock does not cut them short.
     pub async fn wait_until(&self, predicate: impl Fn(&Stage) -> bool, timeout: Duration) -> bool {
-        within(timeout, async {
+        within(self.shared.clock, timeout, async {
             while !predicate(self) {
                 tokio::time::sleep(POLL).await;
             }
@@ -301,12 +328,35 @@ impl Stage {
 
     /// The client ends of the connections the listener accepted, for a witness that must tell
     /// them from the sockets of an earlier stage that had the same port
-    /// ([`crate::witness::client_sockets_of`]).
+    /// ([`crate::witness::client_sockets_of`]). Over a simulated network they also carry the
+    /// network's count of the HTTP listener's client ends, which the witness reads instead of
+    /// the kernel's table.
     pub fn peers(&self) -> Peers {
         Peers {
             port: self.addr.port(),
             ports: Arc::clone(&self.shared.peers),
+            ends: self.sim.as_ref().map(|sim| sim.http.clone()),
         }
+    }
+
+    /// The simulated network the stage listens on, if built with [`Builder::network`].
+    pub fn network(&self) -> Option<&SimNet> {
+        self.sim.as_ref().map(|sim| &sim.net)
+    }
+
+    /// Over a simulated network: the network's counts of the connections to every listener of
+    /// the stage, HTTP and raw (opened, client ends alive, closed by the client). `None` over
+    /// TCP.
+    pub fn tally(&self) -> Option<Tally> {
+        self.sim.as_ref().map(|sim| sim.all.clone())
+    }
+
+    /// Over a simulated network: the client ends of the stage's connections (every listener)
+    /// that the client has not dropped yet, as the network counts them. It holds at the very
+    /// moment it is asked, as [`crate::witness::client_sockets_of`] does over TCP. `None` over
+    /// TCP.
+    pub fn client_ends_open(&self) -> Option<u64> {
+        self.sim.as_ref().map(|sim| sim.all.client_ends_alive())
     }
 
     /// Waits until every accepted connection is closed. True at once if none was accepted:
@@ -318,7 +368,10 @@ impl Stage {
     /// Waits for a request to `/hold/{key}` and takes it; `None` if none arrives within
     /// `timeout`. Requests with the same key are taken in arrival order.
     pub async fn held(&self, key: &str, timeout: Duration) -> Option<Held> {
-        self.shared.parked.take(key, timeout).await
+        self.shared
+            .parked
+            .take(self.shared.clock, key, timeout)
+            .await
     }
 }
 
@@ -377,6 +430,18 @@ impl Builder {
         self
     }
 
+    /// Listen on `net`, a simulated network, instead of loopback TCP: the HTTP listener and
+    /// the raw ones ([`Stage::listen_raw`]) are bound there, on the [`loopback`](Self::loopback)
+    /// address (127.0.0.1 by default) with a port of the network's. A session reaches the stage
+    /// with the network as its transport (`ConfigurationBuilder::transport(net.clone())`).
+    /// [`send_buffer`](Self::send_buffer) and [`recv_buffer`](Self::recv_buffer) size the
+    /// network's pipes (server to client, client to server) instead of socket buffers, exactly.
+    /// The stage's waits then run on tokio's clock: see the module docs.
+    pub fn network(mut self, net: &SimNet) -> Builder {
+        self.network = Some(net.clone());
+        self
+    }
+
     /// Speak TLS on the listener (TLS 1.2 and 1.3, ALPN `http/1.1`) with this certificate
     /// chain (the server's first) and its key; the raw listeners stay plain TCP.
     pub fn tls(
@@ -412,10 +477,25 @@ impl Builder {
             }
             Some(Err(why)) => return Err(io::Error::new(io::ErrorKind::InvalidInput, why)),
         };
-        let listener = self.buffers.listen()?;
+        let all = Tally::new();
+        let on = self.network.as_ref().map(|net| (net, &all));
+        let listener = self.buffers.listen(on)?;
         let addr = listener.local_addr()?;
+        let sim = match (&self.network, &listener) {
+            (Some(net), Listener::Sim(listener)) => Some(SimSide {
+                net: net.clone(),
+                all,
+                http: listener.tally(),
+            }),
+            _ => None,
+        };
         let shared = Arc::new(Shared {
             logging: self.log,
+            clock: if sim.is_some() {
+                Clock::Tokio
+            } else {
+                Clock::Real
+            },
             ..Shared::default()
         });
         let is_tls = tls.is_some();
@@ -427,14 +507,16 @@ impl Builder {
             buffers: self.buffers,
             raw_listeners: Mutex::default(),
             tls: is_tls,
+            sim,
         })
     }
 }
 
 impl Buffers {
     /// A listener on 127.0.0.1 (or the loopback address set) with an ephemeral port whose
-    /// accepted sockets get these sizes.
-    fn listen(self) -> io::Result<TcpListener> {
+    /// accepted sockets get these sizes: a TCP one, or one on a simulated network (counted in
+    /// the tally given with it too).
+    fn listen(self, sim: Option<(&SimNet, &Tally)>) -> io::Result<Listener> {
         let ip = self.ip.unwrap_or(Ipv4Addr::LOCALHOST);
         if !ip.is_loopback() {
             return Err(io::Error::new(
@@ -442,6 +524,22 @@ impl Buffers {
                 format!("the stage listens on loopback addresses only, not {ip}"),
             ));
         }
+        if let Some((net, tally)) = sim {
+            let listener = net.bind_in(&ip.to_string(), 0, Some(tally))?;
+            let defaults = listener.buffers();
+            let size = |bytes: Option<u32>, default| {
+                bytes.map_or(default, |b| usize::try_from(b).unwrap_or(usize::MAX))
+            };
+            listener.set_buffers(SimBuffers {
+                to_client: size(self.send, defaults.to_client),
+                to_server: size(self.recv, defaults.to_server),
+            });
+            return Ok(Listener::Sim(listener));
+        }
+        Ok(Listener::Tcp(self.listen_tcp(ip)?))
+    }
+
+    fn listen_tcp(self, ip: Ipv4Addr) -> io::Result<TcpListener> {
         let socket = TcpSocket::new_v4()?;
         // Set before listen(): accepted sockets inherit them, see tcp(7).
         if let Some(bytes) = self.send {
@@ -452,6 +550,54 @@ impl Buffers {
         }
         socket.bind(SocketAddr::from((ip, 0)))?;
         socket.listen(1024)
+    }
+}
+
+/// A stage's listener: loopback TCP, or a simulated network's.
+#[derive(Debug)]
+enum Listener {
+    Tcp(TcpListener),
+    Sim(SimListener),
+}
+
+/// A connection a [`Listener`] accepted.
+enum Socket {
+    Tcp(TcpStream),
+    Sim(ServerStream),
+}
+
+impl Listener {
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Listener::Tcp(listener) => listener.local_addr(),
+            Listener::Sim(listener) => listener.local_addr(),
+        }
+    }
+
+    /// The next connection, Nagle off for TCP (framing and body, paced writes, go out as they
+    /// are written), and its client end's address.
+    async fn accept(&self) -> io::Result<(Socket, SocketAddr)> {
+        match self {
+            Listener::Tcp(listener) => {
+                let (stream, peer) = listener.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Ok((Socket::Tcp(stream), peer))
+            }
+            Listener::Sim(listener) => {
+                let (stream, peer) = listener.accept().await?;
+                Ok((Socket::Sim(stream), peer))
+            }
+        }
+    }
+}
+
+impl Socket {
+    /// The plain wire over this socket.
+    fn wire(self) -> Wire {
+        match self {
+            Socket::Tcp(stream) => Wire::Tcp(stream),
+            Socket::Sim(stream) => Wire::Sim(stream),
+        }
     }
 }
 
@@ -495,7 +641,7 @@ impl Held {
                 format!("upgrade() on a request that is not a websocket upgrade: {why}"),
             ));
         }
-        let (ws, ends) = HeldWs::pair(self.target.clone(), self.open.clone(), true);
+        let (ws, ends) = HeldWs::pair(self.target.clone(), self.open.clone(), true, self.clock);
         self.step(Step::Upgrade(ends)).await?;
         Ok(ws)
     }
@@ -578,18 +724,22 @@ impl Held {
     }
 
     async fn step(&self, step: Step) -> io::Result<()> {
-        carry_out(&self.steps, step).await
+        carry_out(self.clock, &self.steps, step).await
     }
 }
 
 /// Hands a step to a held connection and waits, at most [`STEP_TIMEOUT`], until it is carried
 /// out: `NotConnected` once the connection is gone, `TimedOut` if it is stuck (a write the
 /// client does not read, typically).
-async fn carry_out<S>(steps: &mpsc::UnboundedSender<(S, Reply)>, step: S) -> io::Result<()> {
+async fn carry_out<S>(
+    clock: Clock,
+    steps: &mpsc::UnboundedSender<(S, Reply)>,
+    step: S,
+) -> io::Result<()> {
     let gone = || io::Error::new(io::ErrorKind::NotConnected, "the held connection is gone");
     let (reply, done) = oneshot::channel();
     steps.send((step, reply)).map_err(|_| gone())?;
-    match within(STEP_TIMEOUT, done).await {
+    match within(clock, STEP_TIMEOUT, done).await {
         Some(Ok(result)) => result,
         Some(Err(_)) => Err(gone()),
         None => Err(io::Error::new(
@@ -599,22 +749,38 @@ async fn carry_out<S>(steps: &mpsc::UnboundedSender<(S, Reply)>, step: S) -> io:
     }
 }
 
-/// Awaits `fut` for at most `timeout` of real time. Real, not tokio's: under a paused tokio
-/// clock the deadline would otherwise pass before loopback bytes arrive.
-async fn within<F: Future>(timeout: Duration, fut: F) -> Option<F::Output> {
-    let deadline = Instant::now() + timeout;
+/// The clock a stage's waits run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Clock {
+    /// Real time, over TCP: under a paused tokio clock a deadline would otherwise pass before
+    /// loopback bytes arrive.
+    #[default]
+    Real,
+    /// Tokio's, over a simulated network: nothing moves but through the runtime, so a paused
+    /// clock is exact (and deterministic), and a real one is real time.
+    Tokio,
+}
+
+/// Awaits `fut` for at most `timeout` on `clock`.
+async fn within<F: Future>(clock: Clock, timeout: Duration, fut: F) -> Option<F::Output> {
+    if clock == Clock::Tokio {
+        return tokio::time::timeout(timeout, fut).await.ok();
+    }
+    let deadline = std::time::Instant::now() + timeout;
     let mut fut = pin!(fut);
     loop {
         tokio::select! {
             biased;
             out = &mut fut => return Some(out),
-            () = tokio::time::sleep(POLL) => if Instant::now() >= deadline { return None },
+            () = tokio::time::sleep(POLL) => if std::time::Instant::now() >= deadline { return None },
         }
     }
 }
 
 #[derive(Debug, Default)]
 struct Shared {
+    /// What the waits run on.
+    clock: Clock,
     counters: Counters,
     /// Whether requests are logged ([`Builder::log`]).
     logging: bool,
@@ -632,6 +798,8 @@ struct Shared {
 pub struct Peers {
     port: u16,
     ports: Arc<Mutex<HashSet<u16>>>,
+    /// Over a simulated network, the network's count of the HTTP listener's connections.
+    ends: Option<Tally>,
 }
 
 impl Peers {
@@ -646,6 +814,12 @@ impl Peers {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .contains(&port)
+    }
+
+    /// Over a simulated network, the network's count of the connections to the stage's HTTP
+    /// listener (its client ends alive, in particular); `None` over TCP.
+    pub fn simulated(&self) -> Option<&Tally> {
+        self.ends.as_ref()
     }
 }
 
@@ -674,46 +848,60 @@ struct Counters {
     raw_bytes_received: AtomicU64,
 }
 
-/// Held connections parked by key until the test takes them, in arrival order.
+/// Held connections parked by key until the test takes them, in arrival order. A taker waits
+/// to be told of each arrival, not by polling, so that a simulated run has no busy timer.
 #[derive(Debug)]
-struct Lot<T>(Mutex<HashMap<String, VecDeque<T>>>);
+struct Lot<T> {
+    parked: Mutex<HashMap<String, VecDeque<T>>>,
+    arrived: tokio::sync::Notify,
+}
 
 impl<T> Default for Lot<T> {
     fn default() -> Self {
-        Lot(Mutex::default())
+        Lot {
+            parked: Mutex::default(),
+            arrived: tokio::sync::Notify::new(),
+        }
     }
 }
 
 impl<T> Lot<T> {
     fn park(&self, key: String, held: T) {
-        let mut parked = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
         parked.entry(key).or_default().push_back(held);
+        drop(parked);
+        self.arrived.notify_waiters();
     }
 
     fn unpark(&self, key: &str) -> Option<T> {
-        let mut parked = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
         parked.get_mut(key)?.pop_front()
     }
 
     /// Waits for one parked under `key` and takes it; `None` if none comes within `timeout`.
-    async fn take(&self, key: &str, timeout: Duration) -> Option<T> {
-        within(timeout, async {
+    async fn take(&self, clock: Clock, key: &str, timeout: Duration) -> Option<T> {
+        within(clock, timeout, async {
             loop {
+                let arrival = self.arrived.notified();
+                let mut arrival = pin!(arrival);
+                arrival.as_mut().enable();
                 if let Some(held) = self.unpark(key) {
                     return held;
                 }
-                tokio::time::sleep(POLL).await;
+                arrival.await;
             }
         })
         .await
     }
 }
 
-async fn accept(listener: TcpListener, shared: Arc<Shared>, tls: Option<TlsAcceptor>) {
+async fn accept(listener: Listener, shared: Arc<Shared>, tls: Option<TlsAcceptor>) {
     // Dropped with this task when the stage drops, aborting every connection.
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
+            biased;
+            Some(_) = connections.join_next() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     shared.counters.accepted.fetch_add(1, Relaxed);
@@ -722,35 +910,46 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, tls: Option<TlsAccep
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .insert(peer.port());
-                    // Framing and body go out in separate small writes: no Nagle delay.
-                    let _ = stream.set_nodelay(true);
                     connections.spawn(serve(stream, Arc::clone(&shared), tls.clone()));
                 }
                 // Out of descriptors, say: back off instead of spinning.
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             },
-            Some(_) = connections.join_next() => {}
         }
     }
 }
 
-async fn serve(stream: TcpStream, shared: Arc<Shared>, tls: Option<TlsAcceptor>) {
-    let stream = match tls {
-        None => Wire::Tcp(stream),
-        Some(acceptor) => match acceptor.accept(stream).await {
-            Ok(stream) => {
-                if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-                    shared.counters.tls_resumed.fetch_add(1, Relaxed);
-                }
-                Wire::Tls(Box::new(stream))
-            }
-            Err(_) => {
-                // The client refused the certificate, or did not speak TLS: its socket is
-                // dropped, so closed, and counted as every other.
-                shared.counters.closed.fetch_add(1, Relaxed);
-                return;
-            }
-        },
+/// The TLS handshake over `stream`, the resumed ones counted; `None` when it fails.
+async fn handshake<S>(
+    acceptor: &TlsAcceptor,
+    stream: S,
+    shared: &Shared,
+) -> Option<tokio_rustls::server::TlsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let stream = acceptor.accept(stream).await.ok()?;
+    if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        shared.counters.tls_resumed.fetch_add(1, Relaxed);
+    }
+    Some(stream)
+}
+
+async fn serve(socket: Socket, shared: Arc<Shared>, tls: Option<TlsAcceptor>) {
+    let stream = match (tls, socket) {
+        (None, socket) => Some(socket.wire()),
+        (Some(acceptor), Socket::Tcp(stream)) => handshake(&acceptor, stream, &shared)
+            .await
+            .map(|stream| Wire::Tls(Box::new(stream))),
+        (Some(acceptor), Socket::Sim(stream)) => handshake(&acceptor, stream, &shared)
+            .await
+            .map(|stream| Wire::SimTls(Box::new(stream))),
+    };
+    let Some(stream) = stream else {
+        // The client refused the certificate, or did not speak TLS: its socket is dropped,
+        // so closed, and counted as every other.
+        shared.counters.closed.fetch_add(1, Relaxed);
+        return;
     };
     let mut conn = Conn {
         stream,
@@ -844,17 +1043,27 @@ enum Incoming {
     Malformed(&'static str),
 }
 
-/// A connection's socket: TCP, or TLS over TCP.
+/// A connection's socket: TCP, or TLS over TCP; or the same over a simulated network.
 pub(crate) enum Wire {
     Tcp(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Sim(ServerStream),
+    SimTls(Box<tokio_rustls::server::TlsStream<ServerStream>>),
 }
 
 impl Wire {
-    fn tcp(&self) -> &TcpStream {
+    /// Resets the connection: `SO_LINGER` 0 on a TCP socket (the reset goes out when it is
+    /// closed, next), the network's reset on a simulated one.
+    fn reset(&self) {
         match self {
-            Wire::Tcp(stream) => stream,
-            Wire::Tls(stream) => stream.get_ref().0,
+            Wire::Tcp(stream) => {
+                let _ = stream.set_zero_linger();
+            }
+            Wire::Tls(stream) => {
+                let _ = stream.get_ref().0.set_zero_linger();
+            }
+            Wire::Sim(stream) => stream.reset(),
+            Wire::SimTls(stream) => stream.get_ref().0.reset(),
         }
     }
 }
@@ -865,6 +1074,8 @@ macro_rules! wire {
         match $wire.get_mut() {
             Wire::Tcp($stream) => $poll,
             Wire::Tls($stream) => $poll,
+            Wire::Sim($stream) => $poll,
+            Wire::SimTls($stream) => $poll,
         }
     };
 }
@@ -1025,6 +1236,7 @@ impl Conn {
             upgrade: request.upgrade.key(&request.method).map(|_| ()),
             steps: steps_tx,
             open: self.liveness.clone(),
+            clock: self.shared.clock,
         };
         self.shared.parked.park(key, held);
         let mut exchange = Exchange::default();
@@ -1073,6 +1285,7 @@ impl Conn {
     ) -> Result<(Step, Reply), Hangup> {
         loop {
             tokio::select! {
+                biased;
                 step = steps.recv() => return step.ok_or(Hangup::Fin),
                 read = self.read_ahead() => read.map_err(|_| Hangup::Gone)?,
             }
@@ -1139,9 +1352,7 @@ impl Conn {
             Hangup::Fin => {
                 let _ = self.stream.shutdown().await;
             }
-            Hangup::Reset => {
-                let _ = self.stream.tcp().set_zero_linger();
-            }
+            Hangup::Reset => self.stream.reset(),
             Hangup::WaitForClient => {
                 let mut sink = [0; 4096];
                 while let Ok(1..) = self.stream.read(&mut sink).await {}
@@ -1279,6 +1490,7 @@ impl Conn {
         let mut sleep = pin!(tokio::time::sleep(duration));
         loop {
             tokio::select! {
+                biased;
                 () = &mut sleep => return Ok(()),
                 read = self.read_ahead() => read?,
             }

@@ -1,7 +1,8 @@
 //! Witnesses the implementation cannot fake (DESIGN.md, "Observability"): the heap, counted by
 //! a global allocator; the download directory, listed from the file system; and the client's
-//! sockets, as the kernel lists them. The others, connections as the server sees them and the
-//! delegate, are the stage's counts and a `Weak` held by the test.
+//! sockets, as the kernel lists them (or, on a simulated network, as the network counts them).
+//! The others, connections as the server sees them and the delegate, are the stage's counts
+//! and a `Weak` held by the test.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fs;
@@ -151,8 +152,13 @@ pub fn client_sockets_to(port: u16) -> io::Result<usize> {
 /// How many TCP sockets this process holds open to the stage whose `peers` these are: as
 /// [`client_sockets_to`], and only those whose own end the stage accepted. A socket of an
 /// earlier stage that had the same port (a pooled connection still closing after its stage
-/// went) is not one of them.
+/// went) is not one of them. For a stage on a simulated network, the client ends of its HTTP
+/// listener's connections that the client has not dropped, as the network counts them: the
+/// same witness, held as exactly.
 pub fn client_sockets_of(peers: &crate::stage::Peers) -> io::Result<usize> {
+    if let Some(tally) = peers.simulated() {
+        return Ok(usize::try_from(tally.client_ends_alive()).unwrap_or(usize::MAX));
+    }
     count_sockets(|remote, local| remote == peers.port() && peers.accepted_from(local))
 }
 

@@ -1,8 +1,9 @@
 //! The stage's raw TCP listeners, for stream tasks: no HTTP, only bytes.
 //!
 //! [`Stage::listen_raw`] opens a listener of its own on 127.0.0.1 (an ephemeral port, the
-//! builder's `send_buffer` and `recv_buffer`), owned by the stage and stopped with it; every
-//! connection it accepts plays its [`RawScript`]:
+//! builder's `send_buffer` and `recv_buffer`; on the stage's simulated network if it has one),
+//! owned by the stage and stopped with it; every connection it accepts plays its
+//! [`RawScript`]:
 //!
 //! - [`RawScript::offer`]`(N)`: writes N bytes of [`body`](super::body) as fast as the client
 //!   reads, then ends as its [`RawEnding`] says; by default [`RawEnding::End`]: a FIN (shutdown
@@ -28,20 +29,22 @@
 //! client shut down only its write side is counted closed then, but the stage keeps its own
 //! side open for the test's steps (a half-close is TCP: the client may still read).
 
+use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::{
-    Answer, DEFAULT_CHUNK, Hangup, Liveness, PATTERN, POLL, Reply, Shared, Stage, TILE, carry_out,
-    within,
+    Answer, Clock, DEFAULT_CHUNK, Hangup, Listener, Liveness, PATTERN, POLL, Reply, Shared, Socket,
+    Stage, TILE, Wire, carry_out, within,
 };
 
 /// The most bytes a held raw connection keeps for [`HeldRaw::received`]; past it bytes are
@@ -139,7 +142,8 @@ impl Stage {
     /// address. It uses the builder's buffer sizes, counts in the stage's witness, and stops
     /// with the stage, its connections aborted. Call it as often as there are scripts to play.
     pub async fn listen_raw(&self, script: RawScript) -> io::Result<SocketAddr> {
-        let listener = self.buffers.listen()?;
+        let on = self.sim.as_ref().map(|sim| (&sim.net, &sim.all));
+        let listener = self.buffers.listen(on)?;
         let addr = listener.local_addr()?;
         let accept = tokio::spawn(accept(listener, script, Arc::clone(&self.shared)));
         let mut listeners = self
@@ -181,7 +185,8 @@ impl Stage {
     /// if none comes within `timeout`. Connections with the same key are taken in arrival
     /// order.
     pub async fn held_raw(&self, key: &str, timeout: Duration) -> Option<HeldRaw> {
-        self.shared.parked_raw.take(key, timeout).await
+        let clock = self.shared.clock;
+        self.shared.parked_raw.take(clock, key, timeout).await
     }
 }
 
@@ -198,6 +203,7 @@ pub struct HeldRaw {
     steps: mpsc::UnboundedSender<(RawStep, Reply)>,
     kept: Arc<Kept>,
     open: Liveness,
+    clock: Clock,
 }
 
 impl HeldRaw {
@@ -239,7 +245,7 @@ impl HeldRaw {
     /// Waits until at least `len` bytes were read from the client; false if `timeout` passes
     /// first.
     pub async fn wait_received(&self, len: u64, timeout: Duration) -> bool {
-        within(timeout, async {
+        within(self.clock, timeout, async {
             while self.received_len() < len {
                 tokio::time::sleep(POLL).await;
             }
@@ -254,8 +260,14 @@ impl HeldRaw {
     }
 
     async fn step(&self, step: RawStep) -> io::Result<()> {
-        carry_out(&self.steps, step).await
+        carry_out(self.clock, &self.steps, step).await
     }
+}
+
+/// What [`RawConn::write_all`] woke up for.
+enum Moved {
+    Read(io::Result<usize>),
+    Wrote(io::Result<usize>),
 }
 
 #[derive(Debug)]
@@ -273,30 +285,29 @@ struct Kept {
     len: AtomicU64,
 }
 
-async fn accept(listener: TcpListener, script: RawScript, shared: Arc<Shared>) {
+async fn accept(listener: Listener, script: RawScript, shared: Arc<Shared>) {
     // Dropped with this task when the stage drops, aborting every connection.
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
+            biased;
+            Some(_) = connections.join_next() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     shared.counters.accepted.fetch_add(1, Relaxed);
                     shared.counters.raw_accepted.fetch_add(1, Relaxed);
-                    // Paced writes go out as they are written: no Nagle delay.
-                    let _ = stream.set_nodelay(true);
                     connections.spawn(serve(stream, script.clone(), Arc::clone(&shared)));
                 }
                 // Out of descriptors, say: back off instead of spinning.
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             },
-            Some(_) = connections.join_next() => {}
         }
     }
 }
 
-async fn serve(stream: TcpStream, script: RawScript, shared: Arc<Shared>) {
+async fn serve(socket: Socket, script: RawScript, shared: Arc<Shared>) {
     let mut conn = RawConn {
-        stream,
+        stream: socket.wire(),
         shared: Arc::clone(&shared),
         liveness: Liveness::default(),
         kept: None,
@@ -324,7 +335,7 @@ fn count_closed(liveness: &Liveness, shared: &Shared) {
 }
 
 struct RawConn {
-    stream: TcpStream,
+    stream: Wire,
     shared: Arc<Shared>,
     /// Told when the connection closes.
     liveness: Liveness,
@@ -408,7 +419,8 @@ impl RawConn {
         Ok(())
     }
 
-    /// Writes all of `bytes` as the client takes them, reading meanwhile.
+    /// Writes all of `bytes` as the client takes them, reading meanwhile: whichever of the
+    /// write and a read is ready, the write first.
     async fn write_all(&mut self, mut bytes: &[u8]) -> Result<(), Hangup> {
         let RawConn {
             stream,
@@ -418,25 +430,37 @@ impl RawConn {
             half_closed,
             liveness,
         } = self;
-        let (mut reader, mut writer) = stream.split();
         while !bytes.is_empty() {
-            tokio::select! {
-                read = reader.read(buf), if !*half_closed => match read {
-                    Ok(n @ 1..) => took(shared, kept.as_deref(), &buf[..n]),
-                    // A held connection's client shut its write side: it may still read.
-                    Ok(0) if kept.is_some() => {
-                        *half_closed = true;
-                        count_closed(liveness, shared);
+            let reading = !*half_closed;
+            let event = poll_fn(|cx| {
+                if let Poll::Ready(written) = Pin::new(&mut *stream).poll_write(cx, bytes) {
+                    return Poll::Ready(Moved::Wrote(written));
+                }
+                if reading {
+                    let mut into = ReadBuf::new(buf);
+                    if let Poll::Ready(read) = Pin::new(&mut *stream).poll_read(cx, &mut into) {
+                        return Poll::Ready(Moved::Read(read.map(|()| into.filled().len())));
                     }
-                    Ok(0) | Err(_) => return Err(Hangup::Gone),
-                },
-                written = writer.write(bytes) => match written {
-                    Ok(n @ 1..) => {
-                        shared.counters.raw_bytes_written.fetch_add(n as u64, Relaxed);
-                        bytes = &bytes[n..];
-                    }
-                    Ok(0) | Err(_) => return Err(Hangup::Gone),
-                },
+                }
+                Poll::Pending
+            })
+            .await;
+            match event {
+                Moved::Read(Ok(n @ 1..)) => took(shared, kept.as_deref(), &buf[..n]),
+                // A held connection's client shut its write side: it may still read.
+                Moved::Read(Ok(0)) if kept.is_some() => {
+                    *half_closed = true;
+                    count_closed(liveness, shared);
+                }
+                Moved::Read(Ok(0) | Err(_)) => return Err(Hangup::Gone),
+                Moved::Wrote(Ok(n @ 1..)) => {
+                    shared
+                        .counters
+                        .raw_bytes_written
+                        .fetch_add(n as u64, Relaxed);
+                    bytes = &bytes[n..];
+                }
+                Moved::Wrote(Ok(0) | Err(_)) => return Err(Hangup::Gone),
             }
         }
         Ok(())
@@ -451,6 +475,7 @@ impl RawConn {
         tokio::pin!(sleep);
         loop {
             tokio::select! {
+                biased;
                 () = &mut sleep => return Ok(()),
                 read = self.read_some() => read?,
             }
@@ -504,6 +529,7 @@ impl RawConn {
             steps: steps_tx,
             kept,
             open: self.liveness.clone(),
+            clock: self.shared.clock,
         };
         self.shared.parked_raw.park(key, held);
         let mut sent = 0;
@@ -513,6 +539,7 @@ impl RawConn {
         let mut half_closed = false;
         loop {
             let (step, reply) = tokio::select! {
+                biased;
                 step = steps.recv() => match step {
                     Some(step) => step,
                     // The handle was dropped.
@@ -567,9 +594,7 @@ impl RawConn {
             Hangup::Fin => {
                 let _ = self.stream.shutdown().await;
             }
-            Hangup::Reset => {
-                let _ = self.stream.set_zero_linger();
-            }
+            Hangup::Reset => self.stream.reset(),
             Hangup::WaitForClient => while self.read_some().await.is_ok() {},
             Hangup::Gone => {}
         }

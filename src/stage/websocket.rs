@@ -64,8 +64,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 
 use super::{
-    Answer, BadQuery, Conn, Counters, GONE, Hangup, Liveness, Reply, Request, Route, Stage, Then,
-    Wire, body, carry_out, within,
+    Answer, BadQuery, Clock, Conn, Counters, GONE, Hangup, Liveness, Reply, Request, Route, Stage,
+    Then, Wire, body, carry_out, within,
 };
 
 /// How long the stage waits for the client's close after sending its own, and for its close
@@ -124,7 +124,8 @@ impl Stage {
     /// within `timeout`. Websockets with the same key are taken in arrival order; the keys are
     /// apart from [`Stage::held`]'s.
     pub async fn held_ws(&self, key: &str, timeout: Duration) -> Option<HeldWs> {
-        self.shared.parked_ws.take(key, timeout).await
+        let clock = self.shared.clock;
+        self.shared.parked_ws.take(clock, key, timeout).await
     }
 }
 
@@ -163,6 +164,7 @@ pub struct HeldWs {
     open: Liveness,
     closes: Arc<AtomicU64>,
     manual: bool,
+    clock: Clock,
 }
 
 /// The connection's ends of a [`HeldWs`]: the steps it carries out, where it queues what the
@@ -177,7 +179,12 @@ pub(super) struct WsEnds {
 
 impl HeldWs {
     /// A handle and the connection's ends of it.
-    pub(super) fn pair(target: String, open: Liveness, manual: bool) -> (HeldWs, WsEnds) {
+    pub(super) fn pair(
+        target: String,
+        open: Liveness,
+        manual: bool,
+        clock: Clock,
+    ) -> (HeldWs, WsEnds) {
         let (steps_tx, steps) = mpsc::unbounded_channel();
         let (queue, received) = mpsc::channel(QUEUED);
         let closes = Arc::default();
@@ -188,6 +195,7 @@ impl HeldWs {
             open,
             closes: Arc::clone(&closes),
             manual,
+            clock,
         };
         let ends = WsEnds {
             steps,
@@ -287,11 +295,13 @@ impl HeldWs {
     /// included; `None` if none comes within `timeout`, or at once when none is left and the
     /// connection has ended.
     pub async fn expect_message(&mut self, timeout: Duration) -> Option<Message> {
-        within(timeout, self.received.recv()).await.flatten()
+        within(self.clock, timeout, self.received.recv())
+            .await
+            .flatten()
     }
 
     async fn step(&self, step: WsStep) -> io::Result<()> {
-        carry_out(&self.steps, step).await
+        carry_out(self.clock, &self.steps, step).await
     }
 }
 
@@ -516,7 +526,8 @@ impl Conn {
         let (hangup, answer) = match script {
             Script::Hold(key) => {
                 let liveness = self.liveness.clone();
-                let (held, ends) = HeldWs::pair(request.target.clone(), liveness, false);
+                let clock = self.shared.clock;
+                let (held, ends) = HeldWs::pair(request.target.clone(), liveness, false, clock);
                 self.shared.parked_ws.park(key, held);
                 let mut session = self.session(Some(Arc::clone(&ends.closes)), false).await;
                 session.hold(ends).await
@@ -590,6 +601,7 @@ impl Conn {
         Session {
             ws,
             counters: &self.shared.counters,
+            clock: self.shared.clock,
             closes,
         }
     }
@@ -816,6 +828,8 @@ enum Received {
 struct Session<'a> {
     ws: WebSocketStream<Io<'a>>,
     counters: &'a Counters,
+    /// What its waits run on.
+    clock: Clock,
     /// A held websocket's own count of the client's close frames.
     closes: Option<Arc<AtomicU64>>,
 }
@@ -939,7 +953,7 @@ impl Session<'_> {
     /// After the client's close: writes the close reply tungstenite queued, at most
     /// [`CLOSE_TIMEOUT`]; then the stage closes TCP.
     async fn answer_close(&mut self) -> Hangup {
-        let _ = within(CLOSE_TIMEOUT, self.ws.flush()).await;
+        let _ = within(self.clock, CLOSE_TIMEOUT, self.ws.flush()).await;
         Hangup::Fin
     }
 
@@ -948,7 +962,7 @@ impl Session<'_> {
         if self.ws.send(close_message(code, reason)).await.is_err() {
             return Hangup::Fin;
         }
-        let _ = within(wait, async {
+        let _ = within(self.clock, wait, async {
             while !matches!(self.receive().await, Received::Close(_) | Received::Ended) {}
         })
         .await;
@@ -979,6 +993,7 @@ impl Session<'_> {
         };
         loop {
             let event = tokio::select! {
+                biased;
                 step = steps.recv() => Event::Step(step),
                 (permit, received) = self.next_from_client(&held) => Event::Client(permit, received),
             };
@@ -1101,7 +1116,7 @@ impl Session<'_> {
         reply: Reply,
         held: &mut Holding,
     ) -> Option<(Hangup, Option<Answer>)> {
-        let closed = within(CLOSE_TIMEOUT, async {
+        let closed = within(self.clock, CLOSE_TIMEOUT, async {
             loop {
                 let (permit, received) = self.next_from_client(held).await;
                 if let Some(hangup) = self.on_client(permit, received, held).await {
