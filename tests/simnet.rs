@@ -6,6 +6,9 @@
 //! invalidated), and the determinism of a whole run. Every wait is bounded on the paused clock:
 //! a run that cannot progress jumps to its deadline and fails.
 
+#[path = "support/tls_ca.rs"]
+mod tls_ca;
+
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -484,6 +487,93 @@ async fn the_network_sees_the_clients_close_when_the_session_is_invalidated() {
     assert_eq!(client_sockets_of(&stage.peers()).unwrap(), 0);
     assert!(bounded("the stage's count", stage.wait_all_closed(BOUND)).await);
     assert_eq!(stage.closed(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_scripted_endings_play_over_the_network() {
+    let net = SimNet::new();
+    let stage = sim_stage(&net).await;
+    let config = Configuration::builder()
+        .transport(net.clone())
+        .request_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let session = Session::new(config, None);
+    let fetch = |path: &str| session.data(get(stage.url(path)));
+
+    let reset = bounded("reset", fetch("/bytes/1000?reset_after=100")).await;
+    assert!(
+        matches!(reset, Err(Error::ConnectionReset | Error::Io(_))),
+        "{reset:?}"
+    );
+    let closed = bounded("close", fetch("/bytes/1000?close_after=100")).await;
+    assert!(closed.is_err(), "a body cut short: {closed:?}");
+    let garbage = bounded("garbage", fetch("/bytes/10?malformed=status")).await;
+    assert!(
+        matches!(garbage, Err(Error::MalformedResponse(_))),
+        "{garbage:?}"
+    );
+    let silent = bounded("no response", fetch("/bytes/10?no_response=1")).await;
+    assert!(silent.is_err(), "{silent:?}");
+    let started = tokio::time::Instant::now();
+    let stalled = bounded("stall", fetch("/bytes/1000?stall_headers=1")).await;
+    assert!(
+        matches!(stalled, Err(Error::TimedOut(leakproof::Timeout::Request))),
+        "{stalled:?}"
+    );
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(5),
+        "on schedule, exactly"
+    );
+    let whole = bounded("whole", fetch("/bytes/10")).await.unwrap();
+    assert_eq!(whole.body().len(), 10, "and the stage serves on");
+
+    assert_eq!(stage.client_ends_open(), Some(1), "only the pooled one");
+    assert!(
+        bounded(
+            "closed",
+            stage.wait_until(|s| s.closed() == s.accepted() - 1, BOUND)
+        )
+        .await
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn tls_runs_over_the_network() {
+    let ca = tls_ca::TestCa::new("leakproof test CA");
+    let cert = ca.server();
+    let net = SimNet::new();
+    let stage = Stage::builder()
+        .network(&net)
+        .tls(cert.chain, cert.key)
+        .start()
+        .await
+        .unwrap();
+    let config = Configuration::builder()
+        .transport(net.clone())
+        .add_root_certificate(ca.root())
+        .build()
+        .unwrap();
+    let session = Session::new(config, None);
+    let response = bounded("https", session.data(get(stage.https_url("/bytes/5000"))))
+        .await
+        .unwrap();
+    assert_eq!(response.body(), &Bytes::from(stage::body(5000)));
+    let ws = session
+        .websocket_task(stage.wss_url("/ws/echo"), &[])
+        .unwrap();
+    ws.resume();
+    let hello = Message::Binary(Bytes::from_static(b"over tls"));
+    bounded("send", ws.send(hello.clone())).await.unwrap();
+    assert_eq!(bounded("receive", ws.receive()).await.unwrap(), hello);
+    ws.cancel_with(1000, "done").unwrap();
+    bounded("the websocket's end", ws.result()).await.unwrap();
+    session.finish_tasks_and_invalidate();
+    bounded("invalidation", session.invalidated()).await;
+    assert_eq!(stage.client_ends_open(), Some(0));
+    assert!(bounded("closed", stage.wait_all_closed(BOUND)).await);
+    assert_eq!(stage.accepted(), 2);
 }
 
 // Determinism.
