@@ -37,6 +37,9 @@ pub struct View {
     pub awaited: Vec<(TaskId, Outcome)>,
     pub tasks: BTreeMap<TaskId, TaskState>,
     pub sessions: BTreeMap<SessionId, SessionView>,
+    /// Promises the witnesses showed broken at the moment they were made (a system that
+    /// checks at that moment: the simulated client's), during this op.
+    pub broken: Vec<Violation>,
 }
 
 fn broken(rule: Rule, detail: String) -> Result<(), Violation> {
@@ -45,6 +48,10 @@ fn broken(rule: Rule, detail: String) -> Result<(), Violation> {
 
 /// Compare the system with the model after an op whose step was `step`.
 pub fn compare(view: &View, model: &Model, step: &Step) -> Result<(), Violation> {
+    // A promise broken at its moment is the first thing that went wrong.
+    if let Some(violation) = view.broken.first() {
+        return Err(violation.clone());
+    }
     if view.refused != step.refused {
         let invalidated = Some(Refusal::SessionInvalidated);
         let rule = if view.refused == invalidated || step.refused == invalidated {

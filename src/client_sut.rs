@@ -1,9 +1,21 @@
 //! The real client as the system under test: `leakproof` sessions, each against a stage of
 //! its own whose held exchanges play the model's server op by op (`/hold/t3` is task t3's
-//! request). One tokio runtime per case. After each op the world waits, within a deadline,
-//! until what it shows matches the model; what it shows comes from the witnesses wherever one
-//! exists: the stage's open sockets, the download directory, a `Weak` to the delegate, and
-//! the callbacks the delegate heard.
+//! request). What the world shows comes from the witnesses wherever one exists: the sockets
+//! the client holds to the stage, the download directory, a `Weak` to the delegate, and the
+//! callbacks the delegate heard. Two worlds:
+//!
+//! - [`ClientWorld`], on real sockets: a multi-thread runtime, the stage on loopback, the
+//!   delegate's callbacks on the session's thread. After each op the world waits, within a
+//!   deadline, until what it shows matches the model: the kernel's timing is not ours to know.
+//! - [`SimulatedWorld`], in a simulation: one current-thread runtime with a paused clock runs
+//!   the client, its delegate's callbacks (`deliver_on_runtime`) and the stage, over an
+//!   in-memory network ([`SimNet`]). After each op it runs until nothing can make progress
+//!   (every task waits, and no timer is due within the next millisecond: the paused clock
+//!   moves only when the runtime is idle), then shows what it has, once: a mismatch is a
+//!   divergence at once, with no deadline and no grace. Nothing in it is random or timed by
+//!   the wall clock, so a sequence gives the same run every time (see its
+//!   [`System::trace`]). At the moment of each promise it checks the witnesses
+//!   ([`Checkpoints`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
@@ -20,10 +32,13 @@ use leakproof_model::{
     TaskKind, Timer,
 };
 
+use leakproof_model::rules::{Rule, Violation};
+
 use crate::assertions::{SessionView, View};
 use crate::engine_sut::{model_outcome, model_resources, model_session_state, model_task_state};
 use crate::machine::System;
 use crate::scenario::AnyTask;
+use crate::simnet::SimNet;
 use crate::stage::{Held, HeldRaw, HeldWs, Liveness, RawScript, Stage};
 use crate::witness;
 
@@ -38,11 +53,117 @@ const UPLOAD: usize = 1000;
 /// A stream op never waits this long: the model's reads take what is there.
 const STREAM_OP: Duration = Duration::from_secs(1);
 
-/// Every session the sequence created, on one runtime.
+/// In a simulation, how long the world lets the runtime run for a wait that quiescence has
+/// already decided (a request that arrived, a read of what is there): one millisecond of the
+/// paused clock, which moves only once every task waits.
+const QUIESCENT: Duration = Duration::from_millis(1);
+
+/// Every session the sequence created, on one runtime, on real sockets.
 pub struct ClientWorld {
-    runtime: tokio::runtime::Runtime,
+    /// Shared with `act`, which drives it (`Runtime::block_on`: a handle's `block_on` does
+    /// not run a current-thread runtime's tasks).
+    runtime: Arc<tokio::runtime::Runtime>,
+    /// The simulated network, in a simulation.
+    net: Option<SimNet>,
     sessions: BTreeMap<SessionId, Sim>,
     session_of: BTreeMap<TaskId, SessionId>,
+    /// `Par` ops seen: in a simulation their two ops run one after the other, in the order
+    /// written for even ones and the other order for odd ones.
+    pars: usize,
+    checkpoints: Checkpoints,
+}
+
+/// The same world in a simulation (see the module's docs).
+pub struct SimulatedWorld {
+    world: ClientWorld,
+    /// The simulated time the world began at.
+    began: tokio::time::Instant,
+}
+
+impl std::fmt::Debug for SimulatedWorld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.world.fmt(f)
+    }
+}
+
+impl Default for SimulatedWorld {
+    fn default() -> Self {
+        let runtime: Arc<tokio::runtime::Runtime> = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("a tokio runtime")
+            .into();
+        let began = runtime.block_on(async { tokio::time::Instant::now() });
+        let world = ClientWorld {
+            runtime,
+            net: Some(SimNet::new()),
+            sessions: BTreeMap::new(),
+            session_of: BTreeMap::new(),
+            pars: 0,
+            checkpoints: Checkpoints::default(),
+        };
+        SimulatedWorld { world, began }
+    }
+}
+
+impl SimulatedWorld {
+    /// What the simulation did so far, for comparing two runs: the stages' logs, each
+    /// session's callbacks as heard, the futures' returns, and the simulated time.
+    fn text(&self) -> String {
+        let mut trace = String::new();
+        for (id, sim) in &self.world.sessions {
+            trace.push_str(&format!(
+                "{id}: heard {:?}\n",
+                sim.ear.heard.lock().unwrap()
+            ));
+            trace.push_str(&format!(
+                "{id}: awaited {:?}\n",
+                sim.awaited.lock().unwrap()
+            ));
+            for seen in sim.stage.log() {
+                trace.push_str(&format!("{id}: stage {seen:?}\n"));
+            }
+        }
+        let now = self
+            .world
+            .runtime
+            .block_on(async { tokio::time::Instant::now() });
+        let elapsed = now - self.began;
+        trace.push_str(&format!("{elapsed:?} of simulated time\n"));
+        trace
+    }
+}
+
+impl System for SimulatedWorld {
+    fn apply(&mut self, op: &Op) -> View {
+        self.world.apply_until(op, &|_| true)
+    }
+
+    fn trace(&self) -> Option<String> {
+        Some(self.text())
+    }
+}
+
+/// What the witnesses showed at the moment a promise was made, where it broke a rule: a
+/// download's file still there as its `did_complete` is delivered (R5), a connection, a file
+/// or the delegate still held as `invalidated()` resolves (R4, R3), a convenience's task not
+/// over as its future returns (R5). Each is reported with the first view after it.
+#[derive(Debug, Clone, Default)]
+pub struct Checkpoints(Arc<Mutex<Vec<Violation>>>);
+
+impl Checkpoints {
+    fn broken(&self, rule: Rule, detail: String) {
+        self.0.lock().unwrap().push(Violation { rule, detail });
+    }
+
+    fn seen(&self) -> Vec<Violation> {
+        self.0.lock().unwrap().clone()
+    }
+
+    fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
 }
 
 impl std::fmt::Debug for ClientWorld {
@@ -59,11 +180,15 @@ impl Default for ClientWorld {
             .worker_threads(2)
             .enable_all()
             .build()
-            .expect("a tokio runtime");
+            .expect("a tokio runtime")
+            .into();
         Self {
             runtime,
+            net: None,
             sessions: BTreeMap::new(),
             session_of: BTreeMap::new(),
+            pars: 0,
+            checkpoints: Checkpoints::default(),
         }
     }
 }
@@ -88,6 +213,12 @@ struct Ear {
     responders: Mutex<HashMap<TaskId, Kept>>,
     /// What it answers to each task's redirects.
     redirects: Mutex<HashMap<leakproof::TaskId, Redirect>>,
+    /// In a simulation a slow delegate does not block its thread (the runtime's): a callback
+    /// heard while slow marks it stuck, and the delivery waits on `gate` (the pace) before it
+    /// reports the callback returned.
+    simulated: bool,
+    stuck: Mutex<bool>,
+    gate: tokio::sync::watch::Sender<bool>,
 }
 
 /// A responder the delegate kept, and the answer it will give.
@@ -101,15 +232,30 @@ enum Kept {
 }
 
 impl Ear {
-    /// Stay in the callback while the delegate is slow.
+    /// Stay in the callback while the delegate is slow (in a simulation: mark it stuck, for
+    /// [`returned`](Self::returned)).
     fn keep_up(&self) {
         let slow = self.slow.lock().unwrap();
+        if self.simulated {
+            *self.stuck.lock().unwrap() = *slow;
+            return;
+        }
         drop(self.released.wait_while(slow, |slow| *slow).unwrap());
     }
 
     fn pace(&self, slow: bool) {
         *self.slow.lock().unwrap() = slow;
         self.released.notify_all();
+        self.gate.send_replace(slow);
+    }
+
+    /// In a simulation, what the delivery awaits after each callback: a stuck callback
+    /// returns once the delegate is released.
+    async fn returned(self: Arc<Self>) {
+        if std::mem::take(&mut *self.stuck.lock().unwrap()) {
+            let mut pace = self.gate.subscribe();
+            let _ = pace.wait_for(|slow| !slow).await;
+        }
     }
 }
 
@@ -117,6 +263,9 @@ impl Ear {
 struct Listener {
     session: SessionId,
     ear: Arc<Ear>,
+    /// In a simulation: where a promise broken at its moment is noted, and the download
+    /// directory, whose files are witnessed as `did_complete` is delivered.
+    checkpoints: Option<(Checkpoints, std::path::PathBuf)>,
 }
 
 impl Listener {
@@ -215,6 +364,22 @@ impl Delegate for Listener {
 
     fn did_complete(&self, task: &TaskInfo, result: Result<(), Error>) {
         let outcome = model_outcome(&result);
+        // R5 at its moment: a completed task holds nothing; its file is gone already.
+        if let Some((checkpoints, downloads)) = &self.checkpoints {
+            let suffix = format!("-{}.download", task.id.0);
+            let files = witness::files_in(downloads).unwrap_or_default();
+            if let Some(file) = files
+                .iter()
+                .find(|f| f.to_string_lossy().ends_with(&suffix))
+            {
+                let id = self.ear.ids.lock().unwrap()[&task.id];
+                let detail = format!(
+                    "{id}'s file {} exists as did_complete is delivered",
+                    file.display()
+                );
+                checkpoints.broken(Rule::R5, detail);
+            }
+        }
         self.hear(task, |task| Callback::Complete { task, outcome });
     }
 
@@ -232,6 +397,10 @@ impl Delegate for Listener {
 /// One session, its stage and its download directory.
 struct Sim {
     kind: SessionKind,
+    /// In a simulation: the network, whose count of the client's open ends is the witness of
+    /// its sockets.
+    net: Option<SimNet>,
+    checkpoints: Checkpoints,
     session: Option<Session>,
     observer: Observer,
     stage: Stage,
@@ -283,40 +452,67 @@ impl System for ClientWorld {
 
     fn apply_until(&mut self, op: &Op, settled: &dyn Fn(&View) -> bool) -> View {
         let (refused, returned) = self.act(op);
-        let deadline = Instant::now() + SETTLE;
-        let view = loop {
-            let view = self.view(refused, returned);
-            if settled(&view) {
-                std::thread::sleep(GRACE);
-                let again = self.view(refused, returned);
-                if settled(&again) {
-                    break again;
-                }
-            }
-            if Instant::now() >= deadline {
-                break view;
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        let view = if self.net.is_some() {
+            // Quiescence: the sleep ends once every task waits and no timer is due before it.
+            self.runtime
+                .block_on(async { tokio::time::sleep(QUIESCENT).await });
+            self.view(refused, returned)
+        } else {
+            self.settle(refused, returned, settled)
         };
         for sim in self.sessions.values_mut() {
             sim.reported = sim.ear.heard.lock().unwrap().len();
             sim.reported_awaited = sim.awaited.lock().unwrap().len();
         }
+        self.checkpoints.clear();
         view
     }
 }
 
 impl ClientWorld {
+    /// On real sockets: wait, within [`SETTLE`], until what the world shows is `settled`.
+    fn settle(
+        &self,
+        refused: Option<Refusal>,
+        returned: Option<Returned>,
+        settled: &dyn Fn(&View) -> bool,
+    ) -> View {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let view = self.view(refused, returned);
+            if settled(&view) {
+                std::thread::sleep(GRACE);
+                let again = self.view(refused, returned);
+                if settled(&again) {
+                    return again;
+                }
+            }
+            if Instant::now() >= deadline {
+                return view;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// How long a server op waits for its request, and a stream op for its bytes: in a
+    /// simulation the world has settled, so what will come has come.
+    fn patience(&self, real: Duration) -> Duration {
+        if self.net.is_some() { QUIESCENT } else { real }
+    }
+
     /// Do what `op` says; whether the client refused it, and what it returned.
     fn act(&mut self, op: &Op) -> (Option<Refusal>, Option<Returned>) {
-        let runtime = self.runtime.handle().clone();
+        let rt = Arc::clone(&self.runtime);
+        let runtime = rt.handle().clone();
         match *op {
             Op::CreateSession {
                 session,
                 kind,
                 per_host,
             } => {
-                let sim = runtime.block_on(Sim::new(session, kind, per_host));
+                let net = self.net.clone();
+                let checkpoints = self.checkpoints.clone();
+                let sim = rt.block_on(Sim::new(session, kind, per_host, net, checkpoints));
                 self.sessions.insert(session, sim);
             }
             Op::FinishTasksAndInvalidate(s) => self.user_session(s).finish_tasks_and_invalidate(),
@@ -387,7 +583,7 @@ impl ClientWorld {
                 let session = self.user_session(s).clone();
                 // The promise: once reset() returns, the idle connections are closed.
                 let reset = async { tokio::time::timeout(ARRIVAL, session.reset()).await };
-                runtime.block_on(reset).expect("reset() returns");
+                rt.block_on(reset).expect("reset() returns");
             }
             Op::Answer(t) | Op::DropResponder(t) => {
                 let ear = self.sim(self.session_of[&t]).ear.clone();
@@ -425,8 +621,8 @@ impl ClientWorld {
                 drop((handle, stream));
             }
             Op::Read(t) => {
-                let read =
-                    self.with_stream(t, |s| runtime.block_on(s.read(0, usize::MAX, STREAM_OP)));
+                let patience = self.patience(STREAM_OP);
+                let read = self.with_stream(t, |s| rt.block_on(s.read(0, usize::MAX, patience)));
                 match read {
                     Ok(Some(bytes)) => return (None, Some(Returned::Read(bytes.len() as u64))),
                     Ok(None) => return (None, Some(Returned::Eof)),
@@ -434,8 +630,8 @@ impl ClientWorld {
                 }
             }
             Op::Write(t) => {
-                let write =
-                    self.with_stream(t, |s| runtime.block_on(s.write(b"leakproof", STREAM_OP)));
+                let patience = self.patience(STREAM_OP);
+                let write = self.with_stream(t, |s| rt.block_on(s.write(b"leakproof", patience)));
                 if let Err(error) = write {
                     return (Some(refusal(&error)), None);
                 }
@@ -450,7 +646,7 @@ impl ClientWorld {
                 let live = self.sim(self.session_of[&t]).observer.task_state(client)
                     != leakproof::TaskState::Completed;
                 if connected && live && self.task(t).held.is_none() {
-                    runtime.block_on(self.raw(t));
+                    rt.block_on(self.raw(t));
                 }
                 self.with_stream(t, StreamTask::close_write);
                 self.task(t).write_shut = true;
@@ -467,7 +663,7 @@ impl ClientWorld {
                 .cancel_with(1001, "going away")
                 .expect("1001 may be sent"),
             Op::ServerAnswersUpgrade { task, accept } => {
-                let upgraded = runtime.block_on(self.server(task, |held| async move {
+                let upgraded = rt.block_on(self.server(task, |held| async move {
                     if accept {
                         held.upgrade().await.map(|ws| (None, Some(ws)))
                     } else {
@@ -484,7 +680,7 @@ impl ClientWorld {
                     CloseFrame::InvalidCode => &[0x03, 0xe7],
                 };
                 if let Some(ws) = &self.task(task).ws {
-                    let _ = runtime.block_on(ws.close_with_payload(payload));
+                    let _ = rt.block_on(ws.close_with_payload(payload));
                 }
             }
             Op::TimePasses { task, timer } => {
@@ -502,7 +698,7 @@ impl ClientWorld {
                 let sim = self.sim(self.session_of[&task]);
                 let client = sim.tasks[&task].client;
                 sim.ear.answers.lock().unwrap().insert(client, answer);
-                runtime.block_on(self.server(task, |held| async move {
+                rt.block_on(self.server(task, |held| async move {
                     held.head(200, true, None).await.map(|()| (Some(held), ()))
                 }));
             }
@@ -511,7 +707,7 @@ impl ClientWorld {
                 let client = sim.tasks[&task].client;
                 sim.ear.redirects.lock().unwrap().insert(client, answer);
                 let next = format!("/hold/{}", hold_key(task, sim.tasks[&task].hops + 1));
-                runtime.block_on(self.server(task, |held| async move {
+                rt.block_on(self.server(task, |held| async move {
                     held.redirect(307, &next).await.map(|()| (None, ()))
                 }));
                 self.task(task).hops += 1;
@@ -521,17 +717,17 @@ impl ClientWorld {
                 let (kind, raw) = (self.task(task).kind, self.task(task).held.is_none());
                 match kind {
                     TaskKind::Stream if raw => {
-                        if let Some(raw) = runtime.block_on(self.raw(task)) {
-                            let _ = runtime.block_on(raw.send(bytes));
+                        if let Some(raw) = rt.block_on(self.raw(task)) {
+                            let _ = rt.block_on(raw.send(bytes));
                         }
                     }
                     TaskKind::WebSocket => {
                         if let Some(ws) = &self.task(task).ws {
-                            let _ = runtime.block_on(ws.send_binary(bytes as usize));
+                            let _ = rt.block_on(ws.send_binary(bytes as usize));
                         }
                     }
                     _ => {
-                        runtime.block_on(self.server(task, |held| async move {
+                        rt.block_on(self.server(task, |held| async move {
                             let _ = held.send(bytes).await;
                             Ok((Some(held), ()))
                         }));
@@ -540,12 +736,12 @@ impl ClientWorld {
             }
             Op::ServerEnds { task, reusable } => {
                 if self.task(task).kind == TaskKind::Stream && self.task(task).held.is_none() {
-                    if let Some(raw) = runtime.block_on(self.raw(task)) {
-                        let _ = runtime.block_on(raw.end());
+                    if let Some(raw) = rt.block_on(self.raw(task)) {
+                        let _ = rt.block_on(raw.end());
                     }
                 } else {
                     self.task(task).server_closed |= !reusable;
-                    runtime.block_on(self.server(task, |held| async move {
+                    rt.block_on(self.server(task, |held| async move {
                         if reusable {
                             held.end().await?;
                         } else {
@@ -559,15 +755,15 @@ impl ClientWorld {
                 self.task(task).server_closed = true;
                 let entry = self.task(task);
                 if let Some(ws) = entry.ws.take() {
-                    let _ = runtime.block_on(ws.reset());
+                    let _ = rt.block_on(ws.reset());
                 } else if entry.kind == TaskKind::Stream && entry.held.is_none() {
-                    if runtime.block_on(self.raw(task)).is_some()
+                    if rt.block_on(self.raw(task)).is_some()
                         && let Some(raw) = self.task(task).raw.take()
                     {
-                        let _ = runtime.block_on(raw.reset());
+                        let _ = rt.block_on(raw.reset());
                     }
                 } else {
-                    runtime.block_on(self.server(task, |held| async move {
+                    rt.block_on(self.server(task, |held| async move {
                         match fault {
                             Fault::Reset => held.reset().await?,
                             Fault::Malformed => held.malformed().await?,
@@ -583,6 +779,17 @@ impl ClientWorld {
     /// Two user ops of one session at once, from two threads released together; then the
     /// world's own account of what they did. The refusal, if one was refused.
     fn par(&mut self, ops: [&Op; 2], runtime: &tokio::runtime::Handle) -> Option<Refusal> {
+        if self.net.is_some() {
+            // One thread: the two ops run one after the other, alternately in each order.
+            let [a, b] = ops;
+            let order = if self.pars % 2 == 0 { [a, b] } else { [b, a] };
+            self.pars += 1;
+            let mut refused = None;
+            for op in order {
+                refused = refused.or(self.act(op).0);
+            }
+            return refused;
+        }
         let s = crate::machine::session_of_op(ops[0], &self.session_of);
         // Made ready first: a stream's listener, the name the delegate will hear a new task
         // by (its callbacks may come before this thread learns it was created), and what the
@@ -687,13 +894,14 @@ impl ClientWorld {
 
     /// The server's side of a raw stream, waiting for it to connect the first time.
     async fn raw(&mut self, task: TaskId) -> Option<&HeldRaw> {
+        let patience = self.patience(ARRIVAL);
         let sim = self
             .sessions
             .get_mut(&self.session_of[&task])
             .expect("session");
         let entry = sim.tasks.get_mut(&task).expect("task");
         if entry.raw.is_none() {
-            let raw = sim.stage.held_raw(&task.to_string(), ARRIVAL).await?;
+            let raw = sim.stage.held_raw(&task.to_string(), patience).await?;
             entry.socket = Some(raw.liveness());
             entry.raw = Some(raw);
         }
@@ -707,6 +915,7 @@ impl ClientWorld {
         F: FnOnce(Held) -> Fut,
         Fut: std::future::Future<Output = std::io::Result<(Option<Held>, T)>>,
     {
+        let patience = self.patience(ARRIVAL);
         let sim = self
             .sessions
             .get_mut(&self.session_of[&task])
@@ -717,7 +926,7 @@ impl ClientWorld {
         }
         let held = match entry.held.take() {
             Some(held) => held,
-            None => match sim.stage.held(&hold_key(task, entry.hops), ARRIVAL).await {
+            None => match sim.stage.held(&hold_key(task, entry.hops), patience).await {
                 Some(held) => {
                     entry.socket = Some(held.liveness());
                     held
@@ -757,6 +966,7 @@ impl ClientWorld {
         let mut view = View {
             refused,
             returned,
+            broken: self.checkpoints.seen(),
             ..View::default()
         };
         for (id, sim) in &self.sessions {
@@ -776,10 +986,24 @@ impl ClientWorld {
 }
 
 impl Sim {
-    async fn new(id: SessionId, kind: SessionKind, per_host: Option<u32>) -> Sim {
-        let stage = Stage::start().await.expect("a stage");
+    async fn new(
+        id: SessionId,
+        kind: SessionKind,
+        per_host: Option<u32>,
+        net: Option<SimNet>,
+        checkpoints: Checkpoints,
+    ) -> Sim {
+        let stage = match &net {
+            None => Stage::start().await,
+            Some(net) => Stage::builder().network(net).start().await,
+        }
+        .expect("a stage");
         let downloads = tempfile::tempdir().expect("a download dir");
-        let config = Configuration::builder()
+        let mut config = Configuration::builder();
+        if let Some(net) = &net {
+            config = config.transport(net.clone());
+        }
+        let config = config
             .download_dir(downloads.path())
             .max_connections_per_host(per_host.map_or(usize::MAX, |l| l as usize))
             .max_idle_per_host(usize::MAX)
@@ -787,7 +1011,10 @@ impl Sim {
             .url_cache(Some(suite_cache()))
             .build()
             .expect("a valid configuration");
-        let ear = Arc::new(Ear::default());
+        let ear = Arc::new(Ear {
+            simulated: net.is_some(),
+            ..Ear::default()
+        });
         let mut builder = Session::builder().configuration(config);
         let mut delegate = None;
         match kind {
@@ -797,14 +1024,49 @@ impl Sim {
                 let listener = Arc::new(Listener {
                     session: id,
                     ear: ear.clone(),
+                    checkpoints: net
+                        .is_some()
+                        .then(|| (checkpoints.clone(), downloads.path().to_owned())),
                 });
                 delegate = Some(Arc::downgrade(&listener));
                 builder = builder.delegate(listener);
+                if net.is_some() {
+                    let ear = ear.clone();
+                    builder = builder.deliver_on_runtime(move || ear.clone().returned());
+                }
             }
         }
         let session = builder.build();
+        if net.is_some() && kind != SessionKind::Shared {
+            // R4 and R3 at their moment: as invalidated() resolves, the session holds no
+            // socket and no file, and its delegate is gone.
+            let observer = session.observer();
+            let tally = stage.tally().expect("a stage on the network");
+            let delegate = delegate.clone();
+            let downloads = downloads.path().to_owned();
+            let checkpoints = checkpoints.clone();
+            tokio::spawn(async move {
+                observer.invalidated().await;
+                let open = tally.client_ends_alive();
+                if open > 0 {
+                    let detail = format!("{open} sockets open as invalidated() resolves");
+                    checkpoints.broken(Rule::R4, detail);
+                }
+                let files = witness::files_in(&downloads).unwrap_or_default();
+                if !files.is_empty() {
+                    let detail = format!("files {files:?} exist as invalidated() resolves");
+                    checkpoints.broken(Rule::R4, detail);
+                }
+                if delegate.is_some_and(|d| d.upgrade().is_some()) {
+                    let detail = "the delegate is held as invalidated() resolves".to_owned();
+                    checkpoints.broken(Rule::R3, detail);
+                }
+            });
+        }
         Sim {
             kind,
+            net,
+            checkpoints,
             observer: session.observer(),
             session: Some(session),
             stage,
@@ -871,8 +1133,15 @@ impl Sim {
                     leakproof::TaskState::Running,
                     "{task}: a convenience runs from its first poll"
                 );
+                let (observer, checkpoints) = (self.observer.clone(), self.checkpoints.clone());
                 Some(runtime.spawn(async move {
                     let result = future.await;
+                    // R5 at its moment: the future returns once its task is over.
+                    let state = observer.task_state(client);
+                    if state != leakproof::TaskState::Completed {
+                        let detail = format!("{task} is {state:?} as its future returns");
+                        checkpoints.broken(Rule::R5, detail);
+                    }
                     returned
                         .lock()
                         .unwrap()
@@ -991,7 +1260,14 @@ impl Sim {
                     && self.observer.task_state(t.client) != leakproof::TaskState::Completed
             })
             .count();
-        let sockets = (self.stage.open() as usize + closed_by_server_but_held) as u32;
+        let sockets = match &self.net {
+            None => self.stage.open() as usize + closed_by_server_but_held,
+            // The network's own count of the ends the client holds open: exact.
+            Some(_) => self
+                .stage
+                .client_ends_open()
+                .map_or(usize::MAX, |n| n as usize),
+        } as u32;
         SessionView {
             state: model_session_state(self.observer.state()),
             ledger: model_resources(&ledger),

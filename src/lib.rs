@@ -28,6 +28,7 @@ pub mod client_sut;
 pub mod coverage;
 pub mod engine_sut;
 pub mod explore;
+pub mod heap;
 pub mod machine;
 pub mod ops;
 pub mod reference;

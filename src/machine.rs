@@ -27,6 +27,43 @@ pub trait System: Default {
         let _ = settled;
         self.apply(op)
     }
+
+    /// What the run did, for a system whose runs are deterministic: the same sequence gives
+    /// the same text, byte for byte. `None` for a system whose timing is the kernel's.
+    fn trace(&self) -> Option<String> {
+        None
+    }
+}
+
+thread_local! {
+    /// The digest of every trace of the cases this thread ran since it was last reset, in the
+    /// order they ran (FNV-1a, 64 bits), and how many there were: two runs of the same cases
+    /// from the same seed must give the same digest.
+    static TRACES: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((FNV_OFFSET, 0)) };
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Start a new digest of this thread's traces.
+pub fn reset_traces() {
+    TRACES.set((FNV_OFFSET, 0));
+}
+
+/// The digest of this thread's traces since [`reset_traces`], and how many were folded in;
+/// `None` if none was.
+pub fn traces() -> Option<(u64, u64)> {
+    let traces = TRACES.get();
+    (traces.1 > 0).then_some(traces)
+}
+
+/// Fold one case's trace into this thread's digest.
+pub fn add_trace(trace: &str) {
+    let (mut digest, runs) = TRACES.get();
+    for byte in trace.bytes().chain([0xff]) {
+        digest ^= u64::from(byte);
+        digest = digest.wrapping_mul(0x0100_0000_01b3);
+    }
+    TRACES.set((digest, runs + 1));
 }
 
 /// Ops applied across every case so far, for the report.
@@ -36,11 +73,61 @@ pub static OPS_APPLIED: AtomicU64 = AtomicU64::new(0);
 /// taken it: where an op had two outcomes ([`Op::Par`]), the one the system showed. The
 /// generator's reference takes the order as written, so an op it generates after a `Par`
 /// that went the other way may not be allowed here: it is skipped, as a replay skips it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Run<S> {
     pub system: S,
     pub step: usize,
     pub actual: RefState,
+    /// What the heap witness counted live before the system was made ([`crate::heap`]).
+    heap: Option<isize>,
+    /// The op applied last.
+    last: Option<Op>,
+}
+
+impl<S: System> Default for Run<S> {
+    fn default() -> Self {
+        let heap = crate::heap::live();
+        Run {
+            system: crate::heap::inside(S::default),
+            step: 0,
+            actual: RefState::default(),
+            heap,
+            last: None,
+        }
+    }
+}
+
+impl<S> Run<S> {
+    /// Drop the system; with the heap witness installed, what it left live must be within
+    /// [`WORLD_BOUND`](crate::heap::WORLD_BOUND) of what was live before it was made.
+    pub fn end(self) -> Result<(), Divergence> {
+        let Run {
+            system,
+            heap,
+            step,
+            last,
+            ..
+        } = self;
+        crate::heap::inside(|| drop(system));
+        let (Some(before), Some(after), Some(op)) = (heap, crate::heap::live(), last) else {
+            return Ok(());
+        };
+        let left = after - before;
+        if left <= crate::heap::WORLD_BOUND {
+            return Ok(());
+        }
+        Err(Divergence {
+            step,
+            op,
+            violation: Violation {
+                rule: leakproof_model::rules::Rule::R4,
+                detail: format!(
+                    "the world left {left} bytes live on the heap once dropped (bound {})",
+                    crate::heap::WORLD_BOUND
+                ),
+            },
+        })
+    }
 }
 
 /// The proptest-state-machine test of `S` against the model.
@@ -74,13 +161,17 @@ fn step<S: System>(run: &mut Run<S>, op: &Op) -> Result<(), Divergence> {
         return Ok(());
     }
     run.step += 1;
+    run.last = Some(op.clone());
     OPS_APPLIED.fetch_add(1, Ordering::Relaxed);
     crate::coverage::record(&run.actual.model, op);
     let outcomes = run.actual.model.linearizations(op);
-    let view = run.system.apply_until(op, &|view| {
-        outcomes
-            .iter()
-            .any(|(model, step)| compare(view, model, step).is_ok())
+    let system = &mut run.system;
+    let view = crate::heap::inside(|| {
+        system.apply_until(op, &|view| {
+            outcomes
+                .iter()
+                .any(|(model, step)| compare(view, model, step).is_ok())
+        })
     });
     let mut first = None;
     for (model, step) in outcomes {
@@ -112,7 +203,9 @@ pub fn run_sequence<S: System>(ops: &[Op]) -> Result<usize, Divergence> {
     for op in teardown_ops(&run.actual.model) {
         step(&mut run, &op)?;
     }
-    Ok(run.step)
+    let steps = run.step;
+    run.end()?;
+    Ok(steps)
 }
 
 impl<S: System> StateMachineTest for Conformance<S> {
@@ -137,6 +230,9 @@ impl<S: System> StateMachineTest for Conformance<S> {
                 panic!("{divergence}");
             }
         }
+        if let Some(trace) = run.system.trace() {
+            add_trace(&trace);
+        }
         // Every session the user could reach is gone now, so each must hold nothing; `compare`
         // above checked it against the model, which says so.
         let model = &run.actual;
@@ -147,6 +243,9 @@ impl<S: System> StateMachineTest for Conformance<S> {
                 "spec: {id} ({:?}) holds {held:?} after teardown",
                 session.kind
             );
+        }
+        if let Err(divergence) = run.end() {
+            panic!("{divergence}");
         }
     }
 }

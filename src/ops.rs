@@ -813,11 +813,13 @@ pub fn test_snippet(name: &str, repro: &Repro) -> String {
     test_snippet_against(name, repro, "engine")
 }
 
-/// [`test_snippet`] against a target: `"engine"` ([`EngineWorld`](crate::engine_sut)) or
-/// `"client"` ([`ClientWorld`](crate::client_sut)).
+/// [`test_snippet`] against a target: `"engine"` ([`EngineWorld`](crate::engine_sut)),
+/// `"simulated"` ([`SimulatedWorld`](crate::client_sut)) or `"sockets"`
+/// ([`ClientWorld`](crate::client_sut)).
 pub fn test_snippet_against(name: &str, repro: &Repro, target: &str) -> String {
     let (module, world) = match target {
-        "client" => ("client_sut", "ClientWorld"),
+        "sockets" | "client" => ("client_sut", "ClientWorld"),
+        "simulated" => ("client_sut", "SimulatedWorld"),
         _ => ("engine_sut", "EngineWorld"),
     };
     let mut out = String::new();

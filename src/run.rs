@@ -55,6 +55,9 @@ pub struct Report {
     pub ops: u64,
     pub elapsed: Duration,
     pub failure: Option<Failure>,
+    /// For a deterministic system: the digest of its cases' traces, and how many there were
+    /// (see [`System::trace`]).
+    pub traces: Option<(u64, u64)>,
 }
 
 /// The shrunk, minimal failing sequence and what broke.
@@ -95,6 +98,7 @@ pub fn check<S: System>(target: &'static str, options: &Options) -> Report {
     let quiet = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let ops_before = OPS_APPLIED.load(Ordering::Relaxed);
+    crate::machine::reset_traces();
     let started = Instant::now();
     let bar = options.progress.then(|| {
         let bar = indicatif::ProgressBar::new(u64::from(options.cases));
@@ -139,6 +143,7 @@ pub fn check<S: System>(target: &'static str, options: &Options) -> Report {
         ops: OPS_APPLIED.load(Ordering::Relaxed) - ops_before,
         elapsed,
         failure,
+        traces: crate::machine::traces(),
     }
 }
 
@@ -159,6 +164,12 @@ impl fmt::Display for Report {
             f64::from(self.cases) / secs,
             self.ops as f64 / secs
         )?;
+        if let Some((digest, runs)) = self.traces {
+            writeln!(
+                f,
+                "  traces  {digest:016x} (digest of {runs} runs, shrinking included)"
+            )?;
+        }
         match &self.failure {
             None => writeln!(f, "  result  all rules held"),
             Some(failure) => {

@@ -680,6 +680,7 @@ fn a_failure_report_prints_its_repro_and_its_test() {
         seed: 7,
         ops: 9,
         elapsed: Duration::from_millis(3),
+        traces: None,
         failure: Some(Failure {
             message: "R5 broken: s2 ledger: idle connections 1, the model says 0\n  first \
                       divergence at step 5 (ServerEnds { task: TaskId(5), reusable: false })"

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use leakproof_check::assertions::View;
-use leakproof_check::client_sut::ClientWorld;
+use leakproof_check::client_sut::{ClientWorld, SimulatedWorld};
 use leakproof_check::engine_sut::EngineWorld;
 use leakproof_check::machine::System;
 use leakproof_check::ops::{Expect, Found, Repro, broken_rule, parse, print, replay, replay_file};
@@ -56,6 +56,11 @@ fn every_repro_file_holds_against_the_engine() {
 #[test]
 fn every_repro_file_holds_against_the_client() {
     every_repro_file_holds_against::<ClientWorld>();
+}
+
+#[test]
+fn every_repro_file_holds_against_the_simulated_client() {
+    every_repro_file_holds_against::<SimulatedWorld>();
 }
 
 /// The engine, with a delegate that misses the first callback it should hear.

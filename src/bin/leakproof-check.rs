@@ -8,7 +8,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
-use leakproof_check::client_sut::ClientWorld;
+use leakproof_check::client_sut::{ClientWorld, SimulatedWorld};
 use leakproof_check::coverage;
 use leakproof_check::engine_sut::EngineWorld;
 use leakproof_check::explore::{self, Alphabet, Exploration};
@@ -24,13 +24,17 @@ struct Cli {
     command: Command,
 }
 
-/// What to check.
+/// What to check: the three tiers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Target {
-    /// The real client, against loopback stages.
-    Client,
     /// The sans-IO engine, against a simulated network.
     Engine,
+    /// The real client, in a simulation: one thread, a paused clock, an in-memory network,
+    /// settled by quiescence and checked at the moment of each promise. Deterministic.
+    Simulated,
+    /// The real client on real sockets, against loopback stages (the kernel's behaviour).
+    #[value(alias = "client")]
+    Sockets,
 }
 
 #[derive(Debug, Subcommand)]
@@ -42,7 +46,7 @@ enum Command {
     /// Replay one `.ops` file and judge it against its `# expect:` line.
     Replay {
         file: PathBuf,
-        #[arg(long, value_enum, default_value_t = Target::Client)]
+        #[arg(long, value_enum, default_value_t = Target::Simulated)]
         target: Target,
     },
     /// Search every op sequence up to a depth over a small alphabet (one session of each
@@ -67,12 +71,14 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Check(args) => run_check(args),
         Command::Replay { file, target } => match target {
-            Target::Client => replay::<ClientWorld>(file),
+            Target::Sockets => replay::<ClientWorld>(file),
+            Target::Simulated => replay::<SimulatedWorld>(file),
             Target::Engine => replay::<EngineWorld>(file),
         },
         Command::Explore { depth, target } => {
             let (held, said) = match target {
-                Target::Client => run_explore::<ClientWorld>(depth, CLIENT_KINDS),
+                Target::Sockets => run_explore::<ClientWorld>(depth, CLIENT_KINDS),
+                Target::Simulated => run_explore::<SimulatedWorld>(depth, CLIENT_KINDS),
                 Target::Engine => run_explore::<EngineWorld>(depth, Kinds::All),
             };
             say!("{said}");
@@ -83,9 +89,12 @@ fn main() -> ExitCode {
 
 #[derive(Debug, Args)]
 struct Check {
-    /// Sequences run against the client; the engine, much faster, runs 20 times as many.
-    #[arg(long, default_value_t = 500)]
+    /// Sequences run against the simulated client; the engine runs 5 times as many.
+    #[arg(long, default_value_t = 2000)]
     cases: u32,
+    /// Sequences run against the client on real sockets.
+    #[arg(long, default_value_t = 100)]
+    socket_cases: u32,
     /// Seed of the generator; the same seed runs the same sequences.
     #[arg(long)]
     seed: Option<u64>,
@@ -120,17 +129,24 @@ fn run_check(args: Check) -> ExitCode {
         kinds,
     };
     let mut reports: Vec<Report> = Vec::new();
-    if args.target != Some(Target::Client) {
+    let runs = |target| args.target.is_none_or(|only| only == target);
+    let held = |reports: &[Report]| reports.iter().all(|r| r.failure.is_none());
+    if runs(Target::Engine) {
         reports.push(check::<EngineWorld>(
             "engine",
-            &options(args.cases * 20, Kinds::All),
+            &options(args.cases * 5, Kinds::All),
         ));
     }
-    let held = |reports: &[Report]| reports.iter().all(|r| r.failure.is_none());
-    if args.target != Some(Target::Engine) && held(&reports) {
-        reports.push(check::<ClientWorld>(
-            "client",
+    if runs(Target::Simulated) && held(&reports) {
+        reports.push(check::<SimulatedWorld>(
+            "simulated",
             &options(args.cases, CLIENT_KINDS),
+        ));
+    }
+    if runs(Target::Sockets) && held(&reports) {
+        reports.push(check::<ClientWorld>(
+            "sockets",
+            &options(args.socket_cases, CLIENT_KINDS),
         ));
     }
     let explored = (args.depth > 0 && held(&reports))
@@ -187,6 +203,7 @@ fn report_json(report: &Report) -> Value {
         "ops": report.ops,
         "seconds": report.elapsed.as_secs_f64(),
         "cases_per_second": f64::from(report.cases) / secs,
+        "traces": report.traces.map(|(digest, runs)| json!({"digest": format!("{digest:016x}"), "runs": runs})),
         "failure": report.failure.as_ref().map(|failure| {
             let repro = ops::Repro::from_failure(failure);
             json!({"message": failure.message, "repro": ops::print(&repro)})
