@@ -76,15 +76,16 @@ fn step<S: System>(run: &mut Run<S>, op: &Op) -> Result<(), Divergence> {
     run.step += 1;
     OPS_APPLIED.fetch_add(1, Ordering::Relaxed);
     crate::coverage::record(&run.actual.model, op);
-    let outcomes = run.actual.model.linearizations(op);
+    let before = &run.actual.model;
+    let outcomes = before.linearizations(op);
     let view = run.system.apply_until(op, &|view| {
         outcomes
             .iter()
-            .any(|(model, step)| compare(view, model, step).is_ok())
+            .any(|(after, step)| compare(view, op, before, after, step).is_ok())
     });
     let mut first = None;
     for (model, step) in outcomes {
-        match compare(&view, &model, &step) {
+        match compare(&view, op, &run.actual.model, &model, &step) {
             Ok(()) => {
                 run.actual = RefState { model, last: step };
                 return Ok(());
