@@ -4,8 +4,9 @@
 
 use std::collections::BTreeSet;
 
-use leakproof_check::ops::parse;
+use leakproof_check::ops::{broken_rule, parse};
 use leakproof_check::planted::{PLANTED, Planted, named};
+use leakproof_check::run::Options;
 use leakproof_model::rules::Rule;
 
 /// A short sequence that walks into each planted bug.
@@ -228,4 +229,34 @@ fn a_timeout_that_never_fires_is_r12() {
 #[test]
 fn a_task_kept_waiting_with_a_slot_to_be_had_is_r12() {
     names_its_rule("one-slot-short");
+}
+
+/// The checker's generated sequences find each planted bug, shrink it, and the minimal
+/// sequence's divergence names the bug's rule.
+#[test]
+fn the_checker_finds_each_planted_bug_and_names_its_rule() {
+    let options = Options {
+        cases: 10_000,
+        seed: Some(1),
+        ..Options::default()
+    };
+    let mut misnamed = Vec::new();
+    for bug in PLANTED {
+        let report = (bug.check)(bug.name, &options);
+        let failure = report
+            .failure
+            .as_ref()
+            .unwrap_or_else(|| panic!("{bug:?} not found: {report}"));
+        let named = broken_rule(&failure.message);
+        println!(
+            "{bug:?}\n  named {named:?} in {:.2?}, {} ops: {}",
+            report.elapsed,
+            failure.ops.len(),
+            failure.message.lines().next().unwrap_or_default()
+        );
+        if named != Some(bug.rule) {
+            misnamed.push(format!("{}: {}", bug.name, failure.message));
+        }
+    }
+    assert!(misnamed.is_empty(), "{}", misnamed.join("\n"));
 }
