@@ -25,13 +25,15 @@
 //! A difference's rule is the obligation that made the model expect what it expects, read
 //! from the op and the model before and after it: a task the model completes owes that to a
 //! timeout or fault (R12), a websocket close (R11), its session's invalidate_and_cancel (R2),
-//! its handle or session dropped (R10), or the lifecycle alone (R1) ([`completion_rule`]); a
+//! its handle or session dropped (R10), or the lifecycle alone (R1) (`completion_rule`); a
 //! session that falls short of where the model takes it owes that to R10 if no one holds it,
-//! else to R2, and the shared session to R9 whatever it does ([`session_rule`]); a timer
-//! differs by the timer the op arms or stops ([`timer_rule`]); a connection by whether the op
-//! asks a host's slot for a task (R12), the shared session's idle timeout (R9), the
-//! invalidation (R4), or a task's completion (R5). A system that goes further than the model
-//! breaks the rule that forbids it: invalidated early (R2), completed while suspended (R7).
+//! else to R2, and the shared session to R9 whatever it does (`session_rule`); a timer
+//! differs by the timer the op arms or stops (`timer_rule`); what a task holds (its
+//! connection, bytes, temp file) is released when it completes (R5), before its session is
+//! invalidated, unless the op asked a host's slot for it (R12); what the session holds itself
+//! goes at invalidation (R4: its pool, its cache) or at the shared session's idle timeout (R9).
+//! A system that goes further than the model breaks the rule that forbids it: invalidated
+//! early (R2), completed while suspended (R7).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -637,57 +639,56 @@ fn compare_resources(
         .is_some_and(|s| s.state == SessionState::Invalidated);
     let shared = cx.shared(id);
     let expire = cx.parts.iter().any(|op| **op == Op::IdleTimeoutPasses(id));
-    let connections = if invalidated {
+    // What a task holds is released when it completes (R5), which comes before its session's
+    // invalidation: only what the session holds itself, its pool and its cache, is R4's.
+    let held_by_tasks = if cx.admits(id) { Rule::R12 } else { Rule::R5 };
+    let pooled = if invalidated {
         Rule::R4
     } else if shared && expire {
         Rule::R9
-    } else if cx.admits(id) {
-        Rule::R12
     } else {
-        Rule::R5
+        held_by_tasks
     };
-    // At Invalidated, whatever is held is R4's, the delegate aside (R3).
-    let released = |rule| if invalidated { Rule::R4 } else { rule };
     let fields: [(&str, u64, u64, Rule); 8] = [
         (
             "open connections",
             shown.open_connections.into(),
             held.open_connections.into(),
-            connections,
+            held_by_tasks,
         ),
         (
             "idle connections",
             shown.idle_connections.into(),
             held.idle_connections.into(),
-            connections,
+            pooled,
         ),
         (
             "buffered bytes",
             shown.buffered_bytes,
             held.buffered_bytes,
-            released(if shown.buffered_bytes > held.buffered_bytes {
+            if shown.buffered_bytes > held.buffered_bytes {
                 Rule::R6
             } else {
                 Rule::R5
-            }),
+            },
         ),
         (
             "live tasks",
             shown.live_tasks.into(),
             held.live_tasks.into(),
-            released(Rule::R1),
+            Rule::R1,
         ),
         (
             "timers",
             shown.timers.into(),
             held.timers.into(),
-            released(timer_rule(cx, id)),
+            timer_rule(cx, id),
         ),
         (
             "temp files",
             shown.temp_files.into(),
             held.temp_files.into(),
-            released(Rule::R5),
+            Rule::R5,
         ),
         (
             "delegate held",
