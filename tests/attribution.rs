@@ -4,9 +4,13 @@
 
 use std::collections::BTreeSet;
 
-use leakproof_check::ops::{broken_rule, parse};
+use leakproof_check::assertions::View;
+use leakproof_check::engine_sut::EngineWorld;
+use leakproof_check::machine::System;
+use leakproof_check::ops::{Found, broken_rule, parse, replay};
 use leakproof_check::planted::{PLANTED, Planted, named};
-use leakproof_check::run::Options;
+use leakproof_check::run::{Options, check};
+use leakproof_model::Op;
 use leakproof_model::rules::Rule;
 
 /// A short sequence that walks into each planted bug.
@@ -229,6 +233,76 @@ fn a_timeout_that_never_fires_is_r12() {
 #[test]
 fn a_task_kept_waiting_with_a_slot_to_be_had_is_r12() {
     names_its_rule("one-slot-short");
+}
+
+/// The engine, except that the system gives up with a panic that names no rule when a task
+/// is cancelled, as a driver or a harness that meets what it did not expect.
+#[derive(Debug, Default)]
+struct GivesUpOnCancel(EngineWorld);
+
+impl System for GivesUpOnCancel {
+    fn apply(&mut self, op: &Op) -> View {
+        if matches!(op, Op::Cancel(_)) {
+            panic!("the driver gave up");
+        }
+        self.0.apply(op)
+    }
+}
+
+/// The engine, except that the system's own assertion fails when the server sends bytes, with
+/// the rule it checks in the middle of its message, as `assert_eq!` writes it.
+#[derive(Debug, Default)]
+struct AssertsOnBytes(EngineWorld);
+
+impl System for AssertsOnBytes {
+    fn apply(&mut self, op: &Op) -> View {
+        let sent = match op {
+            Op::ServerSends { bytes, .. } => *bytes,
+            _ => 0,
+        };
+        assert_eq!(sent, 0, "R6: the window refused the room it offered");
+        self.0.apply(op)
+    }
+}
+
+#[test]
+fn a_system_that_panics_diverges_with_the_rule_of_the_op_it_was_given() {
+    let repro = parse("session s0 delegated\ntask t0 data in s0\nresume t0\ncancel t0")
+        .expect("the repro parses");
+    let options = Options {
+        cases: 64,
+        seed: Some(3),
+        ..Options::default()
+    };
+
+    let verdict = replay::<GivesUpOnCancel>(&repro);
+    let report = check::<GivesUpOnCancel>("a system that gives up on a cancel", &options);
+
+    println!("{verdict}\n{report}");
+    let Found::Divergence(divergence) = &verdict.found else {
+        panic!("not a divergence: {verdict}");
+    };
+    assert_eq!((divergence.step, divergence.violation.rule), (4, Rule::R1));
+    assert!(
+        divergence.violation.detail.contains("the driver gave up"),
+        "{divergence}"
+    );
+    let failure = report.failure.as_ref().expect("the checker finds it");
+    assert_eq!(broken_rule(&failure.message), Some(Rule::R1), "{report}");
+}
+
+#[test]
+fn a_system_whose_assertion_names_a_rule_diverges_with_that_rule() {
+    let repro = parse("session s0 plain\ntask t0 stream in s0\nresume t0\nserver t0 sends 16")
+        .expect("the repro parses");
+
+    let verdict = replay::<AssertsOnBytes>(&repro);
+
+    println!("{verdict}");
+    let Found::Divergence(divergence) = &verdict.found else {
+        panic!("not a divergence: {verdict}");
+    };
+    assert_eq!((divergence.step, divergence.violation.rule), (4, Rule::R6));
 }
 
 /// The checker's generated sequences find each planted bug, shrink it, and the minimal
