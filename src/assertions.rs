@@ -336,6 +336,48 @@ fn timer_rule(cx: &Context, s: SessionId) -> Rule {
     }
 }
 
+/// The rule of the obligation `op` puts on a system, standing where `before` stands: what a
+/// system that fails the op without showing a difference (it panics) is reported with.
+pub fn obligation(op: &Op, before: &Model) -> Rule {
+    let shared = |s: SessionId| {
+        before
+            .session(s)
+            .is_some_and(|s| s.kind == SessionKind::Shared)
+    };
+    match *op {
+        Op::Par(ref a, _) => obligation(a, before),
+        Op::CreateTask { session, .. } | Op::Await { session, .. } | Op::Fetch { session, .. }
+            if before
+                .session(session)
+                .is_some_and(|s| s.state != SessionState::Active) =>
+        {
+            Rule::R8
+        }
+        Op::FinishTasksAndInvalidate(s)
+        | Op::InvalidateAndCancel(s)
+        | Op::DropSession(s)
+        | Op::IdleTimeoutPasses(s)
+            if shared(s) =>
+        {
+            Rule::R9
+        }
+        Op::FinishTasksAndInvalidate(_) | Op::InvalidateAndCancel(_) => Rule::R2,
+        Op::DropSession(_) | Op::DropTask(_) => Rule::R10,
+        Op::Reset(_) => Rule::R4,
+        Op::Resume(_) | Op::Suspend(_) => Rule::R7,
+        Op::Read(_) | Op::Receive(_) | Op::ServerSends { .. } => Rule::R6,
+        Op::ServerEnds { .. } | Op::IdleTimeoutPasses(_) => Rule::R5,
+        Op::CloseWith(_)
+        | Op::PeerCloses { .. }
+        | Op::TimePasses {
+            timer: Timer::Close,
+            ..
+        } => Rule::R11,
+        Op::TimePasses { .. } | Op::ServerFails { .. } => Rule::R12,
+        _ => Rule::R1,
+    }
+}
+
 /// Compare the system with the model after `op`, which took the model from `before` to
 /// `after` with `step`: the root difference, if any (see the module's docs).
 pub fn compare(

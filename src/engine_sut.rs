@@ -392,7 +392,9 @@ impl System for EngineWorld {
                     Timer::Close => Timeout::Close,
                 };
                 let armed = sim.net.timers.get(&(engine, timeout)).copied();
-                let armed = armed.unwrap_or_else(|| panic!("R12: no {timer:?} timer armed"));
+                // The close deadline is R11's; the request and resource timeouts are R12's.
+                let rule = if timer == Timer::Close { "R11" } else { "R12" };
+                let armed = armed.unwrap_or_else(|| panic!("{rule}: no {timer:?} timer armed"));
                 if sim.net.handlers.contains(&engine) {
                     // The future's own clock ran out.
                     sim.core.handler_timed_out(engine, timeout);

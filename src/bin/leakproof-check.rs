@@ -229,7 +229,11 @@ fn run_planted(name: &str, args: &Check) -> ExitCode {
                 "found and shrunk to {length} op{} in {:.2?}, named {rule}{}",
                 if length == 1 { "" } else { "s" },
                 report.elapsed,
-                if caught { "" } else { ": NOT the planted bug's rule" }
+                if caught {
+                    ""
+                } else {
+                    ": NOT the planted bug's rule"
+                }
             ),
             _ => say!("NOT found in {} cases", report.cases),
         }
