@@ -96,7 +96,7 @@ pub enum Link {
 }
 
 /// The op, and the model on either side of it: what a difference's rule is read from.
-struct Context<'a> {
+struct Transition<'a> {
     /// The op itself, or a `Par`'s two.
     parts: Vec<&'a Op>,
     before: &'a Model,
@@ -104,12 +104,13 @@ struct Context<'a> {
     step: &'a Step,
 }
 
-impl Context<'_> {
-    /// Whether the op acts on task `t` or on session `s`.
+impl Transition<'_> {
+    /// Whether the op acts on task `t`.
     fn names_task(&self, t: TaskId) -> bool {
         self.parts.iter().any(|op| op.task() == Some(t))
     }
 
+    /// Whether the op acts on session `s` itself.
     fn names_session(&self, s: SessionId) -> bool {
         self.parts.iter().any(|op| match **op {
             Op::CreateSession { session, .. }
@@ -199,7 +200,7 @@ fn outcome_rule(outcome: Outcome) -> Option<Rule> {
 }
 
 /// The rule that obliges task `t` to complete in this step, as the op and the model say.
-fn completion_rule(cx: &Context, t: TaskId, outcome: Option<Outcome>) -> Rule {
+fn completion_rule(cx: &Transition, t: TaskId, outcome: Option<Outcome>) -> Rule {
     for op in &cx.parts {
         match **op {
             Op::TimePasses {
@@ -243,7 +244,7 @@ fn completion_rule(cx: &Context, t: TaskId, outcome: Option<Outcome>) -> Rule {
 
 /// The rule a task's state breaks: the obligation it fell short of, or what forbids going
 /// further than the model.
-fn task_rule(cx: &Context, t: TaskId, shown: Option<TaskState>, expected: TaskState) -> Rule {
+fn task_rule(cx: &Transition, t: TaskId, shown: Option<TaskState>, expected: TaskState) -> Rule {
     if let Some(s) = cx.session_of(t)
         && cx.shared(s)
         && cx.ends_session(s)
@@ -277,7 +278,12 @@ fn rank(state: SessionState) -> u8 {
 }
 
 /// The rule a session's state breaks.
-fn session_rule(cx: &Context, s: SessionId, shown: SessionState, expected: SessionState) -> Rule {
+fn session_rule(
+    cx: &Transition,
+    s: SessionId,
+    shown: SessionState,
+    expected: SessionState,
+) -> Rule {
     let session = cx.after.session(s);
     if cx.shared(s) {
         return Rule::R9;
@@ -295,7 +301,7 @@ fn session_rule(cx: &Context, s: SessionId, shown: SessionState, expected: Sessi
 
 /// The rule a session's count of armed timers breaks: the timers the op arms or stops in the
 /// model, its own task's first; if the model changed none, the system changed one by itself.
-fn timer_rule(cx: &Context, s: SessionId) -> Rule {
+fn timer_rule(cx: &Transition, s: SessionId) -> Rule {
     let mut tasks: Vec<TaskId> = cx
         .after
         .session(s)
@@ -405,7 +411,7 @@ pub fn differences(
     after: &Model,
     step: &Step,
 ) -> Vec<(Link, Violation)> {
-    let cx = Context {
+    let cx = Transition {
         parts: match op {
             Op::Par(a, b) => vec![&**a, &**b],
             _ => vec![op],
@@ -622,7 +628,7 @@ fn per_task(trace: &[Callback]) -> BTreeMap<Option<TaskId>, Vec<Callback>> {
 /// The rule one task's (or the sessions') divergent callbacks break, judged by the first that
 /// differs: what the model expected there and the system did not say is owed to the
 /// obligation behind it; what the system said there unasked, to the rule that forbids it.
-fn callback_rule(cx: &Context, heard: &[Callback], expected: &[Callback]) -> Rule {
+fn callback_rule(cx: &Transition, heard: &[Callback], expected: &[Callback]) -> Rule {
     let (shown, wanted) = heard
         .iter()
         .zip(expected)
@@ -669,7 +675,7 @@ fn callback_rule(cx: &Context, heard: &[Callback], expected: &[Callback]) -> Rul
 
 /// Each resource the session holds, against the model; the rule of each difference.
 fn compare_resources(
-    cx: &Context,
+    cx: &Transition,
     id: SessionId,
     source: &str,
     shown: &Resources,
