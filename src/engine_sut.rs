@@ -27,6 +27,18 @@ use crate::machine::System;
 pub struct EngineWorld {
     sessions: BTreeMap<SessionId, Sim>,
     session_of: BTreeMap<TaskId, SessionId>,
+    planting: Planting,
+}
+
+/// A bug put into the simulated world on purpose, to show that the checks catch it and name
+/// its rule ([`crate::planted`]); the conformance checks run with none. It changes the world
+/// around the engine, never the engine: a session's configuration, or the driver's work.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Planting {
+    /// A change to every session's configuration, made before the session is.
+    pub configure: Option<fn(&mut core::Config)>,
+    /// Actions the driver takes from the engine and then forgets instead of carrying out.
+    pub forgets: Option<fn(&Action) -> bool>,
 }
 
 /// The delegate: what it hears is recorded by the delivery closure; the test keeps a `Weak`.
@@ -136,6 +148,8 @@ struct Network {
     /// The session's response cache, the IO's as the client's is: the resources it holds,
     /// least recently used first.
     cache: VecDeque<ResourceId>,
+    /// The planted bug's actions to forget ([`Planting::forgets`]): none in the checks.
+    forgets: Option<fn(&Action) -> bool>,
 }
 
 /// One exchange in flight on a connection.
@@ -192,7 +206,7 @@ impl System for EngineWorld {
                 per_host,
             } => {
                 self.sessions
-                    .insert(session, Sim::new(session, kind, per_host));
+                    .insert(session, Sim::new(session, kind, per_host, self.planting));
                 session
             }
             Op::FinishTasksAndInvalidate(s) => {
@@ -378,7 +392,9 @@ impl System for EngineWorld {
                     Timer::Close => Timeout::Close,
                 };
                 let armed = sim.net.timers.get(&(engine, timeout)).copied();
-                let armed = armed.unwrap_or_else(|| panic!("R12: no {timer:?} timer armed"));
+                // The close deadline is R11's; the request and resource timeouts are R12's.
+                let rule = if timer == Timer::Close { "R11" } else { "R12" };
+                let armed = armed.unwrap_or_else(|| panic!("{rule}: no {timer:?} timer armed"));
                 if sim.net.handlers.contains(&engine) {
                     // The future's own clock ran out.
                     sim.core.handler_timed_out(engine, timeout);
@@ -442,6 +458,19 @@ impl Job<'_> {
 }
 
 impl EngineWorld {
+    /// A world with a bug planted in it.
+    pub fn planted(planting: Planting) -> Self {
+        Self {
+            planting,
+            ..Self::default()
+        }
+    }
+
+    /// What the world shows now, with no op applied: what a system that ignored an op shows.
+    pub fn look(&self) -> View {
+        self.view(None, Vec::new())
+    }
+
     /// Two user ops of session `s` at once, from two threads released together; then the
     /// world's own account of what they did. The refusal, if one was refused.
     fn par(&mut self, s: SessionId, ops: [&Op; 2]) -> Option<Refusal> {
@@ -642,13 +671,16 @@ impl EngineWorld {
 }
 
 impl Sim {
-    fn new(id: SessionId, kind: SessionKind, per_host: Option<u32>) -> Self {
-        let config = core::Config {
+    fn new(id: SessionId, kind: SessionKind, per_host: Option<u32>, planting: Planting) -> Self {
+        let mut config = core::Config {
             shared: kind == SessionKind::Shared,
             max_connections_per_origin: per_host.map_or(usize::MAX, |l| l as usize),
             name: format!("engine-check-{id}"),
             ..core::Config::default()
         };
+        if let Some(configure) = planting.configure {
+            configure(&mut config);
+        }
         let delegate = (kind == SessionKind::Delegated).then(|| Arc::new(Delegate));
         let weak = delegate.as_ref().map(Arc::downgrade);
         let (handle, core, delivery) = core::session(config, delegate);
@@ -668,6 +700,7 @@ impl Sim {
             model_id: BTreeMap::new(),
             net: Network {
                 delegated: kind == SessionKind::Delegated,
+                forgets: planting.forgets,
                 ..Network::default()
             },
             heard: Vec::new(),
@@ -950,6 +983,9 @@ impl Network {
     /// Do what the engine asks, checking that each request makes sense for what the driver
     /// holds. A nonsensical action is a bug in the engine: panic with the rule it breaks.
     fn carry_out(&mut self, core: &Core, action: Action) {
+        if self.forgets.is_some_and(|forgets| forgets(&action)) {
+            return;
+        }
         match action {
             Action::Start { task, conn, reused } => {
                 if reused {

@@ -45,10 +45,15 @@ pub struct WorldAllocator;
 
 /// Run `f` inside a world: what it allocates is counted for this thread until freed.
 pub fn inside<R>(f: impl FnOnce() -> R) -> R {
-    let was = INSIDE.replace(true);
-    let out = f();
-    INSIDE.set(was);
-    out
+    /// Restores the flag however `f` ends, a panic included.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            INSIDE.set(self.0);
+        }
+    }
+    let _restore = Restore(INSIDE.replace(true));
+    f()
 }
 
 /// Bytes live that this thread allocated inside a world; `None` if the allocator is not the

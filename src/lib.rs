@@ -12,6 +12,8 @@
 //!   server;
 //! - [`engine_sut`]: `leakproof-core` driven by a simulated network and driver whose own
 //!   account is the witness;
+//! - [`planted`]: bugs planted around the engine on purpose, each a system under test, to show
+//!   the checks catch each one and name the rule it breaks;
 //! - [`run`]: seeded runs and their report, used by `cargo test` and `leakproof-check check`;
 //! - [`scenario`]: one terminal path of one kind of task against the stage, and the witnesses;
 //! - [`sim`]: the simulated network (turmoil): the client's transport over it, a server host
@@ -31,6 +33,7 @@ pub mod explore;
 pub mod heap;
 pub mod machine;
 pub mod ops;
+pub mod planted;
 pub mod reference;
 pub mod run;
 pub mod scenario;

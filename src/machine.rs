@@ -3,15 +3,17 @@
 //! teardown lets go of everything the way a careless user would and checks that every session
 //! still releases everything (R3, R4, R10).
 
+use std::any::Any;
 use std::marker::PhantomData;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest_state_machine::StateMachineTest;
 
-use leakproof_model::rules::Violation;
+use leakproof_model::rules::{Rule, Violation};
 use leakproof_model::{CACHE_ENTRIES, Model, Op, Pace, Resources, SessionKind, Timer};
 
-use crate::assertions::{View, compare};
+use crate::assertions::{View, compare, obligation};
 use crate::reference::{RefState, Reference};
 
 /// A system that can be checked against the model: it applies an op, settles, and shows
@@ -164,18 +166,34 @@ fn step<S: System>(run: &mut Run<S>, op: &Op) -> Result<(), Divergence> {
     run.last = Some(op.clone());
     OPS_APPLIED.fetch_add(1, Ordering::Relaxed);
     crate::coverage::record(&run.actual.model, op);
-    let outcomes = run.actual.model.linearizations(op);
+    let before = &run.actual.model;
+    let outcomes = before.linearizations(op);
     let system = &mut run.system;
-    let view = crate::heap::inside(|| {
-        system.apply_until(op, &|view| {
-            outcomes
-                .iter()
-                .any(|(model, step)| compare(view, model, step).is_ok())
+    let applied = catch_unwind(AssertUnwindSafe(|| {
+        crate::heap::inside(|| {
+            system.apply_until(op, &|view| {
+                outcomes
+                    .iter()
+                    .any(|(after, step)| compare(view, op, before, after, step).is_ok())
+            })
         })
-    });
+    }));
+    // A system that panics has failed the op: its message's rule if it names one (a system's
+    // own assertion), else the rule of the obligation the op puts on it.
+    let view = applied.map_err(|panic| {
+        let message = panic_message(&*panic);
+        Divergence {
+            step: run.step,
+            op: op.clone(),
+            violation: Violation {
+                rule: rule_named(&message).unwrap_or_else(|| obligation(op, before)),
+                detail: format!("the system panicked: {message}"),
+            },
+        }
+    })?;
     let mut first = None;
     for (model, step) in outcomes {
-        match compare(&view, &model, &step) {
+        match compare(&view, op, &run.actual.model, &model, &step) {
             Ok(()) => {
                 run.actual = RefState { model, last: step };
                 return Ok(());
@@ -238,16 +256,45 @@ impl<S: System> StateMachineTest for Conformance<S> {
         let model = &run.actual;
         for (id, session) in model.model.sessions() {
             let held = model.model.resources(id);
-            assert!(
-                released_at_teardown(session.kind, held),
-                "spec: {id} ({:?}) holds {held:?} after teardown",
-                session.kind
-            );
+            if !released_at_teardown(session.kind, held) {
+                // R10: a session no one can reach releases everything; the shared one keeps
+                // only its bounded cache (R9).
+                let rule = match session.kind {
+                    SessionKind::Shared => Rule::R9,
+                    _ => Rule::R10,
+                };
+                let detail = format!(
+                    "spec: {id} ({:?}) holds {held:?} after teardown",
+                    session.kind
+                );
+                panic!("{}", Violation { rule, detail });
+            }
         }
         if let Err(divergence) = run.end() {
             panic!("{divergence}");
         }
     }
+}
+
+/// What a panic said.
+pub fn panic_message(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// The first rule a message names as its own (`R6: ...`, `R6 broken: ...`), wherever it
+/// stands: `assert_eq!` puts its message after its own words.
+pub fn rule_named(message: &str) -> Option<Rule> {
+    message.split_whitespace().find_map(|word| {
+        let name = word.strip_suffix(':').unwrap_or(word);
+        let named = Rule::ALL
+            .into_iter()
+            .find(|rule| rule.to_string() == name)?;
+        (word.ends_with(':') || message.contains(&format!("{name} broken"))).then_some(named)
+    })
 }
 
 /// Whether a session of `kind` that holds `held` after [`teardown_ops`] released what it
@@ -344,7 +391,8 @@ pub fn run_together<'a, T: Send>(jobs: Vec<Box<dyn FnOnce() -> T + Send + 'a>>) 
             .collect();
         threads
             .into_iter()
-            .map(|t| t.join().expect("a user op panicked"))
+            // A user op's panic goes on with its own message (and the rule it names).
+            .map(|t| t.join().unwrap_or_else(|panic| resume_unwind(panic)))
             .collect()
     })
 }

@@ -1097,13 +1097,7 @@ pub fn replay<S: System>(repro: &Repro) -> Verdict {
     let found = match catch_unwind(AssertUnwindSafe(|| run_sequence::<S>(&repro.ops))) {
         Ok(Ok(steps)) => Found::Agreement { steps },
         Ok(Err(divergence)) => Found::Divergence(divergence),
-        Err(panic) => Found::Panic(
-            panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "a panic without a message".into()),
-        ),
+        Err(panic) => Found::Panic(crate::machine::panic_message(&*panic)),
     };
     Verdict {
         expect: repro.expect,

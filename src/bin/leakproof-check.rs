@@ -14,6 +14,7 @@ use leakproof_check::engine_sut::EngineWorld;
 use leakproof_check::explore::{self, Alphabet, Exploration};
 use leakproof_check::machine::System;
 use leakproof_check::ops;
+use leakproof_check::planted;
 use leakproof_check::run::{Options, Report, check};
 use leakproof_check::strategies::Kinds;
 
@@ -113,6 +114,10 @@ struct Check {
     /// Print one JSON object instead of the report, for machines.
     #[arg(long)]
     json: bool,
+    /// Check the engine with a bug planted in it instead (`--plant list` names them): see the
+    /// checker find it, shrink it, and name the rule it breaks.
+    #[arg(long, value_name = "NAME")]
+    plant: Option<String>,
 }
 
 /// The kinds of task the real client is checked with: all of them, streams and websockets
@@ -120,6 +125,9 @@ struct Check {
 const CLIENT_KINDS: Kinds = Kinds::All;
 
 fn run_check(args: Check) -> ExitCode {
+    if let Some(name) = &args.plant {
+        return run_planted(name, &args);
+    }
     let options = |cases, kinds| Options {
         cases,
         seed: args.seed,
@@ -192,6 +200,61 @@ fn run_check(args: Check) -> ExitCode {
         say!("all rules held");
     }
     exit(all_held)
+}
+
+/// Check the engine with the planted bug `name`: it must be found, and named by its rule.
+fn run_planted(name: &str, args: &Check) -> ExitCode {
+    let Some(bug) = planted::named(name) else {
+        if name != "list" {
+            say!("no planted bug {name:?}; there are:");
+        }
+        for bug in planted::PLANTED {
+            say!("  {:<36} {:<4} {}", bug.name, bug.rule, bug.what);
+        }
+        return exit(name == "list");
+    };
+    let options = Options {
+        cases: args.cases * 20,
+        seed: args.seed,
+        max_ops: args.max_ops,
+        regressions: None,
+        progress: !args.json,
+        kinds: Kinds::All,
+    };
+    let report = (bug.check)(bug.name, &options);
+    let named = report
+        .failure
+        .as_ref()
+        .and_then(|failure| ops::broken_rule(&failure.message));
+    let length = report
+        .failure
+        .as_ref()
+        .map(|failure| ops::Repro::from_failure(failure).ops.len());
+    let caught = named == Some(bug.rule);
+    if args.json {
+        let mut json = report_json(&report);
+        json["planted"] = json!({"name": bug.name, "rule": bug.rule.to_string(), "what": bug.what});
+        json["named"] = json!(named.map(|rule| rule.to_string()));
+        json["repro_ops"] = json!(length);
+        say!("{json:#}");
+    } else {
+        say!("{report}");
+        say!("planted: {} ({}): {}", bug.name, bug.rule, bug.what);
+        match (named, length) {
+            (Some(rule), Some(length)) => say!(
+                "found and shrunk to {length} op{} in {:.2?}, named {rule}{}",
+                if length == 1 { "" } else { "s" },
+                report.elapsed,
+                if caught {
+                    ""
+                } else {
+                    ": NOT the planted bug's rule"
+                }
+            ),
+            _ => say!("NOT found in {} cases", report.cases),
+        }
+    }
+    exit(caught)
 }
 
 fn report_json(report: &Report) -> Value {
