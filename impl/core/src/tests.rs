@@ -183,6 +183,38 @@ fn a_download_file_is_removed_after_the_delegate_returns() {
 }
 
 #[test]
+fn did_complete_waits_until_the_handed_over_file_is_removed() {
+    let (session, core, mut delivery) = delegated();
+    let task = session
+        .create_task(TaskKind::Data, "a", Route::Delegate)
+        .unwrap();
+    task.resume();
+    let _ = core.response(task.id(), ok_response());
+    deliver(&mut delivery, Disposition::BecomeDownload);
+    actions(&core);
+    core.body_data(task.id(), Bytes::from_static(b"abc"));
+    let _ = core.body_end(task.id(), false);
+    actions(&core);
+
+    // did_finish_downloading returns: the file's removal is queued, and did_complete (R5:
+    // nothing held, the file included) waits until the driver has carried it out.
+    let heard = deliver(&mut delivery, Disposition::Allow);
+    assert_eq!(heard.len(), 1, "{heard:?}");
+    assert!(heard[0].starts_with("FinishDownloading"), "{heard:?}");
+    assert!(matches!(
+        core.try_action(),
+        Some(Action::RemoveTempFile { .. })
+    ));
+    assert!(
+        deliver(&mut delivery, Disposition::Allow).is_empty(),
+        "taken, not carried out"
+    );
+    assert_eq!(core.try_action(), None);
+    let heard = deliver(&mut delivery, Disposition::Allow);
+    assert!(heard[0].starts_with("Complete"), "{heard:?}");
+}
+
+#[test]
 fn no_task_once_invalidation_began() {
     let (session, core, _delivery) = delegated();
     let running = session
