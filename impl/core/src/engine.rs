@@ -1039,12 +1039,22 @@ impl Engine {
         }
     }
 
-    /// did_finish_downloading returned: the file is removed unless the delegate moved it.
+    /// did_finish_downloading returned: the file is removed unless the delegate moved it. The
+    /// task's did_complete, queued behind it with the task's other releases, now waits for the
+    /// removal too (R5 holds when it is heard), and so does did_become_invalid (R4).
     pub(crate) fn file_handed_over(&mut self, task: TaskId) {
         if let Some(i) = self.handed_over.iter().position(|(t, _)| *t == task) {
             let (task, path) = self.handed_over.remove(i);
             self.actions
                 .push_back(Action::RemoveTempFile { task, path });
+            let removed = self.taken + self.actions.len() as u64;
+            for (callback, barrier) in &mut self.callbacks {
+                if matches!(*callback, Callback::Complete { task: t, .. } if t == task)
+                    || matches!(callback, Callback::BecomeInvalid)
+                {
+                    *barrier = (*barrier).max(removed);
+                }
+            }
         }
     }
 
