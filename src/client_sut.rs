@@ -57,6 +57,9 @@ const STREAM_OP: Duration = Duration::from_secs(1);
 /// already decided (a request that arrived, a read of what is there): one millisecond of the
 /// paused clock, which moves only once every task waits.
 const QUIESCENT: Duration = Duration::from_millis(1);
+/// The simulated network's pipes, each way: as roomy as loopback's socket buffers, which the
+/// server's writes of a case (a few hundred KB at most) never fill.
+const SIM_BUFFER: usize = 8 * 1024 * 1024;
 
 /// Every session the sequence created, on one runtime, on real sockets.
 pub struct ClientWorld {
@@ -97,7 +100,13 @@ impl Default for SimulatedWorld {
         let began = runtime.block_on(async { tokio::time::Instant::now() });
         let world = ClientWorld {
             runtime,
-            net: Some(SimNet::new()),
+            // Room for what any one server op writes (a websocket message past the client's
+            // largest, 64 KiB and one byte, say) without waiting for the client to read it:
+            // a write that waited would let the paused clock run on to the client's timers.
+            net: Some(SimNet::with_buffers(crate::simnet::Buffers {
+                to_server: SIM_BUFFER,
+                to_client: SIM_BUFFER,
+            })),
             sessions: BTreeMap::new(),
             session_of: BTreeMap::new(),
             pars: 0,
@@ -219,6 +228,30 @@ struct Ear {
     simulated: bool,
     stuck: Mutex<bool>,
     gate: tokio::sync::watch::Sender<bool>,
+    /// In a simulation, what a stuck callback does as it returns (answer its question, keep
+    /// the stream it was handed).
+    on_return: Mutex<Option<OnReturn>>,
+}
+
+struct OnReturn(Box<dyn FnOnce(&Ear) + Send>);
+
+impl std::fmt::Debug for OnReturn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnReturn")
+    }
+}
+
+impl Kept {
+    /// Give the answer the delegate will give.
+    fn answer(self, ear: &Ear) {
+        match self {
+            Kept::Disposition(responder) => {
+                let answer = ear.answer(responder.task());
+                responder.answer(answer);
+            }
+            Kept::Redirect(responder, answer) => responder.answer(*answer),
+        }
+    }
 }
 
 /// A responder the delegate kept, and the answer it will give.
@@ -250,11 +283,39 @@ impl Ear {
     }
 
     /// In a simulation, what the delivery awaits after each callback: a stuck callback
-    /// returns once the delegate is released.
+    /// returns once the delegate is released, and decides its question then.
     async fn returned(self: Arc<Self>) {
         if std::mem::take(&mut *self.stuck.lock().unwrap()) {
             let mut pace = self.gate.subscribe();
             let _ = pace.wait_for(|slow| !slow).await;
+            let on_return = self.on_return.lock().unwrap().take();
+            if let Some(on_return) = on_return {
+                (on_return.0)(&self);
+            }
+        }
+    }
+
+    /// What the delegate does last in its callback: now, or in a simulation, if the callback
+    /// is stuck, as it returns (see [`returned`](Self::returned)), as a blocked thread would.
+    fn last(&self, f: impl FnOnce(&Ear) + Send + 'static) {
+        if self.simulated && *self.stuck.lock().unwrap() {
+            *self.on_return.lock().unwrap() = Some(OnReturn(Box::new(f)));
+        } else {
+            f(self);
+        }
+    }
+
+    /// The delegate was asked a question (`kept` holds its responder): it answers as it
+    /// returns, or keeps the responder if it answers later.
+    fn ask(&self, id: TaskId, kept: Kept) {
+        self.last(move |ear| ear.decide(id, kept));
+    }
+
+    fn decide(&self, id: TaskId, kept: Kept) {
+        if std::mem::take(&mut *self.defers.lock().unwrap()) {
+            self.responders.lock().unwrap().insert(id, kept);
+        } else {
+            kept.answer(self);
         }
     }
 }
@@ -303,13 +364,8 @@ impl Delegate for Listener {
         responder: leakproof::Responder<leakproof::Disposition>,
     ) {
         self.hear(task, |task| Callback::ReceiveResponse { task });
-        if std::mem::take(&mut *self.ear.defers.lock().unwrap()) {
-            let id = self.ear.ids.lock().unwrap()[&task.id];
-            let kept = Kept::Disposition(responder);
-            self.ear.responders.lock().unwrap().insert(id, kept);
-        } else {
-            responder.answer(self.ear.answer(task.id));
-        }
+        let id = self.ear.ids.lock().unwrap()[&task.id];
+        self.ear.ask(id, Kept::Disposition(responder));
     }
 
     fn will_perform_redirection_with(
@@ -325,20 +381,18 @@ impl Delegate for Listener {
             Redirect::Follow => leakproof::Redirect::Follow(request),
             Redirect::Refuse => leakproof::Redirect::Refuse,
         };
-        if std::mem::take(&mut *self.ear.defers.lock().unwrap()) {
-            let id = self.ear.ids.lock().unwrap()[&task.id];
-            let kept = Kept::Redirect(responder, Box::new(answer));
-            self.ear.responders.lock().unwrap().insert(id, kept);
-        } else {
-            responder.answer(answer);
-        }
+        let id = self.ear.ids.lock().unwrap()[&task.id];
+        self.ear.ask(id, Kept::Redirect(responder, Box::new(answer)));
     }
 
     fn did_become_stream(&self, task: &TaskInfo, stream: StreamTask) {
         self.hear(task, |task| Callback::BecomeStream { task });
-        if !self.ear.dropped.lock().unwrap().contains(&task.id) {
-            self.ear.streams.lock().unwrap().insert(task.id, stream);
-        }
+        let id = task.id;
+        self.ear.last(move |ear| {
+            if !ear.dropped.lock().unwrap().contains(&id) {
+                ear.streams.lock().unwrap().insert(id, stream);
+            }
+        });
     }
 
     fn did_open(&self, task: &TaskInfo, _: Option<&str>) {
@@ -451,11 +505,21 @@ impl System for ClientWorld {
     }
 
     fn apply_until(&mut self, op: &Op, settled: &dyn Fn(&View) -> bool) -> View {
+        let runtime = Arc::clone(&self.runtime);
+        let now = move || runtime.block_on(async { tokio::time::Instant::now() });
+        let began = self.net.is_some().then(&now);
         let (refused, returned) = self.act(op);
-        let view = if self.net.is_some() {
+        let view = if let Some(began) = began {
             // Quiescence: the sleep ends once every task waits and no timer is due before it.
             self.runtime
                 .block_on(async { tokio::time::sleep(QUIESCENT).await });
+            // An op that waited on the paused clock for something that never came let the
+            // client's timers run: the world's own mistake, not the client's.
+            let waited = now() - began;
+            assert!(
+                waited <= 8 * QUIESCENT,
+                "the simulated world waited {waited:?} of simulated time in {op:?}"
+            );
             self.view(refused, returned)
         } else {
             self.settle(refused, returned, settled)
@@ -591,13 +655,7 @@ impl ClientWorld {
                 let kept = kept.unwrap_or_else(|| panic!("{t}: no responder kept"));
                 // Dropped unanswered, unless the op answers.
                 if let Op::Answer(_) = op {
-                    match kept {
-                        Kept::Disposition(responder) => {
-                            let answer = ear.answer(responder.task());
-                            responder.answer(answer);
-                        }
-                        Kept::Redirect(responder, answer) => responder.answer(*answer),
-                    }
+                    kept.answer(&ear);
                 }
             }
             Op::Resume(t) => {
@@ -679,8 +737,13 @@ impl ClientWorld {
                     CloseFrame::NoCode => &[],
                     CloseFrame::InvalidCode => &[0x03, 0xe7],
                 };
+                // In a simulation the world waits until nothing moves, no longer: a websocket
+                // suspended since before its upgrade reads nothing, so the stage carries the
+                // frame out once it does.
+                let patience = self.patience(ARRIVAL);
                 if let Some(ws) = &self.task(task).ws {
-                    let _ = rt.block_on(ws.close_with_payload(payload));
+                    let close = ws.close_with_payload(payload);
+                    let _ = rt.block_on(async { tokio::time::timeout(patience, close).await });
                 }
             }
             Op::TimePasses { task, timer } => {
@@ -722,8 +785,11 @@ impl ClientWorld {
                         }
                     }
                     TaskKind::WebSocket => {
+                        // As for a close: no longer than until nothing moves.
+                        let patience = self.patience(ARRIVAL);
                         if let Some(ws) = &self.task(task).ws {
-                            let _ = rt.block_on(ws.send_binary(bytes as usize));
+                            let send = ws.send_binary(bytes as usize);
+                            let _ = rt.block_on(async { tokio::time::timeout(patience, send).await });
                         }
                     }
                     _ => {
@@ -1250,24 +1316,28 @@ impl Sim {
         let files = witness::files_in(self.downloads.path()).map_or(u32::MAX, |f| f.len() as u32);
         // A connection the server broke is dead at once, and may be closed at once (hyper drops
         // a socket that sent garbage); the client holds its dead end until the task reads the
-        // failure (R7), so a closed socket still counts for a live task.
+        // failure (R7), so a closed socket still counts for a live task. In a simulation the
+        // network tells whether the client dropped that end (if not, the count below has it).
         let closed_by_server_but_held = self
             .tasks
             .values()
             .filter(|t| {
                 (t.server_closed || t.write_shut)
-                    && t.socket.as_ref().is_some_and(|s| !s.is_open())
+                    && t.socket.as_ref().is_some_and(|s| {
+                        !s.is_open() && s.client_dropped().unwrap_or(true)
+                    })
                     && self.observer.task_state(t.client) != leakproof::TaskState::Completed
             })
             .count();
         let sockets = match &self.net {
-            None => self.stage.open() as usize + closed_by_server_but_held,
+            None => self.stage.open() as usize,
             // The network's own count of the ends the client holds open: exact.
             Some(_) => self
                 .stage
                 .client_ends_open()
                 .map_or(usize::MAX, |n| n as usize),
-        } as u32;
+        } + closed_by_server_but_held;
+        let sockets = sockets as u32;
         SessionView {
             state: model_session_state(self.observer.state()),
             ledger: model_resources(&ledger),

@@ -18,8 +18,10 @@
 //! - **Ends.** Shutting down an end's write side (`poll_shutdown`) is a FIN: the other end reads
 //!   what is left, then the end of the stream; writing after it is `BrokenPipe`. Dropping an
 //!   end is a close: its peer reads the end of the stream, and writing to it is `BrokenPipe`.
-//!   [`ServerStream::reset`] is a TCP reset: both ends' next read or write fails with
-//!   `ConnectionReset`, and the bytes nobody had read are lost.
+//!   [`ServerStream::reset`] is a TCP reset: the bytes the server had not read are lost, and
+//!   its next read or write fails with `ConnectionReset`; the client reads what had reached
+//!   it (the pipe's bytes, up to a stall), as a TCP receiver reads its receive queue, and
+//!   then fails with `ConnectionReset`; its writes fail at once.
 //! - **Faults**, scheduled per connection at a count of bytes written by the server
 //!   ([`SimNet::schedule`] before the connection exists, [`ServerStream::schedule`] after):
 //!   a reset, a half-close (the client reads the end of the stream there; the server's later
@@ -585,10 +587,16 @@ impl Link {
 }
 
 impl LinkState {
+    /// A reset: what the client sent and the server had not read is lost; what had reached
+    /// the client (its receive buffer: the pipe's bytes up to a stall) stays readable, then
+    /// its reads fail, as a TCP receiver's do.
     fn reset(&mut self) {
         self.reset = true;
+        self.up.buf.clear();
+        if let Some(deliverable) = self.down.deliverable.take() {
+            self.down.buf.truncate(deliverable);
+        }
         for pipe in [&mut self.up, &mut self.down] {
-            pipe.buf.clear();
             pipe.deliverable = None;
             pipe.wake_reader();
             pipe.wake_writer();
@@ -689,7 +697,7 @@ impl AsyncRead for ClientStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let mut state = self.link.lock();
-        if state.reset {
+        if state.reset && state.down.buf.is_empty() {
             return Poll::Ready(Err(reset_error()));
         }
         state.down.poll_read(cx, buf)
@@ -709,11 +717,10 @@ impl AsyncWrite for ClientStream {
         state.up.poll_write(cx, buf)
     }
 
+    /// Nothing to flush: a write is in the pipe once it returns (a TCP socket's flush is a
+    /// no-op too, reset or not).
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.link.lock().reset {
-            true => Poll::Ready(Err(reset_error())),
-            false => Poll::Ready(Ok(())),
-        }
+        Poll::Ready(Ok(()))
     }
 
     /// A FIN: the server reads the end of the stream; counted as the client's close.
@@ -784,6 +791,30 @@ impl ServerStream {
     /// Whether the client's end is gone (dropped).
     pub fn client_dropped(&self) -> bool {
         self.link.lock().down.reader_gone
+    }
+
+    /// A handle that tells, for as long as it is kept, whether the client's end is gone.
+    pub fn client_end(&self) -> ClientEnd {
+        ClientEnd(Arc::clone(&self.link))
+    }
+}
+
+/// The network's view of one connection's client end (see [`ServerStream::client_end`]).
+#[derive(Clone)]
+pub struct ClientEnd(Arc<Link>);
+
+impl fmt::Debug for ClientEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientEnd")
+            .field("dropped", &self.dropped())
+            .finish()
+    }
+}
+
+impl ClientEnd {
+    /// Whether the client has dropped its end.
+    pub fn dropped(&self) -> bool {
+        self.0.lock().down.reader_gone
     }
 }
 

@@ -79,7 +79,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
-use crate::simnet::{Buffers as SimBuffers, ServerStream, SimListener, SimNet, Tally};
+use crate::simnet::{Buffers as SimBuffers, ClientEnd, ServerStream, SimListener, SimNet, Tally};
 
 /// How long a [`Held`] step waits for its connection to carry it out.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -204,12 +204,29 @@ impl Seen {
 /// Whether a held request's connection is still open, as the stage sees it; it outlives the
 /// [`Held`] (whose ending steps consume it), so a test can tell which socket closed.
 #[derive(Debug, Clone, Default)]
-pub struct Liveness(Arc<std::sync::atomic::AtomicBool>);
+pub struct Liveness(Arc<std::sync::atomic::AtomicBool>, Option<ClientEnd>);
 
 impl Liveness {
+    /// The liveness of a connection over `wire`: over a simulated network it can also tell
+    /// whether the client's end is gone.
+    pub(crate) fn of(wire: &Wire) -> Liveness {
+        let client = match wire {
+            Wire::Sim(stream) => Some(stream.client_end()),
+            Wire::SimTls(stream) => Some(stream.get_ref().0.client_end()),
+            Wire::Tcp(_) | Wire::Tls(_) => None,
+        };
+        Liveness(Arc::default(), client)
+    }
+
     /// True until the stage has seen the connection closed (by either side).
     pub fn is_open(&self) -> bool {
         !self.0.load(Relaxed)
+    }
+
+    /// Over a simulated network, whether the client has dropped its end of the connection, as
+    /// the network sees it; `None` over TCP.
+    pub fn client_dropped(&self) -> Option<bool> {
+        self.1.as_ref().map(ClientEnd::dropped)
     }
 
     fn closed(&self) {
@@ -951,12 +968,13 @@ async fn serve(socket: Socket, shared: Arc<Shared>, tls: Option<TlsAcceptor>) {
         shared.counters.closed.fetch_add(1, Relaxed);
         return;
     };
+    let liveness = Liveness::of(&stream);
     let mut conn = Conn {
         stream,
         ahead: Vec::new(),
         body_read: 0,
+        liveness,
         shared: Arc::clone(&shared),
-        liveness: Liveness::default(),
     };
     let (hangup, answer) = conn.run().await;
     let liveness = conn.liveness.clone();

@@ -1,6 +1,6 @@
 //! The simulated network (`leakproof_check::simnet`): its semantics end to end (FIN,
-//! half-close, a reset losing unread bytes, backpressure from small pipes, each scheduled
-//! fault, a refused connect, the network's counts), then the stage over it with the real
+//! half-close, a reset (the client reads what reached it, then fails), backpressure from
+//! small pipes, each scheduled fault, a refused connect, the network's counts), then the stage over it with the real
 //! client on a current-thread runtime with a paused clock (a GET, a held exchange the stage
 //! resets, a raw stream, a websocket, the client's close counted when the session is
 //! invalidated), and the determinism of a whole run. Every wait is bounded on the paused clock:
@@ -124,20 +124,24 @@ async fn a_client_half_close_is_its_close_and_its_drop_is_the_end_of_the_stream(
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_reset_fails_both_ends_and_loses_the_unread_bytes() {
+async fn a_reset_fails_both_ends_once_the_client_read_what_reached_it() {
     let net = SimNet::new();
     let listener = net.bind("127.0.0.1", 0).unwrap();
     let mut client = net.dial("127.0.0.1", listener.port()).unwrap();
     let (mut server, _) = bounded("accept", listener.accept()).await.unwrap();
-    server.write_all(b"never read").await.unwrap();
-    client.write_all(b"never read either").await.unwrap();
+    server.write_all(b"reached").await.unwrap();
+    client.write_all(b"never read").await.unwrap();
 
     server.reset();
+    // What reached the client is in its receive buffer, as a TCP receiver's: read first.
     let mut buf = [0; 16];
+    let n = client.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"reached");
     let read = client.read(&mut buf).await.unwrap_err();
     assert_eq!(read.kind(), io::ErrorKind::ConnectionReset);
     let write = client.write(b"x").await.unwrap_err();
     assert_eq!(write.kind(), io::ErrorKind::ConnectionReset);
+    // What the client sent is lost with the server's receive buffer.
     let server_read = server.read(&mut buf).await.unwrap_err();
     assert_eq!(server_read.kind(), io::ErrorKind::ConnectionReset);
 }

@@ -306,10 +306,11 @@ async fn accept(listener: Listener, script: RawScript, shared: Arc<Shared>) {
 }
 
 async fn serve(socket: Socket, script: RawScript, shared: Arc<Shared>) {
+    let stream = socket.wire();
     let mut conn = RawConn {
-        stream: socket.wire(),
+        liveness: Liveness::of(&stream),
+        stream,
         shared: Arc::clone(&shared),
-        liveness: Liveness::default(),
         kept: None,
         half_closed: false,
         buf: vec![0; READ_CHUNK],
