@@ -1436,9 +1436,10 @@ impl Model {
             return;
         }
         match (task.state, task.kind) {
-            // A response's stream whose handle the delegate has not returned with yet: it is
-            // cancelled then, if nobody holds the task (`Model::returned`).
-            (TaskState::Running, TaskKind::Stream) if self.becoming_stream(t) => {}
+            // A response's stream whose handle the delegate has not returned with yet, running
+            // or suspended: it is cancelled then, if nobody holds the task (`Model::returned`).
+            (TaskState::Running | TaskState::Suspended, TaskKind::Stream)
+                if self.becoming_stream(t) => {}
             (TaskState::Suspended, _) | (TaskState::Running, TaskKind::Stream) => {
                 self.complete(t, Outcome::Cancelled, out);
             }
