@@ -415,8 +415,12 @@ impl Exchange {
             mut keep,
             refused,
         } = answer;
-        // R7: a suspended task reports nothing until it is resumed.
-        self.unpaused().await?;
+        // R7: a suspended task reports nothing until it is resumed. A refused redirect's head
+        // was reported already, and may be answered while the task is suspended: its file is
+        // made when the engine hands it over, as for any allowed body; only reading waits.
+        if !refused {
+            self.unpaused().await?;
+        }
         let length = content_length(&parts);
         // The engine hands the head to the task's delegate, if any; a session without one
         // needs no copy of the headers.
