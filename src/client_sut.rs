@@ -130,7 +130,14 @@ impl SimulatedWorld {
                 "{id}: awaited {:?}\n",
                 sim.awaited.lock().unwrap()
             ));
-            for seen in sim.stage.log() {
+            for mut seen in sim.stage.log() {
+                // The one random thing in a run: a websocket handshake's nonce, which RFC 6455
+                // has the client draw at random. It decides nothing here.
+                for (name, value) in &mut seen.headers {
+                    if name == "sec-websocket-key" {
+                        *value = "(random)".into();
+                    }
+                }
                 trace.push_str(&format!("{id}: stage {seen:?}\n"));
             }
         }
@@ -382,7 +389,8 @@ impl Delegate for Listener {
             Redirect::Refuse => leakproof::Redirect::Refuse,
         };
         let id = self.ear.ids.lock().unwrap()[&task.id];
-        self.ear.ask(id, Kept::Redirect(responder, Box::new(answer)));
+        self.ear
+            .ask(id, Kept::Redirect(responder, Box::new(answer)));
     }
 
     fn did_become_stream(&self, task: &TaskInfo, stream: StreamTask) {
@@ -789,7 +797,8 @@ impl ClientWorld {
                         let patience = self.patience(ARRIVAL);
                         if let Some(ws) = &self.task(task).ws {
                             let send = ws.send_binary(bytes as usize);
-                            let _ = rt.block_on(async { tokio::time::timeout(patience, send).await });
+                            let _ =
+                                rt.block_on(async { tokio::time::timeout(patience, send).await });
                         }
                     }
                     _ => {
@@ -1061,7 +1070,7 @@ impl Sim {
     ) -> Sim {
         let stage = match &net {
             None => Stage::start().await,
-            Some(net) => Stage::builder().network(net).start().await,
+            Some(net) => Stage::builder().network(net).log().start().await,
         }
         .expect("a stage");
         let downloads = tempfile::tempdir().expect("a download dir");
@@ -1323,9 +1332,9 @@ impl Sim {
             .values()
             .filter(|t| {
                 (t.server_closed || t.write_shut)
-                    && t.socket.as_ref().is_some_and(|s| {
-                        !s.is_open() && s.client_dropped().unwrap_or(true)
-                    })
+                    && t.socket
+                        .as_ref()
+                        .is_some_and(|s| !s.is_open() && s.client_dropped().unwrap_or(true))
                     && self.observer.task_state(t.client) != leakproof::TaskState::Completed
             })
             .count();

@@ -88,6 +88,9 @@ pub struct Run<S> {
 
 impl<S: System> Default for Run<S> {
     fn default() -> Self {
+        if crate::heap::live().is_some() {
+            warm_up::<S>();
+        }
         let heap = crate::heap::live();
         Run {
             system: crate::heap::inside(S::default),
@@ -96,6 +99,33 @@ impl<S: System> Default for Run<S> {
             heap,
             last: None,
         }
+    }
+}
+
+thread_local! {
+    static WARM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Once a thread: run a sequence of every op against a throwaway `S`, outside the heap
+/// witness, so that what lives for the thread or the process once first used (tokio's,
+/// hyper's, rustls' lazy state) is made before the first world is measured, and is not
+/// counted against it.
+fn warm_up<S: System>() {
+    if WARM.replace(true) {
+        return;
+    }
+    let repro = crate::ops::parse(include_str!("../tests/repros/every-op.ops"))
+        .expect("the every-op repro parses");
+    let mut system = S::default();
+    let mut model = Model::default();
+    for op in &repro.ops {
+        if model.allows(op) {
+            system.apply(op);
+            model.apply(op);
+        }
+    }
+    for op in teardown_ops(&model) {
+        system.apply(&op);
     }
 }
 

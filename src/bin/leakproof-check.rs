@@ -12,11 +12,16 @@ use leakproof_check::client_sut::{ClientWorld, SimulatedWorld};
 use leakproof_check::coverage;
 use leakproof_check::engine_sut::EngineWorld;
 use leakproof_check::explore::{self, Alphabet, Exploration};
+use leakproof_check::heap::WorldAllocator;
 use leakproof_check::machine::System;
 use leakproof_check::ops;
 use leakproof_check::planted;
 use leakproof_check::run::{Options, Report, check};
 use leakproof_check::strategies::Kinds;
+
+/// The heap witness of the model runs (see `leakproof_check::heap`).
+#[global_allocator]
+static HEAP: WorldAllocator = WorldAllocator;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Check leakproof against its lifecycle specification")]
