@@ -141,16 +141,20 @@ fn cancel_aborts_a_started_task_and_completes_it_once() {
     assert!(heard[0].contains("Cancelled"));
 }
 
-#[test]
-fn a_download_file_is_removed_after_the_delegate_returns() {
-    let (session, core, mut delivery) = delegated();
+/// A data task that became a download and read its body whole, its file not yet handed to
+/// the delegate: the task, and its file's path.
+fn a_download_read_whole(
+    session: &SessionHandle,
+    core: &Core,
+    delivery: &mut Delivery<Recorder>,
+) -> (TaskHandle, std::path::PathBuf) {
     let task = session
         .create_task(TaskKind::Data, "a", Route::Delegate)
         .unwrap();
     task.resume();
     let _ = core.response(task.id(), ok_response());
-    deliver(&mut delivery, Disposition::BecomeDownload);
-    let path = actions(&core)
+    deliver(delivery, Disposition::BecomeDownload);
+    let path = actions(core)
         .into_iter()
         .find_map(|a| match a {
             Action::ReadBody { into, .. } => into,
@@ -158,6 +162,13 @@ fn a_download_file_is_removed_after_the_delegate_returns() {
         })
         .expect("a download reads into a file");
     core.body_data(task.id(), Bytes::from_static(b"abc"));
+    (task, path)
+}
+
+#[test]
+fn a_download_file_is_removed_after_the_delegate_returns() {
+    let (session, core, mut delivery) = delegated();
+    let (task, path) = a_download_read_whole(&session, &core, &mut delivery);
     assert_eq!(
         core.ledger().buffered_bytes,
         0,
@@ -185,14 +196,7 @@ fn a_download_file_is_removed_after_the_delegate_returns() {
 #[test]
 fn did_complete_waits_until_the_handed_over_file_is_removed() {
     let (session, core, mut delivery) = delegated();
-    let task = session
-        .create_task(TaskKind::Data, "a", Route::Delegate)
-        .unwrap();
-    task.resume();
-    let _ = core.response(task.id(), ok_response());
-    deliver(&mut delivery, Disposition::BecomeDownload);
-    actions(&core);
-    core.body_data(task.id(), Bytes::from_static(b"abc"));
+    let (task, _) = a_download_read_whole(&session, &core, &mut delivery);
     let _ = core.body_end(task.id(), false);
     actions(&core);
 
