@@ -91,27 +91,20 @@ impl std::fmt::Debug for SimulatedWorld {
 
 impl Default for SimulatedWorld {
     fn default() -> Self {
-        let runtime: Arc<tokio::runtime::Runtime> = tokio::runtime::Builder::new_current_thread()
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .start_paused(true)
             .build()
-            .expect("a tokio runtime")
-            .into();
+            .expect("a tokio runtime");
         let began = runtime.block_on(async { tokio::time::Instant::now() });
-        let world = ClientWorld {
-            runtime,
-            // Room for what any one server op writes (a websocket message past the client's
-            // largest, 64 KiB and one byte, say) without waiting for the client to read it:
-            // a write that waited would let the paused clock run on to the client's timers.
-            net: Some(SimNet::with_buffers(crate::simnet::Buffers {
-                to_server: SIM_BUFFER,
-                to_client: SIM_BUFFER,
-            })),
-            sessions: BTreeMap::new(),
-            session_of: BTreeMap::new(),
-            pars: 0,
-            checkpoints: Checkpoints::default(),
-        };
+        // Room for what any one server op writes (a websocket message past the client's
+        // largest, 64 KiB and one byte, say) without waiting for the client to read it: a
+        // write that waited would let the paused clock run on to the client's timers.
+        let net = SimNet::with_buffers(crate::simnet::Buffers {
+            to_server: SIM_BUFFER,
+            to_client: SIM_BUFFER,
+        });
+        let world = ClientWorld::new(runtime, Some(net));
         SimulatedWorld { world, began }
     }
 }
@@ -196,11 +189,17 @@ impl Default for ClientWorld {
             .worker_threads(2)
             .enable_all()
             .build()
-            .expect("a tokio runtime")
-            .into();
-        Self {
-            runtime,
-            net: None,
+            .expect("a tokio runtime");
+        ClientWorld::new(runtime, None)
+    }
+}
+
+impl ClientWorld {
+    /// A world with no session yet, on `runtime`, over `net` if simulated.
+    fn new(runtime: tokio::runtime::Runtime, net: Option<SimNet>) -> ClientWorld {
+        ClientWorld {
+            runtime: Arc::new(runtime),
+            net,
             sessions: BTreeMap::new(),
             session_of: BTreeMap::new(),
             pars: 0,
