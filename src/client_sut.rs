@@ -1361,7 +1361,9 @@ impl Sim {
                 } else {
                     ledger.live_tasks
                 },
-                timers: ledger.timers,
+                // Counted where the timers live (the driver's queue, a convenience's clock),
+                // not where the engine decides them.
+                timers: self.observer.clock_timers(),
                 temp_files: files,
                 delegate_held: self
                     .delegate

@@ -40,6 +40,8 @@ impl Drop for Driver {
     /// and no callback may wait for it.
     fn drop(&mut self) {
         self.shared.core.driver_gone();
+        #[cfg(feature = "test-util")]
+        self.publish(0);
     }
 }
 
@@ -57,8 +59,17 @@ impl Driver {
         }
     }
 
+    /// For the suite: the task timers the clock holds (its idle entries aside).
+    #[cfg(feature = "test-util")]
+    fn publish(&self, timers: usize) {
+        let driver = &self.shared.clocks.driver;
+        driver.store(timers, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub async fn run(mut self) {
         loop {
+            #[cfg(feature = "test-util")]
+            self.publish(self.clock.len() - self.idle.len());
             // Biased: the same order every time, so that a run on one thread is the same
             // run again (the suite's simulated world); actions first, as the engine asks.
             tokio::select! {

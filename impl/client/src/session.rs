@@ -71,6 +71,38 @@ pub(crate) struct Shared {
     pub tasks: TaskTracker,
     /// The response cache, if the configuration has one; dropped at release (R4).
     pub cache: Option<Cache>,
+    /// What the session's clocks hold, for the suite to compare with the engine's ledger.
+    #[cfg(feature = "test-util")]
+    pub clocks: Clocks,
+}
+
+/// The timers the session's clocks really hold: the driver's queue, and the conveniences' own
+/// clocks (a request and a resource timeout each, while their future runs). Counted where the
+/// timers live, not where the engine decides them, so that the suite can hold the ledger to
+/// them.
+#[cfg(feature = "test-util")]
+#[derive(Debug, Default)]
+pub(crate) struct Clocks {
+    pub driver: std::sync::atomic::AtomicUsize,
+    pub handlers: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(feature = "test-util")]
+impl Clocks {
+    /// A convenience's clock runs until the returned guard goes.
+    fn handler(&self) -> impl Drop + '_ {
+        struct Running<'a>(&'a Clocks);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0
+                    .handlers
+                    .fetch_sub(2, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        self.handlers
+            .fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+        Running(self)
+    }
 }
 
 /// A task's job until its IO starts, and the control its IO listens to.
@@ -302,6 +334,8 @@ impl Session {
             runtime: runtime.clone(),
             name: name.clone(),
             records: Mutex::new(HashMap::new()),
+            #[cfg(feature = "test-util")]
+            clocks: Clocks::default(),
             infos: infos.clone(),
             files: Mutex::new(()),
             tasks: tasks.clone(),
@@ -526,6 +560,8 @@ impl Session {
             shared.config.request_timeout,
             shared.config.resource_timeout,
         );
+        #[cfg(feature = "test-util")]
+        let _running = shared.clocks.handler();
         let (request, origin) = prepare(request, &shared.config)?;
         let handle = self
             .inner
@@ -725,6 +761,15 @@ impl Observer {
         self.shared
             .pool
             .note(crate::pool::Note::Expire(task, timeout));
+    }
+
+    /// For the suite: the task timers the session's clocks hold now (the driver's queue and
+    /// the conveniences' own clocks), counted where they live, apart from the engine's ledger.
+    #[cfg(feature = "test-util")]
+    pub fn clock_timers(&self) -> u32 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let clocks = &self.shared.clocks;
+        (clocks.driver.load(Relaxed) + clocks.handlers.load(Relaxed)) as u32
     }
 
     /// For the suite: every idle connection's idle timeout runs out now.
