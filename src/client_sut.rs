@@ -146,11 +146,80 @@ impl SimulatedWorld {
 
 impl System for SimulatedWorld {
     fn apply(&mut self, op: &Op) -> View {
-        self.world.apply_until(op, &|_| true)
+        let before = BytesHeld::now(&self.world);
+        let mut view = self.world.apply_until(op, &|_| true);
+        if let (Some(before), Some(after)) = (before, BytesHeld::now(&self.world))
+            && let Some(broken) = before.released(&after)
+        {
+            view.broken.push(broken);
+        }
+        view
     }
 
     fn trace(&self) -> Option<String> {
         Some(self.text())
+    }
+}
+
+/// The bytes witness: what the world's heap and the ledgers say around one op.
+///
+/// The ledger's `buffered_bytes` is the client's own word. The heap ([`crate::heap`]) is not,
+/// but it cannot say whose a block is, and it sees capacity where the ledger counts bytes (a
+/// stream's read-ahead buffer is made once, at its window's size; a websocket's message may
+/// share its block with the connection's read buffer). One moment is exact enough: an op that
+/// closes connections and opens none, in which the ledger lets go of `D` bytes, must leave the
+/// heap at least `D` bytes smaller (the connections' own buffers go too, so it is smaller by
+/// more, some 20 KiB per connection). Bytes the ledger released but something still holds (the
+/// prefetched data of seed 001, kept after a cancel) fail it. The simulated network's pipes are
+/// not counted ([`crate::heap::outside`]): the bytes in flight are the network's.
+#[derive(Debug, Clone, Copy)]
+struct BytesHeld {
+    heap: isize,
+    buffered: u64,
+    connections: u32,
+    dialled: u64,
+}
+
+impl BytesHeld {
+    /// Released bytes below this are lost in the harness's own allocations.
+    const RELEASED: u64 = 16 * 1024;
+    /// What the harness may allocate in one op (callbacks heard, the view).
+    const SLACK: isize = 4 * 1024;
+
+    fn now(world: &ClientWorld) -> Option<BytesHeld> {
+        let heap = crate::heap::live()?;
+        let net = world.net.as_ref()?;
+        let (buffered, connections) = world.sessions.values().fold((0, 0), |(b, c), sim| {
+            let ledger = sim.observer.resources();
+            (
+                b + ledger.buffered_bytes,
+                c + ledger.open_connections + ledger.idle_connections,
+            )
+        });
+        Some(BytesHeld {
+            heap,
+            buffered,
+            connections,
+            dialled: net.tally().opened(),
+        })
+    }
+
+    /// The broken rule, if the op released bytes that the heap still holds.
+    fn released(&self, after: &BytesHeld) -> Option<Violation> {
+        let released = self.buffered.checked_sub(after.buffered)?;
+        let closing = after.connections < self.connections && after.dialled == self.dialled;
+        if !closing || released < Self::RELEASED {
+            return None;
+        }
+        let fell = self.heap - after.heap;
+        (fell + Self::SLACK < released as isize).then(|| Violation {
+            rule: Rule::R6,
+            detail: format!(
+                "the ledger released {released} buffered bytes and {} connections, but the \
+                 heap fell by {fell} bytes only: something still holds them",
+                self.connections - after.connections
+            ),
+        })
     }
 }
 
@@ -1409,4 +1478,41 @@ fn cacheable(resource: ResourceId) -> String {
 fn suite_cache() -> UrlCache {
     let room = (CACHE_ENTRIES as u64 + 1) * CACHED_BODY;
     UrlCache::memory(room as usize).max_entry(2 * CACHED_BODY as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(heap: isize, buffered: u64, connections: u32, dialled: u64) -> BytesHeld {
+        BytesHeld {
+            heap,
+            buffered,
+            connections,
+            dialled,
+        }
+    }
+
+    #[test]
+    fn released_bytes_the_heap_still_holds_break_r6() {
+        let before = held(500_000, 49_152, 2, 3);
+        // The connection's buffers went, the window's bytes did not.
+        let broken = before.released(&held(478_000, 0, 1, 3)).expect("broken");
+        assert_eq!(broken.rule, Rule::R6);
+        assert!(broken.detail.contains("49152"), "{}", broken.detail);
+        // Both went.
+        assert!(before.released(&held(430_000, 0, 1, 3)).is_none());
+    }
+
+    #[test]
+    fn only_a_closing_op_that_releases_enough_is_judged() {
+        let before = held(500_000, 49_152, 2, 3);
+        // No connection closed: a stream's buffer stays at its window's capacity.
+        assert!(before.released(&held(500_000, 0, 2, 3)).is_none());
+        // A connection dialled in the same op: its buffers hide the release.
+        assert!(before.released(&held(500_000, 0, 1, 4)).is_none());
+        // Too little released to tell from the harness's own allocations.
+        let small = held(500_000, 8_000, 2, 3);
+        assert!(small.released(&held(500_000, 0, 1, 3)).is_none());
+    }
 }

@@ -56,6 +56,24 @@ pub fn inside<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Run `f` outside any world, inside one or not: what it allocates is never counted. The
+/// simulated network's pipes grow so: the bytes in flight are the network's, not the world's
+/// client, and the witness of what the client holds must not see them.
+pub fn outside<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = INSIDE.try_with(|inside| inside.set(self.0));
+        }
+    }
+    let _restore = Restore(
+        INSIDE
+            .try_with(|inside| inside.replace(false))
+            .unwrap_or(false),
+    );
+    f()
+}
+
 /// Bytes live that this thread allocated inside a world; `None` if the allocator is not the
 /// global one.
 pub fn live() -> Option<isize> {

@@ -503,7 +503,7 @@ impl Pipe {
             return Poll::Pending;
         }
         let n = room.min(data.len());
-        self.buf.extend(&data[..n]);
+        crate::heap::outside(|| self.buf.extend(&data[..n]));
         self.written += n as u64;
         self.wake_reader();
         Poll::Ready(Ok(n))
@@ -624,7 +624,7 @@ impl LinkState {
                     }
                 }
                 Fault::Garbage(bytes) => {
-                    self.down.buf.extend(bytes);
+                    crate::heap::outside(|| self.down.buf.extend(bytes));
                     self.down.wake_reader();
                 }
             }
