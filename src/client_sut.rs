@@ -74,6 +74,10 @@ pub struct ClientWorld {
     /// written for even ones and the other order for odd ones.
     pars: usize,
     checkpoints: Checkpoints,
+    /// In a simulation: a suspended task's state as its handle's `Drop` returned, before the
+    /// runtime ran again. The view shows it in place of the state after the op, so that what
+    /// `Drop` promises (the task is cancelled, R10) is held to that moment.
+    dropped_at: Option<(TaskId, leakproof::TaskState)>,
 }
 
 /// The same world in a simulation (see the module's docs).
@@ -273,6 +277,7 @@ impl ClientWorld {
             session_of: BTreeMap::new(),
             pars: 0,
             checkpoints: Checkpoints::default(),
+            dropped_at: None,
         }
     }
 }
@@ -287,6 +292,9 @@ struct Ear {
     /// convention), and the tasks the user let go of.
     streams: Mutex<HashMap<leakproof::TaskId, StreamTask>>,
     dropped: Mutex<HashSet<leakproof::TaskId>>,
+    /// Each task's latest connection as the server side saw it (once a server op met its
+    /// request), for the witnesses at `did_complete`.
+    sockets: Mutex<HashMap<leakproof::TaskId, Liveness>>,
     /// The delegate is slow: its callbacks other than did_receive_data wait here, once heard,
     /// until released.
     slow: Mutex<bool>,
@@ -498,14 +506,39 @@ impl Delegate for Listener {
         if let Some((checkpoints, downloads)) = &self.checkpoints {
             let suffix = format!("-{}.download", task.id.0);
             let files = witness::files_in(downloads).unwrap_or_default();
+            let id = || self.ear.ids.lock().unwrap()[&task.id];
             if let Some(file) = files
                 .iter()
                 .find(|f| f.to_string_lossy().ends_with(&suffix))
             {
-                let id = self.ear.ids.lock().unwrap()[&task.id];
                 let detail = format!(
-                    "{id}'s file {} exists as did_complete is delivered",
+                    "{}'s file {} exists as did_complete is delivered",
+                    id(),
                     file.display()
+                );
+                checkpoints.broken(Rule::R5, detail);
+            }
+            // Its connection, unless it went back to the pool: a task that failed or was
+            // cancelled closed it, and a stream's or a websocket's is never pooled.
+            let pooled = result.is_ok()
+                && matches!(
+                    task.kind,
+                    leakproof::TaskKind::Data
+                        | leakproof::TaskKind::Download
+                        | leakproof::TaskKind::Upload
+                );
+            let open = self
+                .ear
+                .sockets
+                .lock()
+                .unwrap()
+                .get(&task.id)
+                .and_then(Liveness::client_dropped)
+                == Some(false);
+            if open && !pooled {
+                let detail = format!(
+                    "{}'s connection is open on the client's side as did_complete({outcome:?}) is delivered",
+                    id()
                 );
                 checkpoints.broken(Rule::R5, detail);
             }
@@ -605,6 +638,7 @@ impl System for ClientWorld {
             sim.reported_awaited = sim.awaited.lock().unwrap().len();
         }
         self.checkpoints.clear();
+        self.dropped_at = None;
         view
     }
 }
@@ -746,6 +780,11 @@ impl ClientWorld {
                 let task = sim.tasks.get_mut(&t).expect("task");
                 let client = task.client;
                 let handle = task.handle.take();
+                // Dropping a suspended task's handle cancels it, there and then (R10). (A
+                // stream may be on its way to the delegate, which then holds it.)
+                let promised = handle.is_some()
+                    && task.kind != TaskKind::Stream
+                    && sim.observer.task_state(client) == leakproof::TaskState::Suspended;
                 if let Some(future) = &task.future {
                     // Dropping a spawned future: the runtime drops it at its next turn.
                     future.abort();
@@ -753,6 +792,10 @@ impl ClientWorld {
                 sim.ear.dropped.lock().unwrap().insert(client);
                 let stream = sim.ear.streams.lock().unwrap().remove(&client);
                 drop((handle, stream));
+                if promised && self.net.is_some() {
+                    let state = self.sim(s).observer.task_state(client);
+                    self.dropped_at = Some((t, state));
+                }
             }
             Op::Read(t) => {
                 let patience = self.patience(STREAM_OP);
@@ -1046,6 +1089,9 @@ impl ClientWorld {
         if entry.raw.is_none() {
             let raw = sim.stage.held_raw(&task.to_string(), patience).await?;
             entry.socket = Some(raw.liveness());
+            let mut sockets = sim.ear.sockets.lock().unwrap();
+            sockets.insert(entry.client, raw.liveness());
+            drop(sockets);
             entry.raw = Some(raw);
         }
         entry.raw.as_ref()
@@ -1072,6 +1118,9 @@ impl ClientWorld {
             None => match sim.stage.held(&hold_key(task, entry.hops), patience).await {
                 Some(held) => {
                     entry.socket = Some(held.liveness());
+                    let mut sockets = sim.ear.sockets.lock().unwrap();
+                    sockets.insert(entry.client, held.liveness());
+                    drop(sockets);
                     held
                 }
                 None => return None, // never arrived: the view will show the client's side
@@ -1123,6 +1172,9 @@ impl ClientWorld {
                     .insert(*t, model_task_state(sim.observer.task_state(task.client)));
             }
             view.sessions.insert(*id, sim.view(heard));
+        }
+        if let Some((t, state)) = self.dropped_at {
+            view.tasks.insert(t, model_task_state(state));
         }
         view
     }
