@@ -111,6 +111,23 @@
 //! - A peer's close completes the websocket at once, once read; a message not yet received
 //!   goes with the task (R5), and `receive` then fails.
 //!
+//! ## Promises, and what each means at its moment
+//!
+//! The model's steps say *what* is released; a promise says *when*. Each promise below is
+//! made at one moment the user can see, and at that moment, not later, the world must
+//! already show what it says. The suite's simulated world checks each one there, with
+//! witnesses the client does not keep (the network's count of the client's open ends, the
+//! download directory, a `Weak` to the delegate), before the runtime runs again.
+//!
+//! | promise | the moment | what is true then |
+//! |---|---|---|
+//! | `did_complete(task, result)` | as the delegate is handed it | the task is `Completed`; its download file, if it had one, is gone (R5); unless the task succeeded and its connection went back to the pool, that connection is closed on the client's side (R5: a failed, cancelled or timed-out task's, a stream's, a websocket's); nothing more about the task follows (R1) |
+//! | `did_become_invalid()` | as the delegate is handed it | every `did_complete` of the session came before it (R2); once it returns, the delegate is dropped (R3) |
+//! | `invalidated()` resolves | as the future returns `Ready` | the session is `Invalidated` and holds nothing (R4): no client end of its connections is open, no file of its is left, its delegate's `Weak` is dead (R3), no future of the session still runs |
+//! | a convenience's future returns | as `poll` returns `Ready` | its task is `Completed` (R5): what it held is released, and its result is the task's one outcome (R1) |
+//! | a task handle's `Drop` returns | as `drop` returns | a task that was `Suspended` is `Completed`, cancelled (R10), before anything else runs; a running task runs on (R10), except a stream nobody can read, which is cancelled |
+//! | the ledger, `resources()` | after every op, once nothing can move | the ledger equals what the witnesses see: the clocks hold exactly the timers it counts (R7, R12), and bytes it no longer counts are gone from the heap once their connection is closed (R6) |
+//!
 //! ## Rules and the code that encodes them
 //!
 //! | rule | what it says | where the model encodes it |
