@@ -51,6 +51,9 @@ impl Default for Options {
 pub struct Report {
     pub target: &'static str,
     pub cases: u32,
+    /// Sequences actually run: `cases` when all held; on a failure, those up to it and the
+    /// shrinker's.
+    pub runs: u32,
     pub seed: u64,
     pub ops: u64,
     pub elapsed: Duration,
@@ -112,7 +115,9 @@ pub fn check<S: System>(target: &'static str, options: &Options) -> Report {
         bar.set_prefix(target);
         bar
     });
+    let runs = std::sync::atomic::AtomicU32::new(0);
     let result = runner.run(&strategy, |(initial, ops, seen)| {
+        runs.fetch_add(1, Ordering::Relaxed);
         Conformance::<S>::test_sequential(config.clone(), initial, ops, seen);
         if let Some(bar) = &bar {
             bar.inc(1);
@@ -139,6 +144,7 @@ pub fn check<S: System>(target: &'static str, options: &Options) -> Report {
     Report {
         target,
         cases: options.cases,
+        runs: runs.into_inner(),
         seed,
         ops: OPS_APPLIED.load(Ordering::Relaxed) - ops_before,
         elapsed,
@@ -151,7 +157,15 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let secs = self.elapsed.as_secs_f64().max(1e-9);
         writeln!(f, "model vs {}", self.target)?;
-        writeln!(f, "  cases   {} (seed {})", self.cases, self.seed)?;
+        if self.failure.is_some() {
+            writeln!(
+                f,
+                "  cases   {} run of {}, shrinking included (seed {})",
+                self.runs, self.cases, self.seed
+            )?;
+        } else {
+            writeln!(f, "  cases   {} (seed {})", self.cases, self.seed)?;
+        }
         writeln!(
             f,
             "  ops     {} (teardown included, shrinking too)",
@@ -161,7 +175,7 @@ impl fmt::Display for Report {
             f,
             "  time    {:.2?} ({:.0} cases/s, {:.0} ops/s)",
             self.elapsed,
-            f64::from(self.cases) / secs,
+            f64::from(self.runs) / secs,
             self.ops as f64 / secs
         )?;
         if let Some((digest, runs)) = self.traces {

@@ -677,6 +677,7 @@ fn a_failure_report_prints_its_repro_and_its_test() {
     let report = Report {
         target: "engine",
         cases: 1,
+        runs: 3,
         seed: 7,
         ops: 9,
         elapsed: Duration::from_millis(3),
@@ -690,6 +691,12 @@ fn a_failure_report_prints_its_repro_and_its_test() {
     };
 
     let shown = report.to_string();
+    // A failing run counts the sequences it ran, shrinking included, not those it would have.
+    assert!(
+        shown.contains("cases   3 run of 1, shrinking included (seed 7)"),
+        "{shown}"
+    );
+    assert!(shown.contains("(1000 cases/s"), "{shown}");
 
     // `resume t9` never ran (there is no t9), so the repro leaves it out and step 5 is the end.
     let repro = "# expect: pass\n\

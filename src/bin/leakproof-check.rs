@@ -267,10 +267,11 @@ fn report_json(report: &Report) -> Value {
     json!({
         "target": report.target,
         "cases": report.cases,
+        "runs": report.runs,
         "seed": report.seed,
         "ops": report.ops,
         "seconds": report.elapsed.as_secs_f64(),
-        "cases_per_second": f64::from(report.cases) / secs,
+        "cases_per_second": f64::from(report.runs) / secs,
         "traces": report.traces.map(|(digest, runs)| json!({"digest": format!("{digest:016x}"), "runs": runs})),
         "failure": report.failure.as_ref().map(|failure| {
             let repro = ops::Repro::from_failure(failure);
