@@ -78,6 +78,9 @@ pub struct ClientWorld {
     /// runtime ran again. The view shows it in place of the state after the op, so that what
     /// `Drop` promises (the task is cancelled, R10) is held to that moment.
     dropped_at: Option<(TaskId, leakproof::TaskState)>,
+    /// Every session's download directory: one for the world, read once a view (each
+    /// session's files are named after it).
+    downloads: tempfile::TempDir,
 }
 
 /// The same world in a simulation (see the module's docs).
@@ -96,7 +99,7 @@ impl std::fmt::Debug for SimulatedWorld {
 impl Default for SimulatedWorld {
     fn default() -> Self {
         let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+            .enable_time()
             .start_paused(true)
             .build()
             .expect("a tokio runtime");
@@ -278,6 +281,7 @@ impl ClientWorld {
             pars: 0,
             checkpoints: Checkpoints::default(),
             dropped_at: None,
+            downloads: tempfile::tempdir().expect("a download dir"),
         }
     }
 }
@@ -295,6 +299,8 @@ struct Ear {
     /// Each task's latest connection as the server side saw it (once a server op met its
     /// request), for the witnesses at `did_complete`.
     sockets: Mutex<HashMap<leakproof::TaskId, Liveness>>,
+    /// The start of the names of the session's files, once it is built.
+    prefix: std::sync::OnceLock<String>,
     /// The delegate is slow: its callbacks other than did_receive_data wait here, once heard,
     /// until released.
     slow: Mutex<bool>,
@@ -504,12 +510,13 @@ impl Delegate for Listener {
         let outcome = model_outcome(&result);
         // R5 at its moment: a completed task holds nothing; its file is gone already.
         if let Some((checkpoints, downloads)) = &self.checkpoints {
-            let suffix = format!("-{}.download", task.id.0);
+            let prefix = self.ear.prefix.get().expect("named");
+            let name = format!("{prefix}{}.download", task.id.0);
             let files = witness::files_in(downloads).unwrap_or_default();
             let id = || self.ear.ids.lock().unwrap()[&task.id];
             if let Some(file) = files
                 .iter()
-                .find(|f| f.to_string_lossy().ends_with(&suffix))
+                .find(|f| f.file_name().is_some_and(|n| n.to_string_lossy() == name))
             {
                 let detail = format!(
                     "{}'s file {} exists as did_complete is delivered",
@@ -567,7 +574,8 @@ struct Sim {
     session: Option<Session>,
     observer: Observer,
     stage: Stage,
-    downloads: tempfile::TempDir,
+    /// The start of the names of this session's files in the world's download directory.
+    prefix: String,
     delegate: Option<Weak<Listener>>,
     ear: Arc<Ear>,
     /// How many of the heard callbacks earlier views reported.
@@ -686,7 +694,15 @@ impl ClientWorld {
             } => {
                 let net = self.net.clone();
                 let checkpoints = self.checkpoints.clone();
-                let sim = rt.block_on(Sim::new(session, kind, per_host, net, checkpoints));
+                let downloads = self.downloads.path().to_owned();
+                let sim = rt.block_on(Sim::new(
+                    session,
+                    kind,
+                    per_host,
+                    net,
+                    checkpoints,
+                    downloads,
+                ));
                 self.sessions.insert(session, sim);
             }
             Op::FinishTasksAndInvalidate(s) => self.user_session(s).finish_tasks_and_invalidate(),
@@ -1161,6 +1177,7 @@ impl ClientWorld {
             broken: self.checkpoints.seen(),
             ..View::default()
         };
+        let files = witness::files_in(self.downloads.path()).ok();
         for (id, sim) in &self.sessions {
             let heard = sim.ear.heard.lock().unwrap().clone();
             view.callbacks.extend_from_slice(&heard[sim.reported..]);
@@ -1171,7 +1188,7 @@ impl ClientWorld {
                 view.tasks
                     .insert(*t, model_task_state(sim.observer.task_state(task.client)));
             }
-            view.sessions.insert(*id, sim.view(heard));
+            view.sessions.insert(*id, sim.view(heard, files.as_deref()));
         }
         if let Some((t, state)) = self.dropped_at {
             view.tasks.insert(t, model_task_state(state));
@@ -1187,19 +1204,19 @@ impl Sim {
         per_host: Option<u32>,
         net: Option<SimNet>,
         checkpoints: Checkpoints,
+        downloads: std::path::PathBuf,
     ) -> Sim {
         let stage = match &net {
             None => Stage::start().await,
             Some(net) => Stage::builder().network(net).log().start().await,
         }
         .expect("a stage");
-        let downloads = tempfile::tempdir().expect("a download dir");
         let mut config = Configuration::builder();
         if let Some(net) = &net {
             config = config.transport(net.clone());
         }
         let config = config
-            .download_dir(downloads.path())
+            .download_dir(&downloads)
             .max_connections_per_host(per_host.map_or(usize::MAX, |l| l as usize))
             .max_idle_per_host(usize::MAX)
             .max_redirects(MAX_REDIRECTS)
@@ -1221,7 +1238,7 @@ impl Sim {
                     ear: ear.clone(),
                     checkpoints: net
                         .is_some()
-                        .then(|| (checkpoints.clone(), downloads.path().to_owned())),
+                        .then(|| (checkpoints.clone(), downloads.clone())),
                 });
                 delegate = Some(Arc::downgrade(&listener));
                 builder = builder.delegate(listener);
@@ -1232,14 +1249,16 @@ impl Sim {
             }
         }
         let session = builder.build();
+        let prefix = format!("{}-", session.name());
+        ear.prefix.set(prefix.clone()).expect("set once");
         if net.is_some() && kind != SessionKind::Shared {
             // R4 and R3 at their moment: as invalidated() resolves, the session holds no
             // socket and no file, and its delegate is gone.
             let observer = session.observer();
             let tally = stage.tally().expect("a stage on the network");
             let delegate = delegate.clone();
-            let downloads = downloads.path().to_owned();
             let checkpoints = checkpoints.clone();
+            let prefix = prefix.clone();
             tokio::spawn(async move {
                 observer.invalidated().await;
                 let open = tally.client_ends_alive();
@@ -1247,7 +1266,7 @@ impl Sim {
                     let detail = format!("{open} sockets open as invalidated() resolves");
                     checkpoints.broken(Rule::R4, detail);
                 }
-                let files = witness::files_in(&downloads).unwrap_or_default();
+                let files = files_of(&prefix, &witness::files_in(&downloads).unwrap_or_default());
                 if !files.is_empty() {
                     let detail = format!("files {files:?} exist as invalidated() resolves");
                     checkpoints.broken(Rule::R4, detail);
@@ -1265,7 +1284,7 @@ impl Sim {
             observer: session.observer(),
             session: Some(session),
             stage,
-            downloads,
+            prefix,
             delegate,
             ear,
             reported: 0,
@@ -1428,7 +1447,8 @@ impl Sim {
         );
     }
 
-    fn view(&self, heard: Vec<Callback>) -> SessionView {
+    /// `files`: the world's download directory, if it could be read.
+    fn view(&self, heard: Vec<Callback>, files: Option<&[std::path::PathBuf]>) -> SessionView {
         let ledger = self.observer.resources();
         let delegated = self.kind == SessionKind::Delegated;
         let completed = heard
@@ -1442,7 +1462,7 @@ impl Sim {
             let finished = t.future.as_ref().is_some_and(|f| f.is_finished());
             (n + 1, live + usize::from(!finished))
         });
-        let files = witness::files_in(self.downloads.path()).map_or(u32::MAX, |f| f.len() as u32);
+        let files = files.map_or(u32::MAX, |f| files_of(&self.prefix, f).len() as u32);
         // A connection the server broke is dead at once, and may be closed at once (hyper drops
         // a socket that sent garbage); the client holds its dead end until the task reads the
         // failure (R7), so a closed socket still counts for a live task. In a simulation the
@@ -1497,6 +1517,18 @@ impl Sim {
             heard,
         }
     }
+}
+
+/// The files among `files` whose names start with `prefix`: one session's.
+fn files_of(prefix: &str, files: &[std::path::PathBuf]) -> Vec<std::path::PathBuf> {
+    files
+        .iter()
+        .filter(|f| {
+            f.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        })
+        .cloned()
+        .collect()
 }
 
 /// The model's refusal for an error a stream or websocket op returned.
