@@ -3,7 +3,7 @@
 //! A URLSession-style HTTP/1.1 client on tokio and hyper, over TCP or TLS (rustls on ring:
 //! `https://` and `wss://`): [`Session`]s with a
 //! [`Configuration`] and an optional [`Delegate`]; data, download and upload tasks that start
-//! suspended; async conveniences ([`Session::data`], [`Session::download`],
+//! suspended (every kind of task handle is a [`SessionTask`]); async conveniences ([`Session::data`], [`Session::download`],
 //! [`Session::upload`]); a connection pool per session. Stream tasks ([`StreamTask`], direct
 //! or a response's body) read no further ahead than their window (R6); websocket tasks
 //! ([`WebSocketTask`]) close within the close timeout whatever the peer does (R11).
@@ -84,7 +84,7 @@ pub use leakproof_core::{
 pub use responder::{Reply, Responder};
 pub use session::{DownloadedFile, Observer, Session, SessionBuilder, UploadBody};
 pub use stream::StreamTask;
-pub use task::{DataTask, DownloadTask, UploadTask};
+pub use task::{DataTask, DownloadTask, SessionTask, UploadTask};
 pub use tls::EXTRA_CA_CERTS_ENV;
 pub use transport::{Endpoint, Tcp, Transport};
 pub use websocket::{IntoWebSocketRequest, WebSocketTask};

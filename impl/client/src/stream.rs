@@ -49,6 +49,8 @@ pub struct StreamTask {
     chunks_done: bool,
 }
 
+crate::task::session_task!(StreamTask, task);
+
 impl StreamTask {
     pub(crate) fn new(task: Task) -> Self {
         Self {

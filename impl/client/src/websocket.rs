@@ -208,6 +208,8 @@ impl fmt::Debug for WebSocketTask {
     }
 }
 
+crate::task::session_task!(WebSocketTask, task);
+
 impl WebSocketTask {
     pub(crate) fn new(task: Task) -> Self {
         Self {
