@@ -91,5 +91,5 @@ pub use websocket::{IntoWebSocketRequest, WebSocketTask};
 
 use leakproof_core::{
     Action, Answer, Callback, Config, ConnId, Core, Delivered, Delivery, Intake, Outgoing, Proceed,
-    Receipt, Release, Route, SessionHandle, Start, TaskHandle, TimerId, session,
+    Receipt, Release, Route, SessionHandle, SessionKind, Start, TaskHandle, TimerId, session,
 };

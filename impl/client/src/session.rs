@@ -24,7 +24,7 @@ use crate::stream::StreamTask;
 use crate::task::{DataTask, DownloadTask, Task, UploadTask};
 use crate::tls::TlsState;
 use crate::websocket::{IntoWebSocketRequest, WebSocketTask};
-use crate::{Core, Error, Ledger, Route, SessionState, TaskId, TaskKind};
+use crate::{Core, Error, Ledger, Route, SessionKind, SessionState, TaskId, TaskKind};
 
 /// A request body for an upload.
 #[derive(Debug, Clone)]
@@ -156,7 +156,8 @@ impl SessionBuilder {
     }
 
     /// For the suite: a session that behaves as [`Session::shared`] does (R9) without being
-    /// the process-wide one, so each test case can have its own.
+    /// the process-wide one, so each test case can have its own. Like the shared session, it
+    /// has no delegate: [`build`](Self::build) panics if it is given one.
     #[cfg(feature = "test-util")]
     pub fn ignore_invalidation(mut self) -> Self {
         self.ignore_invalidation = true;
@@ -181,6 +182,10 @@ impl SessionBuilder {
     }
 
     pub fn build(self) -> Session {
+        assert!(
+            !(self.ignore_invalidation && self.delegate.is_some()),
+            "leakproof: a session that ignores invalidation has no delegate"
+        );
         Session::create(
             self.config,
             self.delegate,
@@ -259,9 +264,13 @@ impl Session {
             std::process::id(),
             SESSIONS.fetch_add(1, Ordering::Relaxed)
         );
+        let kind = match (shared, delegate.is_some()) {
+            (true, _) => SessionKind::Shared,
+            (false, true) => SessionKind::Delegated,
+            (false, false) => SessionKind::Plain,
+        };
         let engine_config = crate::Config {
-            delegated: delegate.is_some(),
-            shared,
+            kind,
             request_timeout: config.request_timeout,
             resource_timeout: config.resource_timeout,
             download_dir: config.download_dir.clone(),

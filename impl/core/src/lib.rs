@@ -46,7 +46,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-pub use engine::{Config, GOING_AWAY, NO_STATUS, SessionState, TaskState, close_code_allowed};
+pub use engine::{
+    Config, GOING_AWAY, NO_STATUS, SessionKind, SessionState, TaskState, close_code_allowed,
+};
 pub use error::{Error, Timeout, TlsFailure};
 pub use session::{Core, Delivered, Delivery, Receipt, SessionHandle, TaskHandle, session};
 

@@ -33,6 +33,50 @@ fn ok_response() -> http::Response<()> {
 }
 
 #[test]
+fn the_delegate_given_decides_between_a_plain_and_a_delegated_session() {
+    // A delegate makes the session delegated whatever the configuration says...
+    let plain = Config {
+        kind: SessionKind::Plain,
+        ..Config::default()
+    };
+    let (handle, core, mut delivery) = session(plain, Some(Recorder));
+    assert!(core.ledger().delegate_held);
+    handle.invalidate_and_cancel();
+    assert_eq!(
+        deliver(&mut delivery, Disposition::Allow),
+        ["BecomeInvalid"]
+    );
+    // ...and none makes it plain: nothing is queued, nothing held.
+    let (handle, core, mut delivery) = session::<Recorder>(Config::default(), None);
+    assert!(!core.ledger().delegate_held);
+    handle.invalidate_and_cancel();
+    assert_eq!(core.state(), SessionState::Invalidated);
+    assert!(deliver(&mut delivery, Disposition::Allow).is_empty());
+}
+
+#[test]
+fn the_shared_session_ignores_invalidation() {
+    let shared = Config {
+        kind: SessionKind::Shared,
+        ..Config::default()
+    };
+    let (handle, core, _delivery) = session::<Recorder>(shared, None);
+    handle.finish_tasks_and_invalidate();
+    handle.invalidate_and_cancel();
+    assert_eq!(core.state(), SessionState::Active);
+}
+
+#[test]
+#[should_panic(expected = "the shared session has no delegate")]
+fn the_shared_session_takes_no_delegate() {
+    let shared = Config {
+        kind: SessionKind::Shared,
+        ..Config::default()
+    };
+    let _ = session(shared, Some(Recorder));
+}
+
+#[test]
 fn resume_starts_on_a_new_connection_with_both_timers() {
     let (session, core, _delivery) = delegated();
     let task = session

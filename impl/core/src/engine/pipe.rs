@@ -19,7 +19,7 @@ use std::task::{Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 
-use super::{EndedBy, Engine, Exchange};
+use super::{EndedBy, Engine, Exchange, SessionKind};
 use crate::error::{Error, Timeout};
 use crate::{Action, Callback, Intake, Message, Outgoing, TaskId, TaskKind, TaskState};
 
@@ -599,7 +599,7 @@ impl Engine {
         cell.exchange = Exchange::Open;
         // It waits on its user now, not on the server: no timer runs for an open websocket.
         self.disarm_all(task);
-        if self.config.delegated {
+        if self.config.kind == SessionKind::Delegated {
             self.say(Callback::Open { task, protocol });
         }
         self.wake_io(task);
@@ -652,7 +652,7 @@ impl Engine {
             }
         };
         pipe.close = Some((code, reason.clone()));
-        if self.config.delegated {
+        if self.config.kind == SessionKind::Delegated {
             self.say(Callback::Close { task, code, reason });
         }
         self.complete(task, Ok(()), EndedBy::Other);
