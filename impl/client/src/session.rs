@@ -18,7 +18,7 @@ use crate::config::Configuration;
 use crate::delegate::{Delegate, TaskInfo};
 use crate::delivery::{self, Infos};
 use crate::driver::Driver;
-use crate::exchange::{Clock, Collected, Control, Exchange};
+use crate::exchange::{Caller, Clock, Collected, Control, Exchange};
 use crate::pool::{Body, Origin, Pool, Scheme};
 use crate::stream::StreamTask;
 use crate::task::{DataTask, DownloadTask, Task, UploadTask};
@@ -576,8 +576,10 @@ impl Session {
             origin,
             request,
             control: receiver,
-            collect: (kind != TaskKind::Download).then_some(shared.config.max_body_size),
-            clock: Some(clock),
+            caller: Caller::Handler {
+                clock,
+                collect: (kind != TaskKind::Download).then_some(shared.config.max_body_size),
+            },
         }
         .run()
         .await;
