@@ -78,8 +78,8 @@ pub use close::CloseCode;
 pub use config::{CacheDisk, Configuration, ConfigurationBuilder, UrlCache};
 pub use delegate::{Delegate, TaskInfo};
 pub use leakproof_core::{
-    Disposition, Error, GOING_AWAY, Ledger, Message, Redirect, SessionState, TaskId, TaskKind,
-    TaskState, Timeout, TlsFailure,
+    Disposition, Error, GOING_AWAY, Ledger, Message, Operation, Redirect, SessionState, TaskId,
+    TaskKind, TaskState, Timeout, TlsFailure,
 };
 pub use responder::{Reply, Responder};
 pub use session::{DownloadedFile, Observer, Session, SessionBuilder, UploadBody};

@@ -633,7 +633,7 @@ fn a_stream_completes_once_both_halves_are_closed_and_its_end_is_written() {
     // Errors at once after the end, with no hang.
     assert!(matches!(
         task.poll_read(&mut noop(), 1, 9),
-        std::task::Poll::Ready(Err(Error::Closed("stream")))
+        std::task::Poll::Ready(Err(Error::Closed(TaskKind::Stream)))
     ));
 }
 
@@ -750,7 +750,7 @@ fn our_close_waits_for_the_peers_at_most_the_close_timeout() {
     );
     assert!(matches!(
         task.poll_receive(&mut noop()),
-        std::task::Poll::Ready(Err(Error::Closed("websocket")))
+        std::task::Poll::Ready(Err(Error::Closed(TaskKind::WebSocket)))
     ));
     assert_eq!(core.try_intake(task.id()), Some(Intake::Discard));
     assert_eq!(task.close_frame(), Some((GOING_AWAY, "bye".into())));
@@ -1317,4 +1317,50 @@ fn an_answer_given_later_stops_the_request_timeout_until_it_comes() {
     // A second answer is a no-op.
     core.answer(task.id(), Answer::Disposition(Disposition::Cancel));
     assert_eq!(task.state(), TaskState::Running);
+}
+
+#[test]
+fn errors_name_their_kind_and_operation() {
+    assert_eq!(
+        Error::Closed(TaskKind::WebSocket).to_string(),
+        "the websocket is closed"
+    );
+    assert_eq!(
+        Error::OpTimedOut(Operation::Read).to_string(),
+        "the read timed out; the task goes on (retry, or cancel it)"
+    );
+    let wrong = Error::WrongKind {
+        kind: TaskKind::Stream,
+        op: Operation::Send,
+    };
+    assert_eq!(wrong.to_string(), "a stream task cannot send");
+}
+
+#[test]
+fn an_io_error_keeps_its_source() {
+    use std::error::Error as _;
+
+    let io = Error::from(std::io::Error::other("disk full"));
+    let source = io.source().expect("an I/O error keeps its source");
+    assert_eq!(source.to_string(), "disk full");
+    assert!(Error::Cancelled.source().is_none());
+}
+
+#[test]
+fn a_websocket_op_on_a_stream_is_refused_with_the_kind_and_the_op() {
+    let (session, _core, _delivery) = delegated();
+    let stream = session
+        .create_task(TaskKind::Stream, "a", Route::Delegate)
+        .unwrap();
+    let refused = stream.ping().unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            Error::WrongKind {
+                kind: TaskKind::Stream,
+                op: Operation::Ping
+            }
+        ),
+        "{refused}"
+    );
 }

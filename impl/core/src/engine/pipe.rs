@@ -20,7 +20,7 @@ use std::task::{Poll, Waker};
 use bytes::{Bytes, BytesMut};
 
 use super::{EndedBy, Engine, Exchange, SessionKind};
-use crate::error::{Error, Timeout};
+use crate::error::{Error, Operation, Timeout};
 use crate::{Action, Callback, Intake, Message, Outgoing, TaskId, TaskKind, TaskState};
 
 /// The close code `going away` (RFC 6455, 7.4.1): what a websocket nobody holds sends.
@@ -191,26 +191,21 @@ fn register(slot: &mut Option<Waker>, waker: Option<&Waker>) {
 }
 
 impl Engine {
-    /// The error an op on a completed (or never existing) pipe task gets.
-    fn ended(&self, task: TaskId) -> Error {
+    /// The error an op meant for a `kind` task gets on a completed (or never existing) one.
+    fn ended(&self, task: TaskId, kind: TaskKind) -> Error {
         match self.ends.get(&task) {
             Some(End {
                 result: Err(error), ..
             }) => error.clone(),
-            Some(End { kind, .. }) if *kind == TaskKind::WebSocket => Error::Closed("websocket"),
-            _ => Error::Closed("stream"),
+            Some(End { kind, .. }) => Error::Closed(*kind),
+            None => Error::Closed(kind),
         }
     }
 
     /// The task's pipe, if it is a live task of that kind.
-    fn pipe_of(
-        &mut self,
-        task: TaskId,
-        kind: TaskKind,
-        op: &'static str,
-    ) -> Result<&mut Pipe, Error> {
+    fn pipe_of(&mut self, task: TaskId, kind: TaskKind, op: Operation) -> Result<&mut Pipe, Error> {
         let Some(cell) = self.tasks.get(&task) else {
-            return Err(self.ended(task));
+            return Err(self.ended(task, kind));
         };
         if cell.kind != kind {
             return Err(Error::WrongKind {
@@ -255,7 +250,7 @@ impl Engine {
         waker: Option<&Waker>,
     ) -> Poll<Result<Option<Bytes>, Error>> {
         let cap = self.config.read_ahead;
-        let pipe = match self.pipe_of(task, TaskKind::Stream, "read") {
+        let pipe = match self.pipe_of(task, TaskKind::Stream, Operation::Read) {
             Ok(pipe) => pipe,
             Err(error) => return Poll::Ready(Err(error)),
         };
@@ -292,7 +287,7 @@ impl Engine {
         waker: Option<&Waker>,
     ) -> Poll<Result<usize, Error>> {
         let cap = self.config.write_buffer;
-        let pipe = match self.pipe_of(task, TaskKind::Stream, "write") {
+        let pipe = match self.pipe_of(task, TaskKind::Stream, Operation::Write) {
             Ok(pipe) => pipe,
             Err(error) => return Poll::Ready(Err(error)),
         };
@@ -320,8 +315,11 @@ impl Engine {
         let kind = self.tasks.get(&task).map(|c| c.kind);
         let Some(pipe) = self.pipe_mut(task) else {
             return Poll::Ready(match kind {
-                Some(kind) => Err(Error::WrongKind { kind, op: "flush" }),
-                None => Err(self.ended(task)),
+                Some(kind) => Err(Error::WrongKind {
+                    kind,
+                    op: Operation::Flush,
+                }),
+                None => Err(self.ended(task, TaskKind::Stream)),
             });
         };
         if pipe.unsent == 0 {
@@ -388,12 +386,12 @@ impl Engine {
         waker: Option<&Waker>,
     ) -> Poll<Result<Message, Error>> {
         let closing = self.task_state(task) == TaskState::Canceling;
-        let pipe = match self.pipe_of(task, TaskKind::WebSocket, "receive") {
+        let pipe = match self.pipe_of(task, TaskKind::WebSocket, Operation::Receive) {
             Ok(pipe) => pipe,
             Err(error) => return Poll::Ready(Err(error)),
         };
         if closing {
-            return Poll::Ready(Err(Error::Closed("websocket")));
+            return Poll::Ready(Err(Error::Closed(TaskKind::WebSocket)));
         }
         match pipe.inbox.pop_front() {
             Some(message) => {
@@ -418,12 +416,12 @@ impl Engine {
     ) -> Poll<Result<(), Error>> {
         let cap = self.config.write_buffer;
         let closing = self.task_state(task) == TaskState::Canceling;
-        let pipe = match self.pipe_of(task, TaskKind::WebSocket, "send") {
+        let pipe = match self.pipe_of(task, TaskKind::WebSocket, Operation::Send) {
             Ok(pipe) => pipe,
             Err(error) => return Poll::Ready(Err(error)),
         };
         if closing {
-            return Poll::Ready(Err(Error::Closed("websocket")));
+            return Poll::Ready(Err(Error::Closed(TaskKind::WebSocket)));
         }
         let Some(len) = message.as_ref().map(Message::len) else {
             return Poll::Ready(Ok(()));
@@ -443,9 +441,9 @@ impl Engine {
     /// Queue a ping; its number, for [`Engine::pong`].
     pub(crate) fn ping(&mut self, task: TaskId) -> Result<u64, Error> {
         let closing = self.task_state(task) == TaskState::Canceling;
-        let pipe = self.pipe_of(task, TaskKind::WebSocket, "ping")?;
+        let pipe = self.pipe_of(task, TaskKind::WebSocket, Operation::Ping)?;
         if closing {
-            return Err(Error::Closed("websocket"));
+            return Err(Error::Closed(TaskKind::WebSocket));
         }
         pipe.pings += 1;
         let id = pipe.pings;
@@ -461,7 +459,7 @@ impl Engine {
         id: u64,
         waker: Option<&Waker>,
     ) -> Poll<Result<(), Error>> {
-        let pipe = match self.pipe_of(task, TaskKind::WebSocket, "ping") {
+        let pipe = match self.pipe_of(task, TaskKind::WebSocket, Operation::Ping) {
             Ok(pipe) => pipe,
             Err(error) => return Poll::Ready(Err(error)),
         };
