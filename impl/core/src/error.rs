@@ -167,7 +167,7 @@ pub enum Error {
     #[error("the redirect to {location:?} cannot be followed: {reason}")]
     InvalidRedirect { location: String, reason: String },
     #[error("I/O error: {0}")]
-    Io(Arc<io::Error>),
+    Io(#[source] Arc<io::Error>),
 }
 
 impl From<io::Error> for Error {
