@@ -18,17 +18,17 @@ use crate::machine::{Divergence, System, run_sequence, teardown_ops};
 use crate::strategies::ALL_KINDS;
 
 /// The depth `cargo test` explores and replays against the engine with the default alphabet:
-/// 18,262 states, 98,412 transitions, so 98,413 paths and 909,000 ops with their teardowns;
-/// about 31 s in a debug build on two cores (exploring 2 s, replaying 29 s), 1.4 s in release.
-/// Streams and websockets make each depth cost about three times the one before: depth 8 has
-/// 316,067 transitions, so the depth that was 8 for data, download and upload tasks alone
-/// (65,464 transitions then) is 7 now.
+/// 21,262 states, 110,373 transitions, so 110,374 paths and 1,022,861 ops with their
+/// teardowns; about a minute in a debug build on two cores shared with another job (exploring
+/// 3 s, replaying 62 s). Streams and websockets make each depth cost about three times the one
+/// before: depth 8 has 367,708 transitions, so the depth that was 8 for data, download and
+/// upload tasks alone (65,464 transitions then) is 7 now.
 pub const DEFAULT_DEPTH: usize = 7;
 
-/// The depth to explore [`Alphabet::every_kind`] to: 14,809 states, 68,055 transitions and
-/// 584,000 ops, about 17 s against the engine in a debug build. Its three kinds of session
-/// make each depth cost about three and a half times the one before: depth 7 has 236,343
-/// transitions (2.2 million ops, about a minute in a debug build).
+/// The depth to explore [`Alphabet::every_kind`] to: 15,599 states, 70,004 transitions and
+/// 601,677 ops, about 45 s against the engine in a debug build on two cores shared with
+/// another job. Its three kinds of session make each depth cost about three and a half times
+/// the one before: depth 7 has 248,324 transitions.
 pub const EVERY_KIND_DEPTH: usize = 6;
 
 /// The ops the search may try: how many sessions and tasks it creates and of which kinds, and

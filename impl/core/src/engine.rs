@@ -57,7 +57,8 @@ pub struct Config {
     /// The most a stream holds read ahead of its user (R6); its IO stops reading past it.
     pub read_ahead: usize,
     /// The most body bytes a delegated data or upload task queues for its delegate, the one in
-    /// its hands included (R6); its IO stops reading past it (see [`Engine::body_room`]).
+    /// its hands included (R6); its IO stops reading past it (see
+    /// [`Core::poll_body_room`](crate::Core::poll_body_room)).
     pub delegate_ahead: usize,
     /// The most a stream or websocket queues of what its user writes before writes wait.
     pub write_buffer: usize,
