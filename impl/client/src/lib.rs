@@ -1,12 +1,13 @@
 //! # leakproof: an HTTP client that cannot leak
 //!
 //! A URLSession-style HTTP/1.1 client on tokio and hyper, over TCP or TLS (rustls on ring:
-//! `https://` and `wss://`): [`Session`]s with a
-//! [`Configuration`] and an optional [`Delegate`]; data, download and upload tasks that start
-//! suspended (every kind of task handle is a [`SessionTask`]); async conveniences ([`Session::data`], [`Session::download`],
-//! [`Session::upload`]); a connection pool per session. Stream tasks ([`StreamTask`], direct
-//! or a response's body) read no further ahead than their window (R6); websocket tasks
-//! ([`WebSocketTask`]) close within the close timeout whatever the peer does (R11).
+//! `https://` and `wss://`): [`Session`]s with a [`Configuration`] and an optional
+//! [`Delegate`]; data, download and upload tasks that start suspended; async conveniences
+//! ([`Session::data`], [`Session::download`], [`Session::upload`]); a connection pool per
+//! session. Stream tasks ([`StreamTask`], direct or a response's body) read no further ahead
+//! than their window (R6); websocket tasks ([`WebSocketTask`]) close within the close timeout
+//! whatever the peer does (R11). Every kind of task handle is a [`SessionTask`], for code
+//! that runs, cancels or awaits tasks whatever their kind.
 //!
 //! In the async ecosystem: every task's `result()` can be awaited for the outcome its
 //! delegate's `did_complete` gets, with or without a delegate; [`StreamTask`] is a tokio
