@@ -673,7 +673,7 @@ impl EngineWorld {
 impl Sim {
     fn new(id: SessionId, kind: SessionKind, per_host: Option<u32>, planting: Planting) -> Self {
         let mut config = core::Config {
-            shared: kind == SessionKind::Shared,
+            kind: engine_session_kind(kind),
             max_connections_per_origin: per_host.map_or(usize::MAX, |l| l as usize),
             name: format!("engine-check-{id}"),
             ..core::Config::default()
@@ -1444,6 +1444,15 @@ pub fn model_task_state(state: core::TaskState) -> TaskState {
         core::TaskState::Running => TaskState::Running,
         core::TaskState::Canceling => TaskState::Canceling,
         core::TaskState::Completed => TaskState::Completed,
+    }
+}
+
+/// The engine's name for a model session kind.
+pub fn engine_session_kind(kind: SessionKind) -> core::SessionKind {
+    match kind {
+        SessionKind::Plain => core::SessionKind::Plain,
+        SessionKind::Delegated => core::SessionKind::Delegated,
+        SessionKind::Shared => core::SessionKind::Shared,
     }
 }
 

@@ -10,8 +10,15 @@
 //!   the rule it breaks;
 //! - [`client_sut`]: the real client against stages whose held exchanges play the model's
 //!   server;
+//! - [`coverage`]: which transitions of the model (state class and op kind) the suite drove a
+//!   system through, against every one the model allows in some reachable state;
 //! - [`engine_sut`]: `leakproof-core` driven by a simulated network and driver whose own
 //!   account is the witness;
+//! - [`explore`]: the exhaustive small-scope search of the model, and its replay against a
+//!   system;
+//! - [`heap`]: the heap witness of the model runs, a global allocator that counts per thread
+//!   what a world leaves live;
+//! - [`ops`]: the `.ops` repro format (parse, print, replay) and the repro of a failure;
 //! - [`planted`]: bugs planted around the engine on purpose, each a system under test, to show
 //!   the checks catch each one and name the rule it breaks;
 //! - [`run`]: seeded runs and their report, used by `cargo test` and `leakproof-check check`;

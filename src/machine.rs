@@ -1,5 +1,6 @@
-//! The state machine test, generic over the system under test: the engine now, the real
-//! client with the stage next. After every op the system's [`View`] must match the model; the
+//! The state machine test, generic over the system under test: the engine
+//! ([`crate::engine_sut`]), and the real client against the stage, simulated or on sockets
+//! ([`crate::client_sut`]). After every op the system's [`View`] must match the model; the
 //! teardown lets go of everything the way a careless user would and checks that every session
 //! still releases everything (R3, R4, R10).
 

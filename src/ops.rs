@@ -5,8 +5,8 @@
 //! lines are ignored. `s0`, `s1`, ... name sessions and `t0`, `t1`, ... tasks, as the line that
 //! creates them says. A comment `# expect: pass`, `# expect: fail` or `# expect: fail R5` says
 //! what a replay must find (pass when there is none); the other comments are notes. Every op,
-//! in a sequence the model allows line by line (`tests/repros/every-op.ops` is the part of it
-//! on data, download and upload tasks, which every implementation replays):
+//! in a sequence the model allows line by line (`tests/repros/every-op.ops` is its part on
+//! data, download and upload tasks, which the harness also warms up on):
 //!
 //! ```text
 //! # expect: pass

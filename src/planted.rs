@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use leakproof_core::{Action, Timeout};
+use leakproof_core::{Action, SessionKind as EngineKind, Timeout};
 use leakproof_model::rules::Rule;
 use leakproof_model::{Callback, Op, Outcome, Refusal, TaskId, TaskState, Timer};
 
@@ -356,7 +356,7 @@ faulty_world!(
     R9,
     "The shared session honours invalidation, as an ordinary one does.",
     Planting {
-        configure: Some(|config| config.shared = false),
+        configure: Some(|config| config.kind = EngineKind::Plain),
         ..Planting::default()
     }
 );

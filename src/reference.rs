@@ -7,7 +7,7 @@ use proptest_state_machine::ReferenceStateMachine;
 
 use leakproof_model::{Model, Op, Step};
 
-use crate::strategies::{self, HTTP_KINDS};
+use crate::strategies;
 
 /// The model after an op, and that op's step.
 #[derive(Debug, Clone, Default)]
@@ -40,33 +40,5 @@ impl ReferenceStateMachine for Reference {
     fn apply(mut state: RefState, op: &Op) -> RefState {
         state.last = state.model.apply(op);
         state
-    }
-}
-
-/// The specification as [`Reference`] is, generating tasks of the [`HTTP_KINDS`] only (and no
-/// response that becomes a stream): for a system without streams and websockets yet. Its
-/// states and ops are [`Reference`]'s, so a test of such a system still runs as
-/// [`Reference`]'s state machine; only the sequences differ.
-#[derive(Debug)]
-pub struct HttpReference;
-
-impl ReferenceStateMachine for HttpReference {
-    type State = RefState;
-    type Transition = Op;
-
-    fn init_state() -> BoxedStrategy<RefState> {
-        Reference::init_state()
-    }
-
-    fn transitions(state: &RefState) -> BoxedStrategy<Op> {
-        strategies::op_in(&state.model, &HTTP_KINDS)
-    }
-
-    fn preconditions(state: &RefState, op: &Op) -> bool {
-        Reference::preconditions(state, op)
-    }
-
-    fn apply(state: RefState, op: &Op) -> RefState {
-        Reference::apply(state, op)
     }
 }

@@ -13,8 +13,7 @@ use proptest_state_machine::{ReferenceStateMachine, StateMachineTest};
 use leakproof_model::Op;
 
 use crate::machine::{Conformance, OPS_APPLIED, System};
-use crate::reference::{HttpReference, Reference};
-use crate::strategies::Kinds;
+use crate::reference::Reference;
 
 /// How much to explore.
 #[derive(Debug, Clone)]
@@ -28,9 +27,6 @@ pub struct Options {
     pub regressions: Option<&'static str>,
     /// Show a progress bar on the terminal (it hides itself when stderr is not one).
     pub progress: bool,
-    /// The kinds of task the sequences make: every kind, or the HTTP ones only for a system
-    /// without streams and websockets yet.
-    pub kinds: Kinds,
 }
 
 impl Default for Options {
@@ -41,7 +37,6 @@ impl Default for Options {
             max_ops: 48,
             regressions: None,
             progress: false,
-            kinds: Kinds::All,
         }
     }
 }
@@ -90,12 +85,7 @@ pub fn check<S: System>(target: &'static str, options: &Options) -> Report {
         config.clone(),
         TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
     );
-    // The two references differ only in the ops they generate; the test runs either as
-    // `Reference`'s state machine.
-    let strategy = match options.kinds {
-        Kinds::All => Reference::sequential_strategy(1..=options.max_ops),
-        Kinds::Http => HttpReference::sequential_strategy(1..=options.max_ops),
-    };
+    let strategy = Reference::sequential_strategy(1..=options.max_ops);
 
     // Shrinking panics many times on purpose; the report says what the last one was.
     let quiet = std::panic::take_hook();

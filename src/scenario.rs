@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use leakproof::{
     Configuration, ConfigurationBuilder, DataTask, Delegate, Disposition, DownloadTask, Error,
-    Observer, Session, StreamTask, TaskId, TaskInfo, TaskState, UploadBody, UploadTask,
-    WebSocketTask,
+    Observer, Session, SessionTask, StreamTask, TaskId, TaskInfo, TaskState, UploadBody,
+    UploadTask, WebSocketTask,
 };
 use leakproof_model::rules::{check_trace, coalesce};
 use leakproof_model::{Callback, Outcome, SessionId, Timer};
@@ -216,54 +216,35 @@ pub enum AnyTask {
 }
 
 impl AnyTask {
-    pub fn id(&self) -> TaskId {
+    /// The handle, whatever its kind.
+    pub fn as_task(&self) -> &dyn SessionTask {
         match self {
-            AnyTask::Data(t) => t.id(),
-            AnyTask::Download(t) => t.id(),
-            AnyTask::Upload(t) => t.id(),
-            AnyTask::Stream(t) => t.id(),
-            AnyTask::WebSocket(t) => t.id(),
+            AnyTask::Data(t) => t,
+            AnyTask::Download(t) => t,
+            AnyTask::Upload(t) => t,
+            AnyTask::Stream(t) => t,
+            AnyTask::WebSocket(t) => t,
         }
+    }
+
+    pub fn id(&self) -> TaskId {
+        self.as_task().id()
     }
 
     pub fn state(&self) -> TaskState {
-        match self {
-            AnyTask::Data(t) => t.state(),
-            AnyTask::Download(t) => t.state(),
-            AnyTask::Upload(t) => t.state(),
-            AnyTask::Stream(t) => t.state(),
-            AnyTask::WebSocket(t) => t.state(),
-        }
+        self.as_task().state()
     }
 
     pub fn resume(&self) {
-        match self {
-            AnyTask::Data(t) => t.resume(),
-            AnyTask::Download(t) => t.resume(),
-            AnyTask::Upload(t) => t.resume(),
-            AnyTask::Stream(t) => t.resume(),
-            AnyTask::WebSocket(t) => t.resume(),
-        }
+        self.as_task().resume();
     }
 
     pub fn suspend(&self) {
-        match self {
-            AnyTask::Data(t) => t.suspend(),
-            AnyTask::Download(t) => t.suspend(),
-            AnyTask::Upload(t) => t.suspend(),
-            AnyTask::Stream(t) => t.suspend(),
-            AnyTask::WebSocket(t) => t.suspend(),
-        }
+        self.as_task().suspend();
     }
 
     pub fn cancel(&self) {
-        match self {
-            AnyTask::Data(t) => t.cancel(),
-            AnyTask::Download(t) => t.cancel(),
-            AnyTask::Upload(t) => t.cancel(),
-            AnyTask::Stream(t) => t.cancel(),
-            AnyTask::WebSocket(t) => t.cancel(),
-        }
+        self.as_task().cancel();
     }
 }
 

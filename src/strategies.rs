@@ -1,10 +1,9 @@
 //! Generators of ops: every op family the model allows in the current state, weighted so that
 //! tasks make progress (the environment acts often) and sequences still reach invalidation.
 //!
-//! [`op`] generates over every kind of task; [`op_in`] over some kinds only, for a system that
-//! does not support the others yet (the real client runs with [`HTTP_KINDS`] until it has
-//! streams and websockets). Which op a family may produce for a task is asked of
-//! [`Model::allows`], never guessed from the task's fields, so every generated op is allowed.
+//! [`op`] generates over every kind of task. Which op a family may produce for a task is asked
+//! of [`Model::allows`], never guessed from the task's fields, so every generated op is
+//! allowed.
 
 use proptest::prelude::*;
 use proptest::strategy::Union;
@@ -28,31 +27,9 @@ pub const ALL_KINDS: [TaskKind; 5] = [
     TaskKind::WebSocket,
 ];
 
-/// The kinds of task that are one HTTP exchange: no stream, no websocket. A sequence over
-/// these never makes a stream either: `Disposition::BecomeStream` is left out with
-/// `TaskKind::Stream`.
+/// The kinds of task that are one HTTP exchange (no stream, no websocket): the kinds of the
+/// conveniences (`Op::Await`).
 pub const HTTP_KINDS: [TaskKind; 3] = [TaskKind::Data, TaskKind::Download, TaskKind::Upload];
-
-/// Which kinds of task a generated sequence makes: a run's choice, for a system that does not
-/// support every kind yet.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Kinds {
-    /// Every kind: [`ALL_KINDS`].
-    #[default]
-    All,
-    /// One HTTP exchange per task: [`HTTP_KINDS`].
-    Http,
-}
-
-impl Kinds {
-    /// The kinds of task this makes.
-    pub fn task_kinds(self) -> &'static [TaskKind] {
-        match self {
-            Kinds::All => &ALL_KINDS,
-            Kinds::Http => &HTTP_KINDS,
-        }
-    }
-}
 
 pub fn session_kind() -> impl Strategy<Value = SessionKind> + Clone {
     prop_oneof![
@@ -74,38 +51,26 @@ pub fn per_host() -> impl Strategy<Value = Option<u32>> + Clone {
 
 /// Any kind of task, each as likely.
 pub fn task_kind() -> impl Strategy<Value = TaskKind> + Clone {
-    task_kind_in(&ALL_KINDS)
+    proptest::sample::select(ALL_KINDS.to_vec())
 }
 
-/// One of `kinds`, each as likely.
-///
-/// # Panics
-/// If `kinds` is empty.
-pub fn task_kind_in(kinds: &[TaskKind]) -> impl Strategy<Value = TaskKind> + Clone + use<> {
-    assert!(!kinds.is_empty(), "at least one kind of task");
-    proptest::sample::select(kinds.to_vec())
+/// Any kind of convenience ([`HTTP_KINDS`]), each as likely.
+pub fn convenience_kind() -> impl Strategy<Value = TaskKind> + Clone {
+    proptest::sample::select(HTTP_KINDS.to_vec())
 }
 
 /// Any answer to `did_receive_response`.
 pub fn disposition() -> impl Strategy<Value = Disposition> + Clone {
-    disposition_for(&ALL_KINDS)
-}
-
-/// An answer to `did_receive_response` that makes no task of a kind outside `kinds`:
-/// `BecomeStream` only if streams are in, `BecomeDownload` only if downloads are.
-pub fn disposition_for(kinds: &[TaskKind]) -> impl Strategy<Value = Disposition> + Clone + use<> {
-    let mut answers = vec![(6, Disposition::Allow), (1, Disposition::Cancel)];
-    if kinds.contains(&TaskKind::Download) {
-        answers.push((2, Disposition::BecomeDownload));
-    }
-    if kinds.contains(&TaskKind::Stream) {
-        answers.push((2, Disposition::BecomeStream));
-    }
     Union::new_weighted(
-        answers
-            .into_iter()
-            .map(|(weight, answer)| (weight, Just(answer)))
-            .collect(),
+        [
+            (6, Disposition::Allow),
+            (1, Disposition::Cancel),
+            (2, Disposition::BecomeDownload),
+            (2, Disposition::BecomeStream),
+        ]
+        .into_iter()
+        .map(|(weight, answer)| (weight, Just(answer)))
+        .collect(),
     )
 }
 
@@ -152,17 +117,6 @@ pub fn close_frame() -> impl Strategy<Value = CloseFrame> + Clone {
 
 /// Any op the model allows now, over every kind of task.
 pub fn op(model: &Model) -> BoxedStrategy<Op> {
-    op_in(model, &ALL_KINDS)
-}
-
-/// Any op the model allows now that makes no task of a kind outside `kinds` (new tasks are of
-/// these kinds, and no response turns into a stream unless streams are in). The tasks `model`
-/// already has are driven whatever their kind.
-///
-/// # Panics
-/// If `kinds` is empty.
-pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
-    assert!(!kinds.is_empty(), "at least one kind of task");
     let mut families: Vec<(u32, BoxedStrategy<Op>)> = Vec::new();
     let sessions: Vec<SessionId> = model
         .sessions()
@@ -208,20 +162,11 @@ pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
                 .session(**s)
                 .is_some_and(|s| s.state == SessionState::Active)
         });
-        // Conveniences (`session.data(request).await` and the like), of the HTTP kinds asked.
-        let http: Vec<TaskKind> = kinds
-            .iter()
-            .copied()
-            .filter(|k| HTTP_KINDS.contains(k))
-            .collect();
         for (weight, sessions) in [(8, active), (1, refusing)] {
             if !sessions.is_empty() {
                 families.push((
                     weight,
-                    (
-                        proptest::sample::select(sessions.clone()),
-                        task_kind_in(kinds),
-                    )
+                    (proptest::sample::select(sessions.clone()), task_kind())
                         .prop_map(move |(session, kind)| Op::CreateTask {
                             session,
                             task,
@@ -229,33 +174,32 @@ pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
                         })
                         .boxed(),
                 ));
-                if !http.is_empty() {
-                    families.push((
-                        (weight / 3).max(1),
-                        (
-                            proptest::sample::select(sessions.clone()),
-                            task_kind_in(&http),
-                        )
-                            .prop_map(move |(session, kind)| Op::Await {
-                                session,
-                                task,
-                                kind,
-                            })
-                            .boxed(),
-                    ));
-                    // Fetches of the server's cacheable resources, one more than a cache holds,
-                    // so that they hit, miss and evict.
-                    families.push((
-                        (weight / 2).max(1),
-                        (proptest::sample::select(sessions), 0..=CACHE_ENTRIES as u8)
-                            .prop_map(move |(session, r)| Op::Fetch {
-                                session,
-                                task,
-                                resource: ResourceId(r),
-                            })
-                            .boxed(),
-                    ));
-                }
+                // Conveniences (`session.data(request).await` and the like).
+                families.push((
+                    (weight / 3).max(1),
+                    (
+                        proptest::sample::select(sessions.clone()),
+                        convenience_kind(),
+                    )
+                        .prop_map(move |(session, kind)| Op::Await {
+                            session,
+                            task,
+                            kind,
+                        })
+                        .boxed(),
+                ));
+                // Fetches of the server's cacheable resources, one more than a cache holds,
+                // so that they hit, miss and evict.
+                families.push((
+                    (weight / 2).max(1),
+                    (proptest::sample::select(sessions), 0..=CACHE_ENTRIES as u8)
+                        .prop_map(move |(session, r)| Op::Fetch {
+                            session,
+                            task,
+                            resource: ResourceId(r),
+                        })
+                        .boxed(),
+                ));
             }
         }
     }
@@ -346,7 +290,7 @@ pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
         ]);
         if task_count < MAX_TASKS {
             let task = model.next_task_id();
-            candidates.extend(kinds.iter().map(|&kind| Op::CreateTask {
+            candidates.extend(ALL_KINDS.iter().map(|&kind| Op::CreateTask {
                 session,
                 task,
                 kind,
@@ -385,10 +329,7 @@ pub fn op_in(model: &Model, kinds: &[TaskKind]) -> BoxedStrategy<Op> {
     if !awaiting_head.is_empty() {
         families.push((
             12,
-            (
-                proptest::sample::select(awaiting_head),
-                disposition_for(kinds),
-            )
+            (proptest::sample::select(awaiting_head), disposition())
                 .prop_map(|(task, answer)| Op::ServerHeaders { task, answer })
                 .boxed(),
         ));
@@ -685,38 +626,5 @@ mod tests {
         assert!(reached.closing > 0, "{reached:?}");
         assert!(reached.closed_by_peer > 0, "{reached:?}");
         assert!(reached.cases_close_timeout >= 2, "{reached:?}");
-    }
-
-    #[test]
-    fn http_kinds_make_no_stream_and_no_websocket() {
-        let reached = walk(64, 48, |model| op_in(model, &HTTP_KINDS));
-
-        assert!(reached.ops > 0);
-        for kind in HTTP_KINDS {
-            assert!(
-                reached.kinds.contains(&kind),
-                "no {kind:?} task: {reached:?}"
-            );
-        }
-        assert!(
-            reached.kinds.iter().all(|kind| HTTP_KINDS.contains(kind)),
-            "{reached:?}"
-        );
-        assert_eq!(reached.becomes_stream, 0, "{reached:?}");
-        assert_eq!(reached.opened, 0, "{reached:?}");
-    }
-
-    #[test]
-    fn some_kinds_only_means_only_those() {
-        let kinds = [TaskKind::WebSocket];
-        let reached = walk(32, 32, |model| op_in(model, &kinds));
-
-        assert!(
-            reached
-                .kinds
-                .iter()
-                .all(|kind| *kind == TaskKind::WebSocket)
-        );
-        assert!(reached.opened > 0, "{reached:?}");
     }
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use leakproof::{
-    CloseCode, Configuration, Delegate, Disposition, Error, Message, Session, StreamTask, TaskId,
-    TaskInfo, TaskState, UploadBody,
+    CloseCode, Configuration, Delegate, Disposition, Error, Message, Session, SessionTask,
+    StreamTask, TaskId, TaskInfo, TaskState, UploadBody,
 };
 use leakproof_check::scenario::{PATIENCE, bounded, eventually};
 use leakproof_check::stage::{RawScript, Stage};
@@ -69,6 +69,81 @@ async fn each_kind_of_http_task_can_be_awaited_for_its_result_without_a_delegate
     // Asked again after completion: the same result, at once.
     bounded("data again", data.result()).await.unwrap();
     assert!(stage.request_body_bytes() >= 9);
+}
+
+/// Resume, then cancel, any kind of task, and await its result: only the trait is known here.
+async fn resumed_then_cancelled<T: SessionTask>(task: &T) -> Result<(), Error> {
+    task.resume();
+    assert_eq!(task.state(), TaskState::Running, "{task:?}");
+    task.cancel();
+    bounded("result", task.result()).await
+}
+
+#[tokio::test]
+async fn every_kind_of_task_handle_is_driven_through_the_one_trait() {
+    let stage = Stage::start().await.unwrap();
+    let session = plain();
+    let raw = stage.listen_raw(RawScript::echo()).await.unwrap();
+    let stalled = |path: &str| get(stage.url(&format!("{path}?stall_headers=1")));
+    let data = session.data_task(stalled("/bytes/10")).unwrap();
+    let download = session.download_task(stalled("/bytes/20")).unwrap();
+    let upload = session
+        .upload_task(
+            http::Request::post(stage.url("/bytes/30?stall_headers=1"))
+                .body(())
+                .unwrap(),
+            UploadBody::Bytes(Bytes::from_static(b"leakproof")),
+        )
+        .unwrap();
+    let stream = session.stream_task("127.0.0.1", raw.port()).unwrap();
+    let ws = session
+        .websocket_task(stage.ws_url("/ws/echo"), &[])
+        .unwrap();
+    let tasks: [&dyn SessionTask; 5] = [&data, &download, &upload, &stream, &ws];
+
+    let ids: Vec<TaskId> = tasks.iter().map(|t| t.id()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        assert!(!ids[..i].contains(id), "one id each: {ids:?}");
+    }
+    for task in tasks {
+        assert_eq!(task.state(), TaskState::Suspended, "{task:?}");
+        task.resume();
+        task.suspend();
+        assert_eq!(task.state(), TaskState::Suspended, "{task:?}");
+    }
+    // Through `dyn`: the polled result, pending while the task is suspended.
+    let waited = tokio::time::timeout(
+        Duration::from_millis(20),
+        std::future::poll_fn(|cx| tasks[0].poll_result(cx)),
+    )
+    .await;
+    assert!(waited.is_err(), "a suspended task has no result yet");
+
+    // Through generics: each kind's `result()`.
+    for result in [
+        resumed_then_cancelled(&data).await,
+        resumed_then_cancelled(&download).await,
+        resumed_then_cancelled(&upload).await,
+        resumed_then_cancelled(&stream).await,
+        resumed_then_cancelled(&ws).await,
+    ] {
+        assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
+    }
+    for task in tasks {
+        assert_eq!(task.state(), TaskState::Completed, "{task:?}");
+        let again = bounded("again", std::future::poll_fn(|cx| task.poll_result(cx))).await;
+        assert!(matches!(again, Err(Error::Cancelled)), "{again:?}");
+        // A no-op once completed.
+        task.resume();
+        assert_eq!(task.state(), TaskState::Completed, "{task:?}");
+    }
+    assert_eq!(session.resources().live_tasks, 0);
+    session.invalidate_and_cancel();
+    bounded("invalidated", session.invalidated()).await;
+    assert!(
+        stage.wait_all_closed(PATIENCE).await,
+        "every socket is closed"
+    );
 }
 
 #[tokio::test]

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use leakproof::{
-    Configuration, Delegate, Disposition, Error, Session, SessionState, StreamTask, TaskInfo,
-    TaskKind, TaskState,
+    Configuration, Delegate, Disposition, Error, Operation, Session, SessionState, StreamTask,
+    TaskInfo, TaskKind, TaskState,
 };
 use leakproof_check::stage::{self, RawScript, Stage};
 
@@ -194,7 +194,10 @@ async fn a_read_that_times_out_fails_alone_and_the_stream_goes_on() {
         .read(1, 10, Duration::from_millis(50))
         .await
         .unwrap_err();
-    assert!(matches!(error, Error::OpTimedOut("read")), "{error}");
+    assert!(
+        matches!(error, Error::OpTimedOut(Operation::Read)),
+        "{error}"
+    );
     assert_eq!(stream.state(), TaskState::Running);
     held.send(7).await.unwrap();
     assert_eq!(read_exactly(&stream, 7).await, stage::body(7));

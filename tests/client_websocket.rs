@@ -412,6 +412,30 @@ async fn tcp_dropped_without_a_close_frame_is_an_error() {
 }
 
 #[tokio::test]
+async fn the_servers_ping_is_answered_while_the_client_sends_nothing() {
+    let stage = Stage::start().await.unwrap();
+    let (session, delegate, weak) = delegated(Configuration::default());
+    let ws = session
+        .websocket_task(stage.ws_url("/ws/hold/pinged"), &[])
+        .unwrap();
+    ws.resume();
+    let mut held = stage.held_ws("pinged", PATIENCE).await.expect("upgraded");
+    delegate.opened(ws.id()).await;
+    for payload in [&b"one"[..], b"two"] {
+        held.ping(payload).await.unwrap();
+        // Nothing of the client's own goes out to carry the pong along.
+        let got = held.expect_message(PATIENCE).await;
+        assert!(
+            matches!(&got, Some(WsMessage::Pong(p)) if p.as_ref() == payload),
+            "{got:?}"
+        );
+    }
+    assert_eq!(ws.state(), TaskState::Running);
+    ws.cancel();
+    teardown(session, delegate, weak, &stage).await;
+}
+
+#[tokio::test]
 async fn a_ping_outstanding_when_the_server_goes_fails_and_never_hangs() {
     let stage = Stage::start().await.unwrap();
     let (session, delegate, weak) = delegated(Configuration::default());

@@ -1,6 +1,7 @@
-//! The kept repros: every `tests/repros/*.ops` file replayed against the engine, each judged
-//! by its own `# expect:` line; and a replay against a deliberately wrong system, to show a
-//! broken rule is caught and named.
+//! The kept repros: every `tests/repros/*.ops` file replayed against the three tiers (the
+//! engine, the simulated client, the client on sockets), each judged by its own `# expect:`
+//! line; and a replay against a deliberately wrong system, to show a broken rule is caught and
+//! named.
 
 use std::path::{Path, PathBuf};
 

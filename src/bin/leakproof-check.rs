@@ -17,7 +17,6 @@ use leakproof_check::machine::System;
 use leakproof_check::ops;
 use leakproof_check::planted;
 use leakproof_check::run::{Options, Report, check};
-use leakproof_check::strategies::Kinds;
 
 /// The heap witness of the model runs (see `leakproof_check::heap`).
 #[global_allocator]
@@ -83,9 +82,9 @@ fn main() -> ExitCode {
         },
         Command::Explore { depth, target } => {
             let (held, said) = match target {
-                Target::Sockets => run_explore::<ClientWorld>(depth, CLIENT_KINDS),
-                Target::Simulated => run_explore::<SimulatedWorld>(depth, CLIENT_KINDS),
-                Target::Engine => run_explore::<EngineWorld>(depth, Kinds::All),
+                Target::Sockets => run_explore::<ClientWorld>(depth),
+                Target::Simulated => run_explore::<SimulatedWorld>(depth),
+                Target::Engine => run_explore::<EngineWorld>(depth),
             };
             say!("{said}");
             exit(held)
@@ -125,45 +124,31 @@ struct Check {
     plant: Option<String>,
 }
 
-/// The kinds of task the real client is checked with: all of them, streams and websockets
-/// included (`Kinds::Http` restricts a run to data, download and upload tasks).
-const CLIENT_KINDS: Kinds = Kinds::All;
-
 fn run_check(args: Check) -> ExitCode {
     if let Some(name) = &args.plant {
         return run_planted(name, &args);
     }
-    let options = |cases, kinds| Options {
+    let options = |cases| Options {
         cases,
         seed: args.seed,
         max_ops: args.max_ops,
         regressions: None,
         progress: !args.json,
-        kinds,
     };
     let mut reports: Vec<Report> = Vec::new();
     let runs = |target| args.target.is_none_or(|only| only == target);
     let held = |reports: &[Report]| reports.iter().all(|r| r.failure.is_none());
     if runs(Target::Engine) {
-        reports.push(check::<EngineWorld>(
-            "engine",
-            &options(args.cases * 5, Kinds::All),
-        ));
+        reports.push(check::<EngineWorld>("engine", &options(args.cases * 5)));
     }
     if runs(Target::Simulated) && held(&reports) {
-        reports.push(check::<SimulatedWorld>(
-            "simulated",
-            &options(args.cases, CLIENT_KINDS),
-        ));
+        reports.push(check::<SimulatedWorld>("simulated", &options(args.cases)));
     }
     if runs(Target::Sockets) && held(&reports) {
-        reports.push(check::<ClientWorld>(
-            "sockets",
-            &options(args.socket_cases, CLIENT_KINDS),
-        ));
+        reports.push(check::<ClientWorld>("sockets", &options(args.socket_cases)));
     }
-    let explored = (args.depth > 0 && held(&reports))
-        .then(|| run_explore::<EngineWorld>(args.depth, Kinds::All));
+    let explored =
+        (args.depth > 0 && held(&reports)).then(|| run_explore::<EngineWorld>(args.depth));
     let covered = coverage::snapshot();
     let all_held = held(&reports) && explored.as_ref().is_none_or(|(held, _)| *held);
 
@@ -224,7 +209,6 @@ fn run_planted(name: &str, args: &Check) -> ExitCode {
         max_ops: args.max_ops,
         regressions: None,
         progress: !args.json,
-        kinds: Kinds::All,
     };
     let report = (bug.check)(bug.name, &options);
     let named = report
@@ -301,10 +285,11 @@ fn replay<S: System>(file: PathBuf) -> ExitCode {
     }
 }
 
-/// Explore tasks of `kinds` and replay; whether every rule held, and what to say.
-fn run_explore<S: System>(depth: usize, kinds: Kinds) -> (bool, String) {
+/// Explore [`Alphabet::every_kind`] to `depth` and replay against `S`; whether every rule
+/// held, and what to say.
+fn run_explore<S: System>(depth: usize) -> (bool, String) {
     let started = Instant::now();
-    let alphabet = Alphabet::every_kind().only(kinds.task_kinds());
+    let alphabet = Alphabet::every_kind();
     let exploration: Exploration = match explore::explore(&alphabet, depth) {
         Ok(exploration) => exploration,
         Err(bug) => {

@@ -243,6 +243,15 @@ impl HeldWs {
         self.step(WsStep::Text(text.to_owned())).await
     }
 
+    /// Sends a ping carrying `payload` (at most 125 bytes); the client's pong comes through
+    /// [`HeldWs::expect_message`].
+    pub async fn ping(&self, payload: &[u8]) -> io::Result<()> {
+        if payload.len() > MAX_CONTROL as usize {
+            return Err(invalid("a ping's payload longer than 125 bytes"));
+        }
+        self.step(WsStep::Ping(payload.to_vec())).await
+    }
+
     /// Sends a close frame with `code` and `reason` (at most 123 bytes), and does not wait for
     /// the client's: its close comes through [`HeldWs::expect_message`], after which the stage
     /// closes TCP (unless silenced). `InvalidInput` after the stage's close frame.
@@ -313,6 +322,7 @@ fn invalid(why: &str) -> io::Error {
 enum WsStep {
     Binary(usize),
     Text(String),
+    Ping(Vec<u8>),
     Close(u16, String),
     RawClose(Vec<u8>),
     Silent,
@@ -1084,6 +1094,7 @@ impl Session<'_> {
             }
             WsStep::Binary(bytes) => Message::Binary(body(bytes).into()),
             WsStep::Text(text) => Message::text(text),
+            WsStep::Ping(payload) => Message::Ping(payload.into()),
             WsStep::Close(code, reason) => close_message(code, &reason),
             WsStep::RawClose(payload) => {
                 Message::Frame(Frame::from_payload(FrameHeader::default(), payload.into()))

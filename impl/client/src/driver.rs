@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::time::DelayQueue;
 use tokio_util::time::delay_queue::Key;
 
-use crate::exchange::Exchange;
+use crate::exchange::{Caller, Exchange};
 use crate::pool::{Expiry, Note};
 use crate::session::{Job, Shared, lock};
 use crate::{Action, ConnId, TaskId, Timeout, TimerId};
@@ -132,8 +132,7 @@ impl Driver {
                             origin,
                             request,
                             control,
-                            collect: None,
-                            clock: None, // the driver keeps its clock
+                            caller: Caller::Delegate,
                         };
                         let io = spawn_io(shared, task, async move {
                             exchange.run().await;

@@ -67,38 +67,63 @@ pub(crate) struct Exchange {
     pub origin: Origin,
     pub request: http::Request<Body>,
     pub control: watch::Receiver<Control>,
-    /// Keep the body for the handler (handler-routed data and upload tasks), up to this many
-    /// bytes (`max_body_size`); a larger body fails the task.
-    pub collect: Option<usize>,
-    /// A handler-routed task keeps its own clock (request and resource timeouts), started at
-    /// its handler's first poll.
-    pub clock: Option<Clock>,
+    pub caller: Caller,
+}
+
+/// Whom an exchange runs for: what bounds it in time, and where its body goes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Caller {
+    /// A delegate task, started by the driver: the engine's timers bound it (the driver keeps
+    /// them), and the body goes to the delegate, or to a download's file.
+    Delegate,
+    /// A convenience, whose future awaits the exchange: its own `clock` bounds it, and the body
+    /// goes to a download's file or, for a data or upload task, is collected for the caller up
+    /// to `collect` bytes (`max_body_size`; a larger body fails the task).
+    Handler {
+        clock: Clock,
+        collect: Option<usize>,
+    },
+}
+
+impl Caller {
+    /// The most body bytes collected for the caller; `None`: none are.
+    fn collect(self) -> Option<usize> {
+        match self {
+            Caller::Delegate => None,
+            Caller::Handler { collect, .. } => collect,
+        }
+    }
 }
 
 /// A handler-routed task's clock: its timeouts count from the handler's first poll, through a
 /// wait for a connection slot and the exchange alike (R12), as a delegate task's count from
 /// its resume.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Clock {
     idle: Duration,
+    start: Instant,
     until: Instant,
-    activity: Activity,
 }
 
 impl Clock {
     /// Start now: `idle` is the request timeout, `whole` the resource timeout.
     pub fn start(idle: Duration, whole: Duration) -> Clock {
-        let activity = Activity::new();
+        let start = Instant::now();
         Clock {
             idle,
-            until: activity.start + whole,
-            activity,
+            start,
+            until: start + whole,
         }
     }
 
-    /// Which timeout runs out first (R12).
+    /// Which timeout runs out first while nothing moves (R12): a wait for a connection slot.
     pub async fn run_out(&self) -> Timeout {
-        watchdog(&self.activity, self.idle, self.until).await
+        self.run_out_after(&Activity::since(self.start)).await
+    }
+
+    /// Which timeout runs out first for an exchange whose network moves as `activity` says.
+    async fn run_out_after(&self, activity: &Activity) -> Timeout {
+        watchdog(activity, self.idle, self.until).await
     }
 }
 
@@ -112,8 +137,13 @@ struct Activity {
 
 impl Activity {
     fn new() -> Self {
+        Self::since(Instant::now())
+    }
+
+    /// Last seen moving at `start`.
+    fn since(start: Instant) -> Self {
         Self {
-            start: Instant::now(),
+            start,
             nanos: AtomicU64::new(0),
         }
     }
@@ -218,14 +248,15 @@ impl Exchange {
             body: Bytes::new(),
             file: None,
         };
-        let stop = match self.clock.take() {
-            None => self.exchange(&mut collected, &Activity::new()).await,
-            Some(clock) => {
+        let stop = match self.caller {
+            Caller::Delegate => self.exchange(&mut collected, &Activity::new()).await,
+            Caller::Handler { clock, .. } => {
                 let (core, task) = (self.shared.core.clone(), self.task);
+                let activity = Activity::since(clock.start);
                 tokio::select! {
                     biased;
-                    stop = self.exchange(&mut collected, &clock.activity) => stop,
-                    timeout = clock.run_out() => {
+                    stop = self.exchange(&mut collected, &activity) => stop,
+                    timeout = clock.run_out_after(&activity) => {
                         core.handler_timed_out(task, timeout);
                         Err(Stop::Aborted)
                     }
@@ -447,7 +478,8 @@ impl Exchange {
                 }
             },
         };
-        if let Some(limit) = self.collect
+        let collect = self.caller.collect();
+        if let Some(limit) = collect
             && length.is_some_and(|length| length > limit as u64)
         {
             return Err(Error::BodyTooLarge {
@@ -487,7 +519,7 @@ impl Exchange {
                         if let Some(file) = &mut file {
                             file.write_all(&data).await?;
                         }
-                        if let Some(limit) = self.collect {
+                        if let Some(limit) = collect {
                             if kept.len() + data.len() > limit {
                                 return Err(Error::BodyTooLarge {
                                     limit: limit as u64,

@@ -1,12 +1,13 @@
 //! # leakproof: an HTTP client that cannot leak
 //!
 //! A URLSession-style HTTP/1.1 client on tokio and hyper, over TCP or TLS (rustls on ring:
-//! `https://` and `wss://`): [`Session`]s with a
-//! [`Configuration`] and an optional [`Delegate`]; data, download and upload tasks that start
-//! suspended; async conveniences ([`Session::data`], [`Session::download`],
-//! [`Session::upload`]); a connection pool per session. Stream tasks ([`StreamTask`], direct
-//! or a response's body) read no further ahead than their window (R6); websocket tasks
-//! ([`WebSocketTask`]) close within the close timeout whatever the peer does (R11).
+//! `https://` and `wss://`): [`Session`]s with a [`Configuration`] and an optional
+//! [`Delegate`]; data, download and upload tasks that start suspended; async conveniences
+//! ([`Session::data`], [`Session::download`], [`Session::upload`]); a connection pool per
+//! session. Stream tasks ([`StreamTask`], direct or a response's body) read no further ahead
+//! than their window (R6); websocket tasks ([`WebSocketTask`]) close within the close timeout
+//! whatever the peer does (R11). Every kind of task handle is a [`SessionTask`], for code
+//! that runs, cancels or awaits tasks whatever their kind.
 //!
 //! In the async ecosystem: every task's `result()` can be awaited for the outcome its
 //! delegate's `did_complete` gets, with or without a delegate; [`StreamTask`] is a tokio
@@ -78,18 +79,18 @@ pub use close::CloseCode;
 pub use config::{CacheDisk, Configuration, ConfigurationBuilder, UrlCache};
 pub use delegate::{Delegate, TaskInfo};
 pub use leakproof_core::{
-    Disposition, Error, GOING_AWAY, Ledger, Message, Redirect, SessionState, TaskId, TaskKind,
-    TaskState, Timeout, TlsFailure,
+    Disposition, Error, GOING_AWAY, Ledger, Message, Operation, Redirect, SessionState, TaskId,
+    TaskKind, TaskState, Timeout, TlsFailure,
 };
 pub use responder::{Reply, Responder};
 pub use session::{DownloadedFile, Observer, Session, SessionBuilder, UploadBody};
 pub use stream::StreamTask;
-pub use task::{DataTask, DownloadTask, UploadTask};
+pub use task::{DataTask, DownloadTask, SessionTask, UploadTask};
 pub use tls::EXTRA_CA_CERTS_ENV;
 pub use transport::{Endpoint, Tcp, Transport};
 pub use websocket::{IntoWebSocketRequest, WebSocketTask};
 
 use leakproof_core::{
     Action, Answer, Callback, Config, ConnId, Core, Delivered, Delivery, Intake, Outgoing, Proceed,
-    Receipt, Release, Route, SessionHandle, Start, TaskHandle, TimerId, session,
+    Receipt, Release, Route, SessionHandle, SessionKind, Start, TaskHandle, TimerId, session,
 };

@@ -1,4 +1,8 @@
-//! Connections: opening them (within per-host limits) and keeping the idle ones.
+//! Connections: opening them and keeping the idle ones. Which connection a task gets, and how
+//! many an origin may have (`max_connections_per_host`, busy and idle together, and
+//! `max_idle_per_host`), is the engine's to decide: it names a new or pooled connection in
+//! `Action::Start`, and says whether a released one is pooled or closed. The pool opens the
+//! connections it is told to and holds the idle ones.
 //!
 //! Why a pool of our own on `hyper::client::conn` rather than hyper-util's legacy client:
 //! the lifecycle rules need control hyper-util does not give. Invalidation must close every

@@ -18,13 +18,13 @@ use crate::config::Configuration;
 use crate::delegate::{Delegate, TaskInfo};
 use crate::delivery::{self, Infos};
 use crate::driver::Driver;
-use crate::exchange::{Clock, Collected, Control, Exchange};
+use crate::exchange::{Caller, Clock, Collected, Control, Exchange};
 use crate::pool::{Body, Origin, Pool, Scheme};
 use crate::stream::StreamTask;
 use crate::task::{DataTask, DownloadTask, Task, UploadTask};
 use crate::tls::TlsState;
 use crate::websocket::{IntoWebSocketRequest, WebSocketTask};
-use crate::{Core, Error, Ledger, Route, SessionState, TaskId, TaskKind};
+use crate::{Core, Error, Ledger, Route, SessionKind, SessionState, TaskId, TaskKind};
 
 /// A request body for an upload.
 #[derive(Debug, Clone)]
@@ -188,7 +188,8 @@ impl SessionBuilder {
     }
 
     /// For the suite: a session that behaves as [`Session::shared`] does (R9) without being
-    /// the process-wide one, so each test case can have its own.
+    /// the process-wide one, so each test case can have its own. Like the shared session, it
+    /// has no delegate: [`build`](Self::build) panics if it is given one.
     #[cfg(feature = "test-util")]
     pub fn ignore_invalidation(mut self) -> Self {
         self.ignore_invalidation = true;
@@ -213,6 +214,10 @@ impl SessionBuilder {
     }
 
     pub fn build(self) -> Session {
+        assert!(
+            !(self.ignore_invalidation && self.delegate.is_some()),
+            "leakproof: a session that ignores invalidation has no delegate"
+        );
         Session::create(
             self.config,
             self.delegate,
@@ -291,9 +296,13 @@ impl Session {
             std::process::id(),
             SESSIONS.fetch_add(1, Ordering::Relaxed)
         );
+        let kind = match (shared, delegate.is_some()) {
+            (true, _) => SessionKind::Shared,
+            (false, true) => SessionKind::Delegated,
+            (false, false) => SessionKind::Plain,
+        };
         let engine_config = crate::Config {
-            delegated: delegate.is_some(),
-            shared,
+            kind,
             request_timeout: config.request_timeout,
             resource_timeout: config.resource_timeout,
             download_dir: config.download_dir.clone(),
@@ -603,8 +612,10 @@ impl Session {
             origin,
             request,
             control: receiver,
-            collect: (kind != TaskKind::Download).then_some(shared.config.max_body_size),
-            clock: Some(clock),
+            caller: Caller::Handler {
+                clock,
+                collect: (kind != TaskKind::Download).then_some(shared.config.max_body_size),
+            },
         }
         .run()
         .await;

@@ -28,7 +28,9 @@ use crate::exchange::{Control, unless_aborted, unpaused};
 use crate::pool::{Origin, Socket};
 use crate::session::Shared;
 use crate::task::Task;
-use crate::{ConnId, Core, Error, Intake, Outgoing, TaskHandle, TaskId, TaskState, Timeout};
+use crate::{
+    ConnId, Core, Error, Intake, Operation, Outgoing, TaskHandle, TaskId, TaskState, Timeout,
+};
 
 /// A stream task: read and write bytes, each direction bounded (R6).
 ///
@@ -48,6 +50,8 @@ pub struct StreamTask {
     /// The chunk stream ended (the end, or an error, was yielded).
     chunks_done: bool,
 }
+
+crate::task::session_task!(StreamTask, task);
 
 impl StreamTask {
     pub(crate) fn new(task: Task) -> Self {
@@ -105,7 +109,7 @@ impl StreamTask {
     }
 
     /// [`read_some`](Self::read_some) within `timeout`, URLSession's
-    /// `readData(ofMinLength:maxLength:timeout:)`: [`Error::OpTimedOut`]`("read")` if nothing
+    /// `readData(ofMinLength:maxLength:timeout:)`: [`Error::OpTimedOut`]`(Read)` if nothing
     /// could be read by then; the task goes on, and bytes that arrive stay queued for the next
     /// read.
     pub async fn read(
@@ -116,7 +120,7 @@ impl StreamTask {
     ) -> Result<Option<Bytes>, Error> {
         tokio::time::timeout(timeout, self.read_some(min, max))
             .await
-            .unwrap_or(Err(Error::OpTimedOut("read")))
+            .unwrap_or(Err(Error::OpTimedOut(Operation::Read)))
     }
 
     /// Queue all of `data` for the stream's IO, waiting while the write buffer is full (its
@@ -134,12 +138,12 @@ impl StreamTask {
     }
 
     /// [`write_all`](Self::write_all) within `timeout`, URLSession's
-    /// `write(_:timeout:)`: [`Error::OpTimedOut`]`("write")` if it could not all be queued by
+    /// `write(_:timeout:)`: [`Error::OpTimedOut`]`(Write)` if it could not all be queued by
     /// then; what was queued stays queued.
     pub async fn write(&self, data: impl AsRef<[u8]>, timeout: Duration) -> Result<(), Error> {
         tokio::time::timeout(timeout, self.write_all(data))
             .await
-            .unwrap_or(Err(Error::OpTimedOut("write")))
+            .unwrap_or(Err(Error::OpTimedOut(Operation::Write)))
     }
 
     /// Wait until the IO has written everything queued, as long as it takes.
@@ -147,11 +151,11 @@ impl StreamTask {
         poll_fn(|cx| self.handle().poll_flush(cx)).await
     }
 
-    /// [`flushed`](Self::flushed) within `timeout`: [`Error::OpTimedOut`]`("flush")` after it.
+    /// [`flushed`](Self::flushed) within `timeout`: [`Error::OpTimedOut`]`(Flush)` after it.
     pub async fn flush(&self, timeout: Duration) -> Result<(), Error> {
         tokio::time::timeout(timeout, self.flushed())
             .await
-            .unwrap_or(Err(Error::OpTimedOut("flush")))
+            .unwrap_or(Err(Error::OpTimedOut(Operation::Flush)))
     }
 
     /// No more reading: what the stream holds is dropped and the socket is not read again. A

@@ -208,6 +208,8 @@ impl fmt::Debug for WebSocketTask {
     }
 }
 
+crate::task::session_task!(WebSocketTask, task);
+
 impl WebSocketTask {
     pub(crate) fn new(task: Task) -> Self {
         Self {
@@ -501,9 +503,7 @@ pub(crate) async fn run(upgrade: Upgrade, mut control: watch::Receiver<Control>)
         task,
         ws,
         sending: Sending::Idle,
-        flush: false,
-        reading: true,
-        writing: true,
+        running: Running::Both,
     };
     let Some(outcome) = unless_aborted(&control, poll_fn(|cx| open.poll(cx))).await else {
         tracing::debug!(?task, "websocket aborted");
@@ -627,12 +627,25 @@ enum Outcome {
 
 /// Where the item the IO took from the engine stands.
 enum Sending {
-    /// None taken.
+    /// None taken, nothing to flush.
     Idle,
+    /// None taken, but tungstenite queued an answer (a pong) that must go out even if nothing
+    /// else is sent. (An item taken and flushed carries it along.)
+    Answering,
     /// Taken, waiting for tungstenite to accept it.
     Queued(WsMessage),
     /// Accepted, being flushed; the engine hears `sent` once flushed.
     Flushing,
+}
+
+/// The directions of an open websocket still at work; once neither is, its loop ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Running {
+    Both,
+    /// The engine wants nothing more written (the task is over), but reads go on.
+    Reads,
+    /// The engine wants nothing more read (the task is over), but writes go on.
+    Writes,
 }
 
 /// An open websocket's IO: reads as the engine lets it (one message at a time, R6's
@@ -643,10 +656,7 @@ struct Open {
     task: TaskId,
     ws: Socket,
     sending: Sending,
-    /// tungstenite queued an answer (a pong) that must go out even if nothing else is sent.
-    flush: bool,
-    reading: bool,
-    writing: bool,
+    running: Running,
 }
 
 impl Open {
@@ -654,25 +664,27 @@ impl Open {
     /// Both directions make progress independently: a peer that does not read does not stop
     /// us from reading its close frame.
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
-        if self.reading {
+        if self.running != Running::Writes {
             match self.poll_reads(cx) {
-                Poll::Ready(Ok(())) => self.reading = false,
+                Poll::Ready(Ok(())) if self.running == Running::Reads => {
+                    return Poll::Ready(Outcome::Gone);
+                }
+                Poll::Ready(Ok(())) => self.running = Running::Writes,
                 Poll::Ready(Err(outcome)) => return Poll::Ready(outcome),
                 Poll::Pending => {}
             }
         }
-        if self.writing {
+        if self.running != Running::Reads {
             match self.poll_writes(cx) {
-                Poll::Ready(Ok(())) => self.writing = false,
+                Poll::Ready(Ok(())) if self.running == Running::Writes => {
+                    return Poll::Ready(Outcome::Gone);
+                }
+                Poll::Ready(Ok(())) => self.running = Running::Reads,
                 Poll::Ready(Err(outcome)) => return Poll::Ready(outcome),
                 Poll::Pending => {}
             }
         }
-        if self.reading || self.writing {
-            Poll::Pending
-        } else {
-            Poll::Ready(Outcome::Gone)
-        }
+        Poll::Pending
     }
 
     /// Read messages while the engine asks for them: `Ok` once it wants none ever again (the
@@ -707,7 +719,11 @@ impl Open {
                 }
                 WsMessage::Text(_) | WsMessage::Binary(_) => {}
                 // tungstenite queued the pong; make sure it goes out.
-                WsMessage::Ping(_) => self.flush = true,
+                WsMessage::Ping(_) => {
+                    if let Sending::Idle = self.sending {
+                        self.sending = Sending::Answering;
+                    }
+                }
                 WsMessage::Pong(_) => self.core.ws_pong(self.task),
                 WsMessage::Close(frame) => {
                     // tungstenite reports a first close frame's invalid code as its own 1002:
@@ -739,23 +755,28 @@ impl Open {
         let failed = |error: WsError| Poll::Ready(Err(Outcome::Failed(ws_error(error))));
         loop {
             match std::mem::replace(&mut self.sending, Sending::Idle) {
-                Sending::Idle => match self.core.poll_outgoing(self.task, cx) {
-                    Poll::Ready(None) => return Poll::Ready(Ok(())),
-                    Poll::Ready(Some(item)) => match to_ws(item) {
-                        Some(message) => self.sending = Sending::Queued(message),
-                        None => self.core.sent(self.task),
-                    },
-                    Poll::Pending => {
-                        if self.flush {
-                            match Pin::new(&mut self.ws).poll_flush(cx) {
-                                Poll::Ready(Ok(())) => self.flush = false,
-                                Poll::Ready(Err(error)) => return failed(error),
-                                Poll::Pending => {}
+                sending @ (Sending::Idle | Sending::Answering) => {
+                    match self.core.poll_outgoing(self.task, cx) {
+                        Poll::Ready(None) => return Poll::Ready(Ok(())),
+                        Poll::Ready(Some(item)) => match to_ws(item) {
+                            Some(message) => self.sending = Sending::Queued(message),
+                            None => {
+                                self.sending = sending;
+                                self.core.sent(self.task);
                             }
+                        },
+                        Poll::Pending => {
+                            if let Sending::Answering = sending {
+                                match Pin::new(&mut self.ws).poll_flush(cx) {
+                                    Poll::Ready(Ok(())) => {}
+                                    Poll::Ready(Err(error)) => return failed(error),
+                                    Poll::Pending => self.sending = Sending::Answering,
+                                }
+                            }
+                            return Poll::Pending;
                         }
-                        return Poll::Pending;
                     }
-                },
+                }
                 Sending::Queued(message) => {
                     match Pin::new(&mut self.ws).poll_ready(cx) {
                         Poll::Ready(Ok(())) => {}
@@ -775,10 +796,7 @@ impl Open {
                     }
                 }
                 Sending::Flushing => match Pin::new(&mut self.ws).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => {
-                        self.flush = false;
-                        self.core.sent(self.task);
-                    }
+                    Poll::Ready(Ok(())) => self.core.sent(self.task),
                     Poll::Ready(Err(error)) => return failed(error),
                     Poll::Pending => {
                         self.sending = Sending::Flushing;

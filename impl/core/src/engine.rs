@@ -22,15 +22,25 @@ use crate::{
 use pipe::{End, Pipe};
 pub use pipe::{GOING_AWAY, NO_STATUS, close_code_allowed};
 
+/// How a session is made: what it tells and whether it can be invalidated (the model's
+/// `SessionKind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionKind {
+    /// No delegate: nothing is queued for one, and every response is allowed.
+    Plain,
+    /// A delegate: callbacks are queued for it.
+    Delegated,
+    /// The process-wide shared session: no delegate, and it ignores invalidation (R9).
+    Shared,
+}
+
 /// What the engine needs to know about its session. Durations are data: the engine never
 /// reads a clock, it asks the driver to arm timers.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The session has a delegate: callbacks are queued for it. Without one, nothing is queued
-    /// and every response is allowed.
-    pub delegated: bool,
-    /// The process-wide shared session: it ignores invalidation (R9).
-    pub shared: bool,
+    /// Plain, delegated or shared; [`session`](crate::session) sets plain or delegated from
+    /// whether it is given a delegate.
+    pub kind: SessionKind,
     /// Idle time allowed between bytes (R12).
     pub request_timeout: Duration,
     /// Time allowed for a whole task (R12).
@@ -47,7 +57,8 @@ pub struct Config {
     /// The most a stream holds read ahead of its user (R6); its IO stops reading past it.
     pub read_ahead: usize,
     /// The most body bytes a delegated data or upload task queues for its delegate, the one in
-    /// its hands included (R6); its IO stops reading past it (see [`Engine::body_room`]).
+    /// its hands included (R6); its IO stops reading past it (see
+    /// [`Core::poll_body_room`](crate::Core::poll_body_room)).
     pub delegate_ahead: usize,
     /// The most a stream or websocket queues of what its user writes before writes wait.
     pub write_buffer: usize,
@@ -58,8 +69,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            delegated: true,
-            shared: false,
+            kind: SessionKind::Delegated,
             request_timeout: Duration::from_secs(60),
             resource_timeout: Duration::from_secs(7 * 24 * 3600),
             download_dir: std::env::temp_dir(),
@@ -233,7 +243,7 @@ pub(crate) struct Engine {
 impl Engine {
     pub(crate) fn new(config: Config) -> Self {
         Self {
-            delegate_held: config.delegated,
+            delegate_held: config.kind == SessionKind::Delegated,
             config,
             state: SessionState::Active,
             tasks: BTreeMap::new(),
@@ -639,7 +649,7 @@ impl Engine {
 
     pub(crate) fn finish_tasks_and_invalidate(&mut self) {
         // R9: the shared session ignores invalidation.
-        if self.config.shared || self.state != SessionState::Active {
+        if self.config.kind == SessionKind::Shared || self.state != SessionState::Active {
             return;
         }
         self.state = SessionState::Finishing;
@@ -647,7 +657,7 @@ impl Engine {
     }
 
     pub(crate) fn invalidate_and_cancel(&mut self) {
-        if self.config.shared
+        if self.config.kind == SessionKind::Shared
             || !matches!(self.state, SessionState::Active | SessionState::Finishing)
         {
             return;
@@ -670,7 +680,7 @@ impl Engine {
     // ---- the driver's inputs ----
 
     pub(crate) fn response(&mut self, task: TaskId, response: http::Response<()>) -> Proceed {
-        let delegated = self.config.delegated;
+        let delegated = self.config.kind == SessionKind::Delegated;
         let Some(cell) = self.tasks.get_mut(&task) else {
             return Proceed::Stop;
         };
@@ -700,7 +710,7 @@ impl Engine {
         response: http::Response<()>,
         request: http::Request<()>,
     ) {
-        let delegated = self.config.delegated;
+        let delegated = self.config.kind == SessionKind::Delegated;
         let Some(cell) = self.tasks.get_mut(&task) else {
             return;
         };
@@ -1146,7 +1156,7 @@ impl Engine {
     fn to_delegate(&self, cell: &Cell) -> bool {
         cell.kind != TaskKind::Download
             && cell.route == Route::Delegate
-            && self.config.delegated
+            && self.config.kind == SessionKind::Delegated
             && self.delegate_held
     }
 
@@ -1238,7 +1248,7 @@ impl Engine {
         if let Some(path) = cell.temp_file {
             if result.is_ok() && handler {
                 // The handler owns the finished file now (its guard removes it).
-            } else if result.is_ok() && self.config.delegated {
+            } else if result.is_ok() && self.config.kind == SessionKind::Delegated {
                 self.say(Callback::FinishDownloading {
                     task,
                     location: path.clone(),
@@ -1258,7 +1268,7 @@ impl Engine {
             if cell.handles > 0 {
                 self.outcomes.insert(task, result);
             }
-        } else if self.config.delegated {
+        } else if self.config.kind == SessionKind::Delegated {
             self.say(Callback::Complete { task, result });
         }
         if matches!(
@@ -1291,7 +1301,7 @@ impl Engine {
         for (_, conn) in std::mem::take(&mut self.idle) {
             self.actions.push_back(Action::Close { conn });
         }
-        if self.config.delegated {
+        if self.config.kind == SessionKind::Delegated {
             // R2: after every did_complete already queued; R3 follows its delivery.
             self.say(Callback::BecomeInvalid);
         }

@@ -27,6 +27,37 @@ impl fmt::Display for Timeout {
     }
 }
 
+/// An operation on a stream's or a websocket's handle, as an error names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Operation {
+    /// A stream's read.
+    Read,
+    /// A stream's write.
+    Write,
+    /// A stream's flush.
+    Flush,
+    /// A websocket's receive.
+    Receive,
+    /// A websocket's send.
+    Send,
+    /// A websocket's ping, or the wait for its pong.
+    Ping,
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Operation::Read => "read",
+            Operation::Write => "write",
+            Operation::Flush => "flush",
+            Operation::Receive => "receive",
+            Operation::Send => "send",
+            Operation::Ping => "ping",
+        })
+    }
+}
+
 /// Why a TLS handshake failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -107,12 +138,14 @@ pub enum Error {
     ReadClosed,
     #[error("the stream's write half is closed (close_write, or it is a response's stream)")]
     WriteClosed,
+    /// The stream or websocket task (its kind) is over, or a websocket is closing.
     #[error("the {0} is closed")]
-    Closed(&'static str),
+    Closed(TaskKind),
+    /// A stream operation with a timeout found nothing to do within it.
     #[error("the {0} timed out; the task goes on (retry, or cancel it)")]
-    OpTimedOut(&'static str),
-    #[error("a {kind:?} task cannot {op}")]
-    WrongKind { kind: TaskKind, op: &'static str },
+    OpTimedOut(Operation),
+    #[error("a {kind} task cannot {op}")]
+    WrongKind { kind: TaskKind, op: Operation },
     #[error(
         "the response body is larger than max_body_size ({limit} bytes), the most a convenience \
          collects in memory: raise it in the Configuration, or use download() or a data task"
@@ -134,7 +167,7 @@ pub enum Error {
     #[error("the redirect to {location:?} cannot be followed: {reason}")]
     InvalidRedirect { location: String, reason: String },
     #[error("I/O error: {0}")]
-    Io(Arc<io::Error>),
+    Io(#[source] Arc<io::Error>),
 }
 
 impl From<io::Error> for Error {

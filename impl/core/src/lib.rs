@@ -46,8 +46,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-pub use engine::{Config, GOING_AWAY, NO_STATUS, SessionState, TaskState, close_code_allowed};
-pub use error::{Error, Timeout, TlsFailure};
+pub use engine::{
+    Config, GOING_AWAY, NO_STATUS, SessionKind, SessionState, TaskState, close_code_allowed,
+};
+pub use error::{Error, Operation, Timeout, TlsFailure};
 pub use session::{Core, Delivered, Delivery, Receipt, SessionHandle, TaskHandle, session};
 
 /// A task of one session, numbered from 0 in creation order.
@@ -77,6 +79,19 @@ pub enum TaskKind {
     /// Its user reads from a bounded read-ahead queue (R6) and writes to a bounded outbox.
     Stream,
     WebSocket,
+}
+
+/// Its name in a sentence: `data`, `download`, `upload`, `stream`, `websocket`.
+impl std::fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TaskKind::Data => "data",
+            TaskKind::Download => "download",
+            TaskKind::Upload => "upload",
+            TaskKind::Stream => "stream",
+            TaskKind::WebSocket => "websocket",
+        })
+    }
 }
 
 /// A websocket message, as the user sends and receives it.

@@ -20,13 +20,23 @@ use crate::error::Error;
 use crate::sync::{Arc, Mutex, lock};
 use crate::{
     Action, Answer, Callback, ConnId, Disposition, Intake, Ledger, Message, Outgoing, Proceed,
-    Redirect, Release, Route, Start, TaskId, TaskKind, TimerId,
+    Redirect, Release, Route, SessionKind, Start, TaskId, TaskKind, TimerId,
 };
 
-/// Create a session's engine. `delegate` decides whether callbacks are queued at all
-/// (`config.delegated` is set from it).
+/// Create a session's engine. `delegate` decides whether callbacks are queued at all: a
+/// session given one is [`SessionKind::Delegated`], one without is
+/// [`SessionKind::Plain`] unless `config.kind` is [`SessionKind::Shared`].
+///
+/// # Panics
+///
+/// If `config.kind` is `Shared` and a delegate is given: the shared session has none.
 pub fn session<D>(mut config: Config, delegate: Option<D>) -> (SessionHandle, Core, Delivery<D>) {
-    config.delegated = delegate.is_some();
+    config.kind = match (config.kind, delegate.is_some()) {
+        (SessionKind::Shared, true) => panic!("the shared session has no delegate"),
+        (SessionKind::Shared, false) => SessionKind::Shared,
+        (_, true) => SessionKind::Delegated,
+        (_, false) => SessionKind::Plain,
+    };
     let core = Core {
         engine: Arc::new(Mutex::new(Engine::new(config))),
     };

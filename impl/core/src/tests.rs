@@ -33,6 +33,50 @@ fn ok_response() -> http::Response<()> {
 }
 
 #[test]
+fn the_delegate_given_decides_between_a_plain_and_a_delegated_session() {
+    // A delegate makes the session delegated whatever the configuration says...
+    let plain = Config {
+        kind: SessionKind::Plain,
+        ..Config::default()
+    };
+    let (handle, core, mut delivery) = session(plain, Some(Recorder));
+    assert!(core.ledger().delegate_held);
+    handle.invalidate_and_cancel();
+    assert_eq!(
+        deliver(&mut delivery, Disposition::Allow),
+        ["BecomeInvalid"]
+    );
+    // ...and none makes it plain: nothing is queued, nothing held.
+    let (handle, core, mut delivery) = session::<Recorder>(Config::default(), None);
+    assert!(!core.ledger().delegate_held);
+    handle.invalidate_and_cancel();
+    assert_eq!(core.state(), SessionState::Invalidated);
+    assert!(deliver(&mut delivery, Disposition::Allow).is_empty());
+}
+
+#[test]
+fn the_shared_session_ignores_invalidation() {
+    let shared = Config {
+        kind: SessionKind::Shared,
+        ..Config::default()
+    };
+    let (handle, core, _delivery) = session::<Recorder>(shared, None);
+    handle.finish_tasks_and_invalidate();
+    handle.invalidate_and_cancel();
+    assert_eq!(core.state(), SessionState::Active);
+}
+
+#[test]
+#[should_panic(expected = "the shared session has no delegate")]
+fn the_shared_session_takes_no_delegate() {
+    let shared = Config {
+        kind: SessionKind::Shared,
+        ..Config::default()
+    };
+    let _ = session(shared, Some(Recorder));
+}
+
+#[test]
 fn resume_starts_on_a_new_connection_with_both_timers() {
     let (session, core, _delivery) = delegated();
     let task = session
@@ -589,7 +633,7 @@ fn a_stream_completes_once_both_halves_are_closed_and_its_end_is_written() {
     // Errors at once after the end, with no hang.
     assert!(matches!(
         task.poll_read(&mut noop(), 1, 9),
-        std::task::Poll::Ready(Err(Error::Closed("stream")))
+        std::task::Poll::Ready(Err(Error::Closed(TaskKind::Stream)))
     ));
 }
 
@@ -706,7 +750,7 @@ fn our_close_waits_for_the_peers_at_most_the_close_timeout() {
     );
     assert!(matches!(
         task.poll_receive(&mut noop()),
-        std::task::Poll::Ready(Err(Error::Closed("websocket")))
+        std::task::Poll::Ready(Err(Error::Closed(TaskKind::WebSocket)))
     ));
     assert_eq!(core.try_intake(task.id()), Some(Intake::Discard));
     assert_eq!(task.close_frame(), Some((GOING_AWAY, "bye".into())));
@@ -1273,4 +1317,50 @@ fn an_answer_given_later_stops_the_request_timeout_until_it_comes() {
     // A second answer is a no-op.
     core.answer(task.id(), Answer::Disposition(Disposition::Cancel));
     assert_eq!(task.state(), TaskState::Running);
+}
+
+#[test]
+fn errors_name_their_kind_and_operation() {
+    assert_eq!(
+        Error::Closed(TaskKind::WebSocket).to_string(),
+        "the websocket is closed"
+    );
+    assert_eq!(
+        Error::OpTimedOut(Operation::Read).to_string(),
+        "the read timed out; the task goes on (retry, or cancel it)"
+    );
+    let wrong = Error::WrongKind {
+        kind: TaskKind::Stream,
+        op: Operation::Send,
+    };
+    assert_eq!(wrong.to_string(), "a stream task cannot send");
+}
+
+#[test]
+fn an_io_error_keeps_its_source() {
+    use std::error::Error as _;
+
+    let io = Error::from(std::io::Error::other("disk full"));
+    let source = io.source().expect("an I/O error keeps its source");
+    assert_eq!(source.to_string(), "disk full");
+    assert!(Error::Cancelled.source().is_none());
+}
+
+#[test]
+fn a_websocket_op_on_a_stream_is_refused_with_the_kind_and_the_op() {
+    let (session, _core, _delivery) = delegated();
+    let stream = session
+        .create_task(TaskKind::Stream, "a", Route::Delegate)
+        .unwrap();
+    let refused = stream.ping().unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            Error::WrongKind {
+                kind: TaskKind::Stream,
+                op: Operation::Ping
+            }
+        ),
+        "{refused}"
+    );
 }

@@ -679,7 +679,7 @@ fn the_close_deadline_vs_a_late_close_frame() {
         assert!(
             matches!(
                 ended,
-                Err(Error::TimedOut(Timeout::Close)) | Err(Error::Closed("websocket"))
+                Err(Error::TimedOut(Timeout::Close)) | Err(Error::Closed(TaskKind::WebSocket))
             ),
             "{ended:?}"
         );
@@ -702,7 +702,10 @@ fn receive_vs_the_peers_message_and_close() {
         match receiver.join().unwrap() {
             Ok(Message::Text(text)) => assert_eq!(text, "hi"),
             Ok(other) => panic!("got {other:?}"),
-            Err(error) => assert!(matches!(error, Error::Closed("websocket")), "{error}"),
+            Err(error) => assert!(
+                matches!(error, Error::Closed(TaskKind::WebSocket)),
+                "{error}"
+            ),
         }
         let task = Arc::into_inner(task).unwrap();
         w.finish(deliverer, vec![task]);

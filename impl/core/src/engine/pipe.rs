@@ -19,8 +19,8 @@ use std::task::{Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 
-use super::{EndedBy, Engine, Exchange};
-use crate::error::{Error, Timeout};
+use super::{EndedBy, Engine, Exchange, SessionKind};
+use crate::error::{Error, Operation, Timeout};
 use crate::{Action, Callback, Intake, Message, Outgoing, TaskId, TaskKind, TaskState};
 
 /// The close code `going away` (RFC 6455, 7.4.1): what a websocket nobody holds sends.
@@ -40,25 +40,85 @@ pub fn close_code_allowed(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1013 | 3000..=4999)
 }
 
+/// A stream's read half.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Reading {
+    /// The IO reads the socket (when the read-ahead has room).
+    #[default]
+    Open,
+    /// The IO read the peer's end and reads no more: once the queue is read, `read` sees the
+    /// end.
+    Ended,
+    /// The user closed it, or read the end: nothing more is read or kept.
+    Closed,
+}
+
+impl Reading {
+    /// The peer's end was read (a closed half stays closed).
+    fn end(&mut self) {
+        if *self == Reading::Open {
+            *self = Reading::Ended;
+        }
+    }
+}
+
+/// A stream's write half.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Writing {
+    /// The user may write.
+    #[default]
+    Open,
+    /// `close_write` queued the shutdown behind what was written; the IO has not taken it.
+    Closing,
+    /// The IO took the shutdown and has not reported it written.
+    Shutting,
+    /// The shutdown is written (or there was nothing to shut: not connected yet, or a
+    /// response's stream, which cannot be written).
+    Closed,
+}
+
+impl Writing {
+    /// `close_write`: a started stream queues its shutdown, one with no connection yet is
+    /// closed at once. Whether it was open.
+    fn close(&mut self, started: bool) -> bool {
+        if *self != Writing::Open {
+            return false;
+        }
+        *self = if started {
+            Writing::Closing
+        } else {
+            Writing::Closed
+        };
+        true
+    }
+
+    /// The IO took `item` from the outbox.
+    fn took(&mut self, item: &Outgoing) {
+        if *self == Writing::Closing && matches!(item, Outgoing::Shutdown) {
+            *self = Writing::Shutting;
+        }
+    }
+
+    /// The IO wrote the item it took last.
+    fn sent(&mut self) {
+        if *self == Writing::Shutting {
+            *self = Writing::Closed;
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Pipe {
     /// A stream's read-ahead.
     queue: BytesMut,
     /// A websocket's received messages (one at most, unless an IO reads without asking).
     inbox: VecDeque<Message>,
-    /// A stream read the peer's end: once `queue` is read, `read` sees the end.
-    peer_ended: bool,
-    read_closed: bool,
-    /// `close_write` was called (or the stream is a response's, which cannot be written).
-    write_closed: bool,
-    /// The shutdown that `close_write` queued has been written.
-    write_shut: bool,
+    reading: Reading,
+    writing: Writing,
     outbox: VecDeque<Outgoing>,
     /// Bytes in `outbox` and the item the IO took and has not reported written.
     unsent: usize,
     in_flight: usize,
-    /// The item in flight is the shutdown: the write half is done once it is written.
-    shutting: bool,
     pings: u64,
     pongs: u64,
     /// The close frame: ours (`cancel_with`) until the peer's arrives.
@@ -77,8 +137,7 @@ impl Pipe {
     /// A response's stream: readable only.
     pub(crate) fn response() -> Box<Self> {
         Box::new(Pipe {
-            write_closed: true,
-            write_shut: true,
+            writing: Writing::Closed,
             ..Pipe::default()
         })
     }
@@ -132,26 +191,21 @@ fn register(slot: &mut Option<Waker>, waker: Option<&Waker>) {
 }
 
 impl Engine {
-    /// The error an op on a completed (or never existing) pipe task gets.
-    fn ended(&self, task: TaskId) -> Error {
+    /// The error an op meant for a `kind` task gets on a completed (or never existing) one.
+    fn ended(&self, task: TaskId, kind: TaskKind) -> Error {
         match self.ends.get(&task) {
             Some(End {
                 result: Err(error), ..
             }) => error.clone(),
-            Some(End { kind, .. }) if *kind == TaskKind::WebSocket => Error::Closed("websocket"),
-            _ => Error::Closed("stream"),
+            Some(End { kind, .. }) => Error::Closed(*kind),
+            None => Error::Closed(kind),
         }
     }
 
     /// The task's pipe, if it is a live task of that kind.
-    fn pipe_of(
-        &mut self,
-        task: TaskId,
-        kind: TaskKind,
-        op: &'static str,
-    ) -> Result<&mut Pipe, Error> {
+    fn pipe_of(&mut self, task: TaskId, kind: TaskKind, op: Operation) -> Result<&mut Pipe, Error> {
         let Some(cell) = self.tasks.get(&task) else {
-            return Err(self.ended(task));
+            return Err(self.ended(task, kind));
         };
         if cell.kind != kind {
             return Err(Error::WrongKind {
@@ -196,24 +250,25 @@ impl Engine {
         waker: Option<&Waker>,
     ) -> Poll<Result<Option<Bytes>, Error>> {
         let cap = self.config.read_ahead;
-        let pipe = match self.pipe_of(task, TaskKind::Stream, "read") {
+        let pipe = match self.pipe_of(task, TaskKind::Stream, Operation::Read) {
             Ok(pipe) => pipe,
             Err(error) => return Poll::Ready(Err(error)),
         };
-        if pipe.read_closed {
+        if pipe.reading == Reading::Closed {
             return Poll::Ready(Err(Error::ReadClosed));
         }
+        let ended = pipe.reading == Reading::Ended;
         let available = pipe.queue.len();
         let enough = available >= min.min(cap).max(1);
-        if available > 0 && max > 0 && (enough || pipe.peer_ended) {
+        if available > 0 && max > 0 && (enough || ended) {
             let bytes = pipe.queue.split_to(available.min(max)).freeze();
             self.held -= bytes.len() as u64;
             // Room again: the IO reads on.
             self.wake_io(task);
             return Poll::Ready(Ok(Some(bytes)));
         }
-        if available == 0 && pipe.peer_ended {
-            pipe.read_closed = true;
+        if available == 0 && ended {
+            pipe.reading = Reading::Closed;
             self.finish_stream_if_closed(task);
             return Poll::Ready(Ok(None));
         }
@@ -232,11 +287,11 @@ impl Engine {
         waker: Option<&Waker>,
     ) -> Poll<Result<usize, Error>> {
         let cap = self.config.write_buffer;
-        let pipe = match self.pipe_of(task, TaskKind::Stream, "write") {
+        let pipe = match self.pipe_of(task, TaskKind::Stream, Operation::Write) {
             Ok(pipe) => pipe,
             Err(error) => return Poll::Ready(Err(error)),
         };
-        if pipe.write_closed {
+        if pipe.writing != Writing::Open {
             return Poll::Ready(Err(Error::WriteClosed));
         }
         if data.is_empty() {
@@ -260,8 +315,11 @@ impl Engine {
         let kind = self.tasks.get(&task).map(|c| c.kind);
         let Some(pipe) = self.pipe_mut(task) else {
             return Poll::Ready(match kind {
-                Some(kind) => Err(Error::WrongKind { kind, op: "flush" }),
-                None => Err(self.ended(task)),
+                Some(kind) => Err(Error::WrongKind {
+                    kind,
+                    op: Operation::Flush,
+                }),
+                None => Err(self.ended(task, TaskKind::Stream)),
             });
         };
         if pipe.unsent == 0 {
@@ -276,10 +334,10 @@ impl Engine {
         let Some(pipe) = self.pipe_mut(task) else {
             return;
         };
-        if pipe.read_closed {
+        if pipe.reading == Reading::Closed {
             return;
         }
-        pipe.read_closed = true;
+        pipe.reading = Reading::Closed;
         let dropped = mem::take(&mut pipe.queue);
         self.held -= dropped.len() as u64;
         self.wake_io(task);
@@ -295,15 +353,12 @@ impl Engine {
         let Some(pipe) = self.pipe_mut(task) else {
             return;
         };
-        if pipe.write_closed {
+        if !pipe.writing.close(started) {
             return;
         }
-        pipe.write_closed = true;
+        // With no connection yet there is nothing to shut: what was queued goes with the task.
         if started {
             pipe.outbox.push_back(Outgoing::Shutdown);
-        } else {
-            // No connection yet, so nothing to shut; what was queued goes with the task.
-            pipe.write_shut = true;
         }
         self.wake_io(task);
         self.finish_stream_if_closed(task);
@@ -316,7 +371,7 @@ impl Engine {
             .tasks
             .get(&task)
             .and_then(|c| c.pipe.as_deref())
-            .is_some_and(|p| p.read_closed && p.write_shut);
+            .is_some_and(|p| p.reading == Reading::Closed && p.writing == Writing::Closed);
         if done && self.tasks[&task].kind == TaskKind::Stream {
             self.complete(task, Ok(()), EndedBy::Other);
         }
@@ -331,12 +386,12 @@ impl Engine {
         waker: Option<&Waker>,
     ) -> Poll<Result<Message, Error>> {
         let closing = self.task_state(task) == TaskState::Canceling;
-        let pipe = match self.pipe_of(task, TaskKind::WebSocket, "receive") {
+        let pipe = match self.pipe_of(task, TaskKind::WebSocket, Operation::Receive) {
             Ok(pipe) => pipe,
             Err(error) => return Poll::Ready(Err(error)),
         };
         if closing {
-            return Poll::Ready(Err(Error::Closed("websocket")));
+            return Poll::Ready(Err(Error::Closed(TaskKind::WebSocket)));
         }
         match pipe.inbox.pop_front() {
             Some(message) => {
@@ -361,12 +416,12 @@ impl Engine {
     ) -> Poll<Result<(), Error>> {
         let cap = self.config.write_buffer;
         let closing = self.task_state(task) == TaskState::Canceling;
-        let pipe = match self.pipe_of(task, TaskKind::WebSocket, "send") {
+        let pipe = match self.pipe_of(task, TaskKind::WebSocket, Operation::Send) {
             Ok(pipe) => pipe,
             Err(error) => return Poll::Ready(Err(error)),
         };
         if closing {
-            return Poll::Ready(Err(Error::Closed("websocket")));
+            return Poll::Ready(Err(Error::Closed(TaskKind::WebSocket)));
         }
         let Some(len) = message.as_ref().map(Message::len) else {
             return Poll::Ready(Ok(()));
@@ -386,9 +441,9 @@ impl Engine {
     /// Queue a ping; its number, for [`Engine::pong`].
     pub(crate) fn ping(&mut self, task: TaskId) -> Result<u64, Error> {
         let closing = self.task_state(task) == TaskState::Canceling;
-        let pipe = self.pipe_of(task, TaskKind::WebSocket, "ping")?;
+        let pipe = self.pipe_of(task, TaskKind::WebSocket, Operation::Ping)?;
         if closing {
-            return Err(Error::Closed("websocket"));
+            return Err(Error::Closed(TaskKind::WebSocket));
         }
         pipe.pings += 1;
         let id = pipe.pings;
@@ -404,7 +459,7 @@ impl Engine {
         id: u64,
         waker: Option<&Waker>,
     ) -> Poll<Result<(), Error>> {
-        let pipe = match self.pipe_of(task, TaskKind::WebSocket, "ping") {
+        let pipe = match self.pipe_of(task, TaskKind::WebSocket, Operation::Ping) {
             Ok(pipe) => pipe,
             Err(error) => return Poll::Ready(Err(error)),
         };
@@ -480,7 +535,7 @@ impl Engine {
             (TaskKind::WebSocket, TaskState::Canceling) => Some(Intake::Discard),
             // R7: a suspended task reads nothing.
             (_, TaskState::Running) if open => match kind {
-                TaskKind::Stream if pipe.read_closed || pipe.peer_ended => {
+                TaskKind::Stream if pipe.reading != Reading::Open => {
                     return Poll::Ready(None);
                 }
                 TaskKind::Stream => Some(cap - pipe.queue.len())
@@ -506,7 +561,7 @@ impl Engine {
         let Some(pipe) = self.pipe_mut(task) else {
             return 0;
         };
-        if pipe.read_closed {
+        if pipe.reading == Reading::Closed {
             return data.len(); // Nobody will read it: dropped, as the socket's rest will be.
         }
         let n = data.len().min(cap - pipe.queue.len());
@@ -525,7 +580,7 @@ impl Engine {
     /// The peer ended the stream (a FIN, or the end of a response's body).
     pub(crate) fn stream_end(&mut self, task: TaskId) {
         if let Some(pipe) = self.pipe_mut(task) {
-            pipe.peer_ended = true;
+            pipe.reading.end();
             let reader = pipe.reader.take();
             self.wake_later.extend(reader);
         }
@@ -542,7 +597,7 @@ impl Engine {
         cell.exchange = Exchange::Open;
         // It waits on its user now, not on the server: no timer runs for an open websocket.
         self.disarm_all(task);
-        if self.config.delegated {
+        if self.config.kind == SessionKind::Delegated {
             self.say(Callback::Open { task, protocol });
         }
         self.wake_io(task);
@@ -595,7 +650,7 @@ impl Engine {
             }
         };
         pipe.close = Some((code, reason.clone()));
-        if self.config.delegated {
+        if self.config.kind == SessionKind::Delegated {
             self.say(Callback::Close { task, code, reason });
         }
         self.complete(task, Ok(()), EndedBy::Other);
@@ -627,7 +682,7 @@ impl Engine {
                     Outgoing::Message(message) => message.len(),
                     _ => 0,
                 };
-                pipe.shutting = matches!(item, Outgoing::Shutdown);
+                pipe.writing.took(&item);
                 Poll::Ready(Some(item))
             }
             None => {
@@ -643,8 +698,9 @@ impl Engine {
             return;
         };
         pipe.unsent -= mem::take(&mut pipe.in_flight);
-        // The end is written: only now may a stream whose read half is closed complete.
-        pipe.write_shut |= mem::take(&mut pipe.shutting);
+        // Once the end is written, and only then, may a stream whose read half is closed
+        // complete.
+        pipe.writing.sent();
         let writer = pipe.writer.take();
         self.wake_later.extend(writer);
         self.finish_stream_if_closed(task);
@@ -670,5 +726,46 @@ impl Engine {
         // for one takes it.
         let origin = self.tasks[&task].origin.clone();
         self.admit(&origin);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_read_half_ends_once_and_a_closed_one_stays_closed() {
+        let mut reading = Reading::Open;
+        reading.end();
+        assert_eq!(reading, Reading::Ended);
+        reading.end();
+        assert_eq!(reading, Reading::Ended);
+        let mut closed = Reading::Closed;
+        closed.end();
+        assert_eq!(closed, Reading::Closed);
+    }
+
+    #[test]
+    fn the_write_half_is_closed_only_once_its_shutdown_is_written() {
+        let mut writing = Writing::Open;
+        assert!(writing.close(true));
+        assert_eq!(writing, Writing::Closing);
+        assert!(!writing.close(true), "closed once");
+        // What was written before the shutdown goes out first.
+        writing.took(&Outgoing::Bytes(Bytes::from_static(b"x")));
+        writing.sent();
+        assert_eq!(writing, Writing::Closing);
+        writing.took(&Outgoing::Shutdown);
+        assert_eq!(writing, Writing::Shutting);
+        writing.sent();
+        assert_eq!(writing, Writing::Closed);
+    }
+
+    #[test]
+    fn a_write_half_with_no_connection_has_nothing_to_shut() {
+        let mut writing = Writing::Open;
+        assert!(writing.close(false));
+        assert_eq!(writing, Writing::Closed);
+        assert_eq!(Pipe::response().writing, Writing::Closed);
     }
 }
