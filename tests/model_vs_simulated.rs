@@ -89,8 +89,11 @@ fn a_sequence_with_every_op_runs_the_same_twice() {
 #[test]
 fn known_divergences_still_fail_as_written() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/known");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
+    // None known: git keeps no empty directory.
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    let mut files: Vec<_> = entries
         .map(|entry| entry.unwrap().path())
         .filter(|path| path.extension().is_some_and(|ext| ext == "ops"))
         .collect();

@@ -108,6 +108,12 @@
 //!   question hands it ([`Task::responder`]), the task reads nothing and its request timer
 //!   stops ([`Task::deferred`]) while the session's other callbacks go on, until
 //!   [`Op::Answer`], or [`Op::DropResponder`], which cancels the task if it still waits.
+//! - As a slow delegate returns ([`Op::DelegateReturns`]) or answers late ([`Op::Answer`]),
+//!   the task it lets read reads what already waits in the network either at once or once
+//!   the session's queued callbacks have taken effect: both orders are outcomes
+//!   ([`Model::linearizations`]). A client's IO runs beside its delivery of callbacks, so
+//!   the next callback (a cancel freeing a slot, a stream let go of) may act first. Only
+//!   which connection a waiting task gets, or which ending a task has, differs.
 //! - A peer's close completes the websocket at once, once read; a message not yet received
 //!   goes with the task (R5), and `receive` then fails.
 //!

@@ -340,6 +340,10 @@ pub struct Model {
     sessions: BTreeMap<SessionId, Session>,
     tasks: BTreeMap<TaskId, Task>,
     read_ahead: u64,
+    /// Within one op, in its second outcome ([`Model::linearizations`]): the tasks whose IO a
+    /// delegate's return or answer let read, which read what already arrived only once the
+    /// session's queued callbacks have been delivered. `None` between ops.
+    lagging: Option<Vec<TaskId>>,
 }
 
 impl Default for Model {
@@ -366,6 +370,7 @@ impl Model {
             sessions: BTreeMap::new(),
             tasks: BTreeMap::new(),
             read_ahead: bytes,
+            lagging: None,
         }
     }
 
@@ -572,6 +577,15 @@ impl Model {
     /// or for [`Op::Par`] the two serial orders (the first as written). A system's outcome
     /// must be one of them.
     ///
+    /// A delegate's return ([`Op::DelegateReturns`]) or its late answer ([`Op::Answer`]) may
+    /// have two: the task it lets read reads what already waits in the network at once (as
+    /// [`Model::apply`] has it), or only after the session's queued callbacks have been
+    /// delivered and have taken effect. A client's IO runs beside its delivery of callbacks,
+    /// so either may come first: the next callback (a cancel that frees a connection slot,
+    /// a stream let go of) can act before the IO has read the end or the failure that had
+    /// already arrived. Nothing is held longer either way; only which connection a waiting
+    /// task gets, or which ending a task has, can differ.
+    ///
     /// # Panics
     /// If `op` is not allowed.
     pub fn linearizations(&self, op: &Op) -> Vec<(Model, Step)> {
@@ -588,6 +602,14 @@ impl Model {
                 let mut model = self.clone();
                 let step = model.apply(op);
                 orders.push((model, step));
+                if matches!(op, Op::DelegateReturns(_) | Op::Answer(_)) {
+                    let mut lagging = self.clone();
+                    lagging.lagging = Some(Vec::new());
+                    let step = lagging.apply(op);
+                    if (&lagging, &step) != (&orders[0].0, &orders[0].1) {
+                        orders.push((lagging, step));
+                    }
+                }
             }
         }
         orders
@@ -836,6 +858,13 @@ impl Model {
             }
         }
         self.deliver(&mut out);
+        // The IO that lagged behind the delivery reads now (see `linearizations`).
+        if let Some(lagging) = self.lagging.take() {
+            for t in lagging {
+                self.pump(t, &mut out);
+            }
+            self.deliver(&mut out);
+        }
         out
     }
 
@@ -888,7 +917,7 @@ impl Model {
                 let task = self.task_mut(t);
                 task.undelivered = task.undelivered.saturating_sub(bytes);
                 // Room in its window: the IO reads on.
-                self.pump(t, out);
+                self.read_on(t, out);
             }
             Callback::FinishDownloading { .. } => self.session_mut(s).handing_over -= 1,
             Callback::BecomeStream { task: t } => {
@@ -1268,7 +1297,16 @@ impl Model {
             },
             other => unreachable!("{t}: no question waits in {other:?}"),
         }
-        self.pump(t, out);
+        self.read_on(t, out);
+    }
+
+    /// A delegate's return lets the task's IO read: at once, or once the session's queued
+    /// callbacks are delivered (see `linearizations`).
+    fn read_on(&mut self, t: TaskId, out: &mut Step) {
+        match &mut self.lagging {
+            Some(lagging) => lagging.push(t),
+            None => self.pump(t, out),
+        }
     }
 
     /// Follow a redirect: its empty body is read, so its connection is kept alive, and the

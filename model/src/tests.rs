@@ -1345,3 +1345,60 @@ fn a_cached_response_answers_without_the_network_and_the_least_recently_used_goe
     m.apply(&Op::FinishTasksAndInvalidate(S));
     assert!(m.resources(S).is_zero(), "R4: nothing cached either");
 }
+
+#[test]
+fn a_read_let_by_a_delegates_return_may_come_before_or_after_its_next_callback() {
+    // A slow delegate is in t0's did_receive_response; the user drops t0 and the server
+    // resets it; the delegate returns, answering become-stream.
+    let mut m = Model::new();
+    run(
+        &mut m,
+        &[
+            limited(SessionKind::Delegated, 1),
+            Op::DelegateBlocks(S),
+            task(T, TaskKind::Data),
+            Op::Resume(T),
+            Op::ServerHeaders {
+                task: T,
+                answer: Disposition::BecomeStream,
+            },
+            Op::DropTask(T),
+            Op::ServerFails {
+                task: T,
+                fault: Fault::Reset,
+            },
+        ],
+    );
+    let returns = Op::DelegateReturns(S);
+    let orders = m.linearizations(&returns);
+    assert_eq!(orders.len(), 2);
+    // The stream's IO reads the reset at once: the task fails before the delegate, handed the
+    // stream, lets go of it.
+    let (_, first) = &orders[0];
+    assert!(
+        first.callbacks.contains(&complete(T, Outcome::Reset)),
+        "{first:?}"
+    );
+    // Or the delegate's let-go comes first: nobody holds the stream, it is cancelled, and the
+    // reset finds it completed.
+    let (lagged, second) = &orders[1];
+    assert!(
+        second.callbacks.contains(&complete(T, Outcome::Cancelled)),
+        "{second:?}"
+    );
+    check_model(lagged).unwrap();
+    assert_eq!(
+        lagged.resources(S),
+        orders[0].0.resources(S),
+        "nothing held longer"
+    );
+    // The model's own apply reads at once.
+    assert_eq!(m.clone().apply(&returns), orders[0].1);
+    // Where the orders cannot differ, there is one outcome.
+    let mut prompt = Model::new();
+    run(
+        &mut prompt,
+        &[session(SessionKind::Delegated), Op::DelegateBlocks(S)],
+    );
+    assert_eq!(prompt.linearizations(&returns).len(), 1);
+}
