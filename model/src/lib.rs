@@ -89,7 +89,9 @@
 //! - Two user ops at once ([`Op::Par`]: session ops and task objects' create, resume,
 //!   suspend, cancel and drop, of one session, each allowed in either order) must have the
 //!   outcome of one of their two serial orders ([`Model::linearizations`]): the checks run
-//!   against both, and the model goes on from the one the system showed.
+//!   against both, and the model goes on from the one the system showed. A pair where
+//!   either op would admit a waiting fetch is not offered: the server answers a fetch whole
+//!   as it is admitted, which puts that answer between the two ops in both orders.
 //! - A redirect ([`Op::ServerRedirects`]) is a complete `307` with no body, kept alive, to
 //!   another resource of the same server. The delegate decides
 //!   ([`Callback::WillRedirect`], [`Exchange::AwaitingRedirect`]; a convenience and a task

@@ -550,6 +550,8 @@ impl Model {
                     && self.allows(b)
                     && after(a, b)
                     && after(b, a)
+                    && !self.serves_a_fetch(a)
+                    && !self.serves_a_fetch(b)
                     && self.orders_tell_apart(a, b)
             }
         }
@@ -613,6 +615,20 @@ impl Model {
             }
         }
         orders
+    }
+
+    /// Whether `op` alone admits a waiting fetch, which the server answers whole as it is
+    /// admitted ([`Op::Fetch`]). Two ops at once where one does are not offered: in either
+    /// serial order the answer comes between them, and its pooled connection is there for the
+    /// second op's waiter; a system that runs both ops first need not have it.
+    fn serves_a_fetch(&self, op: &Op) -> bool {
+        let mut after = self.clone();
+        after.apply(op);
+        self.tasks.iter().any(|(t, task)| {
+            task.fetch.is_some()
+                && task.exchange == Exchange::AwaitingConnection
+                && after.tasks[t].exchange != Exchange::AwaitingConnection
+        })
     }
 
     /// Whether a system's outcome of `a` and `b` at once says which order they took: the two

@@ -1402,3 +1402,45 @@ fn a_read_let_by_a_delegates_return_may_come_before_or_after_its_next_callback()
     );
     assert_eq!(prompt.linearizations(&returns).len(), 1);
 }
+
+#[test]
+fn two_ops_that_would_admit_a_waiting_fetch_are_not_run_at_once() {
+    // Two data tasks hold both of the host's slots; a fetch and a convenience wait.
+    let mut m = Model::new();
+    run(
+        &mut m,
+        &[
+            limited(SessionKind::Delegated, 2),
+            task(T, TaskKind::Data),
+            task(U, TaskKind::Data),
+            Op::Resume(U),
+            Op::Resume(T),
+            Op::Fetch {
+                session: S,
+                task: TaskId(2),
+                resource: ResourceId(0),
+            },
+            awaiting(TaskId(3), TaskKind::Data),
+        ],
+    );
+    // Either cancel alone admits the fetch, which the server answers whole at once: in both
+    // serial orders its pooled connection is there for the convenience, which a system that
+    // cancels both first need not show.
+    let par = Op::Par(Box::new(Op::Cancel(U)), Box::new(Op::Cancel(T)));
+    assert!(m.allows(&Op::Cancel(U)) && m.allows(&Op::Cancel(T)));
+    assert!(!m.allows(&par));
+    // With no fetch waiting, the two cancels may run at once.
+    let mut plain = Model::new();
+    run(
+        &mut plain,
+        &[
+            limited(SessionKind::Delegated, 2),
+            task(T, TaskKind::Data),
+            task(U, TaskKind::Data),
+            Op::Resume(U),
+            Op::Resume(T),
+            awaiting(TaskId(3), TaskKind::Data),
+        ],
+    );
+    assert!(plain.allows(&par));
+}
