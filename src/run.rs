@@ -106,9 +106,21 @@ pub fn check<S: System>(target: &'static str, options: &Options) -> Report {
         bar
     });
     let runs = std::sync::atomic::AtomicU32::new(0);
+    // The ops of the last run that failed: the minimal one once shrinking is done. Reported
+    // in place of the value the runner hands back, which is not always the sequence that
+    // failed last (after a simplification that passed, a sequence's ops are not always put
+    // back as they were: `resume t3` came back as `resume t1`).
+    let last_failed: std::sync::Mutex<Option<Vec<Op>>> = std::sync::Mutex::new(None);
     let result = runner.run(&strategy, |(initial, ops, seen)| {
         runs.fetch_add(1, Ordering::Relaxed);
-        Conformance::<S>::test_sequential(config.clone(), initial, ops, seen);
+        let tried = ops.clone();
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Conformance::<S>::test_sequential(config.clone(), initial, ops, seen);
+        }));
+        if let Err(panic) = run {
+            *last_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(tried);
+            std::panic::resume_unwind(panic);
+        }
         if let Some(bar) = &bar {
             bar.inc(1);
         }
@@ -124,7 +136,10 @@ pub fn check<S: System>(target: &'static str, options: &Options) -> Report {
         Ok(()) => None,
         Err(TestError::Fail(reason, (_, ops, _))) => Some(Failure {
             message: reason.message().to_string(),
-            ops,
+            ops: last_failed
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or(ops),
         }),
         Err(TestError::Abort(reason)) => Some(Failure {
             message: format!("aborted: {}", reason.message()),

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use leakproof_check::assertions::View;
 use leakproof_check::engine_sut::EngineWorld;
 use leakproof_check::machine::System;
-use leakproof_check::ops::{Found, broken_rule, parse, replay};
+use leakproof_check::ops::{Found, Repro, broken_rule, parse, print, replay};
 use leakproof_check::planted::{PLANTED, Planted, named};
 use leakproof_check::run::{Options, check};
 use leakproof_model::Op;
@@ -306,7 +306,7 @@ fn a_system_whose_assertion_names_a_rule_diverges_with_that_rule() {
 }
 
 /// The checker's generated sequences find each planted bug, shrink it, and the minimal
-/// sequence's divergence names the bug's rule.
+/// sequence's divergence names the bug's rule; the repro it prints fails again, replayed.
 #[test]
 fn the_checker_finds_each_planted_bug_and_names_its_rule() {
     let options = Options {
@@ -330,6 +330,15 @@ fn the_checker_finds_each_planted_bug_and_names_its_rule() {
         );
         if named != Some(bug.rule) {
             misnamed.push(format!("{}: {}", bug.name, failure.message));
+        }
+        let repro = Repro::from_failure(failure);
+        match (bug.run)(&repro.ops) {
+            Err(again) if again.violation.rule == bug.rule => {}
+            other => misnamed.push(format!(
+                "{}: the repro printed does not fail again: {other:?}\n{}",
+                bug.name,
+                print(&repro)
+            )),
         }
     }
     assert!(misnamed.is_empty(), "{}", misnamed.join("\n"));
