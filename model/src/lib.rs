@@ -111,8 +111,9 @@
 //!   stops ([`Task::deferred`]) while the session's other callbacks go on, until
 //!   [`Op::Answer`], or [`Op::DropResponder`], which cancels the task if it still waits.
 //! - As a slow delegate returns ([`Op::DelegateReturns`]) or answers late ([`Op::Answer`]),
-//!   the task it lets read reads what already waits in the network either at once or once
-//!   the session's queued callbacks have taken effect: both orders are outcomes
+//!   the task it lets read reads what already waits in the network (and a fetch it lets into
+//!   a connection slot is answered) either at once or once the session's queued callbacks
+//!   have taken effect: both orders are outcomes
 //!   ([`Model::linearizations`]). A client's IO runs beside its delivery of callbacks, so
 //!   the next callback (a cancel freeing a slot, a stream let go of) may act first. Only
 //!   which connection a waiting task gets, or which ending a task has, differs.

@@ -334,16 +334,26 @@ pub struct Step {
 /// client's default 64 KiB window less its default 16 KiB transport buffer (R6).
 pub const DEFAULT_READ_AHEAD: u64 = 48 * 1024;
 
+/// IO that lags behind the delivery of callbacks (see [`Model::linearizations`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Lagging {
+    /// The task reads what already waits in the network.
+    Read(TaskId),
+    /// A fetch admitted to a connection (`reused`: a pooled one) is answered.
+    Serve(TaskId, ResourceId, bool),
+}
+
 /// The whole specification state: every session and task a sequence has created.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Model {
     sessions: BTreeMap<SessionId, Session>,
     tasks: BTreeMap<TaskId, Task>,
     read_ahead: u64,
-    /// Within one op, in its second outcome ([`Model::linearizations`]): the tasks whose IO a
-    /// delegate's return or answer let read, which read what already arrived only once the
-    /// session's queued callbacks have been delivered. `None` between ops.
-    lagging: Option<Vec<TaskId>>,
+    /// Within one op, in its second outcome ([`Model::linearizations`]): the IO that a
+    /// delegate's return or answer let run (a task reading what already arrived, a fetch
+    /// admitted to a connection and answered), which runs only once the session's queued
+    /// callbacks have been delivered. `None` between ops.
+    lagging: Option<Vec<Lagging>>,
 }
 
 impl Default for Model {
@@ -580,9 +590,10 @@ impl Model {
     /// must be one of them.
     ///
     /// A delegate's return ([`Op::DelegateReturns`]) or its late answer ([`Op::Answer`]) may
-    /// have two: the task it lets read reads what already waits in the network at once (as
-    /// [`Model::apply`] has it), or only after the session's queued callbacks have been
-    /// delivered and have taken effect. A client's IO runs beside its delivery of callbacks,
+    /// have two: the IO it lets run (the task it lets read reading what already waits in the
+    /// network; a fetch it lets into a connection slot being answered by the server) runs at
+    /// once (as [`Model::apply`] has it), or only after the session's queued callbacks have
+    /// been delivered and have taken effect. A client's IO runs beside its delivery of callbacks,
     /// so either may come first: the next callback (a cancel that frees a connection slot,
     /// a stream let go of) can act before the IO has read the end or the failure that had
     /// already arrived. Nothing is held longer either way; only which connection a waiting
@@ -876,8 +887,15 @@ impl Model {
         self.deliver(&mut out);
         // The IO that lagged behind the delivery reads now (see `linearizations`).
         if let Some(lagging) = self.lagging.take() {
-            for t in lagging {
-                self.pump(t, &mut out);
+            for io in lagging {
+                match io {
+                    Lagging::Read(t) => self.pump(t, &mut out),
+                    Lagging::Serve(t, resource, reused) => {
+                        if self.tasks[&t].is_live() {
+                            self.serve(t, resource, reused, &mut out);
+                        }
+                    }
+                }
             }
             self.deliver(&mut out);
         }
@@ -1120,9 +1138,14 @@ impl Model {
             task.connection = true;
             task.exchange = Exchange::AwaitingResponse;
             task.server = ServerPhase::RequestReceived;
-            match task.fetch {
-                Some(resource) => self.serve(t, resource, reuse, out),
-                None => self.pump(t, out),
+            match (task.fetch, &mut self.lagging) {
+                // Admitted as a delegate returns: the server's answer may come after the
+                // session's next callbacks (see `linearizations`).
+                (Some(resource), Some(lagging)) => {
+                    lagging.push(Lagging::Serve(t, resource, reuse));
+                }
+                (Some(resource), None) => self.serve(t, resource, reuse, out),
+                (None, _) => self.pump(t, out),
             }
         }
     }
@@ -1320,7 +1343,7 @@ impl Model {
     /// callbacks are delivered (see `linearizations`).
     fn read_on(&mut self, t: TaskId, out: &mut Step) {
         match &mut self.lagging {
-            Some(lagging) => lagging.push(t),
+            Some(lagging) => lagging.push(Lagging::Read(t)),
             None => self.pump(t, out),
         }
     }

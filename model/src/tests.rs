@@ -1444,3 +1444,47 @@ fn two_ops_that_would_admit_a_waiting_fetch_are_not_run_at_once() {
     );
     assert!(plain.allows(&par));
 }
+
+#[test]
+fn a_fetch_admitted_as_a_delegate_returns_may_be_answered_after_its_next_callback() {
+    let mut m = Model::new();
+    run(
+        &mut m,
+        &[
+            limited(SessionKind::Delegated, 2),
+            task(T, TaskKind::Data),
+            Op::DelegateBlocks(S),
+            task(U, TaskKind::Download),
+            Op::Resume(U),
+            Op::Resume(T),
+            task(TaskId(2), TaskKind::Data),
+            Op::ServerHeaders {
+                task: T,
+                answer: Disposition::BecomeStream,
+            },
+            Op::Fetch {
+                session: S,
+                task: TaskId(3),
+                resource: ResourceId(0),
+            },
+            Op::ServerHeaders {
+                task: U,
+                answer: Disposition::Cancel,
+            },
+            Op::Resume(TaskId(2)),
+        ],
+    );
+    let orders = m.linearizations(&Op::DelegateReturns(S));
+    assert_eq!(orders.len(), 2);
+    // Answered at once: its pooled connection goes to t2 as t1's cancel frees a slot.
+    assert_eq!(orders[0].0.resources(S).idle_connections, 0);
+    // Answered after the cancel: t2 took a new connection, the fetch's is idle after.
+    assert_eq!(orders[1].0.resources(S).idle_connections, 1);
+    for (model, step) in &orders {
+        check_model(model).unwrap();
+        assert!(
+            step.awaited.contains(&(TaskId(3), Outcome::Success)),
+            "{step:?}"
+        );
+    }
+}
