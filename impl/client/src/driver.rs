@@ -69,7 +69,7 @@ impl Driver {
     pub async fn run(mut self) {
         loop {
             #[cfg(feature = "test-util")]
-            self.publish(self.clock.len() - self.idle.len());
+            self.publish(self.clock.len().saturating_sub(self.idle.len()));
             // Biased: the same order every time, so that a run on one thread is the same
             // run again (the suite's simulated world); actions first, as the engine asks.
             tokio::select! {
